@@ -1,0 +1,22 @@
+"""autotune: hardware-aware auto-tuning of image-to-video diffusion models on TVM.
+
+    import autotune
+    m = autotune.load("out/wan-i2v-tiny-x86/transformer", device="cpu")
+    y = m(hidden_states=x, timestep=t, encoder_hidden_states=txt, encoder_hidden_states_image=img)
+"""
+
+from ._threads import configure_threads
+
+configure_threads()  # before anything imports tvm
+
+__version__ = "0.1.0"
+
+
+def load(path, device: str = "cpu"):
+    """Load a built artifact (directory or its `.so`) for `device` ("cpu", "cuda", "cuda:1")."""
+    from .runtime import load as _load
+
+    return _load(path, device=device)
+
+
+__all__ = ["load", "__version__"]

@@ -1,0 +1,134 @@
+"""Build: apply the tuning log, schedule what it does not cover, compile, export the artifact."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import _threads
+
+_threads.configure_threads()
+
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .artifact import ArtifactPaths, save_weights, write_metadata  # noqa: E402
+from .errors import BuildFailed  # noqa: E402
+from .fallback import schedule_untuned  # noqa: E402
+from .importer import ImportedModel  # noqa: E402
+from .lowering import finalize_passes, fuse_for_target, is_scheduled, prim_funcs  # noqa: E402
+from .settings import BuildSettings  # noqa: E402
+from .targets import TargetPreset, resolve_target  # noqa: E402
+from .tuning_log import TuningLog, log_digest  # noqa: E402
+
+
+@dataclass
+class BuildReport:
+    paths: ArtifactPaths
+    kernels: int
+    tuned_kernels: int
+    fallback_kernels: int
+    log_records: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{self.paths.library}: {self.kernels} kernels, {self.tuned_kernels} from the tuning log, "
+            f"{self.fallback_kernels} fallback-scheduled; built in {self.seconds:.1f} s"
+        )
+
+
+def apply_log(fused: tvm.IRModule, target, log_dir: str | Path) -> tuple[tvm.IRModule, int, TuningLog]:
+    """Replace each fused kernel that the log has a record for by its best schedule."""
+    database = TuningLog(log_dir, target)
+    with target, database, tvm.transform.PassContext(opt_level=3):
+        applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(fused)
+    count = sum(1 for f in prim_funcs(applied).values() if is_scheduled(f))
+    return applied, count, database
+
+
+def export(executable, paths: ArtifactPaths, preset: TargetPreset) -> None:
+    paths.library.parent.mkdir(parents=True, exist_ok=True)
+    if preset.family == "cuda":
+        from .cuda import export_cuda_library
+
+        export_cuda_library(executable, paths.library, preset)
+    elif preset.cross_compiler:
+        from .cross import cross_compiler
+
+        executable.export_library(str(paths.library), fcompile=cross_compiler(preset))
+    else:
+        executable.export_library(str(paths.library))
+
+
+def compile_module(imported: ImportedModel, preset: TargetPreset, log_dir=None, seed: int = 0):
+    """Fuse, apply the log, fallback-schedule the rest, lower; returns (executable, stats, notes)."""
+    target = preset.tvm_target()
+    fused = fuse_for_target(imported.mod, target)
+    kernels = len(prim_funcs(fused))
+    notes: list[str] = []
+    tuned = records = 0
+    if log_dir is not None and Path(log_dir).exists():
+        fused, tuned, database = apply_log(fused, target, log_dir)
+        records = database.report.records
+        notes += [f"log: {p}" for p in database.report.problems]
+        if records and not tuned:
+            notes.append(
+                f"the log {log_dir} has {records} records for this target but none matches a kernel of this "
+                "module: it was tuned for another model, shape or quantization mode. Nothing tuned was applied."
+            )
+    elif log_dir is not None:
+        notes.append(f"log directory {log_dir} does not exist: building untuned")
+    fused, fallback = schedule_untuned(fused, target, seed=seed)
+    with target:
+        lowered = tvm.transform.Sequential(finalize_passes())(fused)
+    executable = tvm.compile(lowered, target=target, relax_pipeline=None)
+    return executable, (kernels, tuned, fallback, records), notes
+
+
+def build(
+    imported: ImportedModel,
+    target: str | dict | TargetPreset,
+    output: str | Path,
+    log_dir: str | Path | None = None,
+    settings: BuildSettings | None = None,
+    extra_metadata: dict | None = None,
+) -> BuildReport:
+    """Compile `imported` for `target` into the artifact `output` (NAME.so, NAME.weights..., NAME.json)."""
+    settings = settings or BuildSettings()
+    preset = resolve_target(target)
+    started = time.time()
+    paths = ArtifactPaths.for_library(output)
+    passes: list[dict] = []
+    weights_before = imported.weight_bytes()
+    if settings.quantize:
+        from .quantize import quantize
+
+        imported, info = quantize(imported, settings.quantize, preset)
+        passes.append(info)
+    try:
+        executable, (kernels, tuned, fallback, records), notes = compile_module(imported, preset, log_dir)
+    except Exception as exc:
+        raise BuildFailed(f"compiling {imported.source} for {preset.name} failed: {type(exc).__name__}: {exc}") from exc
+    export(executable, paths, preset)
+    save_weights(paths.weights, imported.weights)
+    metadata = {
+        "name": paths.library.stem,
+        "source": imported.source,
+        "target": {"preset": preset.name, "family": preset.family, "device": preset.device, "tvm": str(tvm.target.Target(preset.resolved_target_dict()))},
+        "inputs": [s.to_json() for s in imported.inputs],
+        "outputs": [s.to_json() for s in imported.outputs],
+        "weights": list(imported.weights),
+        "weight_bytes": {"before": weights_before, "after": imported.weight_bytes()},
+        "passes": passes,
+        "kernels": {"total": kernels, "tuned": tuned, "fallback": fallback},
+        "tuning_log": {"dir": str(log_dir) if log_dir else None, "digest": log_digest(log_dir) if log_dir else None, "records": records},
+        "versions": {"autotune": __version__, "tvm": tvm.__version__},
+        "settings": settings.to_json(),
+        **(extra_metadata or {}),
+    }
+    write_metadata(paths, metadata)
+    return BuildReport(paths, kernels, tuned, fallback, records, time.time() - started, notes)

@@ -1,0 +1,257 @@
+"""Tune a Relax module with MetaSchedule and the XGBoost cost model, into a resumable log."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import _threads
+
+_threads.configure_threads()
+
+import tvm  # noqa: E402
+from tvm.s_tir import meta_schedule as ms  # noqa: E402
+from tvm.ir.utils import derived_object  # noqa: E402
+
+from .errors import TuningFailed  # noqa: E402
+from .importer import ImportedModel  # noqa: E402
+from .lowering import fuse_for_target  # noqa: E402
+from .settings import TuneSettings  # noqa: E402
+from .targets import TargetPreset, resolve_target  # noqa: E402
+from .tuning_log import TuningLog  # noqa: E402
+
+
+@dataclass
+class TaskStats:
+    name: str
+    weight: float
+    trials: int = 0
+    failures: int = 0
+    best_sec: float = math.inf
+
+
+@dataclass
+class TuneReport:
+    tasks: list[TaskStats]
+    trials: int
+    failures: int
+    records_before: int
+    records_after: int
+    seconds: float
+    log_dir: str
+    first_error: str | None = None
+    log_problems: list[str] = field(default_factory=list)
+
+    def estimated_latency_ms(self) -> float | None:
+        """Sum over tuned tasks of weight × best time (untuned tasks are not counted)."""
+        tuned = [t for t in self.tasks if math.isfinite(t.best_sec)]
+        if not tuned:
+            return None
+        return 1e3 * sum(t.weight * t.best_sec for t in tuned)
+
+    def summary(self) -> str:
+        est = self.estimated_latency_ms()
+        tuned = sum(1 for t in self.tasks if math.isfinite(t.best_sec))
+        return (
+            f"{self.trials} trials ({self.failures} failed) over {tuned}/{len(self.tasks)} tasks in "
+            f"{self.seconds:.0f} s; log {self.log_dir}: {self.records_before} -> {self.records_after} records"
+            + (f"; tuned kernels sum to {est:.2f} ms" if est is not None else "")
+        )
+
+
+@derived_object
+class _ProgressCallback(ms.measure_callback.PyMeasureCallback):
+    """Counts trials and failures per task and drives the progress display."""
+
+    def __init__(self, stats: list[TaskStats], on_update):
+        super().__init__()
+        self.stats = stats
+        self.on_update = on_update
+        self.first_error: str | None = None
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+        stat = self.stats[task_id]
+        for built, ran in zip(builder_results, runner_results):
+            stat.trials += 1
+            error = built.error_msg or ran.error_msg
+            if error:
+                stat.failures += 1
+                if self.first_error is None:
+                    self.first_error = f"task {stat.name}: {error.strip()[:2000]}"
+                continue
+            secs = [float(s) for s in ran.run_secs]
+            if secs:
+                stat.best_sec = min(stat.best_sec, sum(secs) / len(secs))
+        self.on_update()
+
+
+def make_builder(settings: TuneSettings):
+    from .tuning_workers import LEAN_BUILD, initialize_worker
+
+    return ms.builder.LocalBuilder(
+        max_workers=settings.build_workers,
+        timeout_sec=settings.build_timeout_s,
+        f_build=LEAN_BUILD,
+        initializer=initialize_worker,
+    )
+
+
+def make_runner(settings: TuneSettings, preset: TargetPreset):
+    config = ms.runner.EvaluatorConfig(
+        number=settings.runs_per_measurement,
+        repeat=1,
+        min_repeat_ms=settings.min_repeat_ms,
+        enable_cpu_cache_flush=False,
+    )
+    if settings.rpc is not None:
+        from .remote import make_rpc_runner
+
+        return make_rpc_runner(settings, config)
+    return ms.runner.LocalRunner(timeout_sec=settings.run_timeout_s, evaluator_config=config)
+
+
+def extract_tasks(imported: ImportedModel, target) -> tuple[tvm.IRModule, list]:
+    fused = fuse_for_target(imported.mod, target)
+    tasks = ms.relax_integration.extract_tasks(fused, target)
+    return fused, tasks
+
+
+def check_can_tune(preset: TargetPreset, settings: TuneSettings) -> None:
+    """Refuse at once a local tuning run whose device this machine cannot measure on."""
+    if settings.rpc is not None:
+        return
+    if preset.family == "arm":
+        import platform
+
+        if platform.machine() not in ("aarch64", "arm64"):
+            raise TuningFailed(
+                f"target '{preset.name}' is an ARM CPU and this machine is {platform.machine()}: tuning measures "
+                "candidates on the device itself. Run `autotune rpc server --key arm` on the board, a tracker "
+                "here, and tune with --rpc HOST:PORT --key arm. Or build untuned/with a shipped log: "
+                f"`autotune build --target {preset.name}`."
+            )
+    if preset.is_gpu:
+        from .targets import local_cuda_arch
+
+        if local_cuda_arch() is None:
+            raise TuningFailed(
+                f"target '{preset.name}' needs a CUDA GPU to measure candidates, and none is usable here "
+                "(no NVIDIA driver/device, or TVM's CUDA runtime did not load). Tune on a GPU machine, or "
+                "measure remotely: start `autotune rpc tracker` and `autotune rpc server --key gpu` on the GPU "
+                f"host, then `autotune tune --target {preset.name} --rpc HOST:PORT --key gpu`. Building needs "
+                "no GPU: `autotune build --target ...` works here."
+            )
+
+
+def tune(
+    imported: ImportedModel,
+    target: str | dict | TargetPreset,
+    log_dir: str | Path,
+    settings: TuneSettings | None = None,
+    progress: bool = True,
+) -> TuneReport:
+    """Spend `settings.trials` new trials on the module's tasks, appending records to `log_dir`.
+
+    Records already in the log seed the search, so a second call resumes where the first
+    stopped and spends only its own budget. Raises TuningFailed when every candidate failed.
+    """
+    settings = settings or TuneSettings()
+    preset = resolve_target(target)
+    check_can_tune(preset, settings)
+    tvm_target = preset.tvm_target()
+    _, tasks = extract_tasks(imported, tvm_target)
+    if not tasks:
+        raise TuningFailed(f"{imported.source}: no tunable tasks were found (the module has no operators?)")
+    database = TuningLog(log_dir, tvm_target)
+    records_before = database.report.records
+    stats = [TaskStats(t.task_name, float(t.weight)) for t in tasks]
+    # MetaSchedule prints its per-task table to stdout at INFO; keep the console for our progress
+    # display and let the full log go to LOG/ms_logs/logs/ only.
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING if progress else logging.INFO)
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        tasks,
+        work_dir=str(Path(log_dir) / "ms_logs"),
+        num_threads=_threads.physical_thread_count(),
+        seed=settings.seed,
+    )
+    display = _Display(stats, settings.trials, enabled=progress)
+    callback = _ProgressCallback(stats, display.update)
+    per_task = settings.trials_per_task or max(settings.trials_per_iter, math.ceil(2 * settings.trials / len(tasks)))
+    started = time.time()
+    with display:
+        ms.tune_tasks(
+            tasks=contexts,
+            task_weights=weights,
+            work_dir=str(Path(log_dir) / "ms_logs"),
+            max_trials_global=settings.trials,
+            max_trials_per_task=per_task,
+            num_trials_per_iter=settings.trials_per_iter,
+            builder=make_builder(settings),
+            runner=make_runner(settings, preset),
+            database=database,
+            cost_model=ms.cost_model.XGBModel(num_tuning_cores=_threads.physical_thread_count()),
+            measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [callback],
+            task_scheduler="gradient",
+        )
+    report = TuneReport(
+        tasks=stats,
+        trials=sum(s.trials for s in stats),
+        failures=sum(s.failures for s in stats),
+        records_before=records_before,
+        records_after=records_before + database.committed,
+        seconds=time.time() - started,
+        log_dir=str(log_dir),
+        first_error=callback.first_error,
+        log_problems=[str(p) for p in database.report.problems],
+    )
+    if report.trials > 0 and report.failures == report.trials:
+        raise TuningFailed(
+            f"all {report.trials} candidates failed to build or run; nothing was tuned. First failure:\n"
+            f"{report.first_error}"
+        )
+    return report
+
+
+class _Display:
+    """A rich progress bar: trials, tasks touched, best kernel time sum so far."""
+
+    def __init__(self, stats: list[TaskStats], total: int, enabled: bool):
+        self.stats = stats
+        self.total = total
+        self.enabled = enabled
+        self._progress = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]tuning"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[detail]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("tune", total=self.total, detail="")
+        return self
+
+    def update(self):
+        if self._progress is None:
+            return
+        trials = sum(s.trials for s in self.stats)
+        touched = sum(1 for s in self.stats if s.trials)
+        failed = sum(s.failures for s in self.stats)
+        tuned = [s for s in self.stats if math.isfinite(s.best_sec)]
+        est = sum(s.weight * s.best_sec for s in tuned) * 1e3
+        detail = f"tasks {touched}/{len(self.stats)}  failed {failed}  tuned kernels {est:.2f} ms"
+        self._progress.update(self._task, completed=min(trials, self.total), detail=detail)
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.stop()
+        return False

@@ -1,0 +1,257 @@
+"""The tuning log: MetaSchedule records on disk that survive crashes, bad lines and two writers.
+
+A log directory holds two append-only JSON-lines files:
+
+    workloads.jsonl  {"id": <structural hash>, "workload": <Workload.as_json()>}
+    records.jsonl    {"id": <workload id>, "target": <target JSON>, "tvm": <version>,
+                      "record": <TuningRecord.as_json()>}
+
+Each line is written whole with one `write` under an exclusive `flock`, then flushed and
+fsync'ed: a crash or Ctrl-C loses at most the record being measured, and two processes tuning
+into the same directory never interleave partial lines. Reading never stops at a bad line: a
+truncated or garbage line, a record for an unknown workload, another target or another TVM
+version is reported with its file and line number and skipped; the files are never rewritten.
+
+`TuningLog` is a MetaSchedule `Database`: it keeps the records in an in-memory database for
+queries and appends every new one to disk as it is committed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import _threads
+
+_threads.configure_threads()
+
+import tvm  # noqa: E402
+from tvm.s_tir import meta_schedule as ms  # noqa: E402
+from tvm.ir.utils import derived_object  # noqa: E402
+
+WORKLOADS_FILE = "workloads.jsonl"
+RECORDS_FILE = "records.jsonl"
+
+
+@dataclass
+class LogProblem:
+    path: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+@dataclass
+class LogReadReport:
+    """What reading a log found: good records, and each skipped line with why."""
+
+    workloads: int = 0
+    records: int = 0
+    problems: list[LogProblem] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = f"{self.records} records over {self.workloads} workloads"
+        if self.problems:
+            text += f", {len(self.problems)} lines skipped"
+        return text
+
+
+def target_key(target: tvm.target.Target) -> str:
+    """A stable string naming a target, to tell records of different targets apart."""
+    return json.dumps(_plain(target.export()), sort_keys=True)
+
+
+def _plain(obj):
+    """TVM containers (Map, Array) to Python dicts and lists, for JSON."""
+    if hasattr(obj, "items"):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) or type(obj).__name__ == "Array":
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (int, float, bool, str)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _append_line(path: Path, obj: dict) -> None:
+    """Append one JSON line atomically with respect to other writers, and make it durable."""
+    data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            # A previous writer killed mid-line leaves no newline at the end: start a fresh line
+            # so that its fragment stays one (reported) bad line and ours stays whole.
+            size = os.fstat(fd).st_size
+            if size:
+                with open(path, "rb") as existing:
+                    existing.seek(size - 1)
+                    if existing.read(1) != b"\n":
+                        data = b"\n" + data
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _read_lines(path: Path):
+    """Yield (line number, parsed JSON or None, reason) for each non-empty line."""
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                yield number, None, f"not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); truncated or corrupt line"
+                continue
+            if not isinstance(obj, dict):
+                yield number, None, "not a JSON object"
+                continue
+            yield number, obj, ""
+
+
+def workload_id(mod: tvm.IRModule) -> str:
+    """The id a workload is filed under: a digest of its serialised IR (stable across processes)."""
+    return hashlib.sha256(tvm.ir.save_json(mod).encode()).hexdigest()[:24]
+
+
+def read_log(log_dir: str | Path, target: tvm.target.Target | None = None, memory=None) -> tuple[LogReadReport, dict]:
+    """Read a log directory into `memory` (a MetaSchedule MemoryDatabase) and report what was skipped.
+
+    Records for another target (when `target` is given) or another TVM version are skipped and
+    reported. Returns (report, {workload id: Workload}).
+    """
+    log_dir = Path(log_dir)
+    report = LogReadReport()
+    workloads: dict[str, ms.database.Workload] = {}
+    wpath, rpath = log_dir / WORKLOADS_FILE, log_dir / RECORDS_FILE
+    for number, obj, reason in _read_lines(wpath):
+        if obj is None:
+            report.problems.append(LogProblem(str(wpath), number, reason))
+            continue
+        try:
+            wid = obj["id"]
+            if wid not in workloads:
+                workloads[wid] = ms.database.Workload.from_json(obj["workload"])
+                if memory is not None:
+                    memory.commit_workload(workloads[wid].mod)
+        except Exception as exc:  # a JSON line that is not a workload
+            report.problems.append(LogProblem(str(wpath), number, f"not a workload ({type(exc).__name__}: {exc})"))
+    report.workloads = len(workloads)
+    want_target = target_key(target) if target is not None else None
+    for number, obj, reason in _read_lines(rpath):
+        if obj is None:
+            report.problems.append(LogProblem(str(rpath), number, reason))
+            continue
+        wid = obj.get("id")
+        if wid not in workloads:
+            report.problems.append(LogProblem(str(rpath), number, f"record for unknown workload {wid!r}"))
+            continue
+        if obj.get("tvm") != tvm.__version__:
+            report.problems.append(
+                LogProblem(str(rpath), number, f"record from TVM {obj.get('tvm')}, this is TVM {tvm.__version__}")
+            )
+            continue
+        if want_target is not None and obj.get("target") != want_target:
+            report.problems.append(LogProblem(str(rpath), number, f"record for another target: {obj.get('target')}"))
+            continue
+        try:
+            record = ms.database.TuningRecord.from_json(obj["record"], workloads[wid])
+        except Exception as exc:
+            report.problems.append(LogProblem(str(rpath), number, f"not a tuning record ({type(exc).__name__}: {exc})"))
+            continue
+        if memory is not None:
+            # Commit under the workload object the in-memory database knows.
+            known = memory.commit_workload(workloads[wid].mod)
+            memory.commit_tuning_record(
+                ms.database.TuningRecord(record.trace, known, record.run_secs, record.target, record.args_info)
+            )
+        report.records += 1
+    return report, workloads
+
+
+@derived_object
+class TuningLog(ms.database.PyDatabase):
+    """A MetaSchedule database backed by an append-only log directory."""
+
+    def __init__(self, log_dir: str | Path, target: tvm.target.Target, module_equality: str = "structural"):
+        super().__init__()
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.target = target
+        self._target_key = target_key(target)
+        self._memory = ms.database.MemoryDatabase(module_equality=module_equality)
+        self.report, loaded = read_log(self.log_dir, target, self._memory)
+        self._ids_on_disk = set(loaded)
+        self._ids_in_memory: dict[int, str] = {}
+        self.committed = 0  # records appended by this process
+
+    # -- what MetaSchedule calls ------------------------------------------------------------
+    def has_workload(self, mod: tvm.IRModule) -> bool:
+        return self._memory.has_workload(mod)
+
+    def commit_workload(self, mod: tvm.IRModule) -> ms.database.Workload:
+        workload = self._memory.commit_workload(mod)
+        wid = workload_id(workload.mod)
+        if wid not in self._ids_on_disk:
+            _append_line(self.log_dir / WORKLOADS_FILE, {"id": wid, "workload": workload.as_json()})
+            self._ids_on_disk.add(wid)
+        return workload
+
+    def commit_tuning_record(self, record: ms.database.TuningRecord) -> None:
+        self._memory.commit_tuning_record(record)
+        wid = workload_id(record.workload.mod)
+        if wid not in self._ids_on_disk:  # MetaSchedule commits workloads first; be safe anyway
+            _append_line(self.log_dir / WORKLOADS_FILE, {"id": wid, "workload": record.workload.as_json()})
+            self._ids_on_disk.add(wid)
+        _append_line(
+            self.log_dir / RECORDS_FILE,
+            {"id": wid, "target": self._target_key, "tvm": tvm.__version__, "record": record.as_json()},
+        )
+        self.committed += 1
+
+    def get_top_k(self, workload: ms.database.Workload, top_k: int):
+        return self._memory.get_top_k(workload, top_k)
+
+    def get_all_tuning_records(self):
+        return self._memory.get_all_tuning_records()
+
+    def query_tuning_record(self, mod, target, workload_name):
+        return self._memory.query_tuning_record(mod, target, workload_name)
+
+    def query_schedule(self, mod, target, workload_name):
+        return self._memory.query_schedule(mod, target, workload_name)
+
+    def query_ir_module(self, mod, target, workload_name):
+        return self._memory.query_ir_module(mod, target, workload_name)
+
+    def __len__(self) -> int:
+        return len(self._memory)
+
+
+def log_digest(log_dir: str | Path) -> str | None:
+    """sha256 of the log's files, to record in an artifact which log built it."""
+    log_dir = Path(log_dir)
+    h = hashlib.sha256()
+    found = False
+    for name in (WORKLOADS_FILE, RECORDS_FILE):
+        path = log_dir / name
+        if path.exists():
+            found = True
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest() if found else None
