@@ -90,8 +90,8 @@ def test_14b_shapes():
 @pytest.mark.parametrize(
     "size, message",
     [
-        ((481, 832, 81), "height=481 is not a positive multiple of 16"),
-        ((480, 840, 81), "width=840 is not a positive multiple of 16"),
+        ((481, 832, 81), "height=481 is not a positive integer multiple of 16"),
+        ((480, 840, 81), "width=840 is not a positive integer multiple of 16"),
         ((0, 832, 81), "height=0"),
         ((480, 832, 80), "frames=80 is not of the form 4k\\+1.*use e.g. 77 or 81"),
         ((480, 832, 0), "frames=0"),

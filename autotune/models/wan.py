@@ -216,8 +216,8 @@ class WanI2VSpec(ModelSpec):
         }
         bad = {k: (t[k], v) for k, v in expected.items() if t[k] != v}
         if bad:
-            raise ValueError(f"inconsistent Wan config {self.name!r}: " + ", ".join(
-                f"transformer {k}={got}, expected {want}" for k, (got, want) in bad.items()))
+            mismatches = ", ".join(f"transformer {k}={got}, expected {want}" for k, (got, want) in bad.items())
+            raise ValueError(f"inconsistent Wan config {self.name!r}: {mismatches}")
 
     def derive_shapes(self, height: int | None = None, width: int | None = None, frames: int | None = None) -> dict:
         """Latent shape, token counts, etc. for a video of (height, width, frames); None -> default.
@@ -230,8 +230,8 @@ class WanI2VSpec(ModelSpec):
         for label, v, m in (("height", height, s * ph), ("width", width, s * pw)):
             if not isinstance(v, int) or v <= 0 or v % m:
                 raise InputError(
-                    f"{label}={v!r} is not a positive multiple of {m} (the VAE downsamples by {s}, the "
-                    f"transformer patchifies by {m // s}); use e.g. {max(m, round(v / m) * m) if isinstance(v, int) else 480}"
+                    f"{label}={v!r} is not a positive integer multiple of {m} (the VAE downsamples by {s}, the "
+                    f"transformer patchifies by {m // s}); use e.g. {_nearest_multiple(v, m)}"
                 )
         if not isinstance(frames, int) or frames <= 0 or (frames - 1) % ft:
             near = max(1, ((frames - 1) // ft) * ft + 1) if isinstance(frames, int) and frames > 0 else 81
@@ -379,6 +379,10 @@ class WanI2VSpec(ModelSpec):
                 f"{os.path.join(weights_dir, sub)} is not a {self.name!r} checkpoint: {', '.join(bad)}; "
                 f"pick the model spec that matches the checkpoint (other known models: {', '.join(others)})"
             )
+
+
+def _nearest_multiple(v, m: int) -> int:
+    return max(m, round(v / m) * m) if isinstance(v, (int, float)) else 30 * m
 
 
 def _require_subfolder(weights_dir: str, sub: str) -> None:

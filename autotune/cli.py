@@ -1,0 +1,369 @@
+"""The `autotune` command line: import | tune | build | run | inspect | targets | models | demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import _threads
+
+_threads.configure_threads()
+
+from .errors import AutotuneError  # noqa: E402
+
+DEFAULT_MODEL = "wan-i2v-tiny"
+DEFAULT_LOG = "logs"
+DEFAULT_OUT = "out"
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+class Steps:
+    """Numbered steps in the log: `[2/4] tune ...`."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.n = 0
+        self.console = _console()
+
+    def __call__(self, text: str):
+        self.n += 1
+        self.console.print(f"[bold cyan][{self.n}/{self.total}][/] {text}")
+
+
+# ---------------------------------------------------------------- shared options
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a zoo model (see `autotune models`; default {DEFAULT_MODEL}, seeded random weights) or a model file: "
+        ".onnx, or .pt2 (torch.export.save; an ExportedProgram file is code: load only files you trust)",
+    )
+    g.add_argument(
+        "--component",
+        default="transformer",
+        help="which compile unit of a zoo model: transformer (one denoising step), vae_encoder, vae_decoder, image_encoder",
+    )
+    g.add_argument("--weights", help="local diffusers-format checkpoint directory (transformer/, vae/, image_encoder/)")
+    g.add_argument("--height", type=int, help="video height in pixels (multiple of 16; default: the model's)")
+    g.add_argument("--width", type=int, help="video width in pixels (multiple of 16)")
+    g.add_argument("--frames", type=int, help="video frames (4k+1)")
+
+
+def _add_target_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--target",
+        default="x86",
+        help="target preset (see `autotune targets`: x86, x86-avx512, arm, aarch64-dotprod, cuda-sm90, ...) "
+        "or a TVM target dict as JSON. Default: x86 (this machine's CPU)",
+    )
+
+
+def _add_log_arg(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--log", default=DEFAULT_LOG, help=help_text)
+
+
+def _load(args):
+    from .sources import load_source
+
+    return load_source(args.model, args.component, args.weights, args.height, args.width, args.frames)
+
+
+def _artifact_path(out: str, source, target_name: str) -> Path:
+    return Path(out) / f"{source.model_name}-{target_name}" / f"{source.name}.so"
+
+
+# ---------------------------------------------------------------- commands
+def cmd_models(args) -> int:
+    from rich.table import Table
+
+    from .models import list_models
+
+    table = Table(title="models (autotune --model NAME --component C)")
+    for col in ("model", "component", "params", "GFLOP/call", "inputs", "shapes"):
+        table.add_column(col)
+    for spec in list_models():
+        for name in spec.component_names:
+            comp = spec.component(name)
+            inputs = ", ".join(f"{k}{list(v[0])}" for k, v in comp.input_specs.items())
+            info = ", ".join(f"{k}={v}" for k, v in comp.shape_info.items())
+            table.add_row(spec.name, name, f"{comp.param_count() / 1e6:,.1f} M", f"{comp.flops() / 1e9:,.2f}", inputs, info)
+    _console().print(table)
+    return 0
+
+
+def cmd_targets(args) -> int:
+    from rich.table import Table
+
+    from .targets import list_presets
+
+    table = Table(title="targets (--target NAME, or a TVM target dict as JSON)")
+    for col in ("name", "device", "TVM target", "cross compiler", "needs", "description"):
+        table.add_column(col)
+    for p in list_presets():
+        table.add_row(p.name, p.device, json.dumps(p.resolved_target_dict()), p.cross_compiler or "-", p.needs, p.description)
+    _console().print(table)
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .lowering import fuse_for_target, prim_funcs
+    from .targets import resolve_target
+
+    steps = Steps(2)
+    steps(f"import {args.model} ({args.component})")
+    source = _load(args)
+    print(source.imported.summary())
+    steps(f"fuse for {args.target}")
+    preset = resolve_target(args.target)
+    fused = fuse_for_target(source.imported.mod, preset.tvm_target())
+    print(f"{len(prim_funcs(fused))} kernels (tuning tasks before deduplication)")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(source.imported.mod.script())
+        print(f"Relax module written to {args.output}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .settings import TuneSettings
+    from .tune import tune
+
+    settings = TuneSettings(
+        trials=args.trials,
+        trials_per_task=args.trials_per_task,
+        trials_per_iter=args.trials_per_iter,
+        run_timeout_s=args.run_timeout,
+        rpc=args.rpc,
+        rpc_key=args.key,
+    )
+    steps = Steps(2)
+    steps(f"import {args.model} ({args.component})")
+    source = _load(args)
+    print(source.imported.summary())
+    steps(f"tune for {args.target}: {args.trials} new trials into {args.log}")
+    print(settings)
+    try:
+        report = tune(source.imported, args.target, args.log, settings)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: every record measured so far is in {args.log}; run the same command to resume")
+        return 130
+    for problem in report.log_problems:
+        print(f"warning: skipped {problem}")
+    print(report.summary())
+    return 0
+
+
+def _build_one(source, target, out: str, log: str | None, settings) -> "object":
+    from .build import build
+
+    path = _artifact_path(out, source, _target_name(target))
+    report = build(source.imported, target, path, log_dir=log, settings=settings, extra_metadata={"model": source.label})
+    return report
+
+
+def _target_name(target: str) -> str:
+    return target if not target.strip().startswith("{") else "custom"
+
+
+def cmd_build(args) -> int:
+    from .settings import BuildSettings
+
+    settings = BuildSettings(quantize=args.quantize, prune=args.prune)
+    steps = Steps(2)
+    steps(f"import {args.model} ({args.component})")
+    source = _load(args)
+    print(source.imported.summary())
+    steps(f"build for {args.target} with log {args.log}")
+    print(settings)
+    report = _build_one(source, args.target, args.output, args.log, settings)
+    for note in report.notes:
+        print(f"note: {note}")
+    print(report.summary())
+    return 0
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+
+    from .runtime import load
+
+    module = load(args.artifact, device=args.device, check_finite=args.check_finite)
+    print(module)
+    if args.inputs:
+        with np.load(args.inputs) as data:
+            inputs = {k: data[k] for k in data.files}
+    else:
+        inputs = module.random_inputs()
+    outputs = module(**inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    for spec, out in zip(module.outputs, outputs):
+        print(f"{spec.name}: {out.dtype}{list(out.shape)} mean {float(np.mean(out)):.6g} std {float(np.std(out)):.6g}")
+    if args.save:
+        np.savez(args.save, **{s.name: o for s, o in zip(module.outputs, outputs)})
+        print(f"outputs saved to {args.save}")
+    timing = module.benchmark(inputs, repeat=args.repeat)
+    print(f"latency: median {timing['median_ms']:.3f} ms (min {timing['min_ms']:.3f}, max {timing['max_ms']:.3f}) over {args.repeat} runs")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    path = Path(args.path)
+    if path.is_dir():
+        from .targets import resolve_target
+        from .tuning_log import read_log
+
+        target = resolve_target(args.target).tvm_target() if args.target else None
+        report, _ = read_log(path, target)
+        print(f"{path}: {report.summary()}")
+        for problem in report.problems:
+            print(f"  skipped {problem}")
+        return 0
+    from .artifact import ArtifactPaths, read_metadata
+
+    print(json.dumps(read_metadata(ArtifactPaths.for_library(path)), indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Tune briefly, build untuned and tuned, compare both with torch and with each other."""
+    import numpy as np
+
+    from .runtime import load
+    from .settings import BuildSettings, TuneSettings
+    from .tune import tune
+
+    steps = Steps(5)
+    started = time.time()
+    steps(f"import {args.model} ({args.component}) from torch")
+    source = _load(args)
+    print(source.imported.summary())
+    reference = source.reference_outputs()
+    steps(f"build untuned (fallback schedules) for {args.target}")
+    untuned = _build_one(source, args.target, str(Path(args.output) / "untuned"), None, BuildSettings())
+    print(untuned.summary())
+    steps(f"tune {args.trials} trials for {args.target} into {args.log}")
+    report = tune(source.imported, args.target, args.log, TuneSettings(trials=args.trials))
+    print(report.summary())
+    steps("build with the tuning log")
+    tuned = _build_one(source, args.target, args.output, args.log, BuildSettings())
+    for note in tuned.notes:
+        print(f"note: {note}")
+    print(tuned.summary())
+    steps("run both, compare with torch eager")
+    rows = []
+    for label, built in (("untuned", untuned), ("tuned", tuned)):
+        module = load(built.paths.library)
+        outs = module(**source.example_inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        err = max(float(np.max(np.abs(o - r))) for o, r in zip(outs, reference)) if reference else float("nan")
+        timing = module.benchmark(source.example_inputs, repeat=args.repeat)
+        rows.append((label, timing["median_ms"], err))
+    for label, ms, err in rows:
+        print(f"{label:>8}: {ms:9.3f} ms   max |error| vs torch {err:.2e}")
+    speedup = rows[0][1] / rows[1][1]
+    print(f"tuned vs untuned speed-up: {speedup:.2f}x   (artifact: {tuned.paths.library}; total {time.time() - started:.0f} s)")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autotune",
+        description="Hardware-aware auto-tuning for image-to-video diffusion models: import a model into TVM Relax, "
+        "tune it with MetaSchedule (XGBoost cost model) for a target, build a shippable .so, run it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the model zoo with parameter counts, FLOPs and shapes")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("targets", help="list target presets")
+    p.set_defaults(func=cmd_targets)
+
+    p = sub.add_parser("import", help="import a model into Relax and report its signature and kernels")
+    _add_model_args(p)
+    _add_target_arg(p)
+    p.add_argument("-o", "--output", help="write the imported Relax module (TVMScript) to this file")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser(
+        "tune",
+        help="search schedules with MetaSchedule; records are appended to the log as measured (Ctrl-C safe, resumable)",
+        description="Tune every kernel of the model for a target. Each measured candidate is appended to LOG at once; "
+        "an interrupted run loses at most the batch in flight, and re-running the same command resumes from the log, "
+        "spending only the new --trials.",
+    )
+    _add_model_args(p)
+    _add_target_arg(p)
+    _add_log_arg(p, f"tuning log directory, created if missing and appended to (default {DEFAULT_LOG}/)")
+    p.add_argument("--trials", type=int, default=64, help="new measured candidates in this run, all kernels together (default 64)")
+    p.add_argument("--trials-per-task", type=int, help="cap per kernel (default: twice an even share)")
+    p.add_argument("--trials-per-iter", type=int, default=16, help="candidates measured per batch (default 16)")
+    p.add_argument("--run-timeout", type=float, default=10.0, help="seconds one candidate's measurement may take (default 10)")
+    p.add_argument("--rpc", metavar="HOST:PORT", help="measure on devices registered with this TVM RPC tracker")
+    p.add_argument("--key", help="device key on the RPC tracker (with --rpc)")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser(
+        "build",
+        help="apply the tuning log, compile, and export NAME.so + NAME.weights.safetensors + NAME.json",
+        description="Build an artifact. Kernels with a record in --log get their best schedule; the rest get a "
+        "fallback schedule. Weights are saved beside the library, never baked into it.",
+    )
+    _add_model_args(p)
+    _add_target_arg(p)
+    _add_log_arg(p, f"tuning log directory to apply (default {DEFAULT_LOG}/; missing: build untuned)")
+    p.add_argument("-o", "--output", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/); the artifact goes to OUT/MODEL-TARGET/COMPONENT.so")
+    p.add_argument("--quantize", help="fp16 | bf16 | int8-weight | w8a8 | fp8 (see README)")
+    p.add_argument("--prune", help="structured pruning, e.g. ffn=0.75,heads=0.5 (kept fractions)")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("run", help="load an artifact, run it once on inputs, time it")
+    p.add_argument("artifact", help="the artifact's .so (its .weights.safetensors and .json beside it)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--inputs", help=".npz file with one array per input name (default: random inputs)")
+    p.add_argument("--save", help="save the outputs to this .npz file")
+    p.add_argument("--repeat", type=int, default=20, help="timed runs (default 20)")
+    p.add_argument("--check-finite", action="store_true", help="reject inputs containing NaN or Inf")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("inspect", help="show an artifact's metadata, or summarise a tuning log directory")
+    p.add_argument("path", help="an artifact .so/.json, or a log directory")
+    p.add_argument("--target", help="with a log directory: count only records for this target")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "demo",
+        help="the main job on the embedded default: tune briefly, build, run, report speed-up and error vs torch",
+    )
+    _add_model_args(p)
+    _add_target_arg(p)
+    _add_log_arg(p, f"tuning log directory (default {DEFAULT_LOG}/)")
+    p.add_argument("-o", "--output", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/)")
+    p.add_argument("--trials", type=int, default=128, help="tuning trials (default 128)")
+    p.add_argument("--repeat", type=int, default=30, help="timed runs per build (default 30)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except AutotuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
