@@ -19,13 +19,11 @@ def _select_int(node, importer):
     x = importer.env[node.args[0]]
     dim = node.args[1]
     index = node.args[2]
-    shape = x.struct_info.shape
-    ndim = len(shape.values)
+    shape = x.ty.shape.values
     if dim < 0:
-        dim += ndim
+        dim += len(shape)
     if index < 0:
-        size = shape.values[dim]
-        index += int(size)
+        index += int(shape[dim])
     return importer.block_builder.emit(relax.op.take(x, relax.const(index, "int64"), dim))
 
 

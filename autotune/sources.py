@@ -14,6 +14,7 @@ import numpy as np
 from .errors import InputError
 from .importer import ImportedModel, from_torch, import_model
 from .resources import check_fits_in_memory
+from .signature import TensorSpec
 
 
 @dataclass
@@ -66,5 +67,7 @@ def load_source(
     module = comp.build_module(weights_dir=weights)
     example = comp.example_inputs(seed=seed)
     imported = from_torch(module, example, source=f"{spec.name}/{component}")
+    if len(comp.output_names) == len(imported.outputs):
+        imported.outputs = [TensorSpec(n, o.shape, o.dtype) for n, o in zip(comp.output_names, imported.outputs)]
     inputs = {k: v.numpy() for k, v in example.items()}
     return ModelSource(component, f"{spec.name}/{component}", imported, inputs, module, model_name=spec.name)
