@@ -53,7 +53,7 @@ def save_weights(path: Path, weights: dict[str, np.ndarray]) -> None:
 
     tensors, dtypes = {}, {}
     for name, value in weights.items():
-        value = np.ascontiguousarray(value)
+        value = np.require(value, requirements="C")  # keeps 0-d arrays 0-d
         if value.dtype.kind == "V" or value.dtype.name in ("bfloat16", "float8_e4m3fn"):
             dtypes[name] = value.dtype.name
             value = value.view(np.uint8 if value.dtype.itemsize == 1 else np.uint16)

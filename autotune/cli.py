@@ -142,6 +142,7 @@ def cmd_tune(args) -> int:
         trials_per_task=args.trials_per_task,
         trials_per_iter=args.trials_per_iter,
         run_timeout_s=args.run_timeout,
+        build_timeout_s=args.build_timeout,
         rpc=args.rpc,
         rpc_key=args.key,
     )
@@ -309,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials-per-task", type=int, help="cap per kernel (default: twice an even share)")
     p.add_argument("--trials-per-iter", type=int, default=16, help="candidates measured per batch (default 16)")
     p.add_argument("--run-timeout", type=float, default=10.0, help="seconds one candidate's measurement may take (default 10)")
+    p.add_argument("--build-timeout", type=float, default=60.0, help="seconds one candidate's compilation may take (default 60)")
     p.add_argument("--rpc", metavar="HOST:PORT", help="measure on devices registered with this TVM RPC tracker")
     p.add_argument("--key", help="device key on the RPC tracker (with --rpc)")
     p.set_defaults(func=cmd_tune)

@@ -129,13 +129,18 @@ class CompiledModule:
                 raise InputError(f"input '{spec.name}' contains NaN or Inf (check_finite=True)")
         if kind == "torch":
             value = value.contiguous()
-            if self.device.dlpack_device_type() == 1 or value.device.type != "cpu":
-                return tvm.runtime.from_dlpack(value), "torch"
-            return tvm.runtime.tensor(value.numpy(), self.device), "torch"
-        value = np.ascontiguousarray(value)
-        if self.device.dlpack_device_type() == 1:
-            return tvm.runtime.from_dlpack(value), "numpy"
-        return tvm.runtime.tensor(value, self.device), "numpy"
+            pointer = value.data_ptr()
+        else:
+            value = np.require(value, requirements="C")  # keeps 0-d arrays 0-d
+            pointer = value.ctypes.data
+        # DLPack shares memory without a copy when the buffer is where the module runs and
+        # 64-byte aligned (TVM's requirement); otherwise copy once.
+        on_host = self.device.dlpack_device_type() == 1
+        shareable = pointer % 64 == 0 and (on_host == (kind == "numpy" or value.device.type == "cpu"))
+        if shareable:
+            return tvm.runtime.from_dlpack(value), kind
+        host = value.detach().cpu().numpy() if kind == "torch" else value
+        return tvm.runtime.tensor(host, self.device), kind
 
     def _from_tvm(self, value, kind: str):
         if kind == "torch":

@@ -106,6 +106,9 @@ def resolve_target(spec: str | dict | TargetPreset) -> TargetPreset:
 def _raw_preset(target: dict) -> TargetPreset:
     import tvm
 
+    if target.get("kind") == "llvm" and "num-cores" not in target:
+        # MetaSchedule (tuning and the CPU fallback schedules) refuses an llvm target without it.
+        target = {**target, "num-cores": "$host_cores"}
     try:
         tvm.target.Target(_fill_placeholders(target))
     except Exception as exc:

@@ -170,7 +170,7 @@ def tune(
     stats = [TaskStats(t.task_name, float(t.weight)) for t in tasks]
     # MetaSchedule prints its per-task table to stdout at INFO; keep the console for our progress
     # display and let the full log go to LOG/ms_logs/logs/ only.
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING if progress else logging.INFO)
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         tasks,
         work_dir=str(Path(log_dir) / "ms_logs"),

@@ -1,0 +1,497 @@
+"""Flash-style attention for LLVM CPU targets.
+
+    O[b, i, :] = sum_j softmax_j(scale * Q[b, i, :] . KT[b, :, j]) * V[b, j, :]
+
+Inputs are 3-D: Q (BH, Lq, D), KT (BH, D, Lk) (keys already transposed, which is what the torch
+and ONNX importers materialise anyway), V (BH, Lk, Dv); output O (BH, Lq, Dv).
+
+The PrimFunc is written in its final algorithmic form (not scheduled): per (head, query tile of
+TQ rows) it walks the keys in tiles of TK with an online softmax (running max m, running sum l,
+fp32 accumulator acc), so nothing of size Lq x Lk ever exists. The intermediates are declared with
+their logical shapes (e.g. S is [BH, Lq, Lk]), but every access to them sits under the loops of one
+(head, query tile[, key tile]), so TVM's buffer compaction allocates only one tile of each
+(S: TQ x TK, acc: TQ x Dv) per parallel task: memory is O(tokens x head_dim).
+
+Tail handling: Lq and Lk need not be multiples of the tiles; Q, KT and V are copied into padded
+buffers (O(tokens x head_dim)), padded keys are masked to -inf, padded query rows are not stored.
+
+Numerics: all accumulation in fp32; exp is a vectorisable exp2 polynomial (Cephes, rel. error
+~2e-7) with exp(-inf) = 0 exactly; a row whose scores are all -inf gives 0 (what the torch
+decomposition of SDPA produces), not NaN.
+
+Scheduling: `schedule_default` gives untuned builds a register-blocked schedule (parallel over
+head x query tiles, AVX-512/AVX2 vectorised over keys for Q.K^T and over head_dim for P.V);
+`schedule_sampled` is the same schedule with its register-tile sizes as MetaSchedule sampled
+decisions. The PrimFunc carries a `schedule_rule` block annotation naming the custom rule
+registered here, so MetaSchedule's default space generator ("post-order-apply") uses it and
+tunes this kernel like any other task.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import tvm
+from tvm.script import tirx as T
+
+LOG2E = 1.4426950408889634
+RULE_NAME = "autotune_attention"  # MetaSchedule looks up s_tir.meta_schedule.<target key>.<name>
+KERNEL_ATTR = "autotune.attention"  # PrimFunc attribute: the kernel's shape and tiles
+
+
+@dataclass(frozen=True)
+class CpuTiles:
+    tq: int = 64  # query rows per parallel task
+    tk: int = 64  # keys per online-softmax step
+    lanes: int = 16  # vector lanes (16: AVX-512 fp32, 8: AVX2)
+
+
+def vector_lanes(target) -> int:
+    """fp32 lanes of the widest vector unit the target has."""
+    if target is None:
+        return 8
+    attrs = target.attrs
+    mcpu = str(attrs.get("mcpu", "")) if "mcpu" in attrs else ""
+    mattr = [str(a) for a in attrs["mattr"]] if "mattr" in attrs else []
+    if any("avx512" in a for a in mattr):
+        return 16
+    avx512_cpus = (
+        "skylake-avx512", "cascadelake", "cooperlake", "icelake", "tigerlake", "rocketlake",
+        "sapphirerapids", "emeraldrapids", "graniterapids", "znver4", "znver5", "x86-64-v4",
+    )
+    if any(mcpu.startswith(c) for c in avx512_cpus):
+        return 16
+    return 8
+
+
+def choose_tiles(lq: int, lk: int, d: int, dv: int, lanes: int) -> CpuTiles:
+    """Tile sizes for one attention problem: TQ=TK=64 unless the sequence is shorter."""
+    tk = 64 if lk >= 48 else max(lanes, -(-lk // lanes) * lanes)
+    tk = min(tk, max(lanes, -(-lk // lanes) * lanes))
+    tq = 64 if lq >= 64 else max(8, -(-lq // 8) * 8)
+    return CpuTiles(tq=tq, tk=tk, lanes=lanes)
+
+
+def _exp2(t):
+    """2**t for float32 t, vectorisable: t = n + f, 2**n from the exponent bits, 2**f by a
+    degree-6 polynomial on [-0.5, 0.5] (Cephes exp2f). t <= -127 gives exactly 0."""
+    t = T.max(T.min(t, T.float32(127.0)), T.float32(-127.0))
+    n = T.round(t)
+    f = t - n
+    p = T.float32(1.535336188319500e-4)
+    p = p * f + T.float32(1.339887440266574e-3)
+    p = p * f + T.float32(9.618437357674640e-3)
+    p = p * f + T.float32(5.550332471162809e-2)
+    p = p * f + T.float32(2.402264791363012e-1)
+    p = p * f + T.float32(6.931472028550421e-1)
+    p = p * f + T.float32(1.0)
+    bits = T.shift_left(T.Cast("int32", n) + 127, 23)
+    return T.reinterpret("float32", bits) * p
+
+
+def make_primfunc(bh: int, lq: int, lk: int, d: int, dv: int, scale: float, dtype: str, tiles: CpuTiles):
+    """The unscheduled flash-attention PrimFunc for one static problem.
+
+    Structure (t = head x query tile, a parallel loop; kt = key tile, serial):
+        q_pad, kt_pad, v_pad            padded fp32 copies (inlined by the schedule when no padding)
+        for t (parallel), kt:
+          block "scores" (t, kt):       S = Q.K^T, tile max, new running max, alpha, P = exp(S - m),
+                                        tile sum          (reads the state m, writes tile buffers)
+          block "update" (t, kt):       l = l*alpha + sum, m = max(m, tile max), PV = P.V,
+                                        acc = acc*alpha + PV   (the online-softmax state)
+        out: O = acc / l
+    The two scope blocks make each a "stage pipeline" for the schedule primitives (the state is
+    read in "scores" and written in "update").
+    """
+    if scale <= 0:
+        raise ValueError(f"attention scale must be positive (got {scale}); fold a negative scale into Q")
+    TQ, TK, W = tiles.tq, tiles.tk, tiles.lanes
+    if TK % W:
+        raise ValueError(f"key tile {TK} is not a multiple of the vector width {W}")
+    NQ, NK = -(-lq // TQ), -(-lk // TK)
+    LQP, LKP = NQ * TQ, NK * TK
+    PAD_Q, PAD_K = LQP != lq, LKP != lk
+    C = float(scale * LOG2E)  # exp(scale * (s - m)) = 2 ** (C * (s - m))
+    NEG = -math.inf
+    acc_t = "float32"
+    JO = TK // W
+    BH, LQ, LK, D, DV = bh, lq, lk, d, dv
+    f32 = T.float32
+    INFO = {"bh": bh, "lq": lq, "lk": lk, "d": d, "dv": dv, "tq": TQ, "tk": TK, "lanes": W,
+            "pad_q": int(PAD_Q), "pad_k": int(PAD_K), "scale": float(scale)}
+
+    def load(x):
+        return x if dtype == acc_t else T.Cast(acc_t, x)
+
+    def q_val(Q, vb, vi, vk):
+        if PAD_Q:
+            return T.if_then_else(vi < LQ, load(Q[vb, T.min(vi, LQ - 1), vk]), f32(0.0))
+        return load(Q[vb, vi, vk])
+
+    def kt_val(KT, vb, vk, vj):
+        if PAD_K:
+            return T.if_then_else(vj < LK, load(KT[vb, vk, T.min(vj, LK - 1)]), f32(0.0))
+        return load(KT[vb, vk, vj])
+
+    def v_val(V, vb, vj, vk):
+        if PAD_K:
+            return T.if_then_else(vj < LK, load(V[vb, T.min(vj, LK - 1), vk]), f32(0.0))
+        return load(V[vb, vj, vk])
+
+    def masked(S, vb, vi, vj):  # padded keys score -inf
+        if PAD_K:
+            return T.Select(vj < LK, S[vb, vi, vj], f32(NEG))
+        return S[vb, vi, vj]
+
+    def m_old(m, vb, vi, vkt):  # the running max before key tile vkt (m is not yet set at 0)
+        return T.Select(vkt == 0, f32(NEG), m[vb, vi])
+
+    def safe(mx):  # the running max, 0 while it is still -inf (keeps exp(-inf - -inf) out)
+        return T.Select(mx == f32(NEG), f32(0.0), mx)
+
+    @T.prim_func(private=True, s_tir=True)
+    def attention(
+        Q: T.Buffer((BH, LQ, D), dtype),
+        KT: T.Buffer((BH, D, LK), dtype),
+        V: T.Buffer((BH, LK, DV), dtype),
+        O: T.Buffer((BH, LQ, DV), dtype),
+    ):
+        T.func_attr({"tirx.noalias": True, KERNEL_ATTR: INFO})
+        Qp = T.sblock_alloc_buffer((BH, LQP, D) if PAD_Q else (1,), acc_t)
+        KTp = T.sblock_alloc_buffer((BH, D, LKP) if PAD_K else (1,), acc_t)
+        Vp = T.sblock_alloc_buffer((BH, LKP, DV) if PAD_K else (1,), acc_t)
+        S = T.sblock_alloc_buffer((BH, LQP, LKP), acc_t)
+        P = T.sblock_alloc_buffer((BH, LQP, LKP), acc_t)
+        tmax_w = T.sblock_alloc_buffer((BH, LQP, NK, W), acc_t)
+        tmax = T.sblock_alloc_buffer((BH, LQP, NK), acc_t)
+        mnew = T.sblock_alloc_buffer((BH, LQP, NK), acc_t)
+        alpha = T.sblock_alloc_buffer((BH, LQP, NK), acc_t)
+        lsum_w = T.sblock_alloc_buffer((BH, LQP, NK, W), acc_t)
+        lsum = T.sblock_alloc_buffer((BH, LQP, NK), acc_t)
+        PV = T.sblock_alloc_buffer((BH, LQP, NK, DV), acc_t)
+        m = T.sblock_alloc_buffer((BH, LQP), acc_t)
+        l = T.sblock_alloc_buffer((BH, LQP), acc_t)
+        acc = T.sblock_alloc_buffer((BH, LQP, DV), acc_t)
+        if PAD_Q:
+            for b, i, k in T.grid(BH, LQP, D):
+                with T.sblock("q_pad"):
+                    vb, vi, vk = T.axis.remap("SSS", [b, i, k])
+                    Qp[vb, vi, vk] = q_val(Q, vb, vi, vk)
+        if PAD_K:
+            for b, k, j in T.grid(BH, D, LKP):
+                with T.sblock("kt_pad"):
+                    vb, vk, vj = T.axis.remap("SSS", [b, k, j])
+                    KTp[vb, vk, vj] = kt_val(KT, vb, vk, vj)
+            for b, j, k in T.grid(BH, LKP, DV):
+                with T.sblock("v_pad"):
+                    vb, vj, vk = T.axis.remap("SSS", [b, j, k])
+                    Vp[vb, vj, vk] = v_val(V, vb, vj, vk)
+        Qs = T.meta_var(Qp if PAD_Q else Q)
+        KTs = T.meta_var(KTp if PAD_K else KT)
+        Vs = T.meta_var(Vp if PAD_K else V)
+        for t in T.parallel(BH * NQ):
+            for kt in range(NK):
+                with T.sblock("scores"):
+                    ob = T.axis.spatial(BH, t // NQ)
+                    oq = T.axis.spatial(NQ, t % NQ)
+                    okt = T.axis.spatial(NK, kt)
+                    for qi, kj, k in T.grid(TQ, TK, D):
+                        with T.sblock("qk"):
+                            vb = T.axis.spatial(BH, ob)
+                            vi = T.axis.spatial(LQP, oq * TQ + qi)
+                            vkt = T.axis.spatial(NK, okt)
+                            vkj = T.axis.spatial(TK, kj)
+                            vk = T.axis.reduce(D, k)
+                            with T.init():
+                                S[vb, vi, vkt * TK + vkj] = f32(0.0)
+                            S[vb, vi, vkt * TK + vkj] = S[vb, vi, vkt * TK + vkj] + load(Qs[vb, vi, vk]) * load(KTs[vb, vk, vkt * TK + vkj])
+                    for qi, jo, w in T.grid(TQ, JO, W):
+                        with T.sblock("tile_max_w"):
+                            vb = T.axis.spatial(BH, ob)
+                            vi = T.axis.spatial(LQP, oq * TQ + qi)
+                            vkt = T.axis.spatial(NK, okt)
+                            vw = T.axis.spatial(W, w)
+                            vjo = T.axis.reduce(JO, jo)
+                            with T.init():
+                                tmax_w[vb, vi, vkt, vw] = f32(NEG)
+                            tmax_w[vb, vi, vkt, vw] = T.max(tmax_w[vb, vi, vkt, vw], masked(S, vb, vi, vkt * TK + vjo * W + vw))
+                    for qi, w in T.grid(TQ, W):
+                        with T.sblock("tile_max"):
+                            vb = T.axis.spatial(BH, ob)
+                            vi = T.axis.spatial(LQP, oq * TQ + qi)
+                            vkt = T.axis.spatial(NK, okt)
+                            vw = T.axis.reduce(W, w)
+                            with T.init():
+                                tmax[vb, vi, vkt] = f32(NEG)
+                            tmax[vb, vi, vkt] = T.max(tmax[vb, vi, vkt], tmax_w[vb, vi, vkt, vw])
+                    for qi in range(TQ):
+                        with T.sblock("m_new"):
+                            vb = T.axis.spatial(BH, ob)
+                            vi = T.axis.spatial(LQP, oq * TQ + qi)
+                            vkt = T.axis.spatial(NK, okt)
+                            mnew[vb, vi, vkt] = T.max(m_old(m, vb, vi, vkt), tmax[vb, vi, vkt])
+                    for qi in range(TQ):
+                        with T.sblock("alpha"):
+                            vb = T.axis.spatial(BH, ob)
+                            vi = T.axis.spatial(LQP, oq * TQ + qi)
+                            vkt = T.axis.spatial(NK, okt)
+                            alpha[vb, vi, vkt] = _exp2((m_old(m, vb, vi, vkt) - safe(mnew[vb, vi, vkt])) * f32(C))
+                    for qi, kj in T.grid(TQ, TK):
+                        with T.sblock("p"):
+                            vb = T.axis.spatial(BH, ob)
+                            vi = T.axis.spatial(LQP, oq * TQ + qi)
+                            vkt = T.axis.spatial(NK, okt)
+                            vkj = T.axis.spatial(TK, kj)
+                            P[vb, vi, vkt * TK + vkj] = _exp2((masked(S, vb, vi, vkt * TK + vkj) - safe(mnew[vb, vi, vkt])) * f32(C))
+                    for qi, jo, w in T.grid(TQ, JO, W):
+                        with T.sblock("tile_sum_w"):
+                            vb = T.axis.spatial(BH, ob)
+                            vi = T.axis.spatial(LQP, oq * TQ + qi)
+                            vkt = T.axis.spatial(NK, okt)
+                            vw = T.axis.spatial(W, w)
+                            vjo = T.axis.reduce(JO, jo)
+                            with T.init():
+                                lsum_w[vb, vi, vkt, vw] = f32(0.0)
+                            lsum_w[vb, vi, vkt, vw] = lsum_w[vb, vi, vkt, vw] + P[vb, vi, vkt * TK + vjo * W + vw]
+                    for qi, w in T.grid(TQ, W):
+                        with T.sblock("tile_sum"):
+                            vb = T.axis.spatial(BH, ob)
+                            vi = T.axis.spatial(LQP, oq * TQ + qi)
+                            vkt = T.axis.spatial(NK, okt)
+                            vw = T.axis.reduce(W, w)
+                            with T.init():
+                                lsum[vb, vi, vkt] = f32(0.0)
+                            lsum[vb, vi, vkt] = lsum[vb, vi, vkt] + lsum_w[vb, vi, vkt, vw]
+                with T.sblock("update"):
+                    ob = T.axis.spatial(BH, t // NQ)
+                    oq = T.axis.spatial(NQ, t % NQ)
+                    okt = T.axis.reduce(NK, kt)
+                    for qi in range(TQ):
+                        with T.sblock("update_l"):
+                            vb = T.axis.spatial(BH, ob)
+                            vi = T.axis.spatial(LQP, oq * TQ + qi)
+                            vkt = T.axis.reduce(NK, okt)
+                            with T.init():
+                                l[vb, vi] = f32(0.0)
+                            l[vb, vi] = l[vb, vi] * alpha[vb, vi, vkt] + lsum[vb, vi, vkt]
+                    for qi in range(TQ):
+                        with T.sblock("update_m"):
+                            vb = T.axis.spatial(BH, ob)
+                            vi = T.axis.spatial(LQP, oq * TQ + qi)
+                            vkt = T.axis.reduce(NK, okt)
+                            with T.init():
+                                m[vb, vi] = f32(NEG)
+                            m[vb, vi] = T.max(m[vb, vi], tmax[vb, vi, vkt])
+                    for qi, k, kj in T.grid(TQ, DV, TK):
+                        with T.sblock("pv"):
+                            vb = T.axis.spatial(BH, ob)
+                            vi = T.axis.spatial(LQP, oq * TQ + qi)
+                            vkt = T.axis.spatial(NK, okt)
+                            vk = T.axis.spatial(DV, k)
+                            vkj = T.axis.reduce(TK, kj)
+                            with T.init():
+                                PV[vb, vi, vkt, vk] = f32(0.0)
+                            PV[vb, vi, vkt, vk] = PV[vb, vi, vkt, vk] + P[vb, vi, vkt * TK + vkj] * load(Vs[vb, vkt * TK + vkj, vk])
+                    for qi, k in T.grid(TQ, DV):
+                        with T.sblock("update_acc"):
+                            vb = T.axis.spatial(BH, ob)
+                            vi = T.axis.spatial(LQP, oq * TQ + qi)
+                            vk = T.axis.spatial(DV, k)
+                            vkt = T.axis.reduce(NK, okt)
+                            with T.init():
+                                acc[vb, vi, vk] = f32(0.0)
+                            acc[vb, vi, vk] = acc[vb, vi, vk] * alpha[vb, vi, vkt] + PV[vb, vi, vkt, vk]
+            for qi, k in T.grid(TQ, DV):
+                with T.sblock("out"):
+                    vb = T.axis.spatial(BH, t // NQ)
+                    vi = T.axis.spatial(LQP, t % NQ * TQ + qi)
+                    vk = T.axis.spatial(DV, k)
+                    T.where(t % NQ * TQ + qi < LQ)
+                    O[vb, vi, vk] = T.Cast(dtype, T.Select(l[vb, vi] == f32(0.0), f32(0.0), acc[vb, vi, vk] / l[vb, vi]))
+
+    return attention
+
+
+# --- schedules ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuKnobs:
+    """Register tiles of the two micro-kernels (the tunable part of the schedule)."""
+
+    qk_rows: int = 8  # query rows per Q.K^T register tile
+    qk_vecs: int = 2  # key vectors (of `lanes`) per Q.K^T register tile
+    pv_rows: int = 4  # query rows per P.V register tile
+    pv_vecs: int = 4  # head_dim vectors per P.V register tile
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    return max(f for f in range(1, min(n, cap) + 1) if n % f == 0)
+
+
+def default_knobs(tiles: CpuTiles, d: int, dv: int) -> CpuKnobs:
+    lanes = tiles.lanes
+    qk_vecs = _largest_divisor_at_most(tiles.tk // lanes, 2)
+    qk_rows = _largest_divisor_at_most(tiles.tq, 16 // qk_vecs)
+    dv_vecs = max(1, dv // lanes) if dv % lanes == 0 else 0
+    pv_vecs = _largest_divisor_at_most(dv_vecs, 4) if dv_vecs else 0
+    pv_rows = _largest_divisor_at_most(tiles.tq, 16 // max(1, pv_vecs))
+    return CpuKnobs(qk_rows, qk_vecs, pv_rows, pv_vecs)
+
+
+def _kernel_info(sch) -> dict:
+    func = sch.mod["main"]
+    info = func.attrs[KERNEL_ATTR] if func.attrs is not None and KERNEL_ATTR in func.attrs else None
+    if info is None:
+        raise ValueError(f"not an autotune attention kernel (no {KERNEL_ATTR} attribute)")
+    return {k: int(v) for k, v in info.items()}
+
+
+def _vectorize_tail(sch, loop, lanes: int):
+    """Vectorise `loop` if it has at most `lanes`·k iterations; split off `lanes` otherwise."""
+    extent = int(sch.get(loop).extent)
+    if extent <= lanes:
+        sch.vectorize(loop)
+    elif extent % lanes == 0:
+        _, inner = sch.split(loop, factors=[None, lanes])
+        sch.vectorize(inner)
+
+
+def apply_schedule(sch, knobs: CpuKnobs | None = None, sample: bool = False):
+    """Schedule the attention PrimFunc in `sch` (a tvm.s_tir.Schedule) in place.
+
+    knobs: the register tiles (default: `default_knobs`). sample=True makes the register tiles
+    MetaSchedule sampled decisions (sample_perfect_tile) so that the search can tune them.
+    """
+    info = _kernel_info(sch)
+    W = info["lanes"]
+    tq, tk, d, dv = info["tq"], info["tk"], info["d"], info["dv"]
+    knobs = knobs or default_knobs(CpuTiles(tq, tk, W), d, dv)
+
+    # Padding copies (only where a length is not a multiple of its tile).
+    for name, padded in (("q_pad", info["pad_q"]), ("kt_pad", info["pad_k"]), ("v_pad", info["pad_k"])):
+        if not padded:
+            continue
+        b, x, y = sch.get_loops(sch.get_sblock(name))
+        sch.parallel(sch.fuse(b, x))
+        _vectorize_tail(sch, y, W)
+
+
+    # Q.K^T: register tile (rows x vecs*W) accumulated over head_dim, then stored to the S tile.
+    qk = sch.get_sblock("qk")
+    qi, kj, k = sch.get_loops(qk)[-3:]
+    if sample:
+        qi_o, qi_i = sch.split(qi, sch.sample_perfect_tile(qi, n=2, max_innermost_factor=16))
+        kj_o, kj_w = sch.split(kj, factors=[None, W])
+        kj_o, kj_v = sch.split(kj_o, sch.sample_perfect_tile(kj_o, n=2, max_innermost_factor=4))
+        kj_i = sch.fuse(kj_v, kj_w)
+    else:
+        qi_o, qi_i = sch.split(qi, factors=[None, knobs.qk_rows])
+        kj_o, kj_i = sch.split(kj, factors=[None, knobs.qk_vecs * W])
+    sch.reorder(qi_o, kj_o, k, qi_i, kj_i)
+    wb = sch.cache_write(qk, 0, "global")
+    sch.reverse_compute_at(wb, kj_o)
+    sch.unroll(qi_i)
+    sch.vectorize(kj_i)
+    sch.decompose_reduction(qk, k)  # init loops inherit unroll / vectorize
+    wl = sch.get_loops(wb)
+    sch.unroll(wl[-2])
+    sch.vectorize(wl[-1])
+
+    # Row max / row sum over a key tile: W-wide partial reductions (vectorised), then W -> 1.
+    for name in ("tile_max_w", "tile_sum_w"):
+        blk = sch.get_sblock(name)
+        loops = sch.get_loops(blk)
+        sch.vectorize(loops[-1])
+        sch.decompose_reduction(blk, loops[-2])
+    for name in ("tile_max", "tile_sum"):
+        sch.unroll(sch.get_loops(sch.get_sblock(name))[-1])
+
+    p = sch.get_sblock("p")
+    _vectorize_tail(sch, sch.get_loops(p)[-1], W)
+
+    # P.V: register tile (rows x vecs*W of head_dim) accumulated over the key tile, then
+    # acc = acc * alpha + tile, fused in at the tile.
+    pv = sch.get_sblock("pv")
+    qi, k, kj = sch.get_loops(pv)[-3:]
+    upd = sch.get_sblock("update_acc")
+    if dv % W == 0:
+        if sample:
+            qi_o, qi_i = sch.split(qi, sch.sample_perfect_tile(qi, n=2, max_innermost_factor=16))
+            k_o, k_w = sch.split(k, factors=[None, W])
+            k_o, k_v = sch.split(k_o, sch.sample_perfect_tile(k_o, n=2, max_innermost_factor=8))
+            k_i = sch.fuse(k_v, k_w)
+        else:
+            qi_o, qi_i = sch.split(qi, factors=[None, knobs.pv_rows])
+            k_o, k_i = sch.split(k, factors=[None, knobs.pv_vecs * W])
+        sch.reorder(qi_o, k_o, kj, qi_i, k_i)
+        sch.reverse_compute_at(upd, k_o)
+        sch.unroll(qi_i)
+        sch.vectorize(k_i)
+        ul = sch.get_loops(upd)
+        sch.unroll(ul[-2])
+        sch.vectorize(ul[-1])
+        sch.decompose_reduction(pv, kj)
+    else:  # odd head_dim: plain loops, vectorised where they can be
+        sch.reorder(qi, kj, k)
+        init = sch.decompose_reduction(pv, kj)
+    for name in ("out",):
+        _vectorize_tail(sch, sch.get_loops(sch.get_sblock(name))[-1], W)
+    return sch
+
+
+# --- MetaSchedule integration ---------------------------------------------------------------------
+
+
+def annotate_for_metaschedule(func):
+    """Mark the PrimFunc's blocks so MetaSchedule's post-order-apply space generator hands the
+    kernel to our custom rule (on block "qk") and leaves every other block alone ("None")."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    for block in _all_blocks(sch):
+        name = sch.get(block).name_hint
+        sch.annotate(block, "schedule_rule", RULE_NAME if name == "qk" else "None")
+    return sch.mod["main"]
+
+
+def _all_blocks(sch):
+    out = []
+    root = sch.get_sblock("root") if _has_root(sch) else None
+
+    def visit(parent):
+        for child in sch.get_child_blocks(parent):
+            out.append(child)
+            visit(child)
+
+    if root is not None:
+        out.append(root)
+        visit(root)
+    return out
+
+
+def _has_root(sch) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:
+        return False
+
+
+def _custom_rule(sch, block):
+    """s_tir.meta_schedule.cpu.autotune_attention: the design space of the attention kernel.
+
+    Returns one schedule with the register tiles as sampled decisions (MetaSchedule's
+    evolutionary search mutates them with MutateTileSize)."""
+    apply_schedule(sch, sample=True)
+    return [sch]
+
+
+def register_rule() -> None:
+    import tvm_ffi
+
+    tvm_ffi.register_global_func(f"s_tir.meta_schedule.cpu.{RULE_NAME}", _custom_rule, override=True)
+
+
+register_rule()

@@ -1,0 +1,101 @@
+"""Shared fixtures: small models imported from torch and ONNX, and a fresh-process runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import autotune  # noqa: F401  (sets TVM_NUM_THREADS before tvm is imported)
+import numpy as np
+import pytest
+import torch
+
+
+class MLPBlock(torch.nn.Module):
+    """A transformer-style block: LayerNorm → Linear → GELU → Linear, residual. Matmul-heavy,
+    so that tuning has something to win over the fallback schedules."""
+
+    def __init__(self, dim: int = 256, hidden: int = 512):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(dim)
+        self.up = torch.nn.Linear(dim, hidden)
+        self.down = torch.nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+
+
+class AttentionBlock(torch.nn.Module):
+    """Pre-norm self-attention + MLP: the shape of a DiT block, tiny."""
+
+    def __init__(self, dim: int = 64, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = torch.nn.LayerNorm(dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+        self.mlp = MLPBlock(dim, 2 * dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, n, d))
+        return self.mlp(x)
+
+
+@pytest.fixture(scope="session")
+def mlp_block():
+    torch.manual_seed(0)
+    module = MLPBlock().eval()
+    x = torch.randn(1, 128, 256)
+    with torch.no_grad():
+        ref = module(x).numpy()
+    return module, {"x": x}, ref
+
+
+@pytest.fixture(scope="session")
+def attention_block():
+    torch.manual_seed(0)
+    module = AttentionBlock().eval()
+    x = torch.randn(1, 32, 64)
+    with torch.no_grad():
+        ref = module(x).numpy()
+    return module, {"x": x}, ref
+
+
+@pytest.fixture(scope="session")
+def onnx_attention_block(tmp_path_factory, attention_block):
+    """The attention block exported with the dynamo ONNX exporter (opset 18)."""
+    module, inputs, ref = attention_block
+    path = tmp_path_factory.mktemp("onnx") / "block.onnx"
+    torch.onnx.export(module, (inputs["x"],), str(path), dynamo=True, opset_version=18, input_names=["x"])
+    return path, inputs, ref
+
+
+def run_fresh(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run Python code in a fresh interpreter (nothing shared with the test process)."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+def run_cli(*args: str, timeout: float = 600, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "autotune.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+def max_abs_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))

@@ -1,0 +1,121 @@
+"""import → tune → build → .so → load in a fresh process, from torch and from ONNX."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from autotune.build import build
+from autotune.errors import TuningFailed
+from autotune.importer import from_onnx, from_torch
+from autotune.settings import TuneSettings
+from autotune.tune import tune
+from autotune.tuning_log import RECORDS_FILE, read_log
+from conftest import max_abs_diff, run_cli, run_fresh
+
+TOL = 1e-4  # fp32 against torch eager
+
+
+def _run_in_fresh_process(library, inputs: dict, tmp_path) -> np.ndarray:
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    result = run_fresh(
+        f"""
+        import numpy as np, autotune
+        m = autotune.load({str(library)!r})
+        inputs = dict(np.load({str(tmp_path / 'inputs.npz')!r}))
+        out = m(**inputs)
+        np.save({str(tmp_path / 'out.npy')!r}, out)
+        print(m.benchmark(inputs, repeat=30)["median_ms"])
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return np.load(tmp_path / "out.npy"), float(result.stdout.strip().splitlines()[-1])
+
+
+def _median_ms(library, inputs, tmp_path) -> float:
+    return _run_in_fresh_process(library, inputs, tmp_path)[1]
+
+
+@pytest.fixture(scope="module")
+def tuned_mlp(tmp_path_factory, mlp_block):
+    module, inputs, ref = mlp_block
+    imported = from_torch(module, inputs)
+    log = tmp_path_factory.mktemp("log")
+    report = tune(imported, "x86", log, TuneSettings(trials=48, trials_per_iter=16), progress=False)
+    return imported, log, report
+
+
+def test_torch_block_tune_build_load_in_fresh_process(tmp_path, mlp_block, tuned_mlp):
+    module, inputs, ref = mlp_block
+    imported, log, report = tuned_mlp
+    assert report.trials >= 16 and report.failures < report.trials
+    tuned = build(imported, "x86", tmp_path / "tuned.so", log_dir=log)
+    untuned = build(imported, "x86", tmp_path / "untuned.so")
+    assert tuned.tuned_kernels >= 2, "the matmul kernels must come from the log"
+    assert untuned.tuned_kernels == 0
+    np_inputs = {k: v.numpy() for k, v in inputs.items()}
+    out_tuned, ms_tuned = _run_in_fresh_process(tuned.paths.library, np_inputs, tmp_path)
+    assert max_abs_diff(out_tuned, ref) <= TOL
+    out_untuned, ms_untuned = _run_in_fresh_process(untuned.paths.library, np_inputs, tmp_path)
+    assert max_abs_diff(out_untuned, ref) <= TOL
+    # Timing on a shared machine is noisy: take the better of two fresh-process medians each.
+    ms_tuned = min(ms_tuned, _median_ms(tuned.paths.library, np_inputs, tmp_path))
+    ms_untuned = min(ms_untuned, _median_ms(untuned.paths.library, np_inputs, tmp_path))
+    assert ms_tuned < ms_untuned, f"tuned {ms_tuned:.3f} ms is not faster than untuned {ms_untuned:.3f} ms"
+
+
+def test_metadata_records_the_build(tmp_path, tuned_mlp):
+    imported, log, _ = tuned_mlp
+    report = build(imported, "x86", tmp_path / "m.so", log_dir=log)
+    meta = json.loads(report.paths.metadata.read_text())
+    assert meta["inputs"] == [{"name": "x", "shape": [1, 128, 256], "dtype": "float32"}]
+    assert meta["outputs"][0]["shape"] == [1, 128, 256]
+    assert meta["target"]["preset"] == "x86"
+    assert meta["tuning_log"]["records"] == read_log(log)[0].records
+    assert len(meta["tuning_log"]["digest"]) == 64
+    assert meta["kernels"]["tuned"] == report.tuned_kernels
+    assert meta["weight_bytes"]["before"] == sum(w.nbytes for w in imported.weights.values())
+    # weights are not baked into the library: the .so is smaller than the weights file
+    assert report.paths.library.stat().st_size < report.paths.weights.stat().st_size + 2_000_000
+
+
+def test_resumed_tune_spends_only_its_new_budget(tmp_path, mlp_block):
+    module, inputs, _ = mlp_block
+    imported = from_torch(module, inputs)
+    first = tune(imported, "x86", tmp_path, TuneSettings(trials=16, trials_per_iter=8), progress=False)
+    on_disk = read_log(tmp_path)[0].records
+    assert first.records_after == on_disk > 0
+    second = tune(imported, "x86", tmp_path, TuneSettings(trials=16, trials_per_iter=8), progress=False)
+    assert second.records_before == on_disk, "the second run must start from the first run's records"
+    assert 0 < second.trials <= 16 + 8  # its own budget (one batch of slack), not the first run's again
+    assert read_log(tmp_path)[0].records == on_disk + (second.records_after - second.records_before)
+
+
+def test_onnx_block_tune_build_load_in_fresh_process(tmp_path, onnx_attention_block):
+    path, inputs, ref = onnx_attention_block
+    imported = from_onnx(path)
+    assert [s.name for s in imported.inputs] == ["x"]
+    tune(imported, "x86", tmp_path / "log", TuneSettings(trials=16, trials_per_iter=8), progress=False)
+    report = build(imported, "x86", tmp_path / "onnx.so", log_dir=tmp_path / "log")
+    assert report.tuned_kernels >= 1
+    out, _ = _run_in_fresh_process(report.paths.library, {"x": inputs["x"].numpy()}, tmp_path)
+    assert max_abs_diff(out, ref) <= TOL
+
+
+def test_tuning_where_every_build_fails_is_an_error(tmp_path, mlp_block):
+    module, inputs, _ = mlp_block
+    imported = from_torch(module, inputs)
+    with pytest.raises(TuningFailed, match="candidates failed"):
+        tune(imported, "x86", tmp_path, TuneSettings(trials=8, trials_per_iter=8, build_timeout_s=0.001), progress=False)
+
+
+def test_cli_tune_where_every_build_fails_exits_nonzero(tmp_path):
+    result = run_cli(
+        "tune", "--model", "wan-i2v-tiny", "--component", "image_encoder", "--log", str(tmp_path),
+        "--trials", "4", "--trials-per-iter", "4", "--build-timeout", "0.001",
+    )
+    assert result.returncode != 0
+    assert "candidates failed to build or run" in result.stderr
+    assert "Timeout" in result.stderr  # the first failure's own message is shown
