@@ -12,11 +12,15 @@ configure_threads()  # before anything imports tvm
 __version__ = "0.1.0"
 
 
-def load(path, device: str = "cpu"):
-    """Load a built artifact (directory or its `.so`) for `device` ("cpu", "cuda", "cuda:1")."""
+def load(path, device: str = "cpu", **options):
+    """Load a built artifact (its `.so`, `.json` or stem) for `device` ("cpu", "cuda", "cuda:1").
+
+    options: verify_hashes=True checks the sha256 of library and weights; check_finite=True
+    rejects inputs with NaN/Inf.
+    """
     from .runtime import load as _load
 
-    return _load(path, device=device)
+    return _load(path, device=device, **options)
 
 
 __all__ = ["load", "__version__"]

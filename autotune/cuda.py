@@ -22,6 +22,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import BuildFailed
@@ -93,6 +94,34 @@ def compile_fatbin(source: str, arch: str, nvcc: str | None = None, options: lis
                 f"{' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-4000:]}"
             )
         return out.read_bytes()
+
+
+@contextmanager
+def nvcc_compile_callback(arch: str):
+    """While active, TVM compiles CUDA kernels with nvcc into a fatbin for `arch`.
+
+    Where TVM's CUDA runtime is loaded (a machine with an NVIDIA driver), codegen compiles the
+    kernels at once through the global `tvm_callback_cuda_compile`, which defaults to NVRTC and
+    fails without the `cuda-bindings` package. Wrap `tvm.compile` for CUDA targets in this so
+    that every machine compiles the same way, for the preset's arch rather than the local GPU's.
+    Without the CUDA runtime (no driver) codegen never calls it and `export_cuda_library` compiles.
+    """
+    import tvm_ffi
+
+    previous = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+    nvcc = find_nvcc()
+
+    def compile_with_nvcc(code, *_target):
+        return bytearray(compile_fatbin(str(code), arch, nvcc))
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_with_nvcc, override=True)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            tvm_ffi.register_global_func("tvm_callback_cuda_compile", previous, override=True)
+        else:
+            tvm_ffi.remove_global_func("tvm_callback_cuda_compile")
 
 
 # -- the imports blob (tvm_ffi library_module.cc: ProcessLibraryBin) ------------------------------

@@ -569,7 +569,7 @@ class Fp8(QuantMode):
     def supports(self, preset):
         arch = _cuda_arch(preset)
         if arch is None or arch not in (89, 90):
-            where = f"CUDA sm_{arch}" if arch is not None else f"a {preset.family} CPU"
+            where = f"CUDA sm_{arch}" if arch is not None else f"an {preset.family} CPU target"
             return f"fp8 (e4m3) needs an NVIDIA Ada/Hopper GPU (CUDA sm_89 or sm_90); {preset.name} is {where}"
         return None
 

@@ -116,7 +116,7 @@ class CompiledModule:
             shape = tuple(value.shape)
         else:
             if not isinstance(value, np.ndarray):
-                if np.isscalar(value) or isinstance(value, (list, tuple)):
+                if not isinstance(value, (str, bytes)) and (np.isscalar(value) or isinstance(value, (list, tuple))):
                     value = np.asarray(value)
                 else:
                     raise InputError(f"input '{spec.name}': expected a numpy array or torch tensor, got {type(value).__name__}")

@@ -1,0 +1,211 @@
+"""The runtime API: one call convention, and errors that name the expected signature."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import autotune
+from autotune.build import build
+from autotune.errors import ArtifactError, InputError
+from autotune.importer import from_torch
+from conftest import max_abs_diff
+
+TOL = 1e-4
+
+
+class TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 8)
+
+    def forward(self, x, scale):
+        y = self.lin(x) * scale
+        return y, y.sum(dim=-1)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    torch.manual_seed(0)
+    module = TwoInputs().eval()
+    inputs = {"x": torch.randn(2, 16), "scale": torch.randn(2, 1)}
+    imported = from_torch(module, inputs)
+    out = tmp_path_factory.mktemp("artifact") / "two.so"
+    report = build(imported, "x86", out)
+    with torch.no_grad():
+        ref = [t.numpy() for t in module(*inputs.values())]
+    return report.paths, inputs, ref
+
+
+def test_numpy_in_numpy_out_positional_and_keyword(artifact):
+    paths, inputs, ref = artifact
+    m = autotune.load(paths.library)
+    x, s = inputs["x"].numpy(), inputs["scale"].numpy()
+    for outs in (m(x, s), m(x=x, scale=s), m(x, scale=s)):
+        assert all(isinstance(o, np.ndarray) for o in outs)
+        assert max(max_abs_diff(o, r) for o, r in zip(outs, ref)) <= TOL
+
+
+def test_torch_in_torch_out(artifact):
+    paths, inputs, ref = artifact
+    m = autotune.load(paths.library)
+    outs = m(**inputs)
+    assert all(isinstance(o, torch.Tensor) for o in outs)
+    assert max(max_abs_diff(o.numpy(), r) for o, r in zip(outs, ref)) <= TOL
+    # a strided (non-contiguous) tensor is accepted too
+    xt = torch.randn(16, 2).t()
+    assert not xt.is_contiguous()
+    assert max_abs_diff(m(xt, inputs["scale"])[0].numpy(), (TwoInputs_ref(paths, xt, inputs["scale"]))) <= TOL
+
+
+def TwoInputs_ref(paths, x, scale):
+    m = autotune.load(paths.library)
+    return m(x.contiguous().numpy(), scale.numpy())[0]
+
+
+def test_signature_and_metadata(artifact):
+    paths, _, _ = artifact
+    m = autotune.load(paths.library)
+    assert m.signature == "(x: float32[2, 16], scale: float32[2, 1]) -> (output0: float32[2, 8], output1: float32[2])"
+    assert m.metadata["target"]["preset"] == "x86"
+    timing = m.benchmark(repeat=5, warmup=1)
+    assert timing["repeat"] == 5 and 0 < timing["min_ms"] <= timing["median_ms"] <= timing["max_ms"]
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m, x, s: m(x), "missing input(s) ['scale']"),
+        (lambda m, x, s: m(x, s, s), "got 3 positional inputs"),
+        (lambda m, x, s: m(x, scale=s, bias=s), "unknown input(s) ['bias']"),
+        (lambda m, x, s: m(x, x=x, scale=s), "given twice"),
+        (lambda m, x, s: m(x[:1], s), "input 'x' is float32[1, 16], expected float32[2, 16]"),
+        (lambda m, x, s: m(x[None], s), "expected float32[2, 16]"),
+        (lambda m, x, s: m(x.astype(np.float64), s), "input 'x' is float64[2, 16]"),
+        (lambda m, x, s: m("x", s), "expected a numpy array or torch tensor"),
+    ],
+)
+def test_bad_inputs_name_the_expected_signature(artifact, call, message):
+    paths, inputs, _ = artifact
+    m = autotune.load(paths.library)
+    with pytest.raises(InputError) as err:
+        call(m, inputs["x"].numpy(), inputs["scale"].numpy())
+    assert message in str(err.value)
+    if "expected a numpy" not in message:
+        assert "expected signature: (x: float32[2, 16], scale: float32[2, 1])" in str(err.value)
+
+
+def test_nan_check_on_request(artifact):
+    paths, inputs, _ = artifact
+    x = inputs["x"].numpy().copy()
+    x[0, 0] = np.nan
+    autotune.load(paths.library)(x, inputs["scale"].numpy())  # off by default: runs
+    with pytest.raises(InputError, match="NaN or Inf"):
+        autotune.load(paths.library, check_finite=True)(x, inputs["scale"].numpy())
+
+
+def test_wrong_device_is_refused(artifact):
+    paths, _, _ = artifact
+    with pytest.raises(ArtifactError, match="built for device 'cpu', not 'cuda'"):
+        autotune.load(paths.library, device="cuda")
+    with pytest.raises(ArtifactError, match="unknown device 'tpu'"):
+        autotune.load(paths.library, device="tpu")
+
+
+def _copy(paths, tmp_path):
+    for p in (paths.library, paths.weights, paths.metadata):
+        shutil.copy(p, tmp_path / p.name)
+    return autotune.artifact.ArtifactPaths.for_library(tmp_path / paths.library.name)
+
+
+def test_missing_or_mismatched_weights_are_refused(artifact, tmp_path):
+    copy = _copy(artifact[0], tmp_path)
+    data = copy.weights.read_bytes()
+    copy.weights.write_bytes(data[:-7])
+    with pytest.raises(ArtifactError, match="truncated or belongs to another build"):
+        autotune.load(copy.library)
+    copy.weights.unlink()
+    with pytest.raises(ArtifactError, match="weights file missing"):
+        autotune.load(copy.library)
+
+
+def test_same_size_corruption_is_caught_with_hash_verification(artifact, tmp_path):
+    copy = _copy(artifact[0], tmp_path)
+    data = bytearray(copy.weights.read_bytes())
+    data[-1] ^= 0xFF
+    copy.weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256 mismatch"):
+        autotune.load(copy.library, verify_hashes=True)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["versions"].update(tvm="0.19.0"), "built with TVM 0.19.0"),
+        (lambda m: m["versions"].update(autotune="7.0.0"), "incompatible"),
+        (lambda m: m["target"].update(family="arm", preset="aarch64-neon"), "built for target 'aarch64-neon'"),
+        (lambda m: m.update(format_version=99), "artifact format 99"),
+    ],
+)
+def test_incompatible_metadata_is_refused(artifact, tmp_path, edit, message):
+    copy = _copy(artifact[0], tmp_path)
+    meta = json.loads(copy.metadata.read_text())
+    edit(meta)
+    copy.metadata.write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=message):
+        autotune.load(copy.library)
+
+
+def test_missing_metadata_and_garbage_library(artifact, tmp_path):
+    copy = _copy(artifact[0], tmp_path)
+    copy.library.write_bytes(b"\0" * copy.library.stat().st_size)  # same size, not a library
+    with pytest.raises(ArtifactError, match="cannot load the library"):
+        autotune.load(copy.library)
+    copy.metadata.unlink()
+    with pytest.raises(ArtifactError, match="metadata file missing"):
+        autotune.load(copy.library)
+
+
+_DTYPES = st.sampled_from(["float32", "float64", "float16", "int32", "int64", "bool"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    shape=st.lists(st.integers(0, 4), min_size=0, max_size=4),
+    dtype=_DTYPES,
+    as_torch=st.booleans(),
+    name=st.sampled_from(["x", "scale", "y"]),
+)
+def test_fuzz_input_validation(artifact, shape, dtype, as_torch, name):
+    """Any input either matches the signature exactly and runs, or raises InputError: never a crash."""
+    paths, inputs, _ = artifact
+    m = _fuzz_module(paths)
+    value = np.zeros(shape, dtype=dtype)
+    if as_torch:
+        value = torch.from_numpy(value)
+    kwargs = {"x": inputs["x"].numpy(), "scale": inputs["scale"].numpy()}
+    kwargs[name] = value
+    if as_torch:  # one call, one kind: make the other input torch too
+        kwargs = {k: torch.as_tensor(v) for k, v in kwargs.items()}
+    spec = {"x": ((2, 16), "float32"), "scale": ((2, 1), "float32")}.get(name)
+    if spec is not None and tuple(shape) == spec[0] and dtype == spec[1]:
+        outs = m(**kwargs)
+        assert outs[0].shape == (2, 8)
+    else:
+        with pytest.raises(InputError):
+            m(**kwargs)
+
+
+_FUZZ_CACHE = {}
+
+
+def _fuzz_module(paths):
+    if paths not in _FUZZ_CACHE:
+        _FUZZ_CACHE[paths] = autotune.load(paths.library)
+    return _FUZZ_CACHE[paths]
