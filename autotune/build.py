@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,18 +51,29 @@ def apply_log(fused: tvm.IRModule, target, log_dir: str | Path) -> tuple[tvm.IRM
     return applied, count, database
 
 
-def export(executable, paths: ArtifactPaths, preset: TargetPreset) -> None:
+def export(executable, paths: ArtifactPaths, preset: TargetPreset) -> list[str]:
+    """Write the library; CUDA kernels go in as nvcc-compiled fatbins. Returns notes."""
     paths.library.parent.mkdir(parents=True, exist_ok=True)
     if preset.family == "cuda":
         from .cuda import export_cuda_library
 
-        export_cuda_library(executable, paths.library, preset)
-    elif preset.cross_compiler:
+        return export_cuda_library(executable, paths.library, preset)
+    if preset.cross_compiler:
         from .cross import cross_compiler
 
         executable.export_library(str(paths.library), fcompile=cross_compiler(preset))
     else:
         executable.export_library(str(paths.library))
+    return []
+
+
+def _codegen_context(preset: TargetPreset):
+    """CUDA: compile kernels with nvcc for the preset's arch (NVRTC needs cuda-bindings)."""
+    if preset.family == "cuda":
+        from .cuda import nvcc_compile_callback, preset_arch
+
+        return nvcc_compile_callback(preset_arch(preset))
+    return contextlib.nullcontext()
 
 
 def compile_module(imported: ImportedModel, preset: TargetPreset, log_dir=None, seed: int = 0):
@@ -85,7 +97,8 @@ def compile_module(imported: ImportedModel, preset: TargetPreset, log_dir=None, 
     fused, fallback = schedule_untuned(fused, target, seed=seed)
     with target:
         lowered = tvm.transform.Sequential(finalize_passes())(fused)
-    executable = tvm.compile(lowered, target=target, relax_pipeline=None)
+    with _codegen_context(preset):
+        executable = tvm.compile(lowered, target=target, relax_pipeline=None)
     return executable, (kernels, tuned, fallback, records), notes
 
 
@@ -113,7 +126,7 @@ def build(
         executable, (kernels, tuned, fallback, records), notes = compile_module(imported, preset, log_dir)
     except Exception as exc:
         raise BuildFailed(f"compiling {imported.source} for {preset.name} failed: {type(exc).__name__}: {exc}") from exc
-    export(executable, paths, preset)
+    notes += export(executable, paths, preset)
     save_weights(paths.weights, imported.weights)
     metadata = {
         "name": paths.library.stem,

@@ -234,6 +234,12 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_rpc(args) -> int:
+    from .remote import main as rpc_main
+
+    return rpc_main(args.rpc_args)
+
+
 def cmd_demo(args) -> int:
     """Tune briefly, build untuned and tuned, compare both with torch and with each other."""
     import numpy as np
@@ -342,6 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="an artifact .so/.json, or a log directory")
     p.add_argument("--target", help="with a log directory: count only records for this target")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "rpc",
+        help="TVM RPC for measuring on remote devices: rpc tracker | rpc server --tracker H:P --key K | rpc status",
+        description="Remote measurement with TVM's own RPC. On the machine you tune from: `autotune rpc tracker`. On "
+        "each device (a GPU box, an ARM board with an aarch64 TVM): `autotune rpc server --tracker HOST:9190 --key K`. "
+        "Then `autotune tune --target T --rpc HOST:9190 --key K` builds here and measures on every free device under K.",
+    )
+    p.add_argument("rpc_args", nargs=argparse.REMAINDER, help="tracker [--host --port] | server --tracker HOST:PORT --key K [--host --port --custom-addr] | status --tracker HOST:PORT")
+    p.set_defaults(func=cmd_rpc)
 
     p = sub.add_parser(
         "demo",

@@ -100,12 +100,17 @@ def wait_forever(handle) -> None:
 
 def tracker_summary(tracker: str | tuple[str, int], timeout_s: float = 10.0) -> dict:
     """TVM tracker summary: {"queue_info": {key: {"free", "pending"}}, "server_info": [...]}."""
+    import socket
     import threading
 
     from tvm import rpc
 
     host, port = parse_address(tracker) if isinstance(tracker, str) else tracker
     box: dict = {}
+    try:  # fail fast: TVM's client retries a refused connection for a minute
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        box["error"] = exc
 
     def query():
         try:
@@ -113,9 +118,10 @@ def tracker_summary(tracker: str | tuple[str, int], timeout_s: float = 10.0) -> 
         except Exception as exc:  # noqa: BLE001 - reported below
             box["error"] = exc
 
-    thread = threading.Thread(target=query, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
+    if "error" not in box:
+        thread = threading.Thread(target=query, daemon=True)
+        thread.start()
+        thread.join(timeout_s)
     if "summary" not in box:
         reason = box.get("error", f"no answer within {timeout_s:.0f} s")
         raise TuningFailed(
@@ -171,7 +177,7 @@ def make_rpc_runner(settings, evaluator_config):
         raise TuningFailed(
             f"the RPC tracker at {host}:{port} has no server registered under key '{settings.rpc_key}'. On the "
             f"device run `autotune rpc server --tracker {host}:{port} --key {settings.rpc_key}`; "
-            f"`autotune rpc status --rpc {host}:{port}` lists what is registered."
+            f"`autotune rpc status --tracker {host}:{port}` lists what is registered."
         )
     config = RPCConfig(
         tracker_host=host,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import math
 import time
 from dataclasses import dataclass, field
@@ -129,7 +132,7 @@ def check_can_tune(preset: TargetPreset, settings: TuneSettings) -> None:
         if platform.machine() not in ("aarch64", "arm64"):
             raise TuningFailed(
                 f"target '{preset.name}' is an ARM CPU and this machine is {platform.machine()}: tuning measures "
-                "candidates on the device itself. Run `autotune rpc server --key arm` on the board, a tracker "
+                "candidates on the device itself. Run `autotune rpc server --tracker HOST:9190 --key arm` on the board, a tracker "
                 "here, and tune with --rpc HOST:PORT --key arm. Or build untuned/with a shipped log: "
                 f"`autotune build --target {preset.name}`."
             )
@@ -181,7 +184,7 @@ def tune(
     callback = _ProgressCallback(stats, display.update)
     per_task = settings.trials_per_task or max(settings.trials_per_iter, math.ceil(2 * settings.trials / len(tasks)))
     started = time.time()
-    with display:
+    with display, _interrupt_guard():
         ms.tune_tasks(
             tasks=contexts,
             task_weights=weights,
@@ -213,6 +216,34 @@ def tune(
             f"{report.first_error}"
         )
     return report
+
+
+@contextlib.contextmanager
+def _interrupt_guard():
+    """Make Ctrl-C surface as KeyboardInterrupt however it reaches us.
+
+    A SIGINT that lands inside TVM's C++ (e.g. XGBoost training in the cost model) comes back
+    through the FFI as a RuntimeError. Every record is on disk either way; this only makes the
+    caller see an interruption rather than a crash.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    except BaseException as exc:
+        if interrupted and not isinstance(exc, KeyboardInterrupt):
+            raise KeyboardInterrupt from exc
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _Display:

@@ -99,3 +99,18 @@ def run_cli(*args: str, timeout: float = 600, cwd=None) -> subprocess.CompletedP
 
 def max_abs_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
+
+
+@pytest.fixture(scope="session")
+def real_log(tmp_path_factory):
+    """A real tuning log (a small MLP tuned for a few trials), read-only for the tests."""
+    from autotune.importer import from_torch
+    from autotune.settings import TuneSettings
+    from autotune.tune import tune
+
+    torch.manual_seed(0)
+    module = MLPBlock(64, 128).eval()
+    imported = from_torch(module, {"x": torch.randn(1, 16, 64)})
+    log = tmp_path_factory.mktemp("real_log")
+    tune(imported, "x86", log, TuneSettings(trials=24, trials_per_iter=8), progress=False)
+    return log, imported

@@ -1,0 +1,180 @@
+"""Tuning through TVM RPC on loopback: a tracker and two servers (child processes, 127.0.0.1).
+
+Every process the tests start runs in its own session and is killed (its whole process group)
+when the test ends, pass or fail. Measurements are attributed to servers by the `load_module`
+lines each server logs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from autotune.errors import TuningFailed
+from autotune.importer import from_torch
+from autotune.remote import make_rpc_runner, parse_address, server_counts, wait_for_servers
+from autotune.settings import TuneSettings
+from autotune.tune import tune
+
+pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado (pip install tornado)")
+
+STARTUP_S = 90  # a loaded 2-core machine takes a while to import tvm in each child
+
+
+class Child:
+    """A `python -m autotune.remote ...` child in its own process group, logging to a file."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.log = log
+        self._file = open(log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "autotune.remote", *args],
+            stdout=self._file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"},
+        )
+
+    def wait_for(self, pattern: str, timeout: float = STARTUP_S) -> re.Match:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            match = re.search(pattern, self.log.read_text())
+            if match:
+                return match
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.3)
+        raise AssertionError(f"{self.log.name}: no '{pattern}' (exit {self.proc.poll()}):\n{self.log.read_text()[-3000:]}")
+
+    def count(self, pattern: str) -> int:
+        return len(re.findall(pattern, self.log.read_text()))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)  # the group: the tracker/server and its workers
+                self.proc.wait(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+        self._file.close()
+
+
+@pytest.fixture
+def children():
+    started: list[Child] = []
+    yield started
+    for child in started:
+        child.kill()
+
+
+def start_tracker(children, tmp_path) -> str:
+    base = 20000 + (os.getpid() * 7) % 20000
+    tracker = Child(["tracker", "--host", "127.0.0.1", "--port", str(base)], tmp_path / "tracker.log")
+    children.append(tracker)
+    port = tracker.wait_for(r"tracker listening on 127\.0\.0\.1:(\d+)").group(1)
+    return f"127.0.0.1:{port}"
+
+
+def start_servers(children, tmp_path, tracker: str, key: str, count: int) -> list[Child]:
+    base = 20000 + (os.getpid() * 13 + 5000) % 20000
+    servers = []
+    for i in range(count):
+        server = Child(
+            ["server", "--tracker", tracker, "--key", key, "--host", "127.0.0.1", "--port", str(base)],
+            tmp_path / f"server{i}.log",
+        )
+        children.append(server)
+        servers.append(server)
+    for server in servers:
+        server.wait_for(r"registered with")
+    assert wait_for_servers(tracker, key, count, timeout_s=STARTUP_S) == count
+    return servers
+
+
+@pytest.fixture(scope="module")
+def tiny_linear():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()).eval()
+    return from_torch(module, {"x": torch.randn(4, 16)})
+
+
+def settings(tracker: str, key: str, trials: int) -> TuneSettings:
+    return TuneSettings(
+        trials=trials, trials_per_iter=4, runs_per_measurement=1, min_repeat_ms=0, run_timeout_s=10,
+        rpc=tracker, rpc_key=key,
+    )
+
+
+def test_parse_address():
+    assert parse_address("10.0.0.2:9190") == ("10.0.0.2", 9190)
+    assert parse_address("tracker.lan") == ("tracker.lan", 9190)
+    assert parse_address("[::1]:9000") == ("::1", 9000)
+    with pytest.raises(ValueError):
+        parse_address("host:port")
+
+
+def test_rpc_runner_needs_a_reachable_tracker_and_a_key():
+    with pytest.raises(TuningFailed, match="needs --key"):
+        make_rpc_runner(TuneSettings(rpc="127.0.0.1:1"), None)
+    with pytest.raises(TuningFailed, match="cannot reach the RPC tracker at 127.0.0.1:1"):
+        make_rpc_runner(TuneSettings(rpc="127.0.0.1:1", rpc_key="k"), None)
+
+
+def test_tune_over_rpc_uses_both_servers(tmp_path, children, tiny_linear):
+    tracker = start_tracker(children, tmp_path)
+    with pytest.raises(TuningFailed, match="no server registered under key 'nobody'"):
+        make_rpc_runner(settings(tracker, "nobody", 4), None)
+    servers = start_servers(children, tmp_path, tracker, "loop", 2)
+    runner = make_rpc_runner(settings(tracker, "loop", 4), None)
+    assert runner.rpc_config.tracker_port == int(tracker.split(":")[1])
+    assert runner.pool._threadpool._max_workers == 2  # one measurement worker per free server
+    runner.pool.shutdown()
+
+    log = tmp_path / "log"
+    report = tune(tiny_linear, "x86", log, settings(tracker, "loop", 8), progress=False)
+    assert report.trials >= 8 and report.failures == 0, report.first_error
+    assert report.records_after - report.records_before == report.trials
+    lines = (log / "records.jsonl").read_text().splitlines()
+    assert len(lines) == report.records_after, "records not written to the log"
+    measured = [s.count(r"load_module") for s in servers]
+    assert sum(measured) == report.trials and all(n > 0 for n in measured), measured
+    assert server_counts(tracker, "loop") == (2, 2)  # both servers free again
+
+
+def test_tune_over_rpc_survives_a_server_killed_mid_run(tmp_path, children, tiny_linear):
+    tracker = start_tracker(children, tmp_path)
+    victim, survivor = start_servers(children, tmp_path, tracker, "loop", 2)
+    killed_at: dict[str, int] = {}
+
+    def kill_after_first_measurement():
+        deadline = time.time() + 300
+        while time.time() < deadline and victim.count(r"load_module") == 0:
+            time.sleep(0.1)
+        killed_at["survivor"] = survivor.count(r"load_module")
+        victim.kill()
+
+    killer = threading.Thread(target=kill_after_first_measurement, daemon=True)
+    killer.start()
+    report = tune(tiny_linear, "x86", tmp_path / "log", settings(tracker, "loop", 12), progress=False)
+    killer.join(timeout=60)
+    assert victim.proc.poll() is not None, "the victim server was not killed during the run"
+    assert report.trials >= 12
+    assert report.records_after > report.records_before  # the run completed and kept its records
+    assert report.failures < report.trials
+    # the survivor went on measuring after the other server died
+    assert survivor.count(r"load_module") > killed_at["survivor"]
+    assert server_counts(tracker, "loop")[1] == 1  # the tracker dropped the dead server

@@ -1,0 +1,255 @@
+"""Tuning logs survive bad data, interruption and concurrent writers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from autotune.targets import resolve_target
+from autotune.tuning_log import RECORDS_FILE, WORKLOADS_FILE, TuningLog, read_log
+from conftest import run_fresh
+
+X86 = resolve_target("x86").tvm_target()
+
+
+def _copy_log(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (WORKLOADS_FILE, RECORDS_FILE):
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _record_lines(log: Path) -> list[str]:
+    return (log / RECORDS_FILE).read_text().splitlines()
+
+
+def test_real_log_reads_back_every_record(real_log):
+    log, _ = real_log
+    report, workloads = read_log(log, X86)
+    assert report.problems == []
+    assert report.records == len(_record_lines(log)) > 0
+    assert report.workloads == len(workloads) > 0
+
+
+def _corrupt_and_read(real_log, tmp_path, mutate):
+    log = _copy_log(real_log[0], tmp_path / "log")
+    good = read_log(log, X86)[0].records
+    expected_problem = mutate(log)
+    before = _digest(log / RECORDS_FILE), _digest(log / WORKLOADS_FILE)
+    report, _ = read_log(log, X86)
+    after = _digest(log / RECORDS_FILE), _digest(log / WORKLOADS_FILE)
+    assert before == after, "reading must never rewrite the user's log"
+    return good, report, expected_problem
+
+
+def test_truncated_last_line(real_log, tmp_path):
+    def mutate(log):
+        path = log / RECORDS_FILE
+        data = path.read_bytes()
+        path.write_bytes(data + data.splitlines()[0][:57])  # a record cut mid-line, as a SIGKILL leaves it
+        return len(data.splitlines()) + 1
+
+    good, report, line = _corrupt_and_read(real_log, tmp_path, mutate)
+    assert report.records == good
+    [problem] = report.problems
+    assert problem.line == line and problem.path.endswith(RECORDS_FILE)
+    assert "truncated or corrupt" in problem.reason
+
+
+def test_garbage_line_in_the_middle(real_log, tmp_path):
+    def mutate(log):
+        path = log / RECORDS_FILE
+        lines = path.read_bytes().splitlines(keepends=True)
+        lines.insert(1, b"\x00\xffnot json at all\n")
+        path.write_bytes(b"".join(lines))
+        return 2
+
+    good, report, line = _corrupt_and_read(real_log, tmp_path, mutate)
+    assert report.records == good
+    assert [p.line for p in report.problems] == [line]
+
+
+def _append_edited_record(log: Path, edit) -> int:
+    path = log / RECORDS_FILE
+    lines = path.read_text().splitlines()
+    obj = json.loads(lines[0])
+    edit(obj)
+    path.write_text("\n".join(lines + [json.dumps(obj)]) + "\n")
+    return len(lines) + 1
+
+
+@pytest.mark.parametrize(
+    "edit, reason",
+    [
+        (lambda o: o.update(id="feedfacefeedfacefeedface"), "unknown workload"),
+        (lambda o: o.update(tvm="0.18.0"), "record from TVM 0.18.0"),
+        (lambda o: o.update(target=json.dumps({"kind": "cuda", "arch": "sm_90"})), "another target"),
+        (lambda o: o.update(record=["not", "a", "record"]), "not a tuning record"),
+    ],
+)
+def test_bad_records_are_reported_with_line_and_skipped(real_log, tmp_path, edit, reason):
+    good, report, line = _corrupt_and_read(real_log, tmp_path, lambda log: _append_edited_record(log, edit))
+    assert report.records == good
+    [problem] = report.problems
+    assert problem.line == line and reason in problem.reason
+    assert f"{RECORDS_FILE}:{line}:" in str(problem)
+
+
+def test_a_log_from_another_target_loads_nothing_for_this_one(real_log):
+    other = resolve_target("x86-avx2").tvm_target()
+    report, _ = read_log(real_log[0], other)
+    assert report.records == 0
+    assert len(report.problems) == len(_record_lines(real_log[0]))
+    assert all("another target" in p.reason for p in report.problems)
+
+
+_MUTATIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["truncate", "flip", "duplicate", "garbage", "delete"]),
+        st.integers(min_value=0, max_value=10_000),
+        st.integers(min_value=0, max_value=255),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutations=_MUTATIONS)
+def test_fuzz_reader_never_crashes_and_keeps_untouched_records(real_log, tmp_path_factory, mutations):
+    src = real_log[0]
+    log = _copy_log(src, tmp_path_factory.mktemp("fuzz"))
+    lines = (log / RECORDS_FILE).read_bytes().splitlines(keepends=True)
+    touched: set[int] = set()
+    for kind, where, byte in mutations:
+        i = where % len(lines)
+        if kind == "truncate":
+            # a line cut short; a cut inside the file keeps its newline (our writer appends whole
+            # lines, so only the last line can lose it, as a crash mid-write leaves it)
+            ending = b"\n" if lines[i].endswith(b"\n") and i < len(lines) - 1 else b""
+            lines[i] = lines[i][: where % max(1, len(lines[i]))].rstrip(b"\n") + ending
+        elif kind == "flip":
+            pos = where % len(lines[i])
+            lines[i] = lines[i][:pos] + bytes([lines[i][pos] ^ (byte or 1)]) + lines[i][pos + 1 :]
+        elif kind == "duplicate":
+            lines.insert(i, lines[i])
+            touched = {t + 1 if t >= i else t for t in touched}
+            continue  # a duplicate is a good record twice
+        elif kind == "garbage":
+            lines.insert(i, bytes([byte]) * (where % 50 + 1) + b"\n")
+            touched = {t + 1 if t >= i else t for t in touched}
+            touched.add(i)
+            continue
+        elif kind == "delete":
+            del lines[i]
+            touched = {t - 1 if t > i else t for t in touched if t != i}
+            if not lines:
+                lines = [b"\n"]
+            continue
+        touched.add(i)
+    (log / RECORDS_FILE).write_bytes(b"".join(lines))
+    untouched = sum(1 for i, line in enumerate(lines) if i not in touched and line.strip())
+    report, _ = read_log(log, X86)  # must not raise
+    assert report.records >= untouched, "a good record was lost"
+
+
+def test_concurrent_writers_do_not_interleave_or_lose_records(real_log, tmp_path):
+    """Two processes commit the same real records into one directory at the same time."""
+    shared = tmp_path / "shared"
+    writer = f"""
+        import sys, autotune
+        from autotune.targets import resolve_target
+        from autotune.tuning_log import TuningLog, read_log
+        from tvm.s_tir import meta_schedule as ms
+        target = resolve_target("x86").tvm_target()
+        memory = ms.database.MemoryDatabase()
+        read_log({str(real_log[0])!r}, target, memory)
+        records = memory.get_all_tuning_records()
+        out = TuningLog({str(shared)!r}, target)
+        for _ in range(10):
+            for record in records:
+                workload = out.commit_workload(record.workload.mod)
+                out.commit_tuning_record(ms.database.TuningRecord(record.trace, workload, record.run_secs, record.target, record.args_info))
+        print(out.committed)
+    """
+    import textwrap
+
+    procs = [
+        subprocess.Popen([sys.executable, "-c", textwrap.dedent(writer)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    committed = 0
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        committed += int(out.strip().splitlines()[-1])
+    report, _ = read_log(shared, X86)
+    assert report.problems == []
+    assert report.records == committed == len(_record_lines(shared))
+
+
+def _start_tune(log: Path, trials: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "autotune.cli", "tune", "--model", "wan-i2v-tiny", "--component", "image_encoder",
+         "--log", str(log), "--trials", str(trials), "--trials-per-iter", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+def _wait_for_records(log: Path, count: int, proc: subprocess.Popen, timeout: float = 400) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = log / RECORDS_FILE
+        if path.exists():
+            n = sum(1 for line in path.read_bytes().splitlines() if line.strip())
+            if n >= count:
+                return n
+        assert proc.poll() is None, f"tune ended before writing {count} records: {proc.communicate()[1][-2000:]}"
+        time.sleep(0.5)
+    raise AssertionError(f"no {count} records after {timeout} s")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_interrupted_tune_keeps_its_records_and_resumes(tmp_path, sig):
+    log = tmp_path / "log"
+    proc = _start_tune(log, trials=400)
+    seen = _wait_for_records(log, 4, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130, err[-2000:]
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    report, _ = read_log(log, X86)
+    assert report.records >= seen, "records flushed before the signal were lost"
+    assert all("truncated" in p.reason for p in report.problems)  # at most a cut last line
+    # re-running resumes from the log: the new run starts with every record already there
+    result = run_fresh(
+        f"""
+        import autotune
+        from autotune.sources import load_source
+        from autotune.settings import TuneSettings
+        from autotune.tune import tune
+        s = load_source("wan-i2v-tiny", "image_encoder")
+        r = tune(s.imported, "x86", {str(log)!r}, TuneSettings(trials=4, trials_per_iter=4), progress=False)
+        print(r.records_before, r.records_after)
+        """
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    before, after = map(int, result.stdout.split()[-2:])
+    assert before == report.records and after > before
