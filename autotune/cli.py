@@ -72,9 +72,24 @@ def _add_log_arg(p: argparse.ArgumentParser, help_text: str) -> None:
 
 
 def _load(args):
+    """Import the model; prune it first when --prune is given. Returns (source, prune info or None)."""
     from .sources import load_source
 
-    return load_source(args.model, args.component, args.weights, args.height, args.width, args.frames)
+    source = load_source(args.model, args.component, args.weights, args.height, args.width, args.frames)
+    if getattr(args, "prune", None):
+        from .prune import prune
+
+        source, info = prune(source, args.prune)
+        return source, info
+    return source, None
+
+
+def _add_pass_args(p: argparse.ArgumentParser) -> None:
+    from .quantize import MODES
+
+    g = p.add_argument_group("passes (tune and build must be given the same ones, so the log matches)")
+    g.add_argument("--quantize", choices=list(MODES), help="; ".join(f"{name}: {cls.description}" for name, cls in MODES.items()))
+    g.add_argument("--prune", help="structured pruning of the torch model, kept fractions: e.g. ffn=0.75,heads=0.5")
 
 
 def _artifact_path(out: str, source, target_name: str) -> Path:
@@ -120,7 +135,7 @@ def cmd_import(args) -> int:
 
     steps = Steps(2)
     steps(f"import {args.model} ({args.component})")
-    source = _load(args)
+    source, _ = _load(args)
     print(source.imported.summary())
     steps(f"fuse for {args.target}")
     preset = resolve_target(args.target)
@@ -143,12 +158,13 @@ def cmd_tune(args) -> int:
         trials_per_iter=args.trials_per_iter,
         run_timeout_s=args.run_timeout,
         build_timeout_s=args.build_timeout,
+        quantize=args.quantize,
         rpc=args.rpc,
         rpc_key=args.key,
     )
     steps = Steps(2)
     steps(f"import {args.model} ({args.component})")
-    source = _load(args)
+    source, _ = _load(args)
     print(source.imported.summary())
     steps(f"tune for {args.target}: {args.trials} new trials into {args.log}")
     print(settings)
@@ -163,12 +179,33 @@ def cmd_tune(args) -> int:
     return 0
 
 
-def _build_one(source, target, out: str, log: str | None, settings) -> "object":
+def _build_one(source, target, out: str, log: str | None, settings, extra: dict | None = None):
     from .build import build
 
     path = _artifact_path(out, source, _target_name(target))
-    report = build(source.imported, target, path, log_dir=log, settings=settings, extra_metadata={"model": source.label})
-    return report
+    metadata = {"model": source.label, **(extra or {})}
+    return build(source.imported, target, path, log_dir=log, settings=settings, extra_metadata=metadata)
+
+
+def _report_fidelity(source, report) -> dict | None:
+    """Run the artifact on the example inputs against the fp32 torch reference; store it in the metadata."""
+    import json
+
+    from .fidelity import compare, format_fidelity
+    from .runtime import load
+
+    reference = source.reference_outputs()
+    if reference is None:
+        return None
+    outs = load(report.paths.library)(**source.example_inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    peak = 2.0 if source.name == "vae_decoder" else None  # frames in [-1, 1]
+    fidelity = compare(outs[0], reference[0], peak=peak)
+    print(f"fidelity vs fp32 torch: {format_fidelity(fidelity)}")
+    meta = json.loads(report.paths.metadata.read_text())
+    meta["fidelity"] = fidelity
+    report.paths.metadata.write_text(json.dumps(meta, indent=2) + "\n")
+    return fidelity
 
 
 def _target_name(target: str) -> str:
@@ -179,16 +216,25 @@ def cmd_build(args) -> int:
     from .settings import BuildSettings
 
     settings = BuildSettings(quantize=args.quantize, prune=args.prune)
-    steps = Steps(2)
+    steps = Steps(3)
     steps(f"import {args.model} ({args.component})")
-    source = _load(args)
+    source, prune_info = _load(args)
     print(source.imported.summary())
     steps(f"build for {args.target} with log {args.log}")
     print(settings)
-    report = _build_one(source, args.target, args.output, args.log, settings)
+    report = _build_one(source, args.target, args.output, args.log, settings, {"prune": prune_info} if prune_info else None)
     for note in report.notes:
         print(f"note: {note}")
     print(report.summary())
+    meta = json.loads(report.paths.metadata.read_text())
+    before, after = meta["weight_bytes"]["before"], meta["weight_bytes"]["after"]
+    print(f"weights: {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB ({before / max(after, 1):.2f}x smaller)")
+    steps("fidelity against the fp32 torch reference on the example inputs")
+    if args.quantize or args.prune:
+        if _report_fidelity(source, report) is None:
+            print("no torch reference for a model file: fidelity not measured")
+    else:
+        print("no quantization or pruning: the build is fp32 (checked by the test suite, not here)")
     return 0
 
 
@@ -251,7 +297,7 @@ def cmd_demo(args) -> int:
     steps = Steps(5)
     started = time.time()
     steps(f"import {args.model} ({args.component}) from torch")
-    source = _load(args)
+    source, _ = _load(args)
     print(source.imported.summary())
     reference = source.reference_outputs()
     steps(f"build untuned (fallback schedules) for {args.target}")
@@ -285,6 +331,7 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autotune",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Hardware-aware auto-tuning for image-to-video diffusion models: import a model into TVM Relax, "
         "tune it with MetaSchedule (XGBoost cost model) for a target, build a shippable .so, run it.",
     )
@@ -312,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_target_arg(p)
     _add_log_arg(p, f"tuning log directory, created if missing and appended to (default {DEFAULT_LOG}/)")
+    _add_pass_args(p)
     p.add_argument("--trials", type=int, default=64, help="new measured candidates in this run, all kernels together (default 64)")
     p.add_argument("--trials-per-task", type=int, help="cap per kernel (default: twice an even share)")
     p.add_argument("--trials-per-iter", type=int, default=16, help="candidates measured per batch (default 16)")
@@ -331,8 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_arg(p)
     _add_log_arg(p, f"tuning log directory to apply (default {DEFAULT_LOG}/; missing: build untuned)")
     p.add_argument("-o", "--output", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/); the artifact goes to OUT/MODEL-TARGET/COMPONENT.so")
-    p.add_argument("--quantize", help="fp16 | bf16 | int8-weight | w8a8 | fp8 (see README)")
-    p.add_argument("--prune", help="structured pruning, e.g. ffn=0.75,heads=0.5 (kept fractions)")
+    _add_pass_args(p)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("run", help="load an artifact, run it once on inputs, time it")

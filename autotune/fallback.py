@@ -12,9 +12,11 @@ import tvm
 from tvm.s_tir import meta_schedule as ms
 
 from .lowering import is_scheduled, prim_funcs
+from .tvm_fixes import import_tensor_intrin_fast
 
 
 def _cpu_schedule(func, target, seed: int):
+    import_tensor_intrin_fast()  # MetaSchedule's design space imports it; ~75 s otherwise
     ctx = ms.TuneContext(
         mod=tvm.IRModule({"main": func}),
         target=target,

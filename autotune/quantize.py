@@ -156,7 +156,7 @@ def _find_sites(func: relax.Function, num_input: int, linears: bool = True, conv
 
 
 # ---------------------------------------------------------------------------------------------
-# the weight rewriter: quantized weight + scale in, dequantisation fused into the consumer
+# the weight rewriter: matmul/conv read the quantized weight directly, the scale is an epilogue
 # ---------------------------------------------------------------------------------------------
 
 
@@ -196,23 +196,24 @@ def _emit(builder, expr, final_var=None):
 
 @mutator
 class _QuantRewriter(PyExprMutator):
-    def __init__(self, mod, sites: dict, new_weights: dict, scheme: _Scheme, skip_vars: set):
+    """Replaces each linear/conv on a quantized weight by its quantized form (see _rewrite)."""
+
+    def __init__(self, mod, sites: dict, scheme: _Scheme):
         super().__init__(mod)
         self.sites = sites  # old weight Var -> (_Site, q Var, scale Var)
         self.scheme = scheme
-        self.skip_vars = skip_vars  # permute_dims(W) bindings of quantized weights (re-emitted at use)
-        self.transposed = {}  # permute var -> old weight var
+        self.transposed = {}  # permute_dims(W) var -> old weight var (dropped: q is stored transposed)
 
     def _site_of(self, arg):
         if not isinstance(arg, relax.Var):
-            return None, False
+            return None
         for old, entry in self.sites.items():
             if arg.same_as(old):
-                return entry, False
+                return entry
         for t, old in self.transposed.items():
             if arg.same_as(t):
-                return self.sites[old], True
-        return None, False
+                return self.sites[old]
+        return None
 
     def visit_var_binding_(self, binding):
         value = binding.value
@@ -222,7 +223,7 @@ class _QuantRewriter(PyExprMutator):
                     self.transposed[binding.var] = old
                     return  # emitted (transposed, dequantised) at each matmul that uses it
         if isinstance(value, relax.Call) and (value.op.same_as(_MATMUL) or value.op in _CONVS):
-            entry, via_transpose = self._site_of(value.args[1])
+            entry = self._site_of(value.args[1])
             if entry is not None:
                 x = self.visit_expr(value.args[0])
                 new_var = self._rewrite(value, x, entry, binding.var)
@@ -313,7 +314,7 @@ def _quantize_weights(imported: ImportedModel, scheme: _Scheme, linears: bool, c
         new_weights[s_name] = scale
         entries[param] = (site, q_var, s_var)
 
-    rewriter = _QuantRewriter(imported.mod, entries, new_weights, scheme, set())
+    rewriter = _QuantRewriter(imported.mod, entries, scheme)
     body = rewriter.visit_with_new_scope(func.body)
     new_func = relax.Function(new_params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
     mod = _replace_main(imported.mod, new_func)
@@ -331,6 +332,8 @@ def _quantize_weights(imported: ImportedModel, scheme: _Scheme, linears: bool, c
         "compute_dtype": "int8 x int8 -> int32" if scheme.act_int8 else scheme.compute_dtype,
         "kept_float32": sorted(n for n, why in skipped.items() if imported.weights[n].ndim >= 2),
     }
+    if not found:
+        info["note"] = "no " + ("linear" if not convs else "linear or convolution") + " weights found: nothing was quantized"
     return out, info
 
 
@@ -554,7 +557,12 @@ class W8A8(QuantMode):
 
     def supports(self, preset):
         if preset.family == "cuda":
-            return "w8a8 is built for CPUs (x86 VNNI / aarch64 dotprod int8 dot products); use fp8 or int8-weight on CUDA"
+            return "w8a8 is a CPU mode; on CUDA use fp8 (sm_89/sm_90) or int8-weight"
+        if preset.family == "arm":
+            # Measured: on every aarch64 preset MetaSchedule's int8 design space (its sdot/neon
+            # tensor-intrinsic rule, which does not match this layout) yields schedules that TVM 0.27
+            # cannot lower ("VectorizeLoop before LiftStorageAlloc"), so the build fails.
+            return "TVM 0.27 cannot lower the int8 x int8 matmul schedules MetaSchedule makes for aarch64; use int8-weight"
         return None
 
     def apply(self, imported):
@@ -587,9 +595,17 @@ def _targets_for(mode: QuantMode) -> list[str]:
 def quantize(imported: ImportedModel, mode: str, preset: str | dict | TargetPreset) -> tuple[ImportedModel, dict]:
     """Apply quantization `mode` for `preset`; returns (a new ImportedModel, info dict).
 
-    info: {"mode", "weight_bytes_before", "weight_bytes_after", "layers" (how many matmuls/convs
-    were rewritten), ...mode-specific keys}. Unknown mode, or a mode the target cannot run:
-    InputError saying what is known / where it runs.
+    The input is left as it was. The result's `mod` takes the same named inputs (float32 stays
+    float32) and returns the same outputs; its weights are the transformed arrays, in `main`'s
+    new parameter order (int8/fp8 modes replace W by `W_q` [+ `W_scale`], stored [in, out] for
+    linears).
+
+    info: {"mode", "weight_bytes_before", "weight_bytes_after",
+           "layers": weight-quantized matmuls/convs (int8-weight, w8a8, fp8), or matmul/conv ops
+                     computing in half (fp16, bf16),
+           "weight_dtype", "compute_dtype", ...; int8/fp8 add "linear_layers", "conv_layers",
+           "kept_float32" (2-D+ weights left alone) and "note" when nothing was quantized}.
+    Unknown mode, or a mode the target cannot run: InputError saying what is known / where it runs.
     """
     if mode not in MODES:
         raise InputError(f"unknown quantization mode '{mode}'. Known modes: {', '.join(MODES)}")
@@ -604,7 +620,7 @@ def quantize(imported: ImportedModel, mode: str, preset: str | dict | TargetPres
         )
     before = imported.weight_bytes()
     out, info = handler.apply(imported)
-    out.notes.append(f"quantized: {mode}")
+    out.notes.append(f"quantized: {mode}" + (f" ({info['note']})" if "note" in info else ""))
     return out, {"mode": mode, "weight_bytes_before": before, "weight_bytes_after": out.weight_bytes(), **info}
 
 

@@ -25,6 +25,7 @@ class TuneSettings(_Printable):
     runs_per_measurement: int = 3
     min_repeat_ms: int = 20
     seed: int | None = 0
+    quantize: str | None = None  # tune the kernels of this quantization mode (as `build --quantize` makes them)
     rpc: str | None = None  # "HOST:PORT" of a TVM RPC tracker
     rpc_key: str | None = None
 
@@ -32,6 +33,4 @@ class TuneSettings(_Printable):
 @dataclass
 class BuildSettings(_Printable):
     quantize: str | None = None  # see autotune.quantize.MODES
-    prune: str | None = None
-    fallback: str = "auto"  # schedule for untuned kernels: "auto" (design space / dlight), "none"
-    weights_in_library: bool = False  # keep False: weights go to weights.safetensors beside the .so
+    prune: str | None = None  # recorded only: pruning happens on the torch model before import

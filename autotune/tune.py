@@ -25,6 +25,7 @@ from .lowering import fuse_for_target  # noqa: E402
 from .settings import TuneSettings  # noqa: E402
 from .targets import TargetPreset, resolve_target  # noqa: E402
 from .tuning_log import TuningLog  # noqa: E402
+from .tvm_fixes import import_tensor_intrin_fast  # noqa: E402
 
 
 @dataclass
@@ -165,10 +166,15 @@ def tune(
     preset = resolve_target(target)
     check_can_tune(preset, settings)
     tvm_target = preset.tvm_target()
+    if settings.quantize:  # the log must hold the kernels the quantized build will have
+        from .quantize import quantize
+
+        imported, _ = quantize(imported, settings.quantize, preset)
     _, tasks = extract_tasks(imported, tvm_target)
     if not tasks:
         raise TuningFailed(f"{imported.source}: no tunable tasks were found (the module has no operators?)")
     database = TuningLog(log_dir, tvm_target)
+    import_tensor_intrin_fast()  # the search's schedule rules import it; ~75 s otherwise
     records_before = database.report.records
     stats = [TaskStats(t.task_name, float(t.weight)) for t in tasks]
     # MetaSchedule prints its per-task table to stdout at INFO; keep the console for our progress

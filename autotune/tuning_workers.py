@@ -16,7 +16,9 @@ def lean_build(mod, target, _params):
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
     if target.kind.name in ("cuda", "rocm", "vulkan", "metal"):
-        import tvm.s_tir.tensor_intrin  # noqa: F401  (GPU schedules may reference them)
+        from .tvm_fixes import import_tensor_intrin_fast
+
+        import_tensor_intrin_fast()  # GPU schedules may reference the tensor-core intrinsics
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
     return tvm_build(mod, target=target)
 

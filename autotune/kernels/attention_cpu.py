@@ -66,17 +66,26 @@ def vector_lanes(target) -> int:
 
 
 def choose_tiles(lq: int, lk: int, d: int, dv: int, lanes: int) -> CpuTiles:
-    """Tile sizes for one attention problem: TQ=TK=64 unless the sequence is shorter."""
-    tk = 64 if lk >= 48 else max(lanes, -(-lk // lanes) * lanes)
-    tk = min(tk, max(lanes, -(-lk // lanes) * lanes))
-    tq = 64 if lq >= 64 else max(8, -(-lq // 8) * 8)
-    return CpuTiles(tq=tq, tk=tk, lanes=lanes)
+    """Tile sizes for one attention problem.
+
+    Keys: TK = 64 (4 AVX-512 / 8 AVX2 vectors), fewer for short key sequences; padded to a
+    multiple. Queries: a tile of about 64 rows that divides Lq when one exists (no padded rows),
+    else 64 with padding; short sequences take one tile of Lq rounded up to 4.
+    """
+    tk = min(64, -(-lk // lanes) * lanes)
+    tk = max(tk, lanes)
+    if lq <= 64:
+        return CpuTiles(tq=-(-lq // 4) * 4, tk=tk, lanes=lanes)
+    for tq in (64, 60, 56, 52, 48, 72, 80, 44, 40):
+        if lq % tq == 0:
+            return CpuTiles(tq=tq, tk=tk, lanes=lanes)
+    return CpuTiles(tq=64, tk=tk, lanes=lanes)
 
 
 def _exp2(t):
-    """2**t for float32 t, vectorisable: t = n + f, 2**n from the exponent bits, 2**f by a
-    degree-6 polynomial on [-0.5, 0.5] (Cephes exp2f). t <= -127 gives exactly 0."""
-    t = T.max(T.min(t, T.float32(127.0)), T.float32(-127.0))
+    """2**t for float32 t <= 0, vectorisable: t = n + f, 2**n from the exponent bits, 2**f by a
+    degree-6 polynomial on [-0.5, 0.5] (Cephes exp2f). t <= -127 (and -inf) gives exactly 0."""
+    t = T.max(t, T.float32(-127.0))  # t <= 0 here: scores minus their running max
     n = T.round(t)
     f = t - n
     p = T.float32(1.535336188319500e-4)
@@ -94,15 +103,19 @@ def make_primfunc(bh: int, lq: int, lk: int, d: int, dv: int, scale: float, dtyp
     """The unscheduled flash-attention PrimFunc for one static problem.
 
     Structure (t = head x query tile, a parallel loop; kt = key tile, serial):
-        q_pad, kt_pad, v_pad            padded fp32 copies (inlined by the schedule when no padding)
+        kt_pack                         keys packed per key tile (contiguous tiles, zero-padded)
+        q_pad, v_pad                    padded fp32 copies (only when a length needs padding)
         for t (parallel), kt:
           block "scores" (t, kt):       S = Q.K^T, tile max, new running max, alpha, P = exp(S - m),
                                         tile sum          (reads the state m, writes tile buffers)
           block "update" (t, kt):       l = l*alpha + sum, m = max(m, tile max), PV = P.V,
                                         acc = acc*alpha + PV   (the online-softmax state)
-        out: O = acc / l
+        inv_l, out: O = acc * (1 / l)
     The two scope blocks make each a "stage pipeline" for the schedule primitives (the state is
-    read in "scores" and written in "update").
+    read in "scores" and written in "update"). Each sits under a unit loop: with two block
+    realizes directly in the key loop's body, TVM 0.27's copy-on-write (ScheduleState::Replace
+    checks uniqueness on loops and blocks only) mutates the *unscheduled* PrimFunc in place when
+    the second one is scheduled, which corrupts MetaSchedule's workload (replays then fail).
     """
     if scale <= 0:
         raise ValueError(f"attention scale must be positive (got {scale}); fold a negative scale into Q")
@@ -159,7 +172,7 @@ def make_primfunc(bh: int, lq: int, lk: int, d: int, dv: int, scale: float, dtyp
     ):
         T.func_attr({"tirx.noalias": True, KERNEL_ATTR: INFO})
         Qp = T.sblock_alloc_buffer((BH, LQP, D) if PAD_Q else (1,), acc_t)
-        KTp = T.sblock_alloc_buffer((BH, D, LKP) if PAD_K else (1,), acc_t)
+        KTp = T.sblock_alloc_buffer((BH, NK, D, TK), acc_t)
         Vp = T.sblock_alloc_buffer((BH, LKP, DV) if PAD_K else (1,), acc_t)
         S = T.sblock_alloc_buffer((BH, LQP, LKP), acc_t)
         P = T.sblock_alloc_buffer((BH, LQP, LKP), acc_t)
@@ -173,142 +186,156 @@ def make_primfunc(bh: int, lq: int, lk: int, d: int, dv: int, scale: float, dtyp
         m = T.sblock_alloc_buffer((BH, LQP), acc_t)
         l = T.sblock_alloc_buffer((BH, LQP), acc_t)
         acc = T.sblock_alloc_buffer((BH, LQP, DV), acc_t)
+        rl = T.sblock_alloc_buffer((BH, LQP), acc_t)
         if PAD_Q:
             for b, i, k in T.grid(BH, LQP, D):
                 with T.sblock("q_pad"):
                     vb, vi, vk = T.axis.remap("SSS", [b, i, k])
                     Qp[vb, vi, vk] = q_val(Q, vb, vi, vk)
+        # Keys are packed tile by tile (KTp[b, kt, d, j], contiguous per key tile): read in
+        # place, the rows of a key tile are Lk floats apart and alias in the L1 cache.
+        for b, kt, k, j in T.grid(BH, NK, D, TK):
+            with T.sblock("kt_pack"):
+                vb, vkt, vk, vj = T.axis.remap("SSSS", [b, kt, k, j])
+                KTp[vb, vkt, vk, vj] = kt_val(KT, vb, vk, vkt * TK + vj)
         if PAD_K:
-            for b, k, j in T.grid(BH, D, LKP):
-                with T.sblock("kt_pad"):
-                    vb, vk, vj = T.axis.remap("SSS", [b, k, j])
-                    KTp[vb, vk, vj] = kt_val(KT, vb, vk, vj)
             for b, j, k in T.grid(BH, LKP, DV):
                 with T.sblock("v_pad"):
                     vb, vj, vk = T.axis.remap("SSS", [b, j, k])
                     Vp[vb, vj, vk] = v_val(V, vb, vj, vk)
         Qs = T.meta_var(Qp if PAD_Q else Q)
-        KTs = T.meta_var(KTp if PAD_K else KT)
         Vs = T.meta_var(Vp if PAD_K else V)
         for t in T.parallel(BH * NQ):
             for kt in range(NK):
-                with T.sblock("scores"):
-                    ob = T.axis.spatial(BH, t // NQ)
-                    oq = T.axis.spatial(NQ, t % NQ)
-                    okt = T.axis.spatial(NK, kt)
-                    for qi, kj, k in T.grid(TQ, TK, D):
-                        with T.sblock("qk"):
-                            vb = T.axis.spatial(BH, ob)
-                            vi = T.axis.spatial(LQP, oq * TQ + qi)
-                            vkt = T.axis.spatial(NK, okt)
-                            vkj = T.axis.spatial(TK, kj)
-                            vk = T.axis.reduce(D, k)
-                            with T.init():
-                                S[vb, vi, vkt * TK + vkj] = f32(0.0)
-                            S[vb, vi, vkt * TK + vkj] = S[vb, vi, vkt * TK + vkj] + load(Qs[vb, vi, vk]) * load(KTs[vb, vk, vkt * TK + vkj])
-                    for qi, jo, w in T.grid(TQ, JO, W):
-                        with T.sblock("tile_max_w"):
-                            vb = T.axis.spatial(BH, ob)
-                            vi = T.axis.spatial(LQP, oq * TQ + qi)
-                            vkt = T.axis.spatial(NK, okt)
-                            vw = T.axis.spatial(W, w)
-                            vjo = T.axis.reduce(JO, jo)
-                            with T.init():
-                                tmax_w[vb, vi, vkt, vw] = f32(NEG)
-                            tmax_w[vb, vi, vkt, vw] = T.max(tmax_w[vb, vi, vkt, vw], masked(S, vb, vi, vkt * TK + vjo * W + vw))
-                    for qi, w in T.grid(TQ, W):
-                        with T.sblock("tile_max"):
-                            vb = T.axis.spatial(BH, ob)
-                            vi = T.axis.spatial(LQP, oq * TQ + qi)
-                            vkt = T.axis.spatial(NK, okt)
-                            vw = T.axis.reduce(W, w)
-                            with T.init():
-                                tmax[vb, vi, vkt] = f32(NEG)
-                            tmax[vb, vi, vkt] = T.max(tmax[vb, vi, vkt], tmax_w[vb, vi, vkt, vw])
-                    for qi in range(TQ):
-                        with T.sblock("m_new"):
-                            vb = T.axis.spatial(BH, ob)
-                            vi = T.axis.spatial(LQP, oq * TQ + qi)
-                            vkt = T.axis.spatial(NK, okt)
-                            mnew[vb, vi, vkt] = T.max(m_old(m, vb, vi, vkt), tmax[vb, vi, vkt])
-                    for qi in range(TQ):
-                        with T.sblock("alpha"):
-                            vb = T.axis.spatial(BH, ob)
-                            vi = T.axis.spatial(LQP, oq * TQ + qi)
-                            vkt = T.axis.spatial(NK, okt)
-                            alpha[vb, vi, vkt] = _exp2((m_old(m, vb, vi, vkt) - safe(mnew[vb, vi, vkt])) * f32(C))
-                    for qi, kj in T.grid(TQ, TK):
-                        with T.sblock("p"):
-                            vb = T.axis.spatial(BH, ob)
-                            vi = T.axis.spatial(LQP, oq * TQ + qi)
-                            vkt = T.axis.spatial(NK, okt)
-                            vkj = T.axis.spatial(TK, kj)
-                            P[vb, vi, vkt * TK + vkj] = _exp2((masked(S, vb, vi, vkt * TK + vkj) - safe(mnew[vb, vi, vkt])) * f32(C))
-                    for qi, jo, w in T.grid(TQ, JO, W):
-                        with T.sblock("tile_sum_w"):
-                            vb = T.axis.spatial(BH, ob)
-                            vi = T.axis.spatial(LQP, oq * TQ + qi)
-                            vkt = T.axis.spatial(NK, okt)
-                            vw = T.axis.spatial(W, w)
-                            vjo = T.axis.reduce(JO, jo)
-                            with T.init():
-                                lsum_w[vb, vi, vkt, vw] = f32(0.0)
-                            lsum_w[vb, vi, vkt, vw] = lsum_w[vb, vi, vkt, vw] + P[vb, vi, vkt * TK + vjo * W + vw]
-                    for qi, w in T.grid(TQ, W):
-                        with T.sblock("tile_sum"):
-                            vb = T.axis.spatial(BH, ob)
-                            vi = T.axis.spatial(LQP, oq * TQ + qi)
-                            vkt = T.axis.spatial(NK, okt)
-                            vw = T.axis.reduce(W, w)
-                            with T.init():
-                                lsum[vb, vi, vkt] = f32(0.0)
-                            lsum[vb, vi, vkt] = lsum[vb, vi, vkt] + lsum_w[vb, vi, vkt, vw]
-                with T.sblock("update"):
-                    ob = T.axis.spatial(BH, t // NQ)
-                    oq = T.axis.spatial(NQ, t % NQ)
-                    okt = T.axis.reduce(NK, kt)
-                    for qi in range(TQ):
-                        with T.sblock("update_l"):
-                            vb = T.axis.spatial(BH, ob)
-                            vi = T.axis.spatial(LQP, oq * TQ + qi)
-                            vkt = T.axis.reduce(NK, okt)
-                            with T.init():
-                                l[vb, vi] = f32(0.0)
-                            l[vb, vi] = l[vb, vi] * alpha[vb, vi, vkt] + lsum[vb, vi, vkt]
-                    for qi in range(TQ):
-                        with T.sblock("update_m"):
-                            vb = T.axis.spatial(BH, ob)
-                            vi = T.axis.spatial(LQP, oq * TQ + qi)
-                            vkt = T.axis.reduce(NK, okt)
-                            with T.init():
-                                m[vb, vi] = f32(NEG)
-                            m[vb, vi] = T.max(m[vb, vi], tmax[vb, vi, vkt])
-                    for qi, k, kj in T.grid(TQ, DV, TK):
-                        with T.sblock("pv"):
-                            vb = T.axis.spatial(BH, ob)
-                            vi = T.axis.spatial(LQP, oq * TQ + qi)
-                            vkt = T.axis.spatial(NK, okt)
-                            vk = T.axis.spatial(DV, k)
-                            vkj = T.axis.reduce(TK, kj)
-                            with T.init():
-                                PV[vb, vi, vkt, vk] = f32(0.0)
-                            PV[vb, vi, vkt, vk] = PV[vb, vi, vkt, vk] + P[vb, vi, vkt * TK + vkj] * load(Vs[vb, vkt * TK + vkj, vk])
-                    for qi, k in T.grid(TQ, DV):
-                        with T.sblock("update_acc"):
-                            vb = T.axis.spatial(BH, ob)
-                            vi = T.axis.spatial(LQP, oq * TQ + qi)
-                            vk = T.axis.spatial(DV, k)
-                            vkt = T.axis.reduce(NK, okt)
-                            with T.init():
-                                acc[vb, vi, vk] = f32(0.0)
-                            acc[vb, vi, vk] = acc[vb, vi, vk] * alpha[vb, vi, vkt] + PV[vb, vi, vkt, vk]
+                for _s in range(1):  # a loop between kt and the block: see make_primfunc doc
+                    with T.sblock("scores"):
+                        ob = T.axis.spatial(BH, t // NQ)
+                        oq = T.axis.spatial(NQ, t % NQ)
+                        okt = T.axis.spatial(NK, kt)
+                        for qi, kj, k in T.grid(TQ, TK, D):
+                            with T.sblock("qk"):
+                                vb = T.axis.spatial(BH, ob)
+                                vi = T.axis.spatial(LQP, oq * TQ + qi)
+                                vkt = T.axis.spatial(NK, okt)
+                                vkj = T.axis.spatial(TK, kj)
+                                vk = T.axis.reduce(D, k)
+                                with T.init():
+                                    S[vb, vi, vkt * TK + vkj] = f32(0.0)
+                                S[vb, vi, vkt * TK + vkj] = S[vb, vi, vkt * TK + vkj] + load(Qs[vb, vi, vk]) * KTp[vb, vkt, vk, vkj]
+                        for qi, jo, w in T.grid(TQ, JO, W):
+                            with T.sblock("tile_max_w"):
+                                vb = T.axis.spatial(BH, ob)
+                                vi = T.axis.spatial(LQP, oq * TQ + qi)
+                                vkt = T.axis.spatial(NK, okt)
+                                vw = T.axis.spatial(W, w)
+                                vjo = T.axis.reduce(JO, jo)
+                                with T.init():
+                                    tmax_w[vb, vi, vkt, vw] = f32(NEG)
+                                tmax_w[vb, vi, vkt, vw] = T.max(tmax_w[vb, vi, vkt, vw], masked(S, vb, vi, vkt * TK + vjo * W + vw))
+                        for qi, w in T.grid(TQ, W):
+                            with T.sblock("tile_max"):
+                                vb = T.axis.spatial(BH, ob)
+                                vi = T.axis.spatial(LQP, oq * TQ + qi)
+                                vkt = T.axis.spatial(NK, okt)
+                                vw = T.axis.reduce(W, w)
+                                with T.init():
+                                    tmax[vb, vi, vkt] = f32(NEG)
+                                tmax[vb, vi, vkt] = T.max(tmax[vb, vi, vkt], tmax_w[vb, vi, vkt, vw])
+                        for qi in range(TQ):
+                            with T.sblock("m_new"):
+                                vb = T.axis.spatial(BH, ob)
+                                vi = T.axis.spatial(LQP, oq * TQ + qi)
+                                vkt = T.axis.spatial(NK, okt)
+                                mnew[vb, vi, vkt] = T.max(m_old(m, vb, vi, vkt), tmax[vb, vi, vkt])
+                        for qi in range(TQ):
+                            with T.sblock("alpha"):
+                                vb = T.axis.spatial(BH, ob)
+                                vi = T.axis.spatial(LQP, oq * TQ + qi)
+                                vkt = T.axis.spatial(NK, okt)
+                                alpha[vb, vi, vkt] = _exp2((m_old(m, vb, vi, vkt) - safe(mnew[vb, vi, vkt])) * f32(C))
+                        for qi, kj in T.grid(TQ, TK):
+                            with T.sblock("p"):
+                                vb = T.axis.spatial(BH, ob)
+                                vi = T.axis.spatial(LQP, oq * TQ + qi)
+                                vkt = T.axis.spatial(NK, okt)
+                                vkj = T.axis.spatial(TK, kj)
+                                P[vb, vi, vkt * TK + vkj] = _exp2((masked(S, vb, vi, vkt * TK + vkj) - safe(mnew[vb, vi, vkt])) * f32(C))
+                        for qi, jo, w in T.grid(TQ, JO, W):
+                            with T.sblock("tile_sum_w"):
+                                vb = T.axis.spatial(BH, ob)
+                                vi = T.axis.spatial(LQP, oq * TQ + qi)
+                                vkt = T.axis.spatial(NK, okt)
+                                vw = T.axis.spatial(W, w)
+                                vjo = T.axis.reduce(JO, jo)
+                                with T.init():
+                                    lsum_w[vb, vi, vkt, vw] = f32(0.0)
+                                lsum_w[vb, vi, vkt, vw] = lsum_w[vb, vi, vkt, vw] + P[vb, vi, vkt * TK + vjo * W + vw]
+                        for qi, w in T.grid(TQ, W):
+                            with T.sblock("tile_sum"):
+                                vb = T.axis.spatial(BH, ob)
+                                vi = T.axis.spatial(LQP, oq * TQ + qi)
+                                vkt = T.axis.spatial(NK, okt)
+                                vw = T.axis.reduce(W, w)
+                                with T.init():
+                                    lsum[vb, vi, vkt] = f32(0.0)
+                                lsum[vb, vi, vkt] = lsum[vb, vi, vkt] + lsum_w[vb, vi, vkt, vw]
+                for _u in range(1):
+                    with T.sblock("update"):
+                        # okt is declared spatial although the state (l, m, acc) carries over key tiles:
+                        # a reduction iter here keeps TVM from allocating the P.V tile inside the
+                        # key loop. The state stays allocated outside it because "out" reads it.
+                        ob = T.axis.spatial(BH, t // NQ)
+                        oq = T.axis.spatial(NQ, t % NQ)
+                        okt = T.axis.spatial(NK, kt)
+                        for qi in range(TQ):
+                            with T.sblock("update_l"):
+                                vb = T.axis.spatial(BH, ob)
+                                vi = T.axis.spatial(LQP, oq * TQ + qi)
+                                vkt = T.axis.reduce(NK, okt)
+                                with T.init():
+                                    l[vb, vi] = f32(0.0)
+                                l[vb, vi] = l[vb, vi] * alpha[vb, vi, vkt] + lsum[vb, vi, vkt]
+                        for qi in range(TQ):
+                            with T.sblock("update_m"):
+                                vb = T.axis.spatial(BH, ob)
+                                vi = T.axis.spatial(LQP, oq * TQ + qi)
+                                vkt = T.axis.reduce(NK, okt)
+                                with T.init():
+                                    m[vb, vi] = f32(NEG)
+                                m[vb, vi] = T.max(m[vb, vi], tmax[vb, vi, vkt])
+                        for qi, k, kj in T.grid(TQ, DV, TK):
+                            with T.sblock("pv"):
+                                vb = T.axis.spatial(BH, ob)
+                                vi = T.axis.spatial(LQP, oq * TQ + qi)
+                                vkt = T.axis.spatial(NK, okt)
+                                vk = T.axis.spatial(DV, k)
+                                vkj = T.axis.reduce(TK, kj)
+                                with T.init():
+                                    PV[vb, vi, vkt, vk] = f32(0.0)
+                                PV[vb, vi, vkt, vk] = PV[vb, vi, vkt, vk] + P[vb, vi, vkt * TK + vkj] * load(Vs[vb, vkt * TK + vkj, vk])
+                        for qi, k in T.grid(TQ, DV):
+                            with T.sblock("update_acc"):
+                                vb = T.axis.spatial(BH, ob)
+                                vi = T.axis.spatial(LQP, oq * TQ + qi)
+                                vk = T.axis.spatial(DV, k)
+                                vkt = T.axis.reduce(NK, okt)
+                                with T.init():
+                                    acc[vb, vi, vk] = f32(0.0)
+                                acc[vb, vi, vk] = acc[vb, vi, vk] * alpha[vb, vi, vkt] + PV[vb, vi, vkt, vk]
+            for qi in range(TQ):
+                with T.sblock("inv_l"):
+                    vb = T.axis.spatial(BH, t // NQ)
+                    vi = T.axis.spatial(LQP, t % NQ * TQ + qi)
+                    # m == -inf: every score of the row was -inf (l == 0): output 0, as torch's
+                    # guard does. (Reading m here also keeps its allocation outside the key loop.)
+                    rl[vb, vi] = T.Select(m[vb, vi] == f32(NEG), f32(0.0), f32(1.0) / l[vb, vi])
             for qi, k in T.grid(TQ, DV):
                 with T.sblock("out"):
                     vb = T.axis.spatial(BH, t // NQ)
                     vi = T.axis.spatial(LQP, t % NQ * TQ + qi)
                     vk = T.axis.spatial(DV, k)
                     T.where(t % NQ * TQ + qi < LQ)
-                    O[vb, vi, vk] = T.Cast(dtype, T.Select(l[vb, vi] == f32(0.0), f32(0.0), acc[vb, vi, vk] / l[vb, vi]))
+                    O[vb, vi, vk] = T.Cast(dtype, acc[vb, vi, vk] * rl[vb, vi])
 
     return attention
 
@@ -358,11 +385,25 @@ def _vectorize_tail(sch, loop, lanes: int):
         sch.vectorize(inner)
 
 
+def _divisors(n: int, lo: int, hi: int) -> list[int]:
+    found = [f for f in range(lo, hi + 1) if n % f == 0]
+    return found or [n]
+
+
+def _sample(sch, candidates: list[int]):
+    """A MetaSchedule decision among `candidates` (uniform prior). Candidates are never 1 for
+    row counts: a unit loop would vanish under compute-at and change the trace's shape."""
+    if len(candidates) == 1:
+        return candidates[0]
+    return sch.sample_categorical(candidates, [1.0 / len(candidates)] * len(candidates))
+
+
 def apply_schedule(sch, knobs: CpuKnobs | None = None, sample: bool = False):
     """Schedule the attention PrimFunc in `sch` (a tvm.s_tir.Schedule) in place.
 
     knobs: the register tiles (default: `default_knobs`). sample=True makes the register tiles
-    MetaSchedule sampled decisions (sample_perfect_tile) so that the search can tune them.
+    MetaSchedule sampled decisions (sample_categorical over the valid sizes) so that the search
+    explores them.
     """
     info = _kernel_info(sch)
     W = info["lanes"]
@@ -370,25 +411,27 @@ def apply_schedule(sch, knobs: CpuKnobs | None = None, sample: bool = False):
     knobs = knobs or default_knobs(CpuTiles(tq, tk, W), d, dv)
 
     # Padding copies (only where a length is not a multiple of its tile).
-    for name, padded in (("q_pad", info["pad_q"]), ("kt_pad", info["pad_k"]), ("v_pad", info["pad_k"])):
+    for name, padded in (("q_pad", info["pad_q"]), ("v_pad", info["pad_k"])):
         if not padded:
             continue
         b, x, y = sch.get_loops(sch.get_sblock(name))
         sch.parallel(sch.fuse(b, x))
         _vectorize_tail(sch, y, W)
+    b, kt, k, j = sch.get_loops(sch.get_sblock("kt_pack"))
+    sch.parallel(sch.fuse(b, kt))
+    _vectorize_tail(sch, j, W)
 
 
     # Q.K^T: register tile (rows x vecs*W) accumulated over head_dim, then stored to the S tile.
     qk = sch.get_sblock("qk")
     qi, kj, k = sch.get_loops(qk)[-3:]
     if sample:
-        qi_o, qi_i = sch.split(qi, sch.sample_perfect_tile(qi, n=2, max_innermost_factor=16))
-        kj_o, kj_w = sch.split(kj, factors=[None, W])
-        kj_o, kj_v = sch.split(kj_o, sch.sample_perfect_tile(kj_o, n=2, max_innermost_factor=4))
-        kj_i = sch.fuse(kj_v, kj_w)
+        rows = _sample(sch, _divisors(tq, 2, 16))
+        cols = _sample(sch, [v * W for v in _divisors(tk // W, 1, 4)])
     else:
-        qi_o, qi_i = sch.split(qi, factors=[None, knobs.qk_rows])
-        kj_o, kj_i = sch.split(kj, factors=[None, knobs.qk_vecs * W])
+        rows, cols = knobs.qk_rows, knobs.qk_vecs * W
+    qi_o, qi_i = sch.split(qi, factors=[None, rows])
+    kj_o, kj_i = sch.split(kj, factors=[None, cols])
     sch.reorder(qi_o, kj_o, k, qi_i, kj_i)
     wb = sch.cache_write(qk, 0, "global")
     sch.reverse_compute_at(wb, kj_o)
@@ -418,13 +461,12 @@ def apply_schedule(sch, knobs: CpuKnobs | None = None, sample: bool = False):
     upd = sch.get_sblock("update_acc")
     if dv % W == 0:
         if sample:
-            qi_o, qi_i = sch.split(qi, sch.sample_perfect_tile(qi, n=2, max_innermost_factor=16))
-            k_o, k_w = sch.split(k, factors=[None, W])
-            k_o, k_v = sch.split(k_o, sch.sample_perfect_tile(k_o, n=2, max_innermost_factor=8))
-            k_i = sch.fuse(k_v, k_w)
+            rows = _sample(sch, _divisors(tq, 2, 16))
+            cols = _sample(sch, [v * W for v in _divisors(dv // W, 1, 8)])
         else:
-            qi_o, qi_i = sch.split(qi, factors=[None, knobs.pv_rows])
-            k_o, k_i = sch.split(k, factors=[None, knobs.pv_vecs * W])
+            rows, cols = knobs.pv_rows, knobs.pv_vecs * W
+        qi_o, qi_i = sch.split(qi, factors=[None, rows])
+        k_o, k_i = sch.split(k, factors=[None, cols])
         sch.reorder(qi_o, k_o, kj, qi_i, k_i)
         sch.reverse_compute_at(upd, k_o)
         sch.unroll(qi_i)

@@ -1,0 +1,209 @@
+"""Quantization modes on the tiny Wan transformer and VAE decoder: build, run, size, fidelity.
+
+Builds are untuned (every kernel gets autotune's fallback schedule); tools/bench_quantize.py
+times them.
+
+Fidelity bounds, against the float32 torch reference (measured on this tiny model with seeded
+random weights; see tools/results/quantize.md):
+    transformer noise prediction, cosine:   int8-weight >= 0.9995 (measured 0.99998)
+                                            w8a8        >= 0.999  (0.99996)
+                                            fp16        >= 0.99999 (0.9999996)
+                                            bf16        >= 0.9995 (0.99998)
+    VAE decoder frames in [-1, 1], PSNR (peak 2.0):  fp16 >= 50 dB (69), int8-weight >= 40 dB (48)
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import autotune
+import autotune.build as build_module
+from autotune.errors import InputError
+from autotune.fidelity import compare, format_fidelity
+from autotune.lowering import fuse_for_target, prim_funcs
+from autotune.quantize import MODES, quantize
+from autotune.settings import BuildSettings
+from autotune.sources import load_source
+from autotune.targets import resolve_target
+
+TRANSFORMER_COSINE = {"int8-weight": 0.9995, "w8a8": 0.999, "fp16": 0.99999, "bf16": 0.9995}
+VAE_PSNR_DB = {"fp16": 50.0, "int8-weight": 40.0}
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    source = load_source("wan-i2v-tiny", "transformer")
+    return source, source.reference_outputs()[0]
+
+
+@pytest.fixture(scope="module")
+def vae():
+    # One latent frame at 16x16: every conv, norm and upsampler of the decoder, fewest kernels
+    # (tools/bench_quantize.py measures the default 3-latent-frame 64x64 decoder).
+    source = load_source("wan-i2v-tiny", "vae_decoder", height=16, width=16, frames=1)
+    return source, source.reference_outputs()[0]
+
+
+def _build_and_run(source, mode, tmp_path):
+    report = build_module.build(source.imported, "x86", tmp_path / "m.so", settings=BuildSettings(quantize=mode))
+    module = autotune.load(report.paths.library)
+    return module(**source.example_inputs), json.loads(report.paths.metadata.read_text())
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def test_unknown_mode_lists_the_modes(transformer):
+    with pytest.raises(InputError, match="Known modes: fp16, bf16, int8-weight, w8a8, fp8"):
+        quantize(transformer[0].imported, "int4", "x86")
+
+
+def test_fp8_on_x86_is_a_clear_error(transformer):
+    with pytest.raises(InputError, match=r"fp8 cannot run on target x86.*sm_89 or sm_90.*cuda-sm90"):
+        quantize(transformer[0].imported, "fp8", "x86")
+    with pytest.raises(InputError, match="cuda-sm80 is CUDA sm_80"):
+        quantize(transformer[0].imported, "fp8", "cuda-sm80")
+
+
+def test_supports_matrix():
+    x86, sm90, arm = (resolve_target(n) for n in ("x86", "cuda-sm90", "aarch64-dotprod"))
+    for mode in ("fp16", "bf16", "int8-weight"):
+        assert MODES[mode]().supports(x86) is None and MODES[mode]().supports(arm) is None
+        assert MODES[mode]().supports(sm90) is None
+    assert MODES["w8a8"]().supports(x86) is None
+    assert MODES["w8a8"]().supports(arm) is not None and MODES["w8a8"]().supports(sm90) is not None
+    assert MODES["fp8"]().supports(sm90) is None and MODES["fp8"]().supports(resolve_target("cuda-sm89")) is None
+
+
+# -- every CPU mode on the transformer -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["int8-weight", "w8a8", "fp16", "bf16"])
+def test_transformer_mode_builds_runs_shrinks_and_is_faithful(mode, transformer, tmp_path):
+    source, reference = transformer
+    imported = source.imported
+    out, metadata = _build_and_run(source, mode, tmp_path)
+    assert out.dtype == np.float32 and out.shape == reference.shape  # external signature unchanged
+    assert [s["dtype"] for s in metadata["inputs"]] == [s.dtype for s in imported.inputs]
+    fid = compare(out, reference)
+    assert fid["cosine"] >= TRANSFORMER_COSINE[mode], f"{mode}: {format_fidelity(fid)}"
+
+    info = metadata["passes"][0]
+    assert info["mode"] == mode
+    before, after = metadata["weight_bytes"]["before"], metadata["weight_bytes"]["after"]
+    assert before == imported.weight_bytes() and info["weight_bytes_after"] == after
+    if mode in ("fp16", "bf16"):
+        assert after * 2 == before  # every weight stored in half
+    else:
+        # every linear (32 of them; w8a8 leaves the patch-embedding conv alone) is int8: 4x
+        # smaller, plus one float32 scale per output channel
+        assert info["linear_layers"] == 32
+        assert info["layers"] == 32 + (1 if mode == "int8-weight" else 0)
+        assert after < 0.4 * before
+
+
+def test_int8_weights_are_a_quarter_of_the_float32_linears(transformer):
+    imported = transformer[0].imported
+    q, info = quantize(imported, "int8-weight", "x86")
+    qnames = [n for n in q.weights if n.endswith("_q")]
+    assert len(qnames) == info["layers"] == 33
+    assert all(q.weights[n].dtype == np.int8 for n in qnames)
+    assert sum(q.weights[n].nbytes for n in qnames) * 4 == sum(imported.weights[n[:-2]].nbytes for n in qnames)
+    assert [s.name for s in q.inputs] == [s.name for s in imported.inputs]
+    assert imported.weights is not q.weights and all(w.dtype == np.float32 for w in imported.weights.values())
+
+
+# -- the dequantisation lives inside the matmul/conv kernels --------------------------------------
+
+
+def _kernels_reading(fused, suffix: str) -> dict:
+    """PrimFunc name -> weights (params ending in `suffix`) it reads, from main's call_tir calls."""
+    text = fused["main"].script()
+    readers: dict[str, list] = {}
+    for line in text.splitlines():
+        if "R.call_tir(" not in line:
+            continue
+        callee = line.split("R.call_tir(", 1)[1].split(",", 1)[0].strip()
+        args = line.split("(", 2)[2] if line.count("(") >= 2 else ""
+        for token in args.replace(")", ",").split(","):
+            token = token.strip()
+            if token.endswith(suffix):
+                readers.setdefault(callee, []).append(token)
+    return readers
+
+
+@pytest.mark.parametrize("mode", ["int8-weight", "w8a8"])
+def test_quantized_weights_are_read_only_by_fused_matmul_kernels(mode, transformer):
+    q, info = quantize(transformer[0].imported, mode, "x86")
+    target = resolve_target("x86").tvm_target()
+    fused = fuse_for_target(q.mod, target)
+    readers = _kernels_reading(fused, "_q")
+    assert sum(len(v) for v in readers.values()) == info["layers"]
+    funcs = prim_funcs(fused)
+    for name in readers:
+        assert "matmul" in name or "conv" in name, f"{name} reads an int8 weight but is no matmul/conv kernel"
+        script = funcs[name].script()
+        assert '"int8"' in script  # the kernel takes the int8 buffer itself: no float copy of the weight
+        if mode == "int8-weight":
+            assert "multiply" in name  # the per-channel scale is the kernel's epilogue
+        else:
+            assert 'T.Cast("int32"' in script or "int32" in script
+
+
+def test_fallback_schedules_the_quantized_matmuls(transformer):
+    """The untuned build path (a MetaSchedule design-space sample) handles each mode's matmul.
+
+    """
+    from autotune.fallback import _cpu_schedule
+
+    target = resolve_target("x86").tvm_target()
+    for mode in ("int8-weight", "w8a8", "fp16", "bf16"):
+        q, _ = quantize(transformer[0].imported, mode, "x86")
+        fused = fuse_for_target(q.mod, target)
+        funcs = prim_funcs(fused)
+        if mode in ("int8-weight", "w8a8"):
+            names = [n for n in _kernels_reading(fused, "_q") if "matmul" in n]
+        else:
+            half = '"float16"' if mode == "fp16" else '"bfloat16"'
+            names = [n for n, f in funcs.items() if "matmul" in n and half in f.script()]
+        assert names, mode
+        assert _cpu_schedule(funcs[sorted(names)[0]], target, seed=0) is not None, mode
+
+
+# -- VAE decoder frames -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["fp16", "int8-weight"])
+def test_vae_decoder_mode_psnr(mode, vae, tmp_path):
+    source, reference = vae
+    out, metadata = _build_and_run(source, mode, tmp_path)
+    fid = compare(out, reference, peak=2.0)
+    assert fid["psnr_db"] >= VAE_PSNR_DB[mode], f"{mode}: {format_fidelity(fid)}"
+    before, after = metadata["weight_bytes"]["before"], metadata["weight_bytes"]["after"]
+    if mode == "fp16":
+        assert after * 2 == before
+    else:
+        assert metadata["passes"][0]["conv_layers"] >= 30 and after < 0.3 * before
+
+
+# -- fp8 (CUDA sm_90): compiles for Hopper; numerics checked on the CPU through LLVM's fp8 emulation
+
+
+def test_fp8_compiles_for_cuda_sm90_and_is_faithful(transformer):
+    import tvm
+    from tvm import relax
+
+    source, reference = transformer
+    q, info = quantize(source.imported, "fp8", "cuda-sm90")
+    assert info["layers"] == 33 and info["weight_bytes_after"] < 0.35 * info["weight_bytes_before"]
+    executable, (kernels, _, fallback, _), _ = build_module.compile_module(q, resolve_target("cuda-sm90"))
+    assert kernels == fallback > 0  # every kernel got a GPU schedule (dlight) and compiled
+    cpu = tvm.compile(q.mod, target="llvm")
+    vm = relax.VirtualMachine(cpu, tvm.cpu())
+    args = [tvm.runtime.tensor(v) for v in source.example_inputs.values()]
+    out = vm["main"](*args, *[tvm.runtime.tensor(w) for w in q.weights.values()]).numpy()
+    fid = compare(out, reference)
+    assert fid["cosine"] >= 0.998, format_fidelity(fid)
