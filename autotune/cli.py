@@ -280,6 +280,28 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import TVM, OnnxRuntime, TorchCompile, TorchEager, run_bench, write_results
+
+    engines = [TorchEager()]
+    if not args.no_compile:
+        engines.append(TorchCompile())
+    engines += [OnnxRuntime(), TVM()]
+    if args.log and Path(args.log).exists():
+        engines.append(TVM(log=args.log))
+        for mode in args.quantize or []:
+            engines.append(TVM(log=args.log, quantize=mode, label=f"TVM tuned + {mode}"))
+    else:
+        print(f"note: no tuning log at {args.log}: only the untuned TVM build is measured")
+        for mode in args.quantize or []:
+            engines.append(TVM(quantize=mode, label=f"TVM untuned + {mode}"))
+    rows, peak = run_bench(args.workloads.split(","), engines, rounds=args.rounds)
+    command = "autotune bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "autotune bench"
+    path = write_results(rows, peak, Path(args.output), command)
+    print(f"results: {path} (+ bench.json, bench.png)")
+    return 0
+
+
 def cmd_rpc(args) -> int:
     from .remote import main as rpc_main
 
@@ -395,6 +417,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="an artifact .so/.json, or a log directory")
     p.add_argument("--target", help="with a log directory: count only records for this target")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "bench",
+        help="torch eager / torch.compile / ONNX Runtime / TVM untuned / TVM tuned (+quantized) side by side",
+        description="Measure every engine on the same inputs and threads, interleaved, in one run; report median "
+        "latency, ratio to torch eager, GFLOP/s, fraction of the SGEMM peak measured in the same run, and fidelity. "
+        "Writes OUT/bench.md, bench.json and bench.png.",
+    )
+    p.add_argument("--workloads", default="tiny-transformer,tiny-vae-decoder,tiny-image-encoder",
+                   help="comma-separated: tiny-transformer, tiny-vae-decoder, tiny-image-encoder, dit-block, vae-up-block")
+    p.add_argument("--log", default="schedules/x86", help="tuning log for the tuned builds (default: the shipped schedules/x86)")
+    p.add_argument("--quantize", action="append", help="also measure TVM tuned + this mode (repeatable)")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (default 15)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (its compile takes minutes on big workloads)")
+    p.add_argument("-o", "--output", default="tools/results", help="directory for bench.md/json/png (default tools/results)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
         "rpc",
