@@ -444,6 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rpc_args", nargs=argparse.REMAINDER, help="tracker [--host --port] | server --tracker HOST:PORT --key K [--host --port --custom-addr] | status --tracker HOST:PORT")
     p.set_defaults(func=cmd_rpc)
 
+    from .pipeline_cli import add_generate_parser
+
+    add_generate_parser(sub)
+
     p = sub.add_parser(
         "demo",
         help="the main job on the embedded default: tune briefly, build, run, report speed-up and error vs torch",
