@@ -137,6 +137,7 @@ def read_log(log_dir: str | Path, target: tvm.target.Target | None = None, memor
     log_dir = Path(log_dir)
     report = LogReadReport()
     workloads: dict[str, ms.database.Workload] = {}
+    same_structure: dict[str, list[str]] = {}  # MetaSchedule's structural hash -> workload ids
     wpath, rpath = log_dir / WORKLOADS_FILE, log_dir / RECORDS_FILE
     for number, obj, reason in _read_lines(wpath):
         if obj is None:
@@ -146,6 +147,7 @@ def read_log(log_dir: str | Path, target: tvm.target.Target | None = None, memor
             wid = obj["id"]
             if wid not in workloads:
                 workloads[wid] = ms.database.Workload.from_json(obj["workload"])
+                same_structure.setdefault(str(obj["workload"][0]), []).append(wid)
                 if memory is not None:
                     memory.commit_workload(workloads[wid].mod)
         except Exception as exc:  # a JSON line that is not a workload
@@ -168,10 +170,9 @@ def read_log(log_dir: str | Path, target: tvm.target.Target | None = None, memor
         if want_target is not None and obj.get("target") != want_target:
             report.problems.append(LogProblem(str(rpath), number, f"record for another target: {obj.get('target')}"))
             continue
-        try:
-            record = ms.database.TuningRecord.from_json(obj["record"], workloads[wid])
-        except Exception as exc:
-            report.problems.append(LogProblem(str(rpath), number, f"not a tuning record ({type(exc).__name__}: {exc})"))
+        record = _replay(obj["record"], wid, workloads, same_structure)
+        if isinstance(record, Exception):
+            report.problems.append(LogProblem(str(rpath), number, f"not a tuning record ({type(record).__name__}: {record})"))
             continue
         if memory is not None:
             # Commit under the workload object the in-memory database knows.
@@ -181,6 +182,24 @@ def read_log(log_dir: str | Path, target: tvm.target.Target | None = None, memor
             )
         report.records += 1
     return report, workloads
+
+
+def _replay(record_json, wid: str, workloads: dict, same_structure: dict):
+    """Rebuild a record by replaying its trace on its workload.
+
+    MetaSchedule files a record under the first structurally equal workload it saw, and
+    structural equality ignores block names: a layer_norm tuned for one model can be filed
+    under another model's equal layer_norm whose blocks are named differently, and its trace
+    then only replays on the twin. Try the workload named first, then its structural twins.
+    """
+    first_error = None
+    twins = same_structure.get(str(workloads[wid].as_json()[0]), [])
+    for candidate in [wid] + [t for t in twins if t != wid]:
+        try:
+            return ms.database.TuningRecord.from_json(record_json, workloads[candidate])
+        except Exception as exc:
+            first_error = first_error or exc
+    return first_error
 
 
 @derived_object
@@ -196,27 +215,34 @@ class TuningLog(ms.database.PyDatabase):
         self._memory = ms.database.MemoryDatabase(module_equality=module_equality)
         self.report, loaded = read_log(self.log_dir, target, self._memory)
         self._ids_on_disk = set(loaded)
-        self._ids_in_memory: dict[int, str] = {}
+        # The in-memory database returns, for a module, the first structurally equal workload it
+        # knows; structural equality ignores block names, and a trace replays only on a module
+        # with its own block names. So records are filed under the module this process tuned.
+        self._tuned_as: list[tuple[ms.database.Workload, str]] = []
         self.committed = 0  # records appended by this process
 
     # -- what MetaSchedule calls ------------------------------------------------------------
     def has_workload(self, mod: tvm.IRModule) -> bool:
         return self._memory.has_workload(mod)
 
+    def _file_workload(self, mod: tvm.IRModule) -> str:
+        wid = workload_id(mod)
+        if wid not in self._ids_on_disk:
+            _append_line(self.log_dir / WORKLOADS_FILE, {"id": wid, "workload": ms.database.Workload(mod).as_json()})
+            self._ids_on_disk.add(wid)
+        return wid
+
     def commit_workload(self, mod: tvm.IRModule) -> ms.database.Workload:
         workload = self._memory.commit_workload(mod)
-        wid = workload_id(workload.mod)
-        if wid not in self._ids_on_disk:
-            _append_line(self.log_dir / WORKLOADS_FILE, {"id": wid, "workload": workload.as_json()})
-            self._ids_on_disk.add(wid)
+        wid = self._file_workload(mod)
+        self._tuned_as = [(w, i) for w, i in self._tuned_as if not w.same_as(workload)] + [(workload, wid)]
         return workload
 
     def commit_tuning_record(self, record: ms.database.TuningRecord) -> None:
         self._memory.commit_tuning_record(record)
-        wid = workload_id(record.workload.mod)
-        if wid not in self._ids_on_disk:  # MetaSchedule commits workloads first; be safe anyway
-            _append_line(self.log_dir / WORKLOADS_FILE, {"id": wid, "workload": record.workload.as_json()})
-            self._ids_on_disk.add(wid)
+        wid = next((i for w, i in self._tuned_as if w.same_as(record.workload)), None)
+        if wid is None:  # MetaSchedule commits workloads first; be safe anyway
+            wid = self._file_workload(record.workload.mod)
         _append_line(
             self.log_dir / RECORDS_FILE,
             {"id": wid, "target": self._target_key, "tvm": tvm.__version__, "record": record.as_json()},
