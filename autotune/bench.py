@@ -67,6 +67,7 @@ class OnnxRuntime:
         options = ort.SessionOptions()
         options.intra_op_num_threads = _threads.configure_threads()
         options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle pool sleeps: engines take turns
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
 

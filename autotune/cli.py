@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -465,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        # Engines take turns in one process: an OpenMP pool that spins after its call (torch's
+        # default) steals the cores from the next engine. Make every pool sleep when idle.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         return args.func(args)
     except AutotuneError as exc:
