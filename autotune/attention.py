@@ -105,6 +105,7 @@ class AttentionMatch:
     scale_divisors: list = field(default_factory=list)  # runtime scalars dividing the scores
     kind: str = "matmul"  # "matmul" or "nn.attention"
     nn_heads: int = 0  # nn.attention: N
+    k_is_kt: bool = True  # `kt` holds Kᵀ (…, D, Lk); False: it holds K (…, Lk, D)
 
 
 class _Graph:
@@ -142,21 +143,6 @@ class _Graph:
 
 
 # --- pattern matching -----------------------------------------------------------------------------
-
-
-def _skip_views(graph: _Graph, var, last2: tuple[int, int]):
-    """Follow reshape / broadcast_to producers that keep the last two dims and the element count."""
-    while True:
-        value = graph.producer(var)
-        name = _op_name(value)
-        if name in ("relax.reshape", "relax.broadcast_to"):
-            src = value.args[0]
-            s_src, s_dst = _shape(src), _shape(var)
-            if s_src is None or s_dst is None or s_src[-2:] != last2 or _prod(s_src) != _prod(s_dst):
-                return var
-            var = src
-            continue
-        return var
 
 
 def _match_scores(graph: _Graph, x):
@@ -224,6 +210,62 @@ def _is_neg_inf_guard(graph: _Graph, cond, scores) -> bool:
     return False
 
 
+def _peel(graph: _Graph, var, allow_scale: bool, allow_transpose: bool):
+    """Follow the producers of a matmul operand back to the tensor the importer started from.
+
+    Steps through reshapes that only regroup batch dims, broadcast_to that changes nothing,
+    multiply/divide by a constant scalar (folded into the returned scale) and, if allowed, a
+    permute_dims swapping the last two axes. Returns (source, scale, transposed): the operand,
+    viewed as (BH, rows, cols), is scale * reshape(source) (transposed=False) or scale *
+    swap_last_two(reshape(source)) (transposed=True). Feeding the source instead of the operand
+    lets the layout copies the importers emit (Q·√s, Kᵀ·√s, broadcast_to + reshape) die.
+    """
+    scale, transposed = 1.0, False
+    cur = var
+    for _ in range(16):
+        value = graph.producer(cur)
+        name = _op_name(value)
+        shape = _shape(cur)
+        if shape is None or len(shape) < 2:
+            break
+        if name in ("relax.reshape", "relax.broadcast_to"):
+            src = value.args[0]
+            s_src = _shape(src)
+            if s_src is None or len(s_src) < 2 or s_src[-2:] != shape[-2:] or _prod(s_src) != _prod(shape):
+                break
+            if name == "relax.broadcast_to" and s_src != shape:
+                break
+            cur = src
+            continue
+        if allow_scale and name in ("relax.multiply", "relax.divide"):
+            a, b = value.args
+            if _shape(a) == shape and _scalar_const(b) is not None:
+                data, c = a, _scalar_const(b)
+            elif name == "relax.multiply" and _shape(b) == shape and _scalar_const(a) is not None:
+                data, c = b, _scalar_const(a)
+            else:
+                break
+            if name == "relax.divide":
+                if c == 0:
+                    break
+                c = 1.0 / c
+            scale *= c
+            cur = data
+            continue
+        if allow_transpose and name == "relax.permute_dims":
+            axes = value.attrs.axes
+            n = len(shape)
+            axes = list(range(n)) if axes is None else [int(a) for a in axes]
+            if axes == list(range(n - 2)) + [n - 1, n - 2]:
+                transposed = not transposed
+                cur = value.args[0]
+                continue
+        break
+    if _dtype(cur) != _dtype(var):
+        return var, 1.0, False
+    return cur, scale, transposed
+
+
 def _match_softmax(graph: _Graph, p_var) -> AttentionMatch | None:
     value = graph.producer(p_var)
     x = value.args[0]
@@ -248,9 +290,8 @@ def _match_softmax(graph: _Graph, p_var) -> AttentionMatch | None:
         return None
 
     # Forward: P -> [where guard] -> views -> matmul(P', V)
-    allowed = {p_var}
     cur = p_var
-    users = [u for u in graph.uses(cur)]
+    users = list(graph.uses(cur))
     guard_users = [u for u in users if u is not None and _op_name(graph.producer(u)) == "relax.where"]
     if guard_users:
         if len(guard_users) != 1:
@@ -273,7 +314,6 @@ def _match_softmax(graph: _Graph, p_var) -> AttentionMatch | None:
             if u is None or (not u.same_as(w) and not u.same_as(then_)):
                 return None
         cur = w
-        allowed.add(w)
     for _ in range(8):
         us = graph.uses(cur)
         if len(us) != 1 or us[0] is None:
@@ -310,7 +350,13 @@ def _match_softmax(graph: _Graph, p_var) -> AttentionMatch | None:
     out_dtype = str(mm.attrs.out_dtype) if mm.attrs is not None and hasattr(mm.attrs, "out_dtype") else ""
     if out_dtype not in ("", "void", "None", dtype):
         return None
-    return AttentionMatch(out, a, b, None, v, bh, lq, lk, d, dv, dtype, scale, scale_exprs, divisors)
+    q_src, q_scale, q_t = _peel(graph, a, allow_scale=True, allow_transpose=False)
+    k_src, k_scale, k_t = _peel(graph, b, allow_scale=True, allow_transpose=True)
+    v_src, _, _ = _peel(graph, v, allow_scale=False, allow_transpose=False)
+    return AttentionMatch(
+        out, q_src, k_src, None, v_src, bh, lq, lk, d, dv, dtype, scale * q_scale * k_scale, scale_exprs, divisors,
+        k_is_kt=not k_t,
+    )
 
 
 def _match_nn_attention(graph: _Graph, var) -> AttentionMatch | None:
@@ -333,7 +379,7 @@ def _match_nn_attention(graph: _Graph, var) -> AttentionMatch | None:
         return None
     scale = getattr(attrs, "scale", None)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
-    return AttentionMatch(var, q, None, k, v, b * n, lq, sk[1], d, sv[3], dtype, scale, kind="nn.attention", nn_heads=n)
+    return AttentionMatch(var, q, None, k, v, b * n, lq, sk[1], d, sv[3], dtype, scale, kind="nn.attention", nn_heads=n, k_is_kt=False)
 
 
 def find_attention(func: relax.Function) -> list[AttentionMatch]:
@@ -368,9 +414,10 @@ def _cpu_kernel(m: AttentionMatch, scale: float, target):
 
     lanes = kc.vector_lanes(target)
     tiles = kc.choose_tiles(m.lq, m.lk, m.d, m.dv, lanes)
-    func = kc.make_primfunc(m.bh, m.lq, m.lk, m.d, m.dv, scale, m.dtype, tiles)
+    layout = "kt" if m.k_is_kt else "k"
+    func = kc.make_primfunc(m.bh, m.lq, m.lk, m.d, m.dv, scale, m.dtype, tiles, k_layout=layout)
     func = kc.annotate_for_metaschedule(func)
-    name = f"{FUNC_PREFIX}_cpu_{m.bh}x{m.lq}x{m.lk}x{m.d}x{m.dv}_{m.dtype}"
+    name = f"{FUNC_PREFIX}_cpu_{m.bh}x{m.lq}x{m.lk}x{m.d}x{m.dv}_{m.dtype}_{layout}_s{scale:.6g}".replace(".", "p").replace("-", "m")
     return name, func.with_attr("op_pattern", 8)  # kOpaque: FuseOps leaves it alone
 
 
@@ -431,11 +478,11 @@ class _Rewriter(PyExprMutator):
         if m.kind == "nn.attention":
             b, n = bh // m.nn_heads, m.nn_heads
             q3 = self._emit(op.reshape(op.permute_dims(self.visit_expr(m.q), [0, 2, 1, 3]), (bh, lq, d)))
-            kt3 = self._emit(op.reshape(op.permute_dims(self.visit_expr(m.k), [0, 2, 3, 1]), (bh, d, lk)))
+            kt3 = self._emit(op.reshape(op.permute_dims(self.visit_expr(m.k), [0, 2, 1, 3]), (bh, lk, d)))
             v3 = self._emit(op.reshape(op.permute_dims(self.visit_expr(m.v), [0, 2, 1, 3]), (bh, lk, dv)))
         else:
             q3 = self._view(self.visit_expr(m.q), (bh, lq, d))
-            kt3 = self._view(self.visit_expr(m.kt), (bh, d, lk))
+            kt3 = self._view(self.visit_expr(m.kt), (bh, d, lk) if m.k_is_kt else (bh, lk, d))
             v3 = self._view(self.visit_expr(m.v), (bh, lk, dv))
         scale = m.scale
         for s in m.scale_exprs:  # runtime scalars on the scores: fold into Q
@@ -450,7 +497,8 @@ class _Rewriter(PyExprMutator):
                 raise NotImplementedError("CUDA kernel needs head_dim(V) == head_dim(Q)")
             gv = self._kernel(m, scale)
             q4 = self._emit(op.reshape(q3, (bh, lq, 1, d)))
-            k4 = self._emit(op.reshape(op.permute_dims(kt3, [0, 2, 1]), (bh, lk, 1, d)))
+            k3 = op.permute_dims(kt3, [0, 2, 1]) if m.k_is_kt else kt3
+            k4 = self._emit(op.reshape(k3, (bh, lk, 1, d)))
             v4 = self._emit(op.reshape(v3, (bh, lk, 1, d)))
             call = self._emit(
                 relax.call_tir(

@@ -43,7 +43,9 @@ def schedule_untuned(mod: tvm.IRModule, target: tvm.target.Target, seed: int = 0
                 dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
             )(mod)
         return mod, before
-    count = 0
+    from .attention import schedule_attention
+
+    mod, count = schedule_attention(mod, target)  # its own default schedule, not a random sample
     for name, func in prim_funcs(mod).items():
         if is_scheduled(func):
             continue

@@ -12,7 +12,11 @@ from tvm import relax
 
 
 def fuse_for_target(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Legalize and fuse: every operator becomes a PrimFunc (a tuning task)."""
+    """Fuse attention into one kernel, then legalize and fuse: every operator becomes a PrimFunc
+    (a tuning task)."""
+    from .attention import fuse_attention  # also registers the attention schedule rule
+
+    mod = fuse_attention(mod, target)
     passes = [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),

@@ -24,13 +24,6 @@ def transformer():
     return source, source.reference_outputs()[0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_tensor_intrin():
-    from test_quantize import import_tensor_intrin_fast
-
-    import_tensor_intrin_fast()
-
-
 def _torch_out(module, inputs: dict) -> np.ndarray:
     with torch.no_grad():
         return module(*[torch.from_numpy(v) for v in inputs.values()]).numpy()

@@ -1,30 +1,33 @@
 """Flash-style attention for LLVM CPU targets.
 
-    O[b, i, :] = sum_j softmax_j(scale * Q[b, i, :] . KT[b, :, j]) * V[b, j, :]
+    O[b, i, :] = sum_j softmax_j(scale * Q[b, i, :] . K[b, j, :]) * V[b, j, :]
 
-Inputs are 3-D: Q (BH, Lq, D), KT (BH, D, Lk) (keys already transposed, which is what the torch
-and ONNX importers materialise anyway), V (BH, Lk, Dv); output O (BH, Lq, Dv).
+Inputs are 3-D: Q (BH, Lq, D); the keys either as K (BH, Lk, D) or transposed, KT (BH, D, Lk)
+(`k_layout`, whichever the importer's graph has without a copy); V (BH, Lk, Dv); output
+O (BH, Lq, Dv). The scale is a compile-time constant of the kernel.
 
 The PrimFunc is written in its final algorithmic form (not scheduled): per (head, query tile of
 TQ rows) it walks the keys in tiles of TK with an online softmax (running max m, running sum l,
 fp32 accumulator acc), so nothing of size Lq x Lk ever exists. The intermediates are declared with
 their logical shapes (e.g. S is [BH, Lq, Lk]), but every access to them sits under the loops of one
 (head, query tile[, key tile]), so TVM's buffer compaction allocates only one tile of each
-(S: TQ x TK, acc: TQ x Dv) per parallel task: memory is O(tokens x head_dim).
+(S: TQ x TK, acc: TQ x Dv) per parallel task. The keys are packed once per head into contiguous
+tiles (KTp: O(Lk x D)); Q and V are copied only when Lq / Lk need padding. Memory is
+O(tokens x head_dim).
 
-Tail handling: Lq and Lk need not be multiples of the tiles; Q, KT and V are copied into padded
-buffers (O(tokens x head_dim)), padded keys are masked to -inf, padded query rows are not stored.
+Tail handling: Lq and Lk need not be multiples of the tiles; padded keys are masked to -inf,
+padded query rows are not stored.
 
-Numerics: all accumulation in fp32; exp is a vectorisable exp2 polynomial (Cephes, rel. error
-~2e-7) with exp(-inf) = 0 exactly; a row whose scores are all -inf gives 0 (what the torch
-decomposition of SDPA produces), not NaN.
+Numerics: all accumulation in fp32 (fp16/bf16 inputs are widened on load); exp is a vectorisable
+exp2 polynomial (Cephes, rel. error ~2e-7) with exp(-inf) = 0 exactly; a row whose scores are all
+-inf gives 0 (what torch's SDPA decomposition produces), not NaN.
 
-Scheduling: `schedule_default` gives untuned builds a register-blocked schedule (parallel over
-head x query tiles, AVX-512/AVX2 vectorised over keys for Q.K^T and over head_dim for P.V);
-`schedule_sampled` is the same schedule with its register-tile sizes as MetaSchedule sampled
-decisions. The PrimFunc carries a `schedule_rule` block annotation naming the custom rule
-registered here, so MetaSchedule's default space generator ("post-order-apply") uses it and
-tunes this kernel like any other task.
+Scheduling: `apply_schedule(sch)` gives untuned builds a register-blocked schedule (parallel over
+head x query tiles; Q.K^T in rows x (vectors of keys) register tiles, P.V in rows x (vectors of
+head_dim) tiles; AVX-512 or AVX2 lanes); `apply_schedule(sch, sample=True)` is the same schedule
+with the register-tile sizes as MetaSchedule decisions. The PrimFunc's blocks carry a
+`schedule_rule` annotation naming the custom rule registered here, so MetaSchedule's default
+space generator ("post-order-apply") hands the kernel to that rule and tunes it like any task.
 """
 
 from __future__ import annotations
@@ -48,12 +51,15 @@ class CpuTiles:
 
 
 def vector_lanes(target) -> int:
-    """fp32 lanes of the widest vector unit the target has."""
+    """fp32 lanes of the widest vector unit the target has (16 AVX-512, 8 AVX2, 4 NEON/other)."""
     if target is None:
         return 8
     attrs = target.attrs
     mcpu = str(attrs.get("mcpu", "")) if "mcpu" in attrs else ""
+    mtriple = str(attrs.get("mtriple", "")) if "mtriple" in attrs else ""
     mattr = [str(a) for a in attrs["mattr"]] if "mattr" in attrs else []
+    if "aarch64" in mtriple or "arm" in mtriple:
+        return 4  # NEON (SVE builds still vectorise 4-wide here)
     if any("avx512" in a for a in mattr):
         return 16
     avx512_cpus = (
@@ -99,8 +105,14 @@ def _exp2(t):
     return T.reinterpret("float32", bits) * p
 
 
-def make_primfunc(bh: int, lq: int, lk: int, d: int, dv: int, scale: float, dtype: str, tiles: CpuTiles):
+def make_primfunc(
+    bh: int, lq: int, lk: int, d: int, dv: int, scale: float, dtype: str, tiles: CpuTiles, k_layout: str = "kt"
+):
     """The unscheduled flash-attention PrimFunc for one static problem.
+
+    k_layout: "kt" takes the keys transposed, KT (BH, D, Lk) (what the importers materialise when
+    nothing can be peeled); "k" takes them as K (BH, Lk, D) (the layout torch passes to SDPA):
+    either way they are packed once per head into contiguous key tiles.
 
     Structure (t = head x query tile, a parallel loop; kt = key tile, serial):
         kt_pack                         keys packed per key tile (contiguous tiles, zero-padded)
@@ -119,7 +131,11 @@ def make_primfunc(bh: int, lq: int, lk: int, d: int, dv: int, scale: float, dtyp
     """
     if scale <= 0:
         raise ValueError(f"attention scale must be positive (got {scale}); fold a negative scale into Q")
+    if k_layout not in ("kt", "k"):
+        raise ValueError(f"k_layout must be 'kt' or 'k', not {k_layout!r}")
     TQ, TK, W = tiles.tq, tiles.tk, tiles.lanes
+    K_SHAPE = (bh, d, lk) if k_layout == "kt" else (bh, lk, d)
+    KT_LAYOUT = k_layout == "kt"
     if TK % W:
         raise ValueError(f"key tile {TK} is not a multiple of the vector width {W}")
     NQ, NK = -(-lq // TQ), -(-lk // TK)
@@ -132,7 +148,7 @@ def make_primfunc(bh: int, lq: int, lk: int, d: int, dv: int, scale: float, dtyp
     BH, LQ, LK, D, DV = bh, lq, lk, d, dv
     f32 = T.float32
     INFO = {"bh": bh, "lq": lq, "lk": lk, "d": d, "dv": dv, "tq": TQ, "tk": TK, "lanes": W,
-            "pad_q": int(PAD_Q), "pad_k": int(PAD_K), "scale": float(scale)}
+            "pad_q": int(PAD_Q), "pad_k": int(PAD_K), "scale": float(scale), "k_transposed": int(KT_LAYOUT)}
 
     def load(x):
         return x if dtype == acc_t else T.Cast(acc_t, x)
@@ -142,10 +158,13 @@ def make_primfunc(bh: int, lq: int, lk: int, d: int, dv: int, scale: float, dtyp
             return T.if_then_else(vi < LQ, load(Q[vb, T.min(vi, LQ - 1), vk]), f32(0.0))
         return load(Q[vb, vi, vk])
 
-    def kt_val(KT, vb, vk, vj):
+    def k_at(K, vb, vk, vj):  # key vj, feature vk, in either layout
+        return K[vb, vk, vj] if KT_LAYOUT else K[vb, vj, vk]
+
+    def kt_val(K, vb, vk, vj):
         if PAD_K:
-            return T.if_then_else(vj < LK, load(KT[vb, vk, T.min(vj, LK - 1)]), f32(0.0))
-        return load(KT[vb, vk, vj])
+            return T.if_then_else(vj < LK, load(k_at(K, vb, vk, T.min(vj, LK - 1))), f32(0.0))
+        return load(k_at(K, vb, vk, vj))
 
     def v_val(V, vb, vj, vk):
         if PAD_K:
@@ -166,7 +185,7 @@ def make_primfunc(bh: int, lq: int, lk: int, d: int, dv: int, scale: float, dtyp
     @T.prim_func(private=True, s_tir=True)
     def attention(
         Q: T.Buffer((BH, LQ, D), dtype),
-        KT: T.Buffer((BH, D, LK), dtype),
+        KT: T.Buffer(K_SHAPE, dtype),
         V: T.Buffer((BH, LK, DV), dtype),
         O: T.Buffer((BH, LQ, DV), dtype),
     ):
@@ -524,8 +543,10 @@ def _has_root(sch) -> bool:
 def _custom_rule(sch, block):
     """s_tir.meta_schedule.cpu.autotune_attention: the design space of the attention kernel.
 
-    Returns one schedule with the register tiles as sampled decisions (MetaSchedule's
-    evolutionary search mutates them with MutateTileSize)."""
+    Returns one schedule whose register-tile sizes (rows and vectors of the Q.K^T and P.V
+    tiles) are SampleCategorical decisions. MetaSchedule's evolutionary search explores them by
+    sampling the space afresh each generation (its CPU mutators only rewrite tile-size /
+    parallel / unroll decisions), and its cost model ranks the candidates."""
     apply_schedule(sch, sample=True)
     return [sch]
 
