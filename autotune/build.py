@@ -23,6 +23,7 @@ from .lowering import finalize_passes, fuse_for_target, is_scheduled, prim_funcs
 from .settings import BuildSettings  # noqa: E402
 from .targets import TargetPreset, resolve_target  # noqa: E402
 from .tuning_log import TuningLog, log_digest  # noqa: E402
+from .weight_transforms import prepare_model  # noqa: E402
 
 
 @dataclass
@@ -117,10 +118,8 @@ def build(
     paths = ArtifactPaths.for_library(output)
     passes: list[dict] = []
     weights_before = imported.weight_bytes()
-    if settings.quantize:
-        from .quantize import quantize
-
-        imported, info = quantize(imported, settings.quantize, preset)
+    imported, info = prepare_model(imported, preset, settings.quantize)
+    if info:
         passes.append(info)
     try:
         executable, (kernels, tuned, fallback, records), notes = compile_module(imported, preset, log_dir)

@@ -26,6 +26,7 @@ from .settings import TuneSettings  # noqa: E402
 from .targets import TargetPreset, resolve_target  # noqa: E402
 from .tuning_log import TuningLog  # noqa: E402
 from .tvm_fixes import import_tensor_intrin_fast  # noqa: E402
+from .weight_transforms import prepare_model  # noqa: E402
 
 
 @dataclass
@@ -168,10 +169,7 @@ def tune(
     preset = resolve_target(target)
     check_can_tune(preset, settings)
     tvm_target = preset.tvm_target()
-    if settings.quantize:  # the log must hold the kernels the quantized build will have
-        from .quantize import quantize
-
-        imported, _ = quantize(imported, settings.quantize, preset)
+    imported, _ = prepare_model(imported, preset, settings.quantize)  # as build does: same kernels
     _, tasks = extract_tasks(imported, tvm_target)
     if not tasks:
         raise TuningFailed(f"{imported.source}: no tunable tasks were found (the module has no operators?)")

@@ -1,0 +1,53 @@
+"""Do once, at build time, the work that depends on weights only.
+
+The torch importer turns every linear into `matmul(x, permute_dims(W))`: without this pass the
+compiled module transposes every weight on every call (a kernel per linear). Relax's
+LiftTransformParams splits such weight-only computations into a function of their own; we run
+it once here and ship its results as the weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .importer import ImportedModel
+
+
+def precompute_weight_transforms(imported: ImportedModel) -> ImportedModel:
+    lifted = relax.transform.LiftTransformParams()(imported.mod)
+    names = [gv.name_hint for gv in lifted.functions]
+    if "main_transform_params" not in names:
+        return imported
+    transform = lifted["main_transform_params"].with_attr("global_symbol", "main")
+    main = lifted["main"]
+    executable = tvm.compile(tvm.IRModule({"main": transform}), target=tvm.target.Target({"kind": "llvm"}))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    outputs = vm["main"]([tvm.runtime.tensor(w) for w in imported.weights.values()])
+    num_input = len(imported.inputs)
+    weights: dict[str, np.ndarray] = {}
+    for i, (var, value) in enumerate(zip(main.params[num_input:], outputs)):
+        name = var.name if var.name not in weights else f"{var.name}.{i}"
+        weights[name] = value.numpy()
+    return ImportedModel(
+        mod=tvm.IRModule({"main": main}),
+        weights=weights,
+        inputs=imported.inputs,
+        outputs=imported.outputs,
+        source=imported.source,
+        notes=imported.notes + ["weight-only computations (transposes) done at build time"],
+    )
+
+
+def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None) -> tuple[ImportedModel, dict | None]:
+    """What tune and build both do to a model before fusing, so their kernels match.
+
+    A quantization mode rewrites the linears itself (its weights are stored pre-transposed and
+    its dequantisation must stay inside the kernels); otherwise weight transforms are precomputed.
+    """
+    if quantize_mode:
+        from .quantize import quantize
+
+        return quantize(imported, quantize_mode, preset)
+    return precompute_weight_transforms(imported), None
