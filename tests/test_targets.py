@@ -224,7 +224,8 @@ def test_cuda_transformer_block_builds_for_sm90_without_a_gpu(tmp_path, attentio
     module, inputs, _ = attention_block
     imported = from_torch(module, inputs)
     report = build(imported, "cuda-sm90", tmp_path / "block.so")
-    assert report.kernels >= 8 and report.fallback_kernels == report.kernels
+    # every kernel gets a dlight schedule, but the fused attention kernel, which comes scheduled
+    assert report.kernels >= 8 and report.fallback_kernels == report.kernels - 1
     (fatbin,) = cuda.embedded_fatbins(report.paths.library)
     assert cuda.fatbin_archs(fatbin)["sass"] == ["sm_90"]
     meta = json.loads(report.paths.metadata.read_text())
