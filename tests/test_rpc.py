@@ -94,7 +94,8 @@ def start_servers(children, tmp_path, tracker: str, key: str, count: int) -> lis
     servers = []
     for i in range(count):
         server = Child(
-            ["server", "--tracker", tracker, "--key", key, "--host", "127.0.0.1", "--port", str(base)],
+            # each server its own port range: two servers probing one range at once can race to a port
+            ["server", "--tracker", tracker, "--key", key, "--host", "127.0.0.1", "--port", str(base + 200 * i)],
             tmp_path / f"server{i}.log",
         )
         children.append(server)
