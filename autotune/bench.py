@@ -100,6 +100,7 @@ class TVM:
         self.kernels = (report.tuned_kernels, report.kernels)
         module = autotune.load(report.paths.library)
         np_inputs = {k: v.numpy() for k, v in w.inputs.items()}
+        self.profile = lambda: module.profile(np_inputs, repeat=3)
         return lambda inputs: module(**np_inputs)
 
 
@@ -139,6 +140,7 @@ class Row:
     peak_fraction: float = float("nan")
     fidelity: dict = field(default_factory=dict)
     note: str = ""
+    largest_kernel: dict = field(default_factory=dict)  # TVM builds: the kernel doing the most FLOPs, timed alone
 
 
 def _as_numpy(out):
@@ -161,7 +163,7 @@ def run_bench(workloads: list[str], engines: list, rounds: int = 15, log=print) 
             flops = w.flops()
             with torch.no_grad():
                 reference = _as_numpy(w.module(*w.inputs.values()))
-            runners, notes = {}, {}
+            runners, notes, by_name = {}, {}, {e.name: e for e in engines}
             for engine in engines:
                 log(f"[{wname}] preparing {engine.name}")
                 try:
@@ -188,11 +190,40 @@ def run_bench(workloads: list[str], engines: list, rounds: int = 15, log=print) 
                     Row(
                         wname, name, median, min(ts), median / eager,
                         flops / median / 1e6, flops / median / 1e6 / peak["sgemm_gflops"],
-                        fidelity, notes.get(name, ""),
+                        fidelity, notes.get(name, ""), _largest_kernel(by_name[name], peak),
                     )
                 )
-            log(format_markdown([r for r in rows if r.workload == wname], peak))
+            this = [r for r in rows if r.workload == wname]
+            log(format_markdown(this, peak) + "\n\n" + format_largest_kernels(this))
     return rows, peak
+
+
+def _largest_kernel(engine, peak: dict) -> dict:
+    """Profile a TVM build kernel by kernel; report the one with the most FLOPs."""
+    if not hasattr(engine, "profile"):
+        return {}
+    top = engine.profile().largest()
+    if top is None:
+        return {}
+    return {
+        "kernel": top.name, "calls": top.calls, "gflop": top.gflop, "ms": top.ms,
+        "gflops": top.gflops, "peak_fraction": top.gflops / peak["sgemm_gflops"],
+    }
+
+
+def format_largest_kernels(rows: list[Row]) -> str:
+    lines = [
+        "| workload | engine | largest kernel (most FLOPs) | calls | GFLOP | ms | GFLOP/s | % of SGEMM peak |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        k = r.largest_kernel
+        if k:
+            lines.append(
+                f"| {r.workload} | {r.engine} | `{k['kernel']}` | {k['calls']} | {k['gflop']:.2f} | {k['ms']:.2f} | "
+                f"{k['gflops']:.1f} | {100 * k['peak_fraction']:.1f}% |"
+            )
+    return "\n".join(lines)
 
 
 def format_markdown(rows: list[Row], peak: dict) -> str:
@@ -238,6 +269,8 @@ def write_results(rows: list[Row], peak: dict, out_dir: Path, command: str) -> P
         f"# autotune bench\n\nCommand: `{command}`\n\nMachine peak measured in the same run: SGEMM "
         f"{peak['sgemm_gflops']:.1f} GFLOP/s (torch BLAS, {peak['sgemm_size']}³), copy bandwidth {peak['copy_gbs']:.1f} GB/s.\n\n"
         + format_markdown(rows, peak)
+        + "\n\nEach TVM build profiled kernel by kernel (`CompiledModule.profile`), its largest kernel:\n\n"
+        + format_largest_kernels(rows)
         + "\n\n![latency relative to torch eager](bench.png)\n"
     )
     (out_dir / "bench.json").write_text(json.dumps({"command": command, "peak": peak, "rows": [r.__dict__ for r in rows]}, indent=2))

@@ -77,8 +77,23 @@ def _codegen_context(preset: TargetPreset):
     return contextlib.nullcontext()
 
 
-def compile_module(imported: ImportedModel, preset: TargetPreset, log_dir=None, seed: int = 0):
-    """Fuse, apply the log, fallback-schedule the rest, lower; returns (executable, stats, notes)."""
+def count_kernel_flops(mod: tvm.IRModule) -> dict[str, float]:
+    """FLOPs of one call of each kernel (for the profiler's GFLOP/s); kernels it cannot count are left out."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    flops = {}
+    for name, func in prim_funcs(mod).items():
+        try:
+            flops[name] = float(estimate_tir_flops(tvm.IRModule({"main": func})))
+        except Exception:  # e.g. data-dependent loops: no count, the profile shows time only
+            continue
+    return flops
+
+
+def compile_module(imported: ImportedModel, preset: TargetPreset, log_dir=None, seed: int = 0, kernel_flops: dict | None = None):
+    """Fuse, apply the log, fallback-schedule the rest, lower; returns (executable, stats, notes).
+
+    `kernel_flops`, when given, is filled with the FLOPs of one call of each kernel."""
     target = preset.tvm_target()
     fused = fuse_for_target(imported.mod, target)
     kernels = len(prim_funcs(fused))
@@ -96,6 +111,8 @@ def compile_module(imported: ImportedModel, preset: TargetPreset, log_dir=None, 
     elif log_dir is not None:
         notes.append(f"log directory {log_dir} does not exist: building untuned")
     fused, fallback = schedule_untuned(fused, target, seed=seed)
+    if kernel_flops is not None:
+        kernel_flops.update(count_kernel_flops(fused))
     with target:
         lowered = tvm.transform.Sequential(finalize_passes())(fused)
     with _codegen_context(preset):
@@ -122,7 +139,8 @@ def build(
     if info:
         passes.append(info)
     try:
-        executable, (kernels, tuned, fallback, records), notes = compile_module(imported, preset, log_dir)
+        kernel_flops: dict[str, float] = {}
+        executable, (kernels, tuned, fallback, records), notes = compile_module(imported, preset, log_dir, kernel_flops=kernel_flops)
     except Exception as exc:
         raise BuildFailed(f"compiling {imported.source} for {preset.name} failed: {type(exc).__name__}: {exc}") from exc
     notes += export(executable, paths, preset)
@@ -136,7 +154,7 @@ def build(
         "weights": list(imported.weights),
         "weight_bytes": {"before": weights_before, "after": imported.weight_bytes()},
         "passes": passes,
-        "kernels": {"total": kernels, "tuned": tuned, "fallback": fallback},
+        "kernels": {"total": kernels, "tuned": tuned, "fallback": fallback, "flops": kernel_flops},
         "tuning_log": {"dir": str(log_dir) if log_dir else None, "digest": log_digest(log_dir) if log_dir else None, "records": records},
         "versions": {"autotune": __version__, "tvm": tvm.__version__},
         "settings": settings.to_json(),

@@ -45,8 +45,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"a zoo model (see `autotune models`; default {DEFAULT_MODEL}, seeded random weights) or a model file: "
-        ".onnx, or .pt2 (torch.export.save; an ExportedProgram file is code: load only files you trust)",
+        help=f"a zoo model (see `autotune models`; default {DEFAULT_MODEL}, seeded random weights), a benchmark "
+        "workload (dit-block, vae-up-block, tiny-transformer, ...: see `autotune bench --help`) or a model file: .onnx, or .pt2 (torch.export.save; an ExportedProgram file is code: load only files you trust)",
     )
     g.add_argument(
         "--component",
@@ -260,6 +260,8 @@ def cmd_run(args) -> int:
         print(f"outputs saved to {args.save}")
     timing = module.benchmark(inputs, repeat=args.repeat)
     print(f"latency: median {timing['median_ms']:.3f} ms (min {timing['min_ms']:.3f}, max {timing['max_ms']:.3f}) over {args.repeat} runs")
+    if args.profile:
+        print(module.profile(inputs, repeat=max(1, min(args.repeat, 5))).format(top=args.profile))
     return 0
 
 
@@ -412,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", help="save the outputs to this .npz file")
     p.add_argument("--repeat", type=int, default=20, help="timed runs (default 20)")
     p.add_argument("--check-finite", action="store_true", help="reject inputs containing NaN or Inf")
+    p.add_argument("--profile", type=int, nargs="?", const=15, metavar="N",
+                   help="also time each kernel and print the N slowest (default 15) with GFLOP/s")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("inspect", help="show an artifact's metadata, or summarise a tuning log directory")

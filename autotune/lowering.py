@@ -17,8 +17,13 @@ def fuse_for_target(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModul
     from .attention import fuse_attention  # also registers the attention schedule rule
 
     mod = fuse_attention(mod, target)
+    legalize = None
+    if target.kind.name == "llvm":
+        from .fast_math import cpu_fast_math_legalizations
+
+        legalize = cpu_fast_math_legalizations()
     passes = [
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(customize_legalize_map=legalize),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),

@@ -180,5 +180,15 @@ class CompiledModule:
         return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "repeat": repeat}
 
 
+    def profile(self, inputs: dict | None = None, repeat: int = 5):
+        """Per-kernel times of one call (autotune.profiler.Profile), slowest kernel first."""
+        from .profiler import profile_vm
+
+        inputs = inputs or self.random_inputs()
+        args = [tvm.runtime.tensor(np.asarray(inputs[s.name]), self.device) for s in self.inputs]
+        flops = self.metadata.get("kernels", {}).get("flops", {})
+        return profile_vm(self._vm, [*args, *self._weights], self.device, flops, repeat=repeat)
+
+
 def load(path: str | Path, device: str = "cpu", **kwargs) -> CompiledModule:
     return CompiledModule(path, device=device, **kwargs)

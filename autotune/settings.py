@@ -25,6 +25,8 @@ class TuneSettings(_Printable):
     runs_per_measurement: int = 3
     min_repeat_ms: int = 20
     seed: int | None = 0
+    light_task_share: float = 0.01  # kernels under this share of the module's FLOPs are "light":
+    light_task_trials: int = 8  # they get one batch this size (when the log has none), the rest goes to the heavy ones
     quantize: str | None = None  # tune the kernels of this quantization mode (as `build --quantize` makes them)
     rpc: str | None = None  # "HOST:PORT" of a TVM RPC tracker
     rpc_key: str | None = None

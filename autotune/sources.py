@@ -50,13 +50,20 @@ def load_source(
     frames: int | None = None,
     seed: int = 0,
 ) -> ModelSource:
-    """Import `model` (a zoo name or an .onnx/.pt2 path) and return it with its reference."""
+    """Import `model` (a zoo name, a benchmark workload name, or an .onnx/.pt2 path) and return it with its reference."""
     if is_model_file(model):
         path = Path(model)
         imported = import_model(path)
         rng = np.random.default_rng(seed)
         inputs = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in imported.inputs}
         return ModelSource(path.stem, path.name, imported, inputs, None, model_name=path.stem)
+    from .workloads import WORKLOADS, get_workload
+
+    if model in WORKLOADS:  # a benchmark workload (e.g. the 480p DiT block): tune/build/run it like a model
+        w = get_workload(model)
+        imported = from_torch(w.module, w.inputs, source=w.name)
+        inputs = {k: v.numpy() for k, v in w.inputs.items()}
+        return ModelSource(w.name, w.name, imported, inputs, w.module, model_name=w.name)
     from .models import get_model_spec
 
     spec = get_model_spec(model)

@@ -180,31 +180,46 @@ def tune(
     # MetaSchedule prints its per-task table to stdout at INFO; keep the console for our progress
     # display and let the full log go to LOG/ms_logs/logs/ only.
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        tasks,
-        work_dir=str(Path(log_dir) / "ms_logs"),
-        num_threads=_threads.physical_thread_count(),
-        seed=settings.seed,
-    )
+    light, heavy = split_by_flops(tasks, settings.light_task_share)
+    light = [i for i in light if not database.has_workload(tasks[i].dispatched[0])]
+    light_budget = min(len(light) * settings.light_task_trials, settings.trials // 2)
+    light = light[: light_budget // max(1, settings.light_task_trials)]
+    phases = [  # (task indices, trials, per-task cap, batch size)
+        (light, len(light) * settings.light_task_trials, settings.light_task_trials, settings.light_task_trials),
+    ]
+    heavy_trials = settings.trials - phases[0][1]
+    per_task = settings.trials_per_task or max(settings.trials_per_iter, math.ceil(2 * heavy_trials / max(1, len(heavy))))
+    phases.append((heavy, heavy_trials, per_task, settings.trials_per_iter))
     display = _Display(stats, settings.trials, enabled=progress)
-    callback = _ProgressCallback(stats, display.update)
-    per_task = settings.trials_per_task or max(settings.trials_per_iter, math.ceil(2 * settings.trials / len(tasks)))
+    callbacks = []
     started = time.time()
     with display, _interrupt_guard():
-        ms.tune_tasks(
-            tasks=contexts,
-            task_weights=weights,
-            work_dir=str(Path(log_dir) / "ms_logs"),
-            max_trials_global=settings.trials,
-            max_trials_per_task=per_task,
-            num_trials_per_iter=settings.trials_per_iter,
-            builder=make_builder(settings),
-            runner=make_runner(settings, preset),
-            database=database,
-            cost_model=ms.cost_model.XGBModel(num_tuning_cores=_threads.physical_thread_count()),
-            measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [callback],
-            task_scheduler="gradient",
-        )
+        for indices, trials, cap, batch in phases:
+            if not indices or trials <= 0:
+                continue
+            callback = _ProgressCallback([stats[i] for i in indices], display.update)
+            callbacks.append(callback)
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                [tasks[i] for i in indices],
+                work_dir=str(Path(log_dir) / "ms_logs"),
+                num_threads=_threads.physical_thread_count(),
+                seed=settings.seed,
+            )
+            ms.tune_tasks(
+                tasks=contexts,
+                task_weights=weights,
+                work_dir=str(Path(log_dir) / "ms_logs"),
+                max_trials_global=trials,
+                max_trials_per_task=cap,
+                num_trials_per_iter=batch,
+                builder=make_builder(settings),
+                runner=make_runner(settings, preset),
+                database=database,
+                cost_model=ms.cost_model.XGBModel(num_tuning_cores=_threads.physical_thread_count()),
+                measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [callback],
+                task_scheduler="gradient",
+            )
+    first_error = next((c.first_error for c in callbacks if c.first_error), None)
     report = TuneReport(
         tasks=stats,
         trials=sum(s.trials for s in stats),
@@ -213,7 +228,7 @@ def tune(
         records_after=records_before + database.committed,
         seconds=time.time() - started,
         log_dir=str(log_dir),
-        first_error=callback.first_error,
+        first_error=first_error,
         log_problems=[str(p) for p in database.report.problems],
     )
     if report.trials > 0 and report.failures == report.trials:
@@ -222,6 +237,33 @@ def tune(
             f"{report.first_error}"
         )
     return report
+
+
+def task_flops(task) -> float:
+    """Floating-point operations of one call of the task's kernel, times its call count."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        return float(estimate_tir_flops(task.dispatched[0])) * float(task.weight)
+    except Exception:  # a kernel the estimator cannot walk counts as heavy
+        return math.inf
+
+
+def split_by_flops(tasks: list, light_share: float) -> tuple[list[int], list[int]]:
+    """Indices of (light, heavy) tasks: light ones do under `light_share` of the module's FLOPs.
+
+    Tuning spends trials where the time is: a matmul of 40 GFLOP gains seconds from a better
+    schedule, a reshape gains microseconds, yet MetaSchedule's scheduler would give each the same
+    first batches. Light kernels get one small batch (enough to find a parallel, vectorised
+    schedule), heavy ones share the rest of the budget.
+    """
+    flops = [task_flops(t) for t in tasks]
+    total = sum(f for f in flops if math.isfinite(f))
+    if total <= 0:
+        return [], list(range(len(tasks)))
+    light = [i for i, f in enumerate(flops) if f / total < light_share]
+    heavy = [i for i, f in enumerate(flops) if f / total >= light_share]
+    return light, heavy
 
 
 @contextlib.contextmanager

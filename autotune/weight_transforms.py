@@ -40,12 +40,25 @@ def precompute_weight_transforms(imported: ImportedModel) -> ImportedModel:
     )
 
 
+def _drop_causal_padding(imported: ImportedModel) -> ImportedModel:
+    from .causal_padding import drop_causal_padding
+
+    func, count = drop_causal_padding(imported.mod["main"])
+    if not count:
+        return imported
+    mod = tvm.IRModule({"main": func})
+    note = f"{count} causal conv3d on one frame: time taps that only see zero padding dropped (conv over data only)"
+    return ImportedModel(mod, imported.weights, imported.inputs, imported.outputs, imported.source, imported.notes + [note])
+
+
 def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None) -> tuple[ImportedModel, dict | None]:
     """What tune and build both do to a model before fusing, so their kernels match.
 
-    A quantization mode rewrites the linears itself (its weights are stored pre-transposed and
+    Convolutions lose the time taps that only see causal zero padding (causal_padding.py). A
+    quantization mode rewrites the linears itself (its weights are stored pre-transposed and
     its dequantisation must stay inside the kernels); otherwise weight transforms are precomputed.
     """
+    imported = _drop_causal_padding(imported)
     if quantize_mode:
         from .quantize import quantize
 

@@ -209,3 +209,19 @@ def _fuzz_module(paths):
     if paths not in _FUZZ_CACHE:
         _FUZZ_CACHE[paths] = autotune.load(paths.library)
     return _FUZZ_CACHE[paths]
+
+
+def test_profile_times_every_kernel_and_counts_its_flops(artifact):
+    paths, inputs, ref = artifact
+    module = autotune.load(paths.library)
+    counted = module.metadata["kernels"]["flops"]
+    profile = module.profile({k: v.numpy() for k, v in inputs.items()}, repeat=3)
+    timed = {k.name: k for k in profile.kernels}
+    assert set(counted) <= set(timed), "a compiled kernel was never timed"
+    largest = profile.largest()
+    # the linear 16 -> 8 on 2 rows: 2*2*16*8 multiply-adds at least, plus its bias/scale epilogue
+    assert largest.calls == 1 and 2 * 2 * 16 * 8 <= largest.gflop * 1e9 < 2 * 2 * 16 * 8 + 200
+    assert all(k.ms >= 0 for k in profile.kernels) and profile.total_ms > 0
+    assert largest.name in profile.format()
+    # the instrument is removed afterwards: a plain call still gives torch's result
+    assert max_abs_diff(module(**{k: v.numpy() for k, v in inputs.items()})[0], ref[0]) < TOL

@@ -132,3 +132,23 @@ def test_cli_tune_where_every_build_fails_exits_nonzero(tmp_path):
     assert result.returncode != 0
     assert "candidates failed to build or run" in result.stderr
     assert "Timeout" in result.stderr  # the first failure's own message is shown
+
+
+def test_trials_go_where_the_flops_are(tuned_mlp):
+    """Kernels under 1% of the FLOPs get one small batch; the matmuls share the rest."""
+    from autotune.targets import resolve_target
+    from autotune.tune import extract_tasks, split_by_flops, task_flops
+    from autotune.weight_transforms import prepare_model
+
+    imported, _, report = tuned_mlp
+    preset = resolve_target("x86")
+    _, tasks = extract_tasks(prepare_model(imported, preset, None)[0], preset.tvm_target())
+    light, heavy = split_by_flops(tasks, TuneSettings().light_task_share)
+    names = {i: tasks[i].task_name for i in range(len(tasks))}
+    assert light and all("matmul" not in names[i] for i in light)
+    assert sum("matmul" in names[i] for i in heavy) == 2
+    total = sum(task_flops(t) for t in tasks)
+    assert all(task_flops(tasks[i]) < 0.01 * total for i in light)
+    trials = {s.name: s.trials for s in report.tasks}
+    assert all(trials[names[i]] <= TuneSettings().light_task_trials for i in light)
+    assert sum(trials[names[i]] for i in heavy) >= report.trials / 2

@@ -292,3 +292,20 @@ def test_tiny_torch_export(tiny, name):
     assert params == comp.param_count()
     other = comp.example_inputs(seed=1)
     assert torch.equal(ep.module()(*other.values()), run(module, other))
+
+
+def test_benchmark_workloads_are_models_for_every_command():
+    """`--model dit-block` etc.: a bench workload imports like a zoo model, with its torch reference."""
+    from autotune.sources import load_source
+    from autotune.workloads import get_workload
+
+    source = load_source("tiny-image-encoder")
+    workload = get_workload("tiny-image-encoder")
+    assert source.name == "tiny-image-encoder" and [s.name for s in source.imported.inputs] == list(workload.inputs)
+    with torch.no_grad():
+        expected = workload.module(*workload.inputs.values())
+    expected = expected[0] if isinstance(expected, (tuple, list)) else expected
+    got = source.reference_outputs()[0]
+    assert got.shape == tuple(expected.shape) and float(abs(got - expected.numpy()).max()) == 0.0  # same seeded module
+    with pytest.raises(InputError, match="unknown"):
+        load_source("no-such-model")
