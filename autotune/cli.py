@@ -13,7 +13,7 @@ from . import _threads
 
 _threads.configure_threads()
 
-from .errors import AutotuneError  # noqa: E402
+from .errors import AutotuneError, InputError  # noqa: E402
 
 DEFAULT_MODEL = "wan-i2v-tiny"
 DEFAULT_LOG = "logs"
@@ -265,6 +265,19 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from .tuning_log import merge_log
+
+    for src in args.sources:
+        if not Path(src).is_dir():
+            raise InputError(f"{src}: not a tuning log directory (expected workloads.jsonl and records.jsonl in it)")
+        report = merge_log(src, args.log)
+        print(f"{src} -> {args.log}: {report.summary()}")
+        for problem in report.problems:
+            print(f"  skipped {problem}")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     path = Path(args.path)
     if path.is_dir():
@@ -417,6 +430,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=int, nargs="?", const=15, metavar="N",
                    help="also time each kernel and print the N slowest (default 15) with GFLOP/s")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "merge",
+        help="append the records of other tuning logs to a log",
+        description="Copy into --log the records (and workloads) of each SRC log that it lacks, e.g. logs tuned "
+        "on separate machines of one kind, or a kernel tuned alone. Safe while --log is being tuned into.",
+    )
+    p.add_argument("sources", nargs="+", metavar="SRC", help="tuning log directories to read")
+    _add_log_arg(p, f"tuning log directory to append to (default {DEFAULT_LOG}/)")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("inspect", help="show an artifact's metadata, or summarise a tuning log directory")
     p.add_argument("path", help="an artifact .so/.json, or a log directory")

@@ -268,6 +268,57 @@ class TuningLog(ms.database.PyDatabase):
         return len(self._memory)
 
 
+@dataclass
+class MergeReport:
+    workloads_added: int = 0
+    records_added: int = 0
+    records_present: int = 0  # already in the destination, not copied again
+    problems: list[LogProblem] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = (
+            f"{self.records_added} records and {self.workloads_added} workloads added "
+            f"({self.records_present} records were already there)"
+        )
+        return text + (f"; {len(self.problems)} source lines skipped" if self.problems else "")
+
+
+def merge_log(src: str | Path, dst: str | Path) -> MergeReport:
+    """Append to `dst` the records (and their workloads) of `src` that it lacks.
+
+    Lines are copied as they are, through the same locked, fsync'ed append as tuning, so a
+    merge into a log that is being tuned into is safe. Bad source lines are reported and skipped.
+    Records keep their target and TVM version: readers filter them as for any record.
+    """
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    report = MergeReport()
+    have_workloads = {obj["id"] for _, obj, _ in _read_lines(dst / WORKLOADS_FILE) if obj and "id" in obj}
+    have_records = {json.dumps(obj, sort_keys=True) for _, obj, _ in _read_lines(dst / RECORDS_FILE) if obj}
+    src_workloads = {}
+    for number, obj, reason in _read_lines(src / WORKLOADS_FILE):
+        if obj is None or "id" not in obj or "workload" not in obj:
+            report.problems.append(LogProblem(str(src / WORKLOADS_FILE), number, reason or "not a workload line"))
+            continue
+        src_workloads.setdefault(obj["id"], obj)
+    for number, obj, reason in _read_lines(src / RECORDS_FILE):
+        if obj is None or obj.get("id") not in src_workloads or "record" not in obj:
+            report.problems.append(LogProblem(str(src / RECORDS_FILE), number, reason or "record for an unknown workload"))
+            continue
+        key = json.dumps(obj, sort_keys=True)
+        if key in have_records:
+            report.records_present += 1
+            continue
+        if obj["id"] not in have_workloads:
+            _append_line(dst / WORKLOADS_FILE, src_workloads[obj["id"]])
+            have_workloads.add(obj["id"])
+            report.workloads_added += 1
+        _append_line(dst / RECORDS_FILE, obj)
+        have_records.add(key)
+        report.records_added += 1
+    return report
+
+
 def log_digest(log_dir: str | Path) -> str | None:
     """sha256 of the log's files, to record in an artifact which log built it."""
     log_dir = Path(log_dir)

@@ -253,3 +253,24 @@ def test_interrupted_tune_keeps_its_records_and_resumes(tmp_path, sig):
     assert result.returncode == 0, result.stderr[-2000:]
     before, after = map(int, result.stdout.split()[-2:])
     assert before == report.records and after > before
+
+
+def test_merge_copies_what_is_missing_once_and_skips_bad_lines(real_log, tmp_path):
+    from autotune.tuning_log import merge_log
+
+    src = _copy_log(real_log[0], tmp_path / "src")
+    with open(src / RECORDS_FILE, "a") as f:
+        f.write('{"id": "truncated rec\n')
+    total = read_log(src, X86)[0].records
+    first = merge_log(src, tmp_path / "dst")
+    assert first.records_added == total and 0 < first.workloads_added <= read_log(src)[0].workloads  # those with records
+    assert [p.line for p in first.problems] == [len(_record_lines(src))]
+    again = merge_log(src, tmp_path / "dst")
+    assert again.records_added == 0 and again.records_present == total
+    merged, _ = read_log(tmp_path / "dst", X86)
+    assert merged.records == total and merged.problems == []
+    # and a merged log builds like the original: its records apply to the same kernels
+    from autotune.build import build
+
+    built = build(real_log[1], "x86", tmp_path / "m.so", log_dir=tmp_path / "dst")
+    assert built.tuned_kernels >= 1
