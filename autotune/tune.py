@@ -182,19 +182,27 @@ def tune(
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     light, heavy = split_by_flops(tasks, settings.light_task_share)
     light = [i for i in light if not database.has_workload(tasks[i].dispatched[0])]
-    light_budget = min(len(light) * settings.light_task_trials, settings.trials // 2)
-    light = light[: light_budget // max(1, settings.light_task_trials)]
-    phases = [  # (task indices, trials, per-task cap, batch size)
-        (light, len(light) * settings.light_task_trials, settings.light_task_trials, settings.light_task_trials),
-    ]
-    heavy_trials = settings.trials - phases[0][1]
+    batch = settings.light_task_trials
+    first = light[: (settings.trials // 2) // max(1, batch)]  # light kernels take at most half the budget
+    rest = light[len(first):]
+    heavy_trials = settings.trials - len(first) * batch
     per_task = settings.trials_per_task or max(settings.trials_per_iter, math.ceil(2 * heavy_trials / max(1, len(heavy))))
-    phases.append((heavy, heavy_trials, per_task, settings.trials_per_iter))
+
+    def spent() -> int:
+        return sum(s.trials for s in stats)
+
+    phases = [  # each gives (task indices, trials, per-task cap, batch size) when its turn comes
+        lambda: (first, len(first) * batch, batch, batch),
+        lambda: (heavy, heavy_trials, per_task, settings.trials_per_iter),
+        # heavy kernels whose search converged early leave budget: the light kernels not reached yet get it
+        lambda: (rest, min(len(rest) * batch, settings.trials - spent()), batch, batch),
+    ]
     display = _Display(stats, settings.trials, enabled=progress)
     callbacks = []
     started = time.time()
     with display, _interrupt_guard():
-        for indices, trials, cap, batch in phases:
+        for phase in phases:
+            indices, trials, cap, per_iter = phase()
             if not indices or trials <= 0:
                 continue
             callback = _ProgressCallback([stats[i] for i in indices], display.update)
@@ -211,7 +219,7 @@ def tune(
                 work_dir=str(Path(log_dir) / "ms_logs"),
                 max_trials_global=trials,
                 max_trials_per_task=cap,
-                num_trials_per_iter=batch,
+                num_trials_per_iter=per_iter,
                 builder=make_builder(settings),
                 runner=make_runner(settings, preset),
                 database=database,

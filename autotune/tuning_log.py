@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,13 +171,23 @@ def read_log(log_dir: str | Path, target: tvm.target.Target | None = None, memor
         if want_target is not None and obj.get("target") != want_target:
             report.problems.append(LogProblem(str(rpath), number, f"record for another target: {obj.get('target')}"))
             continue
-        record = _replay(obj["record"], wid, workloads, same_structure)
+        record, replayed_on = _replay(obj["record"], wid, workloads, same_structure)
         if isinstance(record, Exception):
             report.problems.append(LogProblem(str(rpath), number, f"not a tuning record ({type(record).__name__}: {record})"))
             continue
         if memory is not None:
-            # Commit under the workload object the in-memory database knows.
-            known = memory.commit_workload(workloads[wid].mod)
+            # The in-memory database files it under the first structurally equal workload it
+            # knows, whose blocks may be named otherwise: its trace must name those blocks.
+            source = workloads[replayed_on].mod
+            known = memory.commit_workload(source)
+            if not known.mod.same_as(source):
+                try:
+                    record = ms.database.TuningRecord.from_json(_renamed_blocks(obj["record"], source, known.mod), known)
+                except Exception as exc:
+                    report.problems.append(
+                        LogProblem(str(rpath), number, f"record for a twin kernel does not replay on it ({type(exc).__name__})")
+                    )
+                    continue
             memory.commit_tuning_record(
                 ms.database.TuningRecord(record.trace, known, record.run_secs, record.target, record.args_info)
             )
@@ -185,7 +196,7 @@ def read_log(log_dir: str | Path, target: tvm.target.Target | None = None, memor
 
 
 def _replay(record_json, wid: str, workloads: dict, same_structure: dict):
-    """Rebuild a record by replaying its trace on its workload.
+    """Rebuild a record by replaying its trace on its workload: (record, workload id it replayed on).
 
     MetaSchedule files a record under the first structurally equal workload it saw, and
     structural equality ignores block names: a layer_norm tuned for one model can be filed
@@ -196,10 +207,27 @@ def _replay(record_json, wid: str, workloads: dict, same_structure: dict):
     twins = same_structure.get(str(workloads[wid].as_json()[0]), [])
     for candidate in [wid] + [t for t in twins if t != wid]:
         try:
-            return ms.database.TuningRecord.from_json(record_json, workloads[candidate])
+            return ms.database.TuningRecord.from_json(record_json, workloads[candidate]), candidate
         except Exception as exc:
             first_error = first_error or exc
-    return first_error
+    return first_error, wid
+
+
+_BLOCK = re.compile(r'T\.sblock\("([^"]+)"\)')
+
+
+def _renamed_blocks(record_json, source: tvm.IRModule, target: tvm.IRModule):
+    """The record with its trace's block names mapped from `source` to its structural twin `target`.
+
+    Twins have the same blocks in the same order, so the n-th block of one is the n-th of the other.
+    """
+    mapping = dict(zip(_BLOCK.findall(source.script()), _BLOCK.findall(target.script())))
+    (insts, decisions), *rest = record_json
+    renamed = [
+        [kind, inputs, [mapping.get(attrs[0], attrs[0]), *attrs[1:]] if kind == "GetSBlock" else attrs, outputs]
+        for kind, inputs, attrs, outputs in insts
+    ]
+    return [[renamed, decisions], *rest]
 
 
 @derived_object

@@ -15,6 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import tvm
+
 from autotune.targets import resolve_target
 from autotune.tuning_log import RECORDS_FILE, WORKLOADS_FILE, TuningLog, read_log
 from conftest import run_fresh
@@ -274,3 +276,33 @@ def test_merge_copies_what_is_missing_once_and_skips_bad_lines(real_log, tmp_pat
 
     built = build(real_log[1], "x86", tmp_path / "m.so", log_dir=tmp_path / "dst")
     assert built.tuned_kernels >= 1
+
+
+def _named_kernel(block: str):
+    from tvm import te
+
+    a = te.placeholder((64, 64), name="a")
+    b = te.compute((64, 64), lambda i, j: a[i, j] * 2.0, name=block)
+    return tvm.IRModule({"main": te.create_prim_func([a, b])})
+
+
+def test_a_record_applies_to_its_twin_kernel_with_other_block_names(tmp_path):
+    """Two models can hold the same kernel with differently named blocks. MetaSchedule pools
+    them (structural equality ignores names), so a record read back for one must replay on the
+    other: its trace's block names are mapped over."""
+    from tvm.s_tir import meta_schedule as ms
+
+    first, second = _named_kernel("first_name"), _named_kernel("second_name")
+    log = TuningLog(tmp_path, X86)
+    log.commit_workload(first)  # the twin the database will know first
+    workload = log.commit_workload(second)
+    sch = tvm.s_tir.Schedule(second)
+    i, _ = sch.get_loops(sch.get_sblock("second_name"))
+    sch.parallel(i)
+    args = ms.arg_info.ArgInfo.from_prim_func(second["main"])
+    log.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [1e-4], X86, args))
+
+    reread = TuningLog(tmp_path, X86)
+    assert reread.report.problems == [] and reread.report.records == 1
+    applied = reread.query_ir_module(second, X86, "main")
+    assert applied is not None and "T.parallel" in applied.script()
