@@ -220,11 +220,21 @@ def _renamed_blocks(record_json, source: tvm.IRModule, target: tvm.IRModule):
     """The record with its trace's block names mapped from `source` to its structural twin `target`.
 
     Twins have the same blocks in the same order, so the n-th block of one is the n-th of the other.
+    Blocks the trace itself creates are named after their origin (`x_sum` -> `x_sum_rf`): the
+    longest original name they start with is mapped.
     """
     mapping = dict(zip(_BLOCK.findall(source.script()), _BLOCK.findall(target.script())))
+    by_length = sorted(mapping, key=len, reverse=True)
+
+    def rename(name: str) -> str:
+        if name in mapping:
+            return mapping[name]
+        origin = next((n for n in by_length if name.startswith(n)), None)
+        return mapping[origin] + name[len(origin):] if origin else name
+
     (insts, decisions), *rest = record_json
     renamed = [
-        [kind, inputs, [mapping.get(attrs[0], attrs[0]), *attrs[1:]] if kind == "GetSBlock" else attrs, outputs]
+        [kind, inputs, [rename(attrs[0]), *attrs[1:]] if kind == "GetSBlock" else attrs, outputs]
         for kind, inputs, attrs, outputs in insts
     ]
     return [[renamed, decisions], *rest]

@@ -282,7 +282,8 @@ def _named_kernel(block: str):
     from tvm import te
 
     a = te.placeholder((64, 64), name="a")
-    b = te.compute((64, 64), lambda i, j: a[i, j] * 2.0, name=block)
+    k = te.reduce_axis((0, 64), name="k")
+    b = te.compute((64,), lambda i: te.sum(a[i, k] * 2.0, axis=k), name=block)
     return tvm.IRModule({"main": te.create_prim_func([a, b])})
 
 
@@ -297,8 +298,10 @@ def test_a_record_applies_to_its_twin_kernel_with_other_block_names(tmp_path):
     log.commit_workload(first)  # the twin the database will know first
     workload = log.commit_workload(second)
     sch = tvm.s_tir.Schedule(second)
-    i, _ = sch.get_loops(sch.get_sblock("second_name"))
-    sch.parallel(i)
+    i, k = sch.get_loops(sch.get_sblock("second_name"))
+    _, inner = sch.split(k, factors=[None, 8])
+    sch.rfactor(inner, factor_axis=0)  # creates block "second_name_rf", which the trace then names
+    sch.parallel(sch.get_loops(sch.get_sblock("second_name_rf"))[0])
     args = ms.arg_info.ArgInfo.from_prim_func(second["main"])
     log.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [1e-4], X86, args))
 
