@@ -199,7 +199,7 @@ def run_bench(workloads: list[str], engines: list, rounds: int = 15, log=print) 
 
 
 def _largest_kernel(engine, peak: dict) -> dict:
-    """Profile a TVM build kernel by kernel; report the one with the most FLOPs."""
+    """Profile a TVM build kernel by kernel; report the one with the most FLOPs per call."""
     if not hasattr(engine, "profile"):
         return {}
     top = engine.profile().largest()
@@ -213,7 +213,7 @@ def _largest_kernel(engine, peak: dict) -> dict:
 
 def format_largest_kernels(rows: list[Row]) -> str:
     lines = [
-        "| workload | engine | largest kernel (most FLOPs) | calls | GFLOP | ms | GFLOP/s | % of SGEMM peak |",
+        "| workload | engine | largest kernel (most FLOPs per call) | calls | GFLOP (all calls) | ms (all calls) | GFLOP/s | % of SGEMM peak |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

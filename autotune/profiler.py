@@ -35,9 +35,9 @@ class Profile:
     total_ms: float
 
     def largest(self) -> KernelTime | None:
-        """The kernel that does the most floating-point work per module call."""
-        counted = [k for k in self.kernels if k.gflop]
-        return max(counted, key=lambda k: k.gflop) if counted else None
+        """The kernel whose single call does the most floating-point work (e.g. a block's FFN matmul)."""
+        counted = [k for k in self.kernels if k.gflop and k.calls]
+        return max(counted, key=lambda k: k.gflop / k.calls) if counted else None
 
     def format(self, top: int = 15, peak_gflops: float | None = None) -> str:
         head = f"{'kernel':<56} {'calls':>5} {'ms':>9} {'share':>6} {'GFLOP':>8} {'GFLOP/s':>8}"
