@@ -140,7 +140,7 @@ class Row:
     peak_fraction: float = float("nan")
     fidelity: dict = field(default_factory=dict)
     note: str = ""
-    largest_kernel: dict = field(default_factory=dict)  # TVM builds: the kernel doing the most FLOPs, timed alone
+    largest_kernel: dict = field(default_factory=dict)  # TVM builds: the kernel with the most FLOPs per call, timed alone
 
 
 def _as_numpy(out):
