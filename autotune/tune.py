@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import sys
 import threading
 import math
 import time
@@ -71,10 +72,11 @@ class TuneReport:
 class _ProgressCallback(ms.measure_callback.PyMeasureCallback):
     """Counts trials and failures per task and drives the progress display."""
 
-    def __init__(self, stats: list[TaskStats], on_update):
+    def __init__(self, stats: list[TaskStats], on_update, after_batch=None):
         super().__init__()
         self.stats = stats
         self.on_update = on_update
+        self.after_batch = after_batch
         self.first_error: str | None = None
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
@@ -91,6 +93,8 @@ class _ProgressCallback(ms.measure_callback.PyMeasureCallback):
             if secs:
                 stat.best_sec = min(stat.best_sec, sum(secs) / len(secs))
         self.on_update()
+        if self.after_batch is not None:
+            self.after_batch()
 
 
 def make_builder(settings: TuneSettings):
@@ -200,12 +204,14 @@ def tune(
     display = _Display(stats, settings.trials, enabled=progress)
     callbacks = []
     started = time.time()
-    with display, _interrupt_guard():
+    guard = _InterruptGuard(on_first=display.note_stopping)
+    with display, guard:
         for phase in phases:
+            guard.check()
             indices, trials, cap, per_iter = phase()
             if not indices or trials <= 0:
                 continue
-            callback = _ProgressCallback([stats[i] for i in indices], display.update)
+            callback = _ProgressCallback([stats[i] for i in indices], display.update, after_batch=guard.check)
             callbacks.append(callback)
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 [tasks[i] for i in indices],
@@ -213,6 +219,9 @@ def tune(
                 num_threads=_threads.physical_thread_count(),
                 seed=settings.seed,
             )
+            builder, runner = make_builder(settings), make_runner(settings, preset)
+            cost_model = ms.cost_model.XGBModel(num_tuning_cores=_threads.physical_thread_count())
+            measure_callbacks = ms.measure_callback.MeasureCallback.create("default") + [callback]
             ms.tune_tasks(
                 tasks=contexts,
                 task_weights=weights,
@@ -220,11 +229,11 @@ def tune(
                 max_trials_global=trials,
                 max_trials_per_task=cap,
                 num_trials_per_iter=per_iter,
-                builder=make_builder(settings),
-                runner=make_runner(settings, preset),
+                builder=builder,
+                runner=runner,
                 database=database,
-                cost_model=ms.cost_model.XGBModel(num_tuning_cores=_threads.physical_thread_count()),
-                measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [callback],
+                cost_model=cost_model,
+                measure_callbacks=measure_callbacks,
                 task_scheduler="gradient",
             )
     first_error = next((c.first_error for c in callbacks if c.first_error), None)
@@ -274,32 +283,44 @@ def split_by_flops(tasks: list, light_share: float) -> tuple[list[int], list[int
     return light, heavy
 
 
-@contextlib.contextmanager
-def _interrupt_guard():
-    """Make Ctrl-C surface as KeyboardInterrupt however it reaches us.
+class _InterruptGuard:
+    """Ctrl-C stops tuning after the batch in flight; a second Ctrl-C stops at once.
 
-    A SIGINT that lands inside TVM's C++ (e.g. XGBoost training in the cost model) comes back
-    through the FFI as a RuntimeError. Every record is on disk either way; this only makes the
-    caller see an interruption rather than a crash.
+    An exception raised by the signal handler at an arbitrary point can land in the middle of
+    TVM's C++ (a constructor, a worker pool being torn down) and end in std::terminate. So the
+    first SIGINT only sets a flag, and `check()`, called after each measured batch from the
+    measure callback (a point where TVM expects Python errors), raises KeyboardInterrupt there:
+    the batch's records are on disk by then. Errors that TVM wraps around it come back as
+    KeyboardInterrupt too.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    interrupted = []
 
-    def on_sigint(signum, frame):
-        interrupted.append(signum)
-        raise KeyboardInterrupt
+    def __init__(self, on_first=None):
+        self.interrupted: list[int] = []
+        self._previous = None
+        self._on_first = on_first
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield
-    except BaseException as exc:
-        if interrupted and not isinstance(exc, KeyboardInterrupt):
+    def _on_sigint(self, signum, frame):
+        self.interrupted.append(signum)
+        if len(self.interrupted) > 1:
+            raise KeyboardInterrupt
+        if self._on_first is not None:
+            self._on_first()
+
+    def check(self) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        if exc is not None and self.interrupted and not isinstance(exc, KeyboardInterrupt):
             raise KeyboardInterrupt from exc
-        raise
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        return False
 
 
 class _Display:
@@ -326,6 +347,13 @@ class _Display:
             self._progress.start()
             self._task = self._progress.add_task("tune", total=self.total, detail="")
         return self
+
+    def note_stopping(self):
+        message = "Ctrl-C: stopping after the batch in flight (its records are kept); Ctrl-C again to stop now"
+        if self._progress is not None:
+            self._progress.console.print(message)
+        else:
+            print(message, file=sys.stderr)
 
     def update(self):
         if self._progress is None:

@@ -55,12 +55,13 @@ def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None) ->
     """What tune and build both do to a model before fusing, so their kernels match.
 
     Convolutions lose the time taps that only see causal zero padding (causal_padding.py). A
-    quantization mode rewrites the linears itself (its weights are stored pre-transposed and
-    its dequantisation must stay inside the kernels); otherwise weight transforms are precomputed.
+    quantization mode rewrites the linears and convolutions itself (its weights are stored
+    pre-transposed and its dequantisation must stay inside the kernels), so the padding is
+    dropped after it, on the quantized weights; otherwise weight transforms are precomputed.
     """
-    imported = _drop_causal_padding(imported)
     if quantize_mode:
         from .quantize import quantize
 
-        return quantize(imported, quantize_mode, preset)
-    return precompute_weight_transforms(imported), None
+        quantized, info = quantize(imported, quantize_mode, preset)
+        return _drop_causal_padding(quantized), info
+    return precompute_weight_transforms(_drop_causal_padding(imported)), None
