@@ -69,12 +69,8 @@ def run_vm(executable, args):
 
 def build_kernel(bh, lq, lk, d, dv, scale=None, dtype="float32", tiles=None, knobs=None, k_layout="kt"):
     scale = 1 / math.sqrt(d) if scale is None else scale
-    target = cpu_target()
-    tiles = tiles or kc.choose_tiles(lq, lk, d, dv, kc.vector_lanes(target))
-    func = kc.make_primfunc(bh, lq, lk, d, dv, scale, dtype, tiles, k_layout=k_layout).with_attr("global_symbol", "main")
-    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
-    kc.apply_schedule(sch, knobs)
-    return tvm.compile(sch.mod, target=target), scale
+    lib = kc.compile_standalone(bh, lq, lk, d, dv, cpu_target(), scale, dtype, tiles, knobs, k_layout)
+    return lib, scale
 
 
 def run_kernel(lib, q, kt, v, dv):
@@ -350,14 +346,10 @@ def test_32760_key_tokens_cpu_run_in_bounded_memory():
     result = run_fresh(
         """
         import resource, numpy as np, autotune, tvm
-        from tvm import s_tir
         from autotune.kernels import attention_cpu as kc
         LQ, LK, D = 256, 32760, 128
         target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
-        func = kc.make_primfunc(1, LQ, LK, D, D, D ** -0.5, "float32", kc.choose_tiles(LQ, LK, D, D, kc.vector_lanes(target)))
-        sch = s_tir.Schedule(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}))
-        kc.apply_schedule(sch)
-        lib = tvm.compile(sch.mod, target=target)
+        lib = kc.compile_standalone(1, LQ, LK, D, D, target)
         rng = np.random.default_rng(0)
         q = rng.standard_normal((1, LQ, D), dtype=np.float32)
         kt = rng.standard_normal((1, D, LK), dtype=np.float32)
@@ -383,14 +375,10 @@ def test_32760_tokens_full_single_head_cpu_run_in_bounded_memory():
     result = run_fresh(
         """
         import resource, numpy as np, autotune, tvm
-        from tvm import s_tir
         from autotune.kernels import attention_cpu as kc
         L, D = 32760, 128
         target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
-        func = kc.make_primfunc(1, L, L, D, D, D ** -0.5, "float32", kc.choose_tiles(L, L, D, D, kc.vector_lanes(target)))
-        sch = s_tir.Schedule(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}))
-        kc.apply_schedule(sch)
-        lib = tvm.compile(sch.mod, target=target)
+        lib = kc.compile_standalone(1, L, L, D, D, target)
         rng = np.random.default_rng(0)
         args = [tvm.runtime.tensor(rng.standard_normal(s, dtype=np.float32)) for s in ((1, L, D), (1, D, L), (1, L, D), (1, L, D))]
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

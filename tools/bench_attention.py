@@ -58,7 +58,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import tvm  # noqa: E402
-from tvm import relax, s_tir  # noqa: E402
+from tvm import relax  # noqa: E402
 
 from autotune.attention import fuse_attention, is_attention_kernel, schedule_attention  # noqa: E402
 from autotune.importer import from_torch  # noqa: E402
@@ -155,10 +155,7 @@ def bench_shape(tokens: int, workdir: Path) -> dict:
     tgt = target()
     a = kfunc.attrs["autotune.attention"]
     tiles = kc.CpuTiles(int(a["tq"]), int(a["tk"]), int(a["lanes"]))
-    func = kc.make_primfunc(h, tokens, tokens, d, d, d**-0.5, "float32", tiles).with_attr("global_symbol", "main")
-    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
-    kc.apply_schedule(sch)
-    kernel = tvm.compile(sch.mod, target=tgt)["main"]
+    kernel = kc.compile_standalone(h, tokens, tokens, d, d, tgt, tiles=tiles)["main"]
     kq = tvm.runtime.tensor(q.numpy()[0])
     kkt = tvm.runtime.tensor(np.ascontiguousarray(k.numpy()[0].transpose(0, 2, 1)))
     kv = tvm.runtime.tensor(v.numpy()[0])

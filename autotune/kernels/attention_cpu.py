@@ -502,6 +502,23 @@ def apply_schedule(sch, knobs: CpuKnobs | None = None, sample: bool = False):
     return sch
 
 
+def compile_standalone(
+    bh: int, lq: int, lk: int, d: int, dv: int, target, scale: float | None = None, dtype: str = "float32",
+    tiles: CpuTiles | None = None, knobs: CpuKnobs | None = None, k_layout: str = "kt",
+):
+    """The kernel alone, scheduled (default knobs) and compiled: `lib["main"](q, kt, v, out)`.
+
+    For tests and benchmarks of the kernel outside a model; builds go through attention.py."""
+    from tvm import s_tir
+
+    scale = d**-0.5 if scale is None else scale
+    tiles = tiles or choose_tiles(lq, lk, d, dv, vector_lanes(target))
+    func = make_primfunc(bh, lq, lk, d, dv, scale, dtype, tiles, k_layout=k_layout).with_attr("global_symbol", "main")
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    apply_schedule(sch, knobs)
+    return tvm.compile(sch.mod, target=target)
+
+
 # --- MetaSchedule integration ---------------------------------------------------------------------
 
 
