@@ -181,9 +181,6 @@ def tune(
     import_tensor_intrin_fast()  # the search's schedule rules import it; ~75 s otherwise
     records_before = database.report.records
     stats = [TaskStats(t.task_name, float(t.weight)) for t in tasks]
-    # MetaSchedule prints its per-task table to stdout at INFO; keep the console for our progress
-    # display and let the full log go to LOG/ms_logs/logs/ only.
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     light, heavy = split_by_flops(tasks, settings.light_task_share)
     light = [i for i in light if not database.has_workload(tasks[i].dispatched[0])]
     batch = settings.light_task_trials
@@ -222,6 +219,10 @@ def tune(
             builder, runner = make_builder(settings), make_runner(settings, preset)
             cost_model = ms.cost_model.XGBModel(num_tuning_cores=_threads.physical_thread_count())
             measure_callbacks = ms.measure_callback.MeasureCallback.create("default") + [callback]
+            # MetaSchedule prints its per-task table to stdout at INFO; keep the console for our
+            # progress display, the full log goes to LOG/ms_logs/logs/. Its console handler takes
+            # this logger's level, and each tune_tasks call resets the level to DEBUG: set it per call.
+            logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
             ms.tune_tasks(
                 tasks=contexts,
                 task_weights=weights,
