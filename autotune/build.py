@@ -23,6 +23,7 @@ from .lowering import finalize_passes, fuse_for_target, is_scheduled, prim_funcs
 from .settings import BuildSettings  # noqa: E402
 from .targets import TargetPreset, resolve_target  # noqa: E402
 from .tuning_log import TuningLog, log_digest  # noqa: E402
+from .weight_prepack import pack_weights  # noqa: E402
 from .weight_transforms import prepare_model  # noqa: E402
 
 
@@ -91,8 +92,10 @@ def count_kernel_flops(mod: tvm.IRModule) -> dict[str, float]:
 
 
 def compile_module(imported: ImportedModel, preset: TargetPreset, log_dir=None, seed: int = 0, kernel_flops: dict | None = None):
-    """Fuse, apply the log, fallback-schedule the rest, lower; returns (executable, stats, notes).
+    """Fuse, apply the log, fallback-schedule the rest, pack weights, lower.
 
+    Returns (executable, stats, notes, weights): `weights` are what the executable's main takes
+    after the inputs (imported.weights, with large matrices packed for the tuned kernels).
     `kernel_flops`, when given, is filled with the FLOPs of one call of each kernel."""
     target = preset.tvm_target()
     fused = fuse_for_target(imported.mod, target)
@@ -111,13 +114,16 @@ def compile_module(imported: ImportedModel, preset: TargetPreset, log_dir=None, 
     elif log_dir is not None:
         notes.append(f"log directory {log_dir} does not exist: building untuned")
     fused, fallback = schedule_untuned(fused, target, seed=seed)
+    fused, weights, packed = pack_weights(fused, imported.weights, len(imported.inputs))
+    if packed:
+        notes.append(f"{packed} weight matrices packed at build time into the layout their tuned kernels read")
     if kernel_flops is not None:
         kernel_flops.update(count_kernel_flops(fused))
     with target:
         lowered = tvm.transform.Sequential(finalize_passes())(fused)
     with _codegen_context(preset):
         executable = tvm.compile(lowered, target=target, relax_pipeline=None)
-    return executable, (kernels, tuned, fallback, records), notes
+    return executable, (kernels, tuned, fallback, records), notes, weights
 
 
 def build(
@@ -140,19 +146,19 @@ def build(
         passes.append(info)
     try:
         kernel_flops: dict[str, float] = {}
-        executable, (kernels, tuned, fallback, records), notes = compile_module(imported, preset, log_dir, kernel_flops=kernel_flops)
+        executable, (kernels, tuned, fallback, records), notes, weights = compile_module(imported, preset, log_dir, kernel_flops=kernel_flops)
     except Exception as exc:
         raise BuildFailed(f"compiling {imported.source} for {preset.name} failed: {type(exc).__name__}: {exc}") from exc
     notes += export(executable, paths, preset)
-    save_weights(paths.weights, imported.weights)
+    save_weights(paths.weights, weights)
     metadata = {
         "name": paths.library.stem,
         "source": imported.source,
         "target": {"preset": preset.name, "family": preset.family, "device": preset.device, "tvm": str(tvm.target.Target(preset.resolved_target_dict()))},
         "inputs": [s.to_json() for s in imported.inputs],
         "outputs": [s.to_json() for s in imported.outputs],
-        "weights": list(imported.weights),
-        "weight_bytes": {"before": weights_before, "after": imported.weight_bytes()},
+        "weights": list(weights),
+        "weight_bytes": {"before": weights_before, "after": sum(int(w.nbytes) for w in weights.values())},
         "passes": passes,
         "kernels": {"total": kernels, "tuned": tuned, "fallback": fallback, "flops": kernel_flops},
         "tuning_log": {"dir": str(log_dir) if log_dir else None, "digest": log_digest(log_dir) if log_dir else None, "records": records},

@@ -13,7 +13,9 @@ from tvm import relax
 
 def fuse_for_target(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Fuse attention into one kernel, then legalize and fuse: every operator becomes a PrimFunc
-    (a tuning task)."""
+    (a tuning task). On CPUs, large weight matrices are marked for packing (weight_prepack.py)."""
+    from .weight_prepack import mark_layout_free
+
     from .attention import fuse_attention  # also registers the attention schedule rule
 
     mod = fuse_attention(mod, target)
@@ -31,7 +33,7 @@ def fuse_for_target(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModul
         relax.transform.DeadCodeElimination(),
     ]
     with target:
-        return tvm.transform.Sequential(passes)(mod)
+        return mark_layout_free(tvm.transform.Sequential(passes)(mod), target)
 
 
 def finalize_passes() -> list:

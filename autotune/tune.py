@@ -210,6 +210,10 @@ def tune(
                 continue
             callback = _ProgressCallback([stats[i] for i in indices], display.update, after_batch=guard.check)
             callbacks.append(callback)
+            # MetaSchedule prints its per-task table to stdout at INFO; keep the console for our
+            # progress display, the full log goes to LOG/ms_logs/logs/. The call below creates its
+            # console handler at this logger's level (and resets the logger to DEBUG): set it per call.
+            logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 [tasks[i] for i in indices],
                 work_dir=str(Path(log_dir) / "ms_logs"),
@@ -219,10 +223,6 @@ def tune(
             builder, runner = make_builder(settings), make_runner(settings, preset)
             cost_model = ms.cost_model.XGBModel(num_tuning_cores=_threads.physical_thread_count())
             measure_callbacks = ms.measure_callback.MeasureCallback.create("default") + [callback]
-            # MetaSchedule prints its per-task table to stdout at INFO; keep the console for our
-            # progress display, the full log goes to LOG/ms_logs/logs/. Its console handler takes
-            # this logger's level, and each tune_tasks call resets the level to DEBUG: set it per call.
-            logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
             ms.tune_tasks(
                 tasks=contexts,
                 task_weights=weights,

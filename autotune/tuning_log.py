@@ -6,6 +6,9 @@ A log directory holds two append-only JSON-lines files:
     records.jsonl    {"id": <workload id>, "target": <target JSON>, "tvm": <version>,
                       "record": <TuningRecord.as_json()>}
 
+A trace may hold a TVM object (TransformLayout's IndexMap, from weight packing): it is stored
+as its TVM JSON text, the form MetaSchedule's trace reader parses back.
+
 Each line is written whole with one `write` under an exclusive `flock`, then flushed and
 fsync'ed: a crash or Ctrl-C loses at most the record being measured, and two processes tuning
 into the same directory never interleave partial lines. Reading never stops at a bad line: a
@@ -36,6 +39,28 @@ from tvm.ir.utils import derived_object  # noqa: E402
 
 WORKLOADS_FILE = "workloads.jsonl"
 RECORDS_FILE = "records.jsonl"
+
+
+def record_to_json(record: ms.database.TuningRecord):
+    """TuningRecord.as_json(), which raises on the IndexMap of a TransformLayout instruction."""
+    from tvm.s_tir.meta_schedule import _ffi_api
+    from tvm.tirx import FloatImm, IntImm
+    from tvm_ffi import Array, Map
+
+    def plain(obj):
+        if obj is None or isinstance(obj, (int, float)):
+            return obj
+        if isinstance(obj, str):
+            return str(obj)
+        if isinstance(obj, (IntImm, FloatImm)):
+            return obj.value
+        if isinstance(obj, Array):
+            return [plain(item) for item in obj]
+        if isinstance(obj, Map):
+            return {plain(k): plain(v) for k, v in obj.items()}
+        return tvm.ir.save_json(obj).strip()
+
+    return plain(_ffi_api.TuningRecordAsJSON(record))
 
 
 @dataclass
@@ -283,7 +308,7 @@ class TuningLog(ms.database.PyDatabase):
             wid = self._file_workload(record.workload.mod)
         _append_line(
             self.log_dir / RECORDS_FILE,
-            {"id": wid, "target": self._target_key, "tvm": tvm.__version__, "record": record.as_json()},
+            {"id": wid, "target": self._target_key, "tvm": tvm.__version__, "record": record_to_json(record)},
         )
         self.committed += 1
 

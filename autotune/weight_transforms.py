@@ -17,27 +17,35 @@ from .importer import ImportedModel
 
 def precompute_weight_transforms(imported: ImportedModel) -> ImportedModel:
     lifted = relax.transform.LiftTransformParams()(imported.mod)
-    names = [gv.name_hint for gv in lifted.functions]
-    if "main_transform_params" not in names:
+    if "main_transform_params" not in [gv.name_hint for gv in lifted.functions]:
         return imported
-    transform = lifted["main_transform_params"].with_attr("global_symbol", "main")
-    main = lifted["main"]
-    executable = tvm.compile(tvm.IRModule({"main": transform}), target=tvm.target.Target({"kind": "llvm"}))
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    outputs = vm["main"]([tvm.runtime.tensor(w) for w in imported.weights.values()])
-    num_input = len(imported.inputs)
-    weights: dict[str, np.ndarray] = {}
-    for i, (var, value) in enumerate(zip(main.params[num_input:], outputs)):
-        name = var.name if var.name not in weights else f"{var.name}.{i}"
-        weights[name] = value.numpy()
+    mod, weights = run_lifted_transform(lifted, imported.weights, len(imported.inputs))
     return ImportedModel(
-        mod=tvm.IRModule({"main": main}),
+        mod=mod,
         weights=weights,
         inputs=imported.inputs,
         outputs=imported.outputs,
         source=imported.source,
         notes=imported.notes + ["weight-only computations (transposes) done at build time"],
     )
+
+
+def run_lifted_transform(lifted: tvm.IRModule, weights: dict[str, np.ndarray], num_input: int) -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
+    """Run a LiftTransformParams result's `main_transform_params` once, on the build machine.
+
+    Returns the module without it, whose main takes the results after its `num_input` inputs,
+    and the results, named after main's parameters."""
+    transform = tvm.IRModule({gv: f for gv, f in lifted.functions.items() if gv.name_hint not in ("main", "main_transform_params")})
+    transform["main"] = lifted["main_transform_params"].with_attr("global_symbol", "main")
+    transform = relax.transform.DeadCodeElimination(["main"])(transform)  # only the kernels it calls
+    vm = relax.VirtualMachine(tvm.compile(transform, target=tvm.target.Target({"kind": "llvm"})), tvm.cpu())
+    outputs = vm["main"]([tvm.runtime.tensor(w) for w in weights.values()])
+    main = lifted["main"]
+    results: dict[str, np.ndarray] = {}
+    for i, (var, value) in enumerate(zip(main.params[num_input:], outputs)):
+        results[var.name if var.name not in results else f"{var.name}.{i}"] = value.numpy()
+    compute = tvm.IRModule({gv: f for gv, f in lifted.functions.items() if gv.name_hint != "main_transform_params"}, attrs=lifted.attrs)
+    return relax.transform.DeadCodeElimination(["main"])(compute), results
 
 
 def _drop_causal_padding(imported: ImportedModel) -> ImportedModel:

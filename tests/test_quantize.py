@@ -199,7 +199,7 @@ def test_fp8_compiles_for_cuda_sm90_and_is_faithful(transformer):
     source, reference = transformer
     q, info = quantize(source.imported, "fp8", "cuda-sm90")
     assert info["layers"] == 33 and info["weight_bytes_after"] < 0.35 * info["weight_bytes_before"]
-    executable, (kernels, _, fallback, _), _ = build_module.compile_module(q, resolve_target("cuda-sm90"))
+    executable, (kernels, _, fallback, _), _, _ = build_module.compile_module(q, resolve_target("cuda-sm90"))
     # every kernel got a GPU schedule and compiled: dlight's, or the fused attention kernel's own
     assert fallback > 0 and kernels - fallback == 1
     cpu = tvm.compile(q.mod, target="llvm")

@@ -60,7 +60,7 @@ def test_fast_math_matches_torch_and_calls_no_scalar_libm():
     torch.manual_seed(0)
     x = torch.randn(4, 1000) * 4
     imported = from_torch(Activations(), {"x": x})
-    executable, _, _ = compile_module(imported, resolve_target("x86"))
+    executable, _, _, _ = compile_module(imported, resolve_target("x86"))
     source = executable.mod.imports[0].inspect_source("ll") if executable.mod.imports else ""
     assert "define" in source  # the kernels' LLVM IR was found
     for libm in ("@tanhf", "@expf", "@erff", "@llvm.exp.", "@llvm.tanh."):  # pow(x, 3) keeps its powf
@@ -73,3 +73,55 @@ def test_fast_math_matches_torch_and_calls_no_scalar_libm():
     ref = Activations()(x).numpy()
     # relative: exp(10) is 2.2e4, whose float32 ulp is 2e-3
     assert np.max(np.abs(out - ref) / np.maximum(np.abs(ref), 1.0)) < 1e-5
+
+
+class TwoLinears(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(256, 512), torch.nn.Linear(512, 128)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def _layout_free(mod) -> dict[str, list[int]]:
+    from autotune.lowering import prim_funcs
+
+    return {n: [int(i) for i in f.attrs["layout_free_buffers"]] for n, f in prim_funcs(mod).items() if f.attrs and "layout_free_buffers" in f.attrs}
+
+
+def test_large_weights_are_marked_for_packing_on_cpus_only(monkeypatch):
+    from autotune import weight_prepack
+    from autotune.lowering import fuse_for_target
+
+    monkeypatch.setattr(weight_prepack, "MIN_BYTES", 256 * 512 * 4)  # `up` qualifies, `down` (512×128) does not
+    imported = prepare_model(from_torch(TwoLinears().eval(), {"x": torch.randn(64, 256)}), resolve_target("x86"), None)[0]
+    marked = _layout_free(fuse_for_target(imported.mod, resolve_target("x86").tvm_target()))
+    assert list(marked.values()) == [[1]], marked  # the weight of `up` only: not its bias, not `down`
+    assert _layout_free(fuse_for_target(imported.mod, resolve_target("cuda-sm90").tvm_target())) == {}
+
+
+def test_packed_weights_tune_build_and_match_torch(tmp_path, monkeypatch):
+    """Tuned kernels read their weights in a layout MetaSchedule chose: the records (whose traces
+    hold a TransformLayout) are saved and applied, and the build ships the packed weights."""
+    from autotune import weight_prepack
+    from autotune.settings import TuneSettings
+    from autotune.tune import tune
+
+    monkeypatch.setattr(weight_prepack, "MIN_BYTES", 64 << 10)
+    torch.manual_seed(0)
+    model, x = TwoLinears().eval(), torch.randn(64, 256)
+    imported = from_torch(model, {"x": x})
+    tune(imported, "x86", tmp_path / "log", TuneSettings(trials=32, trials_per_iter=16), progress=False)
+    report = build(imported, "x86", tmp_path / "out" / "m.so", log_dir=tmp_path / "log")
+    assert not [n for n in report.notes if n.startswith("log:")], report.notes  # every record read back
+    assert report.tuned_kernels == report.kernels == 2
+    assert "2 weight matrices packed" in " ".join(report.notes)
+    from autotune.artifact import load_weights, read_metadata
+
+    shipped = load_weights(report.paths.weights, read_metadata(report.paths)["weights"])
+    packed = [w.shape for w in shipped.values() if w.ndim != 1]
+    assert len(packed) == 2 and not set(packed) & {(256, 512), (512, 128)}, packed  # tiled, not (K, N)
+    out = autotune.load(report.paths.library)(x=x.numpy())
+    with torch.no_grad():
+        assert max_abs_diff(out, model(x).numpy()) < TOL

@@ -101,7 +101,7 @@ def test_raw_json_targets():
 @pytest.mark.parametrize("name", [p for p in PRESETS if not p.startswith("cuda")])
 def test_every_cpu_preset_compiles(name, tiny_mlp):
     imported, _, _ = tiny_mlp
-    executable, (kernels, tuned, fallback, _), _ = compile_module(imported, resolve_target(name))
+    executable, (kernels, tuned, fallback, _), _, _ = compile_module(imported, resolve_target(name))
     assert kernels >= 3 and tuned == 0 and fallback == kernels
     assert executable.mod.kind == "relax.VMExecutable"
 
@@ -259,7 +259,7 @@ def test_cuda_artifact_is_accepted_by_tvms_cuda_loader(tmp_path, tiny_mlp):
         pytest.skip("cannot build a libcuda stub here (needs gcc, nm and tvm/lib/libtvm_runtime_cuda.so)")
     imported, _, _ = tiny_mlp
     preset = resolve_target("cuda-sm90")
-    executable, _, _ = compile_module(imported, preset)
+    executable, _, _, _ = compile_module(imported, preset)
     source = cuda.cuda_sources(executable.mod)[0].decode()
     kernels = sorted(set(re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(', source)))
     assert len(kernels) >= 3, source[-2000:]
@@ -305,7 +305,7 @@ def test_cuda_build_where_tvms_cuda_runtime_is_loaded(tmp_path, tiny_mlp):
         imported = pickle.load(open({str(tmp_path / 'mod.pkl')!r}, "rb"))
         preset = resolve_target("cuda-sm89")
         with cuda.nvcc_compile_callback("sm_89"):
-            executable, _, _ = compile_module(imported, preset)
+            executable, _, _, _ = compile_module(imported, preset)
         notes = cuda.export_cuda_library(executable, {str(library)!r}, preset)
         print(json.dumps(notes))
         """

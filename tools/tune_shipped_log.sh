@@ -16,18 +16,25 @@ declare -A TRIALS=(
   [tiny-vae-decoder]=300
   [tiny-image-encoder]=150
 )
-for name in ${@:-linear-1536 dit-block vae-up-block tiny-transformer tiny-vae-decoder tiny-image-encoder}; do
-  if [ "$name" = linear-1536 ]; then
-    # The DiT block's 1560x1536x1536 projection (6 calls per block) tuned alone, 160 trials.
-    echo "== $name"
-    python - <<'PY'
+# The DiT block's largest matmuls tuned alone (same kernels: the block's records), IN OUT TRIALS.
+declare -A LINEARS=(
+  [linear-1536]="1536 1536 160"   # q/k/v/o projections: 6 calls per block
+  [linear-ffn-up]="1536 8960 96"  # FFN up, the block's largest matmul
+)
+for name in ${@:-linear-1536 dit-block linear-ffn-up vae-up-block tiny-transformer tiny-vae-decoder tiny-image-encoder}; do
+  if [ -n "${LINEARS[$name]:-}" ]; then
+    read -r in out trials <<<"${LINEARS[$name]}"
+    echo "== $name: 1560x$in -> $out, $trials trials"
+    python - "$in" "$out" "$trials" <<'PY'
+import sys
 import torch
 from autotune.importer import from_torch
 from autotune.settings import TuneSettings
 from autotune.tune import tune
+fin, fout, trials = map(int, sys.argv[1:])
 torch.manual_seed(0)
-print(tune(from_torch(torch.nn.Linear(1536, 1536).eval(), {"x": torch.randn(1, 1560, 1536)}), "x86",
-           "schedules/x86", TuneSettings(trials=160)).summary())
+print(tune(from_torch(torch.nn.Linear(fin, fout).eval(), {"x": torch.randn(1, 1560, fin)}), "x86",
+           "schedules/x86", TuneSettings(trials=trials)).summary())
 PY
     continue
   fi
