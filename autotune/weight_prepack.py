@@ -26,25 +26,45 @@ _ATTR = "layout_free_buffers"
 
 
 def mark_layout_free(mod: tvm.IRModule, target: tvm.target.Target, min_bytes: int | None = None) -> tvm.IRModule:
-    """Mark each kernel's large 2-D weight operands layout-free (LLVM targets only)."""
-    if target.kind.name != "llvm":
+    """Mark each kernel's large 2-D weight operands layout-free (LLVM targets only).
+
+    Relax's AttachAttrLayoutFreeBuffers does the same for every weight, but it also puts an
+    (often empty) attribute on every kernel and renames some: other kernels' workload hashes and
+    names must stay as they are, so the weight operands are found here."""
+    if target.kind.name != "llvm" or "main" not in [gv.name_hint for gv in mod.functions]:
         return mod
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
     min_bytes = MIN_BYTES if min_bytes is None else min_bytes
-    # The pass puts the attribute, often an empty list, on every kernel; keep it only where a
-    # weight qualifies, so that other kernels keep their workload hash.
-    marked = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
-    updates = {}
-    for gv, func in marked.functions.items():
-        if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs is None or _ATTR not in func.attrs:
-            continue
+    marked = mod
+    for gv, indices in _weight_operands(mod["main"]).items():
+        func = mod[gv]
         infos = ArgInfo.from_prim_func(func)
-        keep = [int(i) for i in func.attrs[_ATTR] if _is_large_matrix(infos[int(i)], min_bytes)]
-        updates[gv] = func.with_attr(_ATTR, keep) if keep else func.without_attr(_ATTR)
-    for gv, func in updates.items():
-        marked[gv] = func
+        keep = sorted(i for i in indices if _is_large_matrix(infos[i], min_bytes))
+        if keep:
+            marked = marked if marked is not mod else tvm.IRModule(mod.functions, attrs=mod.attrs)
+            marked[gv] = func.with_attr(_ATTR, keep)
     return marked
+
+
+def _weight_operands(main: relax.Function) -> dict:
+    """{kernel: indices of its operands that are weights (main's parameters after its inputs) in every call}."""
+    attrs = main.attrs
+    if attrs is None or "num_input" not in attrs:
+        return {}
+    weights = main.params[int(attrs["num_input"]):]
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    found: dict = {}
+    for block in main.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if not (isinstance(value, relax.Call) and value.op.same_as(call_tir)):
+                continue
+            kernel, args = value.args[0], value.args[1]
+            operands = args.fields if isinstance(args, relax.Tuple) else [args]
+            here = {i for i, a in enumerate(operands) if any(a.same_as(w) for w in weights)}
+            found[kernel] = found[kernel] & here if kernel in found else here
+    return found
 
 
 def _is_large_matrix(info, min_bytes: int) -> bool:
@@ -59,6 +79,8 @@ def pack_weights(mod: tvm.IRModule, weights: dict[str, np.ndarray], num_input: i
     weights, the weights to ship (in main's parameter order) and how many were packed."""
     from .weight_transforms import run_lifted_transform
 
+    if not any(isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and _ATTR in f.attrs for f in mod.functions.values()):
+        return mod, weights, 0  # nothing marked (e.g. GPU targets): the pass is not even run
     split = relax.transform.SplitLayoutRewritePreproc()(mod)
     count = _kernel_count(split) - _kernel_count(mod)  # one packing kernel split out per packed weight
     if not count:
