@@ -36,15 +36,15 @@ def mark_layout_free(mod: tvm.IRModule, target: tvm.target.Target, min_bytes: in
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
     min_bytes = MIN_BYTES if min_bytes is None else min_bytes
-    marked = mod
+    updates = {}
     for gv, indices in _weight_operands(mod["main"]).items():
-        func = mod[gv]
-        infos = ArgInfo.from_prim_func(func)
+        infos = ArgInfo.from_prim_func(mod[gv])
         keep = sorted(i for i in indices if _is_large_matrix(infos[i], min_bytes))
         if keep:
-            marked = marked if marked is not mod else tvm.IRModule(mod.functions, attrs=mod.attrs)
-            marked[gv] = func.with_attr(_ATTR, keep)
-    return marked
+            updates[gv] = mod[gv].with_attr(_ATTR, keep)
+    if not updates:
+        return mod
+    return tvm.IRModule({**dict(mod.functions.items()), **updates}, attrs=mod.attrs)
 
 
 def _weight_operands(main: relax.Function) -> dict:
@@ -77,17 +77,14 @@ def pack_weights(mod: tvm.IRModule, weights: dict[str, np.ndarray], num_input: i
 
     `mod` is the scheduled module (log applied); returns the module whose main takes the packed
     weights, the weights to ship (in main's parameter order) and how many were packed."""
+    from .lowering import prim_funcs
     from .weight_transforms import run_lifted_transform
 
-    if not any(isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and _ATTR in f.attrs for f in mod.functions.values()):
+    if not any(f.attrs is not None and _ATTR in f.attrs for f in prim_funcs(mod).values()):
         return mod, weights, 0  # nothing marked (e.g. GPU targets): the pass is not even run
     split = relax.transform.SplitLayoutRewritePreproc()(mod)
-    count = _kernel_count(split) - _kernel_count(mod)  # one packing kernel split out per packed weight
+    count = len(prim_funcs(split)) - len(prim_funcs(mod))  # one packing kernel split out per packed weight
     if not count:
         return mod, weights, 0
     compute, packed = run_lifted_transform(relax.transform.LiftTransformParams()(split), weights, num_input)
     return compute, packed, count
-
-
-def _kernel_count(mod: tvm.IRModule) -> int:
-    return sum(1 for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc))
