@@ -20,6 +20,7 @@ import tvm  # noqa: E402
 from tvm.s_tir import meta_schedule as ms  # noqa: E402
 from tvm.ir.utils import derived_object  # noqa: E402
 
+from .cost_model import make_cost_model  # noqa: E402
 from .errors import TuningFailed  # noqa: E402
 from .importer import ImportedModel  # noqa: E402
 from .lowering import fuse_for_target  # noqa: E402
@@ -221,7 +222,7 @@ def tune(
                 seed=settings.seed,
             )
             builder, runner = make_builder(settings), make_runner(settings, preset)
-            cost_model = ms.cost_model.XGBModel(num_tuning_cores=_threads.physical_thread_count())
+            cost_model = make_cost_model(num_tuning_cores=_threads.physical_thread_count())
             measure_callbacks = ms.measure_callback.MeasureCallback.create("default") + [callback]
             ms.tune_tasks(
                 tasks=contexts,
