@@ -109,6 +109,22 @@ def make_builder(settings: TuneSettings):
     )
 
 
+def close_runner(runner, drop_queued: bool) -> None:
+    """Stop a local runner's measuring process now.
+
+    MetaSchedule leaves this to garbage collection, whose shutdown waits for every queued
+    measurement (its first round queues every kernel's batch before measuring any), and TVM's
+    PopenPoolExecutor.shutdown warns that it can deadlock when called from __del__. After a
+    Ctrl-C the queued measurements are dropped and the process killed instead.
+    """
+    pool = getattr(runner, "pool", None)  # RPC runners keep no local process
+    if pool is None:
+        return
+    if drop_queued:
+        pool._threadpool.shutdown(wait=False, cancel_futures=True)  # noqa: SLF001 (no public way)
+    pool.shutdown(wait=not drop_queued)
+
+
 def make_runner(settings: TuneSettings, preset: TargetPreset):
     config = ms.runner.EvaluatorConfig(
         number=settings.runs_per_measurement,
@@ -224,20 +240,23 @@ def tune(
             builder, runner = make_builder(settings), make_runner(settings, preset)
             cost_model = make_cost_model(num_tuning_cores=_threads.physical_thread_count())
             measure_callbacks = ms.measure_callback.MeasureCallback.create("default") + [callback]
-            ms.tune_tasks(
-                tasks=contexts,
-                task_weights=weights,
-                work_dir=str(Path(log_dir) / "ms_logs"),
-                max_trials_global=trials,
-                max_trials_per_task=cap,
-                num_trials_per_iter=per_iter,
-                builder=builder,
-                runner=runner,
-                database=database,
-                cost_model=cost_model,
-                measure_callbacks=measure_callbacks,
-                task_scheduler="gradient",
-            )
+            try:
+                ms.tune_tasks(
+                    tasks=contexts,
+                    task_weights=weights,
+                    work_dir=str(Path(log_dir) / "ms_logs"),
+                    max_trials_global=trials,
+                    max_trials_per_task=cap,
+                    num_trials_per_iter=per_iter,
+                    builder=builder,
+                    runner=runner,
+                    database=database,
+                    cost_model=cost_model,
+                    measure_callbacks=measure_callbacks,
+                    task_scheduler="gradient",
+                )
+            finally:
+                close_runner(runner, drop_queued=bool(guard.interrupted))
     first_error = next((c.first_error for c in callbacks if c.first_error), None)
     report = TuneReport(
         tasks=stats,

@@ -257,6 +257,22 @@ def test_interrupted_tune_keeps_its_records_and_resumes(tmp_path, sig):
     assert before == report.records and after > before
 
 
+def test_ctrl_c_drops_queued_measurements_instead_of_waiting_for_them():
+    # MetaSchedule's first round queues every kernel's batch on the runner before measuring any;
+    # garbage collection would run them all before the process could exit.
+    from autotune.settings import TuneSettings
+    from autotune.tune import close_runner, make_runner
+
+    runner = make_runner(TuneSettings(), resolve_target("x86"))
+    queued = [runner.pool.submit(time.sleep, 5) for _ in range(6)]  # 30 s of work, one worker
+    started = time.time()
+    close_runner(runner, drop_queued=True)
+    assert time.time() - started < 3
+    assert sum(f.cancelled() for f in queued) >= 4, "queued measurements still run"
+    with pytest.raises(Exception):
+        queued[0].result(timeout=3)  # the one in flight: its process was killed, not waited for
+
+
 def test_merge_copies_what_is_missing_once_and_skips_bad_lines(real_log, tmp_path):
     from autotune.tuning_log import merge_log
 
