@@ -5,9 +5,9 @@ TVM's XGBModel scores a candidate as the sum of per-block predictions (the
 Three things in it go wrong on the Wan kernels with xgboost 3.x:
 
 - Its hessian is the per-block one. When a tree puts all n blocks of a candidate
-  into one leaf, the Newton step moves each block by the whole residual, so the
-  candidate's score moves by n times the residual: for n > 2 / eta = 10 blocks
-  every boosting round overshoots further (fused DiT kernels have 10-40 blocks;
+  into one leaf, the step moves each block by eta times the candidate's residual,
+  so the candidate's score moves by n x eta times it: for n > 2 / eta = 10 blocks
+  every boosting round overshoots further (the fused attention kernels have 16-17;
   the training loss grew from 13 to 1e17 in 50 rounds in our tuning logs).
 - Every block starts at xgboost's base score (~0.5, estimated from the labels),
   so a candidate starts at n x 0.5 instead of near its label in [0, 1].

@@ -319,12 +319,20 @@ class _InterruptGuard:
         self.interrupted: list[int] = []
         self._previous = None
         self._on_first = on_first
+        self._first = threading.Event()
 
     def _on_sigint(self, signum, frame):
+        # Bookkeeping only: a handler that prints can land inside a write (CPython raises
+        # "reentrant call") or while rich's progress holds a lock its refresh thread waits on.
         self.interrupted.append(signum)
         if len(self.interrupted) > 1:
             raise KeyboardInterrupt
-        if self._on_first is not None:
+        self._first.set()
+
+    def _announce(self) -> None:
+        """Says that the first Ctrl-C was heard, from its own thread rather than the handler."""
+        self._first.wait()
+        if self.interrupted and self._on_first is not None:
             self._on_first()
 
     def check(self) -> None:
@@ -334,11 +342,13 @@ class _InterruptGuard:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            threading.Thread(target=self._announce, name="autotune-ctrl-c", daemon=True).start()
         return self
 
     def __exit__(self, kind, exc, tb):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+        self._first.set()  # lets the announcing thread end
         if exc is not None and self.interrupted and not isinstance(exc, KeyboardInterrupt):
             raise KeyboardInterrupt from exc
         return False
