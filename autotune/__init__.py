@@ -5,7 +5,7 @@
     y = m(hidden_states=x, timestep=t, encoder_hidden_states=txt, encoder_hidden_states_image=img)
 """
 
-from ._threads import configure_threads
+from autotune.support.threads import configure_threads
 
 configure_threads()  # before anything imports tvm
 
@@ -18,7 +18,7 @@ def load(path, device: str = "cpu", **options):
     options: verify_hashes=True checks the sha256 of library and weights; check_finite=True
     rejects inputs with NaN/Inf.
     """
-    from .runtime import load as _load
+    from autotune.runtime.module import load as _load
 
     return _load(path, device=device, **options)
 

@@ -7,10 +7,11 @@ import subprocess
 import sys
 import textwrap
 
-import autotune  # noqa: F401  (sets TVM_NUM_THREADS before tvm is imported)
 import numpy as np
 import pytest
 import torch
+
+import autotune  # noqa: F401  (sets TVM_NUM_THREADS before tvm is imported)
 
 
 class MLPBlock(torch.nn.Module):
@@ -88,7 +89,7 @@ def run_fresh(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def run_cli(*args: str, timeout: float = 600, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "autotune.cli", *args],
+        [sys.executable, "-m", "autotune.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -104,9 +105,9 @@ def max_abs_diff(a, b) -> float:
 @pytest.fixture(scope="session")
 def real_log(tmp_path_factory):
     """A real tuning log (a small MLP tuned for a few trials), read-only for the tests."""
-    from autotune.importer import from_torch
-    from autotune.settings import TuneSettings
-    from autotune.tune import tune
+    from autotune.frontend.importer import from_torch
+    from autotune.support.settings import TuneSettings
+    from autotune.tuning.tune import tune
 
     torch.manual_seed(0)
     module = MLPBlock(64, 128).eval()

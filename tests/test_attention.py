@@ -9,28 +9,27 @@ from __future__ import annotations
 import math
 import re
 
-import autotune  # noqa: F401  (sets TVM_NUM_THREADS before tvm is imported)
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 import tvm
+from conftest import max_abs_diff, run_fresh
 from tvm import relax, s_tir
 from tvm.s_tir import meta_schedule as ms
 
-from autotune.attention import (
+import autotune  # noqa: F401  (sets TVM_NUM_THREADS before tvm is imported)
+from autotune.frontend.importer import from_onnx, from_torch
+from autotune.kernels import attention_cpu as kc
+from autotune.passes.attention import (
     count_fused_attention,
     find_attention,
     fuse_attention,
     is_attention_kernel,
     schedule_attention,
 )
-from autotune.importer import from_onnx, from_torch
-from autotune.kernels import attention_cpu as kc
-from autotune.lowering import finalize_passes, fuse_for_target, prim_funcs
-
-from conftest import max_abs_diff, run_fresh
+from autotune.passes.pipeline import finalize_passes, fuse_for_target
+from autotune.support.ir import prim_funcs
 
 CPU = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2}
 CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
@@ -49,15 +48,15 @@ def ref_attention(q, kt, v, scale):
 
 
 def compile_with_attention(mod, target, generic_fallback: bool = True):
-    """What autotune.build.compile_module does for an untuned build (attention fused and scheduled)."""
-    from autotune.fallback import schedule_untuned
+    """What autotune.build.compile.compile_module does for an untuned build (attention fused and scheduled)."""
+    from autotune.build.fallback import schedule_untuned
 
     fused = fuse_for_target(mod, target)
     fused, _ = schedule_attention(fused, target)
     if generic_fallback:
         fused, _ = schedule_untuned(fused, target)
     with target:
-        lowered = tvm.transform.Sequential(finalize_passes())(fused)
+        lowered = tvm.transform.Sequential(finalize_passes(target))(fused)
     return tvm.compile(lowered, target=target, relax_pipeline=None), fused
 
 
@@ -179,16 +178,16 @@ def test_torch_block_through_build_and_load(tmp_path, attention_block, monkeypat
 def _install_hooks(monkeypatch):
     """The build and tune modules; the attention hooks are part of them (lowering.fuse_for_target
     fuses attention, fallback.schedule_untuned gives it its default schedule)."""
-    import autotune.build as build_mod
-    import autotune.tune as tune_mod
+    import autotune.build.compile as build_mod
+    import autotune.tuning.tune as tune_mod
 
     return build_mod, tune_mod
 
 
 @pytest.mark.slow
 def test_torch_block_tune_build_load_with_attention(tmp_path, attention_block, monkeypatch):
-    """autotune.tune tunes the fused attention kernel like any task; the build applies its record."""
-    from autotune.settings import TuneSettings
+    """autotune.tuning.tune tunes the fused attention kernel like any task; the build applies its record."""
+    from autotune.support.settings import TuneSettings
 
     build_mod, tune_mod = _install_hooks(monkeypatch)
     module, inputs, ref = attention_block
@@ -295,9 +294,9 @@ def test_metaschedule_design_space_is_the_custom_rule():
 
 @pytest.mark.slow
 def test_metaschedule_tunes_the_kernel(tmp_path):
-    from autotune.settings import TuneSettings
-    from autotune.targets import resolve_target
-    from autotune.tune import make_builder, make_runner
+    from autotune.support.settings import TuneSettings
+    from autotune.support.targets import resolve_target
+    from autotune.tuning.tune import make_builder, make_runner
 
     preset = resolve_target("x86")
     target = preset.tvm_target()
@@ -400,12 +399,12 @@ def test_32760_tokens_compile_for_cuda_sm90():
     assert count_fused_attention(mod) == 1
     # Nothing of size tokens x tokens is left anywhere in the module.
     assert f"{tokens}, {tokens}" not in mod.script()
-    from autotune.fallback import schedule_untuned
+    from autotune.build.fallback import schedule_untuned
 
     fused = fuse_for_target(mod, CUDA)
     fused, _ = schedule_untuned(fused, CUDA)
     with CUDA:
-        lowered = tvm.transform.Sequential(finalize_passes())(fused)
+        lowered = tvm.transform.Sequential(finalize_passes(CUDA))(fused)
     executable = tvm.compile(lowered, target=CUDA, relax_pipeline=None)
 
     def find(module, kind):

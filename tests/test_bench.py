@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from autotune.bench import TVM, TorchEager, run_bench, write_results
+from autotune.bench.harness import TVM, TorchEager, run_bench, write_results
 
 
 def test_bench_rows_fidelity_and_largest_kernel(tmp_path):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from conftest import max_abs_diff
 
 import autotune
-from autotune.build import build
-from autotune.errors import InputError
-from autotune.resources import available_bytes
-from autotune.sources import load_source
-from conftest import max_abs_diff
+from autotune.build.compile import build
+from autotune.frontend.sources import load_source
+from autotune.support.errors import InputError
+from autotune.support.resources import available_bytes
 
 TOL = 1e-4  # fp32
 

@@ -3,7 +3,7 @@
 import numpy as np
 from scipy.stats import spearmanr
 
-from autotune.cost_model import make_cost_model
+from autotune.tuning.cost_model import make_cost_model
 
 
 def _candidates(rng, count, blocks):

@@ -15,17 +15,23 @@ import shutil
 import subprocess
 import sys
 
-import autotune  # noqa: F401  (before tvm)
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from autotune import media
-from autotune.errors import ArtifactError, InputError
-from autotune.pipeline import COMPONENTS, Pipeline, build_pipeline_artifacts, check_artifacts, load_text_embeds
-from autotune.pipeline_cache import FeatureCache
-from autotune.step_cache import StepCache
+import autotune  # noqa: F401  (before tvm)
+from autotune.i2v import media
+from autotune.i2v.feature_cache import FeatureCache
+from autotune.i2v.pipeline import (
+    COMPONENTS,
+    Pipeline,
+    build_pipeline_artifacts,
+    check_artifacts,
+    load_text_embeds,
+)
+from autotune.i2v.step_cache import StepCache
+from autotune.support.errors import ArtifactError, InputError
 
 MODEL = "wan-i2v-tiny"
 H = W = 64
@@ -206,7 +212,7 @@ def test_clip_preprocessing_matches_transformers(image_path):
 
 def test_cli_generate(artifacts, image_path, tmp_path):
     out = tmp_path / "cli.mp4"
-    cmd = [sys.executable, "-m", "autotune.cli", "generate", "--image", str(image_path), "--steps", "2",
+    cmd = [sys.executable, "-m", "autotune.cli.main", "generate", "--image", str(image_path), "--steps", "2",
            "--artifacts", str(artifacts), "-o", str(out), "--feature-cache", str(tmp_path / "fc"), "--no-progress",
            "--json", str(tmp_path / "r.json")]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

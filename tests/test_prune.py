@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import autotune
-import autotune.build as build_module
-from autotune.errors import InputError
-from autotune.fidelity import compare, format_fidelity
-from autotune.prune import find_units, parse_spec, prune
-from autotune.settings import BuildSettings
-from autotune.sources import load_source
+import autotune.build.compile as build_module
+from autotune.frontend.prune import find_units, parse_spec, prune
+from autotune.frontend.sources import load_source
+from autotune.support.errors import InputError
+from autotune.support.fidelity import compare, format_fidelity
+from autotune.support.settings import BuildSettings
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,15 @@ import numpy as np
 import pytest
 
 import autotune
-import autotune.build as build_module
-from autotune.errors import InputError
-from autotune.fidelity import compare, format_fidelity
-from autotune.lowering import fuse_for_target, prim_funcs
-from autotune.quantize import MODES, quantize
-from autotune.settings import BuildSettings
-from autotune.sources import load_source
-from autotune.targets import resolve_target
+import autotune.build.compile as build_module
+from autotune.frontend.sources import load_source
+from autotune.passes.pipeline import fuse_for_target
+from autotune.passes.quantize import MODES, quantize
+from autotune.support.errors import InputError
+from autotune.support.fidelity import compare, format_fidelity
+from autotune.support.ir import prim_funcs
+from autotune.support.settings import BuildSettings
+from autotune.support.targets import resolve_target
 
 TRANSFORMER_COSINE = {"int8-weight": 0.9995, "w8a8": 0.999, "fp16": 0.99999, "bf16": 0.9995}
 VAE_PSNR_DB = {"fp16": 50.0, "int8-weight": 40.0}
@@ -157,7 +158,7 @@ def test_fallback_schedules_the_quantized_matmuls(transformer):
     """The untuned build path (a MetaSchedule design-space sample) handles each mode's matmul.
 
     """
-    from autotune.fallback import _cpu_schedule
+    from autotune.build.fallback import _cpu_schedule
 
     target = resolve_target("x86").tvm_target()
     for mode in ("int8-weight", "w8a8", "fp16", "bf16"):

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
+from conftest import max_abs_diff
 
 import autotune
-from autotune.build import build, compile_module
-from autotune.causal_padding import drop_causal_padding
-from autotune.importer import from_torch
-from autotune.targets import resolve_target
-from autotune.weight_transforms import prepare_model
-from conftest import max_abs_diff
+from autotune.build.compile import build, compile_module
+from autotune.frontend.importer import from_torch
+from autotune.passes.causal_padding import drop_causal_padding
+from autotune.passes.pipeline import prepare_model
+from autotune.support.ir import LAYOUT_FREE_ATTR
+from autotune.support.targets import resolve_target
 
 TOL = 1e-4  # fp32 against torch eager
 
@@ -65,8 +65,8 @@ def test_fast_math_matches_torch_and_calls_no_scalar_libm():
     assert "define" in source  # the kernels' LLVM IR was found
     for libm in ("@tanhf", "@expf", "@erff", "@llvm.exp.", "@llvm.tanh."):  # pow(x, 3) keeps its powf
         assert libm not in source, f"{libm} is still called: the fast-math legalization did not apply"
-    from tvm import relax
     import tvm
+    from tvm import relax
 
     vm = relax.VirtualMachine(executable, tvm.cpu())
     out = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
@@ -85,14 +85,14 @@ class TwoLinears(torch.nn.Module):
 
 
 def _layout_free(mod) -> dict[str, list[int]]:
-    from autotune.lowering import prim_funcs
+    from autotune.passes.pipeline import prim_funcs
 
-    return {n: [int(i) for i in f.attrs["layout_free_buffers"]] for n, f in prim_funcs(mod).items() if f.attrs and "layout_free_buffers" in f.attrs}
+    return {n: [int(i) for i in f.attrs[LAYOUT_FREE_ATTR]] for n, f in prim_funcs(mod).items() if f.attrs and LAYOUT_FREE_ATTR in f.attrs}
 
 
 def test_large_weights_are_marked_for_packing_on_cpus_only(monkeypatch):
-    from autotune import weight_prepack
-    from autotune.lowering import fuse_for_target
+    from autotune.passes import weight_prepack
+    from autotune.passes.pipeline import fuse_for_target
 
     monkeypatch.setattr(weight_prepack, "MIN_BYTES", 256 * 512 * 4)  # `up` qualifies, `down` (512×128) does not
     imported = prepare_model(from_torch(TwoLinears().eval(), {"x": torch.randn(64, 256)}), resolve_target("x86"), None)[0]
@@ -104,9 +104,9 @@ def test_large_weights_are_marked_for_packing_on_cpus_only(monkeypatch):
 def test_packed_weights_tune_build_and_match_torch(tmp_path, monkeypatch):
     """Tuned kernels read their weights in a layout MetaSchedule chose: the records (whose traces
     hold a TransformLayout) are saved and applied, and the build ships the packed weights."""
-    from autotune import weight_prepack
-    from autotune.settings import TuneSettings
-    from autotune.tune import tune
+    from autotune.passes import weight_prepack
+    from autotune.support.settings import TuneSettings
+    from autotune.tuning.tune import tune
 
     monkeypatch.setattr(weight_prepack, "MIN_BYTES", 64 << 10)
     torch.manual_seed(0)
@@ -117,7 +117,7 @@ def test_packed_weights_tune_build_and_match_torch(tmp_path, monkeypatch):
     assert not [n for n in report.notes if n.startswith("log:")], report.notes  # every record read back
     assert report.tuned_kernels == report.kernels == 2
     assert "2 weight matrices packed" in " ".join(report.notes)
-    from autotune.artifact import load_weights, read_metadata
+    from autotune.runtime.artifact import load_weights, read_metadata
 
     shipped = load_weights(report.paths.weights, read_metadata(report.paths)["weights"])
     packed = [w.shape for w in shipped.values() if w.ndim != 1]

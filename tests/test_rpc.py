@@ -19,11 +19,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from autotune.errors import TuningFailed
-from autotune.importer import from_torch
-from autotune.remote import make_rpc_runner, parse_address, server_counts, wait_for_servers
-from autotune.settings import TuneSettings
-from autotune.tune import tune
+from autotune.frontend.importer import from_torch
+from autotune.support.errors import TuningFailed
+from autotune.support.settings import TuneSettings
+from autotune.tuning.remote import (
+    make_rpc_runner,
+    parse_address,
+    server_counts,
+    wait_for_servers,
+)
+from autotune.tuning.tune import tune
 
 pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado (pip install tornado)")
 
@@ -31,13 +36,13 @@ STARTUP_S = 90  # a loaded 2-core machine takes a while to import tvm in each ch
 
 
 class Child:
-    """A `python -m autotune.remote ...` child in its own process group, logging to a file."""
+    """A `python -m autotune.tuning.remote ...` child in its own process group, logging to a file."""
 
     def __init__(self, args: list[str], log: Path):
         self.log = log
         self._file = open(log, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "autotune.remote", *args],
+            [sys.executable, "-m", "autotune.tuning.remote", *args],
             stdout=self._file,
             stderr=subprocess.STDOUT,
             start_new_session=True,

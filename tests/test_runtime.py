@@ -8,14 +8,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import max_abs_diff
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import autotune
-from autotune.build import build
-from autotune.errors import ArtifactError, InputError
-from autotune.importer import from_torch
-from conftest import max_abs_diff
+from autotune.build.compile import build
+from autotune.frontend.importer import from_torch
+from autotune.support.errors import ArtifactError, InputError
 
 TOL = 1e-4
 
@@ -121,7 +121,7 @@ def test_wrong_device_is_refused(artifact):
 def _copy(paths, tmp_path):
     for p in (paths.library, paths.weights, paths.metadata):
         shutil.copy(p, tmp_path / p.name)
-    return autotune.artifact.ArtifactPaths.for_library(tmp_path / paths.library.name)
+    return autotune.runtime.artifact.ArtifactPaths.for_library(tmp_path / paths.library.name)
 
 
 def test_missing_or_mismatched_weights_are_refused(artifact, tmp_path):

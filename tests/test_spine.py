@@ -6,14 +6,14 @@ import json
 
 import numpy as np
 import pytest
-
-from autotune.build import build
-from autotune.errors import TuningFailed
-from autotune.importer import from_onnx, from_torch
-from autotune.settings import TuneSettings
-from autotune.tune import tune
-from autotune.tuning_log import RECORDS_FILE, read_log
 from conftest import max_abs_diff, run_cli, run_fresh
+
+from autotune.build.compile import build
+from autotune.frontend.importer import from_onnx, from_torch
+from autotune.support.errors import TuningFailed
+from autotune.support.settings import TuneSettings
+from autotune.tuning.log import read_log
+from autotune.tuning.tune import tune
 
 TOL = 1e-4  # fp32 against torch eager
 
@@ -136,9 +136,9 @@ def test_cli_tune_where_every_build_fails_exits_nonzero(tmp_path):
 
 def test_trials_go_where_the_flops_are(tuned_mlp):
     """Kernels under 1% of the FLOPs get one small batch; the matmuls share the rest."""
-    from autotune.targets import resolve_target
-    from autotune.tune import extract_tasks, split_by_flops, task_flops
-    from autotune.weight_transforms import prepare_model
+    from autotune.passes.pipeline import prepare_model
+    from autotune.support.targets import resolve_target
+    from autotune.tuning.tune import extract_tasks, split_by_flops, task_flops
 
     imported, _, report = tuned_mlp
     preset = resolve_target("x86")

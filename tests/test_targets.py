@@ -17,19 +17,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from autotune import cross, cuda
-from autotune.build import build, compile_module
-from autotune.errors import BuildFailed, TargetError, TuningFailed
-from autotune.importer import from_torch
-from autotune.settings import TuneSettings
-from autotune.targets import TARGETS_DIR, list_presets, resolve_target
-
 from conftest import run_fresh
+
+from autotune.build import cross, cuda
+from autotune.build.compile import build, compile_module
+from autotune.frontend.importer import from_torch
+from autotune.support.errors import BuildFailed, TargetError, TuningFailed
+from autotune.support.settings import TuneSettings
+from autotune.support.package_data import targets_dir
+from autotune.support.targets import list_presets, resolve_target
 
 REPO = Path(__file__).resolve().parent.parent
 EM_X86_64, EM_AARCH64 = 62, 183
-PRESETS = sorted(p.stem for p in TARGETS_DIR.glob("*.json"))
+PRESETS = sorted(p.stem for p in targets_dir().glob("*.json"))
 CUDA_PRESETS = ["cuda-sm80", "cuda-sm89", "cuda-sm90"]
 
 
@@ -298,9 +298,9 @@ def test_cuda_build_where_tvms_cuda_runtime_is_loaded(tmp_path, tiny_mlp):
         import ctypes, json, pickle
         ctypes.CDLL({str(stub)!r}, mode=ctypes.RTLD_GLOBAL)
         import autotune, tvm
-        from autotune import cuda
-        from autotune.build import compile_module
-        from autotune.targets import resolve_target
+        from autotune.build import cuda
+        from autotune.build.compile import compile_module
+        from autotune.support.targets import resolve_target
         assert tvm.runtime.enabled("cuda")
         imported = pickle.load(open({str(tmp_path / 'mod.pkl')!r}, "rb"))
         preset = resolve_target("cuda-sm89")
@@ -330,8 +330,8 @@ def test_cuda_blob_rewrite_roundtrip():
 
 # -- tuning refusals -------------------------------------------------------------------------------------
 def test_tuning_cuda_without_a_gpu_or_rpc_fails_at_once(tmp_path, tiny_mlp):
-    from autotune.targets import local_cuda_arch
-    from autotune.tune import tune
+    from autotune.support.targets import local_cuda_arch
+    from autotune.tuning.tune import tune
 
     if local_cuda_arch() is not None:
         pytest.skip("this machine has a usable CUDA GPU")
@@ -348,7 +348,7 @@ def test_tuning_cuda_without_a_gpu_or_rpc_fails_at_once(tmp_path, tiny_mlp):
 def test_tuning_arm_on_x86_without_rpc_fails_at_once(tmp_path, tiny_mlp):
     import platform
 
-    from autotune.tune import tune
+    from autotune.tuning.tune import tune
 
     if platform.machine() in ("aarch64", "arm64"):
         pytest.skip("this machine is ARM")

@@ -12,14 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+import tvm
+from conftest import run_fresh
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tvm
-
-from autotune.targets import resolve_target
-from autotune.tuning_log import RECORDS_FILE, WORKLOADS_FILE, TuningLog, read_log
-from conftest import run_fresh
+from autotune.support.targets import resolve_target
+from autotune.tuning.log import RECORDS_FILE, WORKLOADS_FILE, TuningLog, read_log
 
 X86 = resolve_target("x86").tvm_target()
 
@@ -174,8 +173,8 @@ def test_concurrent_writers_do_not_interleave_or_lose_records(real_log, tmp_path
     shared = tmp_path / "shared"
     writer = f"""
         import sys, autotune
-        from autotune.targets import resolve_target
-        from autotune.tuning_log import TuningLog, read_log
+        from autotune.support.targets import resolve_target
+        from autotune.tuning.log import TuningLog, read_log
         from tvm.s_tir import meta_schedule as ms
         target = resolve_target("x86").tvm_target()
         memory = ms.database.MemoryDatabase()
@@ -206,7 +205,7 @@ def test_concurrent_writers_do_not_interleave_or_lose_records(real_log, tmp_path
 
 def _start_tune(log: Path, trials: int) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "autotune.cli", "tune", "--model", "wan-i2v-tiny", "--component", "image_encoder",
+        [sys.executable, "-m", "autotune.cli.main", "tune", "--model", "wan-i2v-tiny", "--component", "image_encoder",
          "--log", str(log), "--trials", str(trials), "--trials-per-iter", "4"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
@@ -244,9 +243,9 @@ def test_interrupted_tune_keeps_its_records_and_resumes(tmp_path, sig):
     result = run_fresh(
         f"""
         import autotune
-        from autotune.sources import load_source
-        from autotune.settings import TuneSettings
-        from autotune.tune import tune
+        from autotune.frontend.sources import load_source
+        from autotune.support.settings import TuneSettings
+        from autotune.tuning.tune import tune
         s = load_source("wan-i2v-tiny", "image_encoder")
         r = tune(s.imported, "x86", {str(log)!r}, TuneSettings(trials=4, trials_per_iter=4), progress=False)
         print(r.records_before, r.records_after)
@@ -260,8 +259,8 @@ def test_interrupted_tune_keeps_its_records_and_resumes(tmp_path, sig):
 def test_ctrl_c_drops_queued_measurements_instead_of_waiting_for_them():
     # MetaSchedule's first round queues every kernel's batch on the runner before measuring any;
     # garbage collection would run them all before the process could exit.
-    from autotune.settings import TuneSettings
-    from autotune.tune import close_runner, make_runner
+    from autotune.support.settings import TuneSettings
+    from autotune.tuning.tune import close_runner, make_runner
 
     runner = make_runner(TuneSettings(), resolve_target("x86"))
     queued = [runner.pool.submit(time.sleep, 5) for _ in range(6)]  # 30 s of work, one worker
@@ -274,7 +273,7 @@ def test_ctrl_c_drops_queued_measurements_instead_of_waiting_for_them():
 
 
 def test_merge_copies_what_is_missing_once_and_skips_bad_lines(real_log, tmp_path):
-    from autotune.tuning_log import merge_log
+    from autotune.tuning.log import merge_log
 
     src = _copy_log(real_log[0], tmp_path / "src")
     with open(src / RECORDS_FILE, "a") as f:
@@ -288,7 +287,7 @@ def test_merge_copies_what_is_missing_once_and_skips_bad_lines(real_log, tmp_pat
     merged, _ = read_log(tmp_path / "dst", X86)
     assert merged.records == total and merged.problems == []
     # and a merged log builds like the original: its records apply to the same kernels
-    from autotune.build import build
+    from autotune.build.compile import build
 
     built = build(real_log[1], "x86", tmp_path / "m.so", log_dir=tmp_path / "dst")
     assert built.tuned_kernels >= 1

@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from autotune.errors import InputError
 from autotune.models import ComponentSpec, ModelSpec, get_model_spec, list_models
 from autotune.models.wan import TEXT_TOKENS
+from autotune.support.errors import InputError
 
 TINY = "wan-i2v-tiny"
 BIG = "wan2.1-i2v-14b-480p"
@@ -296,8 +296,8 @@ def test_tiny_torch_export(tiny, name):
 
 def test_benchmark_workloads_are_models_for_every_command():
     """`--model dit-block` etc.: a bench workload imports like a zoo model, with its torch reference."""
-    from autotune.sources import load_source
-    from autotune.workloads import get_workload
+    from autotune.frontend.sources import load_source
+    from autotune.models.workloads import get_workload
 
     source = load_source("tiny-image-encoder")
     workload = get_workload("tiny-image-encoder")

@@ -23,9 +23,7 @@ tools/results/attention.md and attention.json.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
-import linecache
 import os
 import platform
 import statistics
@@ -52,18 +50,22 @@ ARGS = _parse()
 os.environ["TVM_NUM_THREADS"] = str(ARGS.threads)  # before tvm is imported
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmark this checkout's autotune
 
-import autotune
-from autotune.tvm_fixes import import_tensor_intrin_fast  # noqa: E402,F401
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 
-from autotune.attention import fuse_attention, is_attention_kernel, schedule_attention  # noqa: E402
-from autotune.importer import from_torch  # noqa: E402
+from autotune.frontend.importer import from_torch  # noqa: E402
 from autotune.kernels import attention_cpu as kc  # noqa: E402
-from autotune.lowering import finalize_passes, fuse_for_target, prim_funcs  # noqa: E402
+from autotune.passes.attention import (  # noqa: E402
+    fuse_attention,
+    is_attention_kernel,
+    schedule_attention,
+)
+from autotune.passes.pipeline import finalize_passes, fuse_for_target
+from autotune.support.ir import prim_funcs  # noqa: E402
+from autotune.support.tvm_compat import import_tensor_intrin_fast  # noqa: E402,F401
 
 
 class SDPA(torch.nn.Module):
@@ -77,7 +79,7 @@ def target():
 
 def build_module(imported, database=None):
     """The autotune build flow with the attention hooks; returns (callable, attention kernels)."""
-    from autotune.fallback import schedule_untuned
+    from autotune.build.fallback import schedule_untuned
 
     tgt = target()
     fused = fuse_for_target(fuse_attention(imported.mod, tgt), tgt)
@@ -87,7 +89,7 @@ def build_module(imported, database=None):
     fused, _ = schedule_attention(fused, tgt)
     fused, _ = schedule_untuned(fused, tgt)
     with tgt:
-        lowered = tvm.transform.Sequential(finalize_passes())(fused)
+        lowered = tvm.transform.Sequential(finalize_passes(tgt))(fused)
     vm = relax.VirtualMachine(tvm.compile(lowered, target=tgt, relax_pipeline=None), tvm.cpu())
     main = vm["main"]
     kernels = {n: f for n, f in prim_funcs(fused).items() if is_attention_kernel(f)}
@@ -97,9 +99,9 @@ def build_module(imported, database=None):
 def tune_kernel(imported, trials: int, work_dir: str):
     from tvm.s_tir import meta_schedule as ms
 
-    from autotune.settings import TuneSettings
-    from autotune.targets import resolve_target
-    from autotune.tune import make_builder, make_runner
+    from autotune.support.settings import TuneSettings
+    from autotune.support.targets import resolve_target
+    from autotune.tuning.tune import make_builder, make_runner
 
     preset = resolve_target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": ARGS.threads})
     tgt = target()

@@ -29,14 +29,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import autotune  # noqa: F401  (before tvm)
 import numpy as np
 import torch
 from PIL import Image
 
-from autotune import media
-from autotune.pipeline import STAGES, Pipeline, build_pipeline_artifacts, check_artifacts
-from autotune.step_cache import StepCache
+import autotune  # noqa: F401  (before tvm)
+from autotune.i2v import media
+from autotune.i2v.pipeline import (
+    STAGES,
+    Pipeline,
+    build_pipeline_artifacts,
+    check_artifacts,
+)
+from autotune.i2v.step_cache import StepCache
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "wan-i2v-tiny"

@@ -25,21 +25,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import autotune  # noqa: F401  (sets TVM_NUM_THREADS before tvm is imported)
 import numpy as np
 
-from autotune.tvm_fixes import import_tensor_intrin_fast
+import autotune  # noqa: F401  (sets TVM_NUM_THREADS before tvm is imported)
+from autotune.support.tvm_compat import import_tensor_intrin_fast
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CPU_MODES = ["fp16", "bf16", "int8-weight", "w8a8"]
 
 
 def cached_fallback():
-    """A drop-in for autotune.fallback.schedule_untuned that reuses schedules across builds."""
+    """A drop-in for autotune.build.fallback.schedule_untuned that reuses schedules across builds."""
     import tvm_ffi
 
-    from autotune.fallback import _cpu_schedule
-    from autotune.lowering import is_scheduled, prim_funcs
+    from autotune.build.fallback import _cpu_schedule
+    from autotune.support.ir import is_scheduled, prim_funcs
 
     cache: dict = {}
     stats = {"scheduled": 0, "reused": 0}
@@ -85,10 +85,10 @@ def bench_component(component: str, args, fallback, workdir: Path) -> dict:
     import torch
     import tvm
 
-    import autotune.build as build_module
-    from autotune.fidelity import compare
-    from autotune.settings import BuildSettings
-    from autotune.sources import load_source
+    import autotune.build.compile as build_module
+    from autotune.frontend.sources import load_source
+    from autotune.support.fidelity import compare
+    from autotune.support.settings import BuildSettings
 
     kwargs = {}
     if component == "vae_decoder":
@@ -217,8 +217,8 @@ def main(argv=None) -> int:
 
     import tvm
 
-    import autotune.build as build_module
-    from autotune.targets import resolve_target
+    import autotune.build.compile as build_module
+    from autotune.support.targets import resolve_target
 
     started = time.time()
     import_tensor_intrin_fast()

@@ -19,18 +19,16 @@ import json
 import time
 from pathlib import Path
 
-from autotune import _threads
+import autotune  # noqa: F401  (sets TVM_NUM_THREADS before tvm is imported)
+import numpy as np
+import tvm
+from scipy.stats import spearmanr
+from tvm.s_tir import meta_schedule as ms
 
-_threads.configure_threads()
-
-import numpy as np  # noqa: E402
-import tvm  # noqa: E402
-from scipy.stats import spearmanr  # noqa: E402
-from tvm.s_tir import meta_schedule as ms  # noqa: E402
-
-from autotune.cost_model import make_cost_model  # noqa: E402
-from autotune.targets import resolve_target  # noqa: E402
-from autotune.tuning_log import TuningLog  # noqa: E402
+from autotune.support.targets import resolve_target
+from autotune.support.threads import physical_thread_count
+from autotune.tuning.cost_model import make_cost_model
+from autotune.tuning.log import TuningLog
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 16
@@ -101,7 +99,7 @@ def main() -> None:
     kernels = load_kernels(args.log, target)
     print(f"{len(kernels)} kernels, {sum(len(k['candidates']) for k in kernels)} records "
           f"({time.time() - started:.0f} s to extract features)")
-    cores = _threads.physical_thread_count()
+    cores = physical_thread_count()
     models = {"TVM XGBModel": ms.cost_model.XGBModel(num_tuning_cores=cores), "autotune": make_cost_model(cores)}
     results = {name: score(model, kernels, args.min_records) for name, model in models.items()}
 

@@ -28,9 +28,9 @@ for name in ${@:-linear-1536 dit-block linear-ffn-up vae-up-block tiny-transform
     python - "$in" "$out" "$trials" <<'PY'
 import sys
 import torch
-from autotune.importer import from_torch
-from autotune.settings import TuneSettings
-from autotune.tune import tune
+from autotune.frontend.importer import from_torch
+from autotune.support.settings import TuneSettings
+from autotune.tuning.tune import tune
 fin, fout, trials = map(int, sys.argv[1:])
 torch.manual_seed(0)
 print(tune(from_torch(torch.nn.Linear(fin, fout).eval(), {"x": torch.randn(1, 1560, fin)}), "x86",

@@ -40,7 +40,9 @@ from tvm.script import tirx as T
 
 LOG2E = 1.4426950408889634
 RULE_NAME = "autotune_attention"  # MetaSchedule looks up s_tir.meta_schedule.<target key>.<name>
-KERNEL_ATTR = "autotune.attention"  # PrimFunc attribute: the kernel's shape and tiles
+from autotune.support.ir import (
+    ATTENTION_ATTR as KERNEL_ATTR,  # the kernel's shape and tiles
+)
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import tvm
 
-KERNEL_ATTR = "autotune.attention"
+from autotune.support.ir import ATTENTION_ATTR as KERNEL_ATTR
 
 
 def make_primfunc(d: int, dtype: str, scale: float, target) -> "tvm.tirx.PrimFunc":
     """The scheduled CUDA kernel for head_dim `d`: (q, k, v, o, lse), scale applied inside."""
     try:
-        from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_sequence_prefill
+        from tvm.relax.frontend.nn.llm._prefill_kernels import (
+            _attention_sequence_prefill,
+        )
     except ImportError as exc:  # a private TVM module; pinned TVM 0.27 has it
         raise NotImplementedError(
             f"this TVM ({tvm.__version__}) has no sequence-prefill attention kernel: {exc}"

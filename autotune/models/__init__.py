@@ -1,4 +1,5 @@
-"""The model zoo: specs of the models autotune compiles, one compile unit per component.
+"""The model zoo: torch definitions of the models autotune compiles (one compile unit per
+component) and the bench workloads cut from them. May import: support.
 
     from autotune.models import get_model_spec
     spec = get_model_spec("wan-i2v-tiny")
@@ -9,7 +10,8 @@
 Importing this package is cheap: diffusers / transformers are imported when a module is built.
 """
 
-from ..errors import InputError
+from autotune.support.errors import InputError
+
 from .spec import ComponentSpec, ModelSpec
 from .wan import MODELS as _WAN_MODELS
 

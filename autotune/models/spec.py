@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import InputError
+from autotune.support.errors import InputError
 
 # One input: (shape, dtype name as in torch, e.g. "float32").
 InputSpec = tuple[tuple[int, ...], str]
@@ -155,7 +155,9 @@ class ModelSpec:
     def component(
         self, name: str, height: int | None = None, width: int | None = None, frames: int | None = None
     ) -> ComponentSpec:
-        """The component `name` at (height, width, frames); None -> the model's default resolution."""
+        """The component `name` (vae_decoder or vae-decoder) at (height, width, frames); None -> the
+        model's default resolution."""
+        name = str(name).replace("-", "_")
         if name not in self.component_names:
             raise InputError(
                 f"model {self.name!r} has no component {name!r}; "

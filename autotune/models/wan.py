@@ -25,7 +25,8 @@ import os
 
 import torch
 
-from ..errors import InputError
+from autotune.support.errors import InputError
+
 from .spec import ComponentSpec, ModelSpec
 
 TEXT_TOKENS = 512  # hard-coded in diffusers.models.transformers.transformer_wan.WanAttnProcessor

@@ -1,0 +1,55 @@
+"""`autotune bench`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from autotune.support import defaults
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="torch eager / torch.compile / ONNX Runtime / TVM untuned / TVM tuned (+quantized) side by side",
+        description="Measure every engine on the same inputs and threads, interleaved, in one run; report median "
+        "latency, ratio to torch eager, GFLOP/s, fraction of the SGEMM peak measured in the same run, and fidelity. "
+        "Writes OUT/bench.md, bench.json and bench.png.",
+    )
+    p.add_argument("--workloads", default=defaults.BENCH_WORKLOADS,
+                   help="comma-separated: tiny-transformer, tiny-vae-decoder, tiny-image-encoder, dit-block, vae-up-block")
+    p.add_argument("--log", default="schedules/x86", help="tuning log for the tuned builds (default: the shipped schedules/x86)")
+    p.add_argument("--quantize", action="append", help="also measure TVM tuned + this mode (repeatable)")
+    p.add_argument("--rounds", type=int, default=defaults.BENCH_ROUNDS, help=f"interleaved timing rounds (default {defaults.BENCH_ROUNDS})")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (its compile takes minutes on big workloads)")
+    p.add_argument("-o", "--output", default=defaults.BENCH_OUT_DIR, help=f"directory for bench.md/json/png (default {defaults.BENCH_OUT_DIR})")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from autotune.bench.harness import (
+        TVM,
+        OnnxRuntime,
+        TorchCompile,
+        TorchEager,
+        run_bench,
+        write_results,
+    )
+
+    engines = [TorchEager()]
+    if not args.no_compile:
+        engines.append(TorchCompile())
+    engines += [OnnxRuntime(), TVM()]
+    if args.log and Path(args.log).exists():
+        engines.append(TVM(log=args.log))
+        for mode in args.quantize or []:
+            engines.append(TVM(log=args.log, quantize=mode, label=f"TVM tuned + {mode}"))
+    else:
+        print(f"note: no tuning log at {args.log}: only the untuned TVM build is measured")
+        for mode in args.quantize or []:
+            engines.append(TVM(quantize=mode, label=f"TVM untuned + {mode}"))
+    rows, peak = run_bench(args.workloads.split(","), engines, rounds=args.rounds)
+    command = "autotune bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "autotune bench"
+    path = write_results(rows, peak, Path(args.output), command)
+    print(f"results: {path} (+ bench.json, bench.png)")
+    return 0

@@ -1,0 +1,59 @@
+"""`autotune build`."""
+
+from __future__ import annotations
+
+import json
+
+from autotune.support import defaults
+
+from .common import (
+    Steps,
+    add_log_arg,
+    add_model_args,
+    add_pass_args,
+    add_target_arg,
+    build_one,
+    load_model_source,
+    report_fidelity,
+)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "build",
+        help="apply the tuning log, compile, and export NAME.so + NAME.weights.safetensors + NAME.json",
+        description="Build an artifact. Kernels with a record in --log get their best schedule; the rest get a "
+        "fallback schedule. Weights are saved beside the library, never baked into it.",
+    )
+    add_model_args(p)
+    add_target_arg(p)
+    add_log_arg(p, f"tuning log directory to apply (default {defaults.LOG_DIR}/; missing: build untuned)")
+    p.add_argument("-o", "--output", default=defaults.OUT_DIR, help=f"output directory (default {defaults.OUT_DIR}/); the artifact goes to OUT/MODEL-TARGET/COMPONENT.so")
+    add_pass_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from autotune.support.settings import BuildSettings
+
+    settings = BuildSettings(quantize=args.quantize, prune=args.prune)
+    steps = Steps(3)
+    steps(f"import {args.model} ({args.component})")
+    source, prune_info = load_model_source(args)
+    print(source.imported.summary())
+    steps(f"build for {args.target} with log {args.log}")
+    print(settings)
+    report = build_one(source, args.target, args.output, args.log, settings, {"prune": prune_info} if prune_info else None)
+    for note in report.notes:
+        print(f"note: {note}")
+    print(report.summary())
+    meta = json.loads(report.paths.metadata.read_text())
+    before, after = meta["weight_bytes"]["before"], meta["weight_bytes"]["after"]
+    print(f"weights: {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB ({before / max(after, 1):.2f}x smaller)")
+    steps("fidelity against the fp32 torch reference on the example inputs")
+    if args.quantize or args.prune:
+        if report_fidelity(source, report) is None:
+            print("no torch reference for a model file: fidelity not measured")
+    else:
+        print("no quantization or pruning: the build is fp32 (checked by the test suite, not here)")
+    return 0

@@ -1,0 +1,72 @@
+"""`autotune demo`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from autotune.support import defaults
+
+from .common import (
+    Steps,
+    add_log_arg,
+    add_model_args,
+    add_target_arg,
+    build_one,
+    load_model_source,
+)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the main job on the embedded default: tune briefly, build, run, report speed-up and error vs torch",
+    )
+    add_model_args(p)
+    add_target_arg(p)
+    add_log_arg(p, f"tuning log directory (default {defaults.LOG_DIR}/)")
+    p.add_argument("-o", "--output", default=defaults.OUT_DIR, help=f"output directory (default {defaults.OUT_DIR}/)")
+    p.add_argument("--trials", type=int, default=defaults.DEMO_TRIALS, help=f"tuning trials (default {defaults.DEMO_TRIALS})")
+    p.add_argument("--repeat", type=int, default=defaults.DEMO_REPEAT, help=f"timed runs per build (default {defaults.DEMO_REPEAT})")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """Tune briefly, build untuned and tuned, compare both with torch and with each other."""
+    import numpy as np
+
+    from autotune.runtime.module import load
+    from autotune.support.settings import BuildSettings, TuneSettings
+    from autotune.tuning.tune import tune
+
+    steps = Steps(5)
+    started = time.time()
+    steps(f"import {args.model} ({args.component}) from torch")
+    source, _ = load_model_source(args)
+    print(source.imported.summary())
+    reference = source.reference_outputs()
+    steps(f"build untuned (fallback schedules) for {args.target}")
+    untuned = build_one(source, args.target, str(Path(args.output) / "untuned"), None, BuildSettings())
+    print(untuned.summary())
+    steps(f"tune {args.trials} trials for {args.target} into {args.log}")
+    report = tune(source.imported, args.target, args.log, TuneSettings(trials=args.trials))
+    print(report.summary())
+    steps("build with the tuning log")
+    tuned = build_one(source, args.target, args.output, args.log, BuildSettings())
+    for note in tuned.notes:
+        print(f"note: {note}")
+    print(tuned.summary())
+    steps("run both, compare with torch eager")
+    rows = []
+    for label, built in (("untuned", untuned), ("tuned", tuned)):
+        module = load(built.paths.library)
+        outs = module(**source.example_inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        err = max(float(np.max(np.abs(o - r))) for o, r in zip(outs, reference)) if reference else float("nan")
+        timing = module.benchmark(source.example_inputs, repeat=args.repeat)
+        rows.append((label, timing["median_ms"], err))
+    for label, ms, err in rows:
+        print(f"{label:>8}: {ms:9.3f} ms   max |error| vs torch {err:.2e}")
+    speedup = rows[0][1] / rows[1][1]
+    print(f"tuned vs untuned speed-up: {speedup:.2f}x   (artifact: {tuned.paths.library}; total {time.time() - started:.0f} s)")
+    return 0

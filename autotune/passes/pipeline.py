@@ -1,0 +1,95 @@
+"""The compile, declared once: which passes run, in which order, for each target kind.
+
+Tuning and building must see the *same* kernels: MetaSchedule files records under the structural
+hash of each fused PrimFunc, so a build that prepares or fuses differently (or re-fuses an already
+fused module) silently misses every record. Both call the phases below, and nothing else does.
+
+    phase      when                       what                                         target kinds
+    prepare    before fusing (weights)    drop causal zero-padding taps; then either   all
+                                          quantize (a --quantize mode) or precompute
+                                          weight-only work (transposes)
+    fuse       the tuning tasks           fuse attention into one kernel; legalize     all; CPU adds fast
+                                          (CPU: vectorisable fast math), annotate,     math and marks large
+                                          fold constants, fuse, FuseTIR, DCE           weights layout-free
+    -- tune: MetaSchedule searches these kernels | build: apply the log, fallback schedules --
+    pack       after scheduling           run the tuned kernels' weight packing once   CPU (marked weights)
+    finalize   to VM code                 TVM's own lowering for the target kind       llvm: cpu_generic,
+                                                                                       cuda: cuda backend
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from autotune.frontend.importer import ImportedModel
+
+from .attention import fuse_attention  # also registers the attention schedule rule
+from .causal_padding import drop_causal_padding_in
+from .fast_math import cpu_fast_math_legalizations
+from .weight_prepack import mark_layout_free, pack_weights
+from .weight_transforms import precompute_weight_transforms
+
+
+def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None) -> tuple[ImportedModel, dict | None]:
+    """Phase 1. Returns the prepared model and the quantization's report (None without one).
+
+    A quantization mode rewrites the linears and convolutions itself (its weights are stored
+    pre-transposed and its dequantisation must stay inside the kernels), so the causal padding is
+    dropped after it, on the quantized weights; otherwise weight transforms are precomputed."""
+    if quantize_mode:
+        from .quantize import quantize
+
+        quantized, info = quantize(imported, quantize_mode, preset)
+        return drop_causal_padding_in(quantized), info
+    return precompute_weight_transforms(drop_causal_padding_in(imported)), None
+
+
+def _module_pass(name: str, function):
+    return tvm.transform.module_pass(lambda mod, _ctx: function(mod), opt_level=0, name=name)
+
+
+def fuse_passes(target: tvm.target.Target) -> list:
+    """Phase 2's passes for `target`: every operator becomes a PrimFunc (a tuning task)."""
+    cpu = target.kind.name == "llvm"
+    passes = [
+        _module_pass("FuseAttention", lambda mod: fuse_attention(mod, target)),
+        relax.transform.LegalizeOps(customize_legalize_map=cpu_fast_math_legalizations() if cpu else None),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
+    if cpu:
+        passes.append(_module_pass("MarkLayoutFree", lambda mod: mark_layout_free(mod, target)))
+    return passes
+
+
+def fuse_for_target(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Phase 2: the module of kernels that tuning searches and the build schedules."""
+    with target:
+        return tvm.transform.Sequential(fuse_passes(target))(mod)
+
+
+def pack_for_target(mod: tvm.IRModule, weights: dict[str, np.ndarray], num_input: int):
+    """Phase 3: (module taking packed weights, the weights to ship, how many were packed)."""
+    return pack_weights(mod, weights, num_input)
+
+
+def finalize_passes(target: tvm.target.Target) -> list:
+    """Phase 4: lower a scheduled module to VM code with TVM's own passes for the target kind."""
+    # Taken from the backend modules: the re-export in relax.pipeline raises AttributeError in
+    # TVM 0.27, and callers that catch it fall back quietly.
+    if target.kind.name == "cuda":
+        from tvm.relax.backend.cuda import pipeline as backend
+    else:
+        from tvm.relax.backend.cpu_generic import pipeline as backend
+    return backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
+
+
+def lower(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Phase 4 applied."""
+    with target:
+        return tvm.transform.Sequential(finalize_passes(target))(mod)

@@ -1,0 +1,623 @@
+"""Quantization and mixed precision: Relax passes over an imported model and its weights.
+
+    from autotune.passes.quantize import quantize, MODES
+    q, info = quantize(imported, "int8-weight", "x86")   # a NEW ImportedModel + what was done
+
+Every mode keeps the model's external signature (its inputs and outputs stay float32) and keeps
+the weights as function inputs: it rewrites `main` so that it takes the transformed weights
+(int8 / fp8 / half tensors and their scales) and returns the transformed weight arrays with it.
+
+Modes (`MODES`, each a small handler class in the style of gpt-fast's quantization handlers):
+
+    fp16         all weights stored float16; matmul/conv inputs float16 with float32 accumulation,
+                 elementwise work float16; softmax, mean/rsqrt (RMS norms) and reductions stay
+                 float32 (TVM's ToMixedPrecision policy). Inputs/outputs cast at the edges.
+    bf16         the same with bfloat16 (ToMixedPrecision, then float16 -> bfloat16).
+    int8-weight  per-output-channel symmetric int8 weights for every linear (`matmul(x,
+                 permute_dims(W))` or `matmul(x, W)` with a 2-D weight) and every convolution;
+                 the int8 -> float cast is fused into the matmul/conv kernel and the per-channel
+                 scale is applied to the kernel's output (an epilogue), so weights stay int8 in
+                 memory: 4x smaller than float32.
+    w8a8         int8 weights (per output channel) and per-token dynamic int8 activations for the
+                 linears: `matmul(int8, int8, out_dtype=int32)`, then rescale by both scales.
+                 Convolutions are left in float32 (per-token scales do not map onto them).
+    fp8          float8_e4m3fn weights with a per-output-channel float32 scale for linears and
+                 convolutions; cast inside the kernel, float32 accumulation (weight-only: 4x less
+                 weight memory and bandwidth; no fp8 tensor-core math). CUDA sm_89 / sm_90 only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from autotune.frontend.importer import ImportedModel
+from autotune.support import ir
+from autotune.support.errors import InputError
+from autotune.support.targets import TargetPreset, list_presets, resolve_target
+
+_MATMUL = tvm.ir.Op.get("relax.matmul")
+_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
+_ASTYPE = tvm.ir.Op.get("relax.astype")
+_CONVS = {tvm.ir.Op.get(f"relax.nn.conv{d}d") for d in (1, 2, 3)}
+
+INT8_MAX = 127.0
+FP8_E4M3_MAX = 448.0
+
+
+# ---------------------------------------------------------------------------------------------
+# analysis: which weights feed only linears / convolutions
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Site:
+    """A weight parameter all of whose uses are linears (or convolutions) of one kind."""
+
+    name: str
+    kind: str  # "linear_nt": matmul(x, permute_dims(W)); "linear_nn": matmul(x, W); "conv"
+    out_axis: int  # the axis of W that indexes output channels (its scale's axis)
+    shape: tuple[int, ...]
+
+
+def _main_and_inputs(mod) -> tuple[relax.Function, int]:
+    func = mod["main"]
+    return func, ir.num_input(func)
+
+
+def _bindings(func: relax.Function) -> list:
+    body = func.body
+    if not isinstance(body, relax.SeqExpr):
+        return []
+    return [b for block in body.blocks for b in block.bindings if isinstance(b, relax.VarBinding)]
+
+
+def _is_last_two_swap(call) -> bool:
+    ndim = len(call.args[0].ty.shape.values) if call.args[0].ty.shape is not None else -1
+    if ndim != 2:
+        return False
+    axes = call.attrs.axes
+    return axes is None or [int(a) for a in axes] == [1, 0]
+
+
+def _conv_layouts_ok(call) -> bool:
+    attrs = call.attrs
+    return (
+        str(attrs.data_layout).startswith("NC")
+        and str(attrs.kernel_layout).startswith("OI")
+        and str(attrs.out_layout).startswith("NC")
+    )
+
+
+def _find_sites(func: relax.Function, num_input: int, linears: bool = True, convs: bool = True) -> tuple[dict, dict]:
+    """Map weight name -> _Site for weights used only by linears/convs; and reasons for the rest."""
+    bindings = _bindings(func)
+    uses: dict = {}  # var -> list[(binding, arg index)]
+    for b in bindings:
+        value = b.value
+        args = value.args if isinstance(value, relax.Call) else (value.fields if isinstance(value, relax.Tuple) else [value])
+        for i, arg in enumerate(args):
+            if isinstance(arg, relax.Var):
+                uses.setdefault(arg, []).append((b, i))
+    # Uses outside bindings (e.g. the function's return value) disqualify a weight.
+    body_result = func.body.body if isinstance(func.body, relax.SeqExpr) else None
+
+    sites: dict[str, _Site] = {}
+    skipped: dict[str, str] = {}
+    for param in func.params[num_input:]:
+        ty = param.ty
+        name = param.name
+        if not isinstance(ty, relax.TensorType) or ty.shape is None or str(ty.dtype) != "float32":
+            skipped[name] = "not a static float32 tensor"
+            continue
+        shape = tuple(int(v) for v in ty.shape.values)
+        if body_result is not None and body_result.same_as(param):
+            skipped[name] = "returned directly"
+            continue
+        param_uses = uses.get(param, [])
+        if not param_uses:
+            skipped[name] = "unused"
+            continue
+        kinds = set()
+        for b, i in param_uses:
+            call = b.value
+            if not isinstance(call, relax.Call):
+                kinds.add(None)
+            elif linears and call.op.same_as(_PERMUTE) and len(shape) == 2 and _is_last_two_swap(call):
+                t_uses = uses.get(b.var, [])
+                ok = t_uses and all(
+                    isinstance(u.value, relax.Call) and u.value.op.same_as(_MATMUL) and j == 1 for u, j in t_uses
+                )
+                ok = ok and not (body_result is not None and body_result.same_as(b.var))
+                kinds.add("linear_nt" if ok else None)
+            elif linears and call.op.same_as(_MATMUL) and i == 1 and len(shape) == 2:
+                kinds.add("linear_nn")
+            elif convs and call.op in _CONVS and i == 1 and _conv_layouts_ok(call):
+                kinds.add("conv")
+            else:
+                kinds.add(None)
+        if len(kinds) == 1 and None not in kinds:
+            kind = kinds.pop()
+            sites[name] = _Site(name, kind, 1 if kind == "linear_nn" else 0, shape)
+        elif shape and len(shape) >= 2:
+            skipped[name] = "used by something other than a linear/convolution"
+        else:
+            skipped[name] = "not a linear/convolution weight"
+    return sites, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# the weight rewriter: matmul/conv read the quantized weight directly, the scale is an epilogue
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Scheme:
+    """How the rewritten linears/convs compute."""
+
+    weight_dtype: str  # "int8", "float8_e4m3fn"
+    compute_dtype: str  # the activations' dtype at the matmul/conv (weights are cast inside the kernel)
+    act_int8: bool = False  # w8a8: per-token dynamic int8 activations, int32 accumulation
+
+
+def _conv_like(call, x, w):
+    """`call` (a conv1d/2d/3d) on new operands, accumulating in float32."""
+    a = call.attrs
+    fn = {1: relax.op.nn.conv1d, 2: relax.op.nn.conv2d, 3: relax.op.nn.conv3d}[len(call.ty.shape.values) - 2]
+    return fn(
+        x,
+        w,
+        strides=a.strides,
+        padding=a.padding,
+        dilation=a.dilation,
+        groups=a.groups,
+        data_layout=a.data_layout,
+        kernel_layout=a.kernel_layout,
+        out_layout=a.out_layout,
+        out_dtype="float32",
+    )
+
+
+def _emit(builder, expr, final_var=None):
+    """Emit `expr`; as the dataflow block's output when it replaces a non-dataflow var."""
+    if final_var is not None and not isinstance(final_var, relax.DataflowVar):
+        return builder.emit_output(expr)
+    return builder.emit(expr)
+
+
+@mutator
+class _QuantRewriter(PyExprMutator):
+    """Replaces each linear/conv on a quantized weight by its quantized form (see _rewrite)."""
+
+    def __init__(self, mod, sites: dict, scheme: _Scheme):
+        super().__init__(mod)
+        self.sites = sites  # old weight Var -> (_Site, q Var, scale Var)
+        self.scheme = scheme
+        self.transposed = {}  # permute_dims(W) var -> old weight var (dropped: q is stored transposed)
+
+    def _site_of(self, arg):
+        if not isinstance(arg, relax.Var):
+            return None
+        for old, entry in self.sites.items():
+            if arg.same_as(old):
+                return entry
+        for t, old in self.transposed.items():
+            if arg.same_as(t):
+                return self.sites[old]
+        return None
+
+    def visit_var_binding_(self, binding):
+        value = binding.value
+        if isinstance(value, relax.Call) and value.op.same_as(_PERMUTE) and isinstance(value.args[0], relax.Var):
+            for old in self.sites:
+                if value.args[0].same_as(old) and self.sites[old][0].kind == "linear_nt":
+                    self.transposed[binding.var] = old
+                    return  # emitted (transposed, dequantised) at each matmul that uses it
+        if isinstance(value, relax.Call) and (value.op.same_as(_MATMUL) or value.op in _CONVS):
+            entry = self._site_of(value.args[1])
+            if entry is not None:
+                x = self.visit_expr(value.args[0])
+                new_var = self._rewrite(value, x, entry, binding.var)
+                self.set_var_remap(binding.var, new_var)
+                return
+        super().visit_var_binding_(binding)
+
+    def _rewrite(self, call, x, entry, out_var):
+        site, q, scale = entry
+        bb = self.builder_
+        s = self.scheme
+        in_dtype = str(x.ty.dtype)
+        if site.kind == "conv":
+            # conv(x, int8 W, out_dtype=float32): TOPI casts W inside the reduction, so the int8
+            # weight is what the kernel reads; the per-channel scale is an output epilogue.
+            xc = x if in_dtype == "float32" else bb.emit(relax.op.astype(x, "float32"))
+            y = bb.emit(_conv_like(call, xc, q))
+            ndim = len(call.ty.shape.values)
+            ys = relax.op.multiply(y, relax.op.reshape(scale, [1, site.shape[0]] + [1] * (ndim - 2)))
+            return self._finish(ys, call, out_var)
+        # `q` is stored [in, out] (pre-transposed for "linear_nt"): no transpose kernel at run time.
+        if s.act_int8:
+            # per-token (last-axis) symmetric dynamic quantisation of the activations
+            xf = x if in_dtype == "float32" else bb.emit(relax.op.astype(x, "float32"))
+            amax = bb.emit(relax.op.max(relax.op.abs(xf), axis=-1, keepdims=True))
+            sx = bb.emit(
+                relax.op.divide(relax.op.maximum(amax, relax.const(1e-8, "float32")), relax.const(INT8_MAX, "float32"))
+            )
+            xq = relax.op.round(relax.op.divide(xf, sx))
+            xq = bb.emit(relax.op.astype(relax.op.clip(xq, -INT8_MAX, INT8_MAX), "int8"))
+            acc = bb.emit(relax.op.matmul(xq, q, out_dtype="int32"))
+            y = relax.op.multiply(relax.op.multiply(relax.op.astype(acc, "float32"), sx), scale)
+            return self._finish(y, call, out_var)
+        # matmul(x, int8/fp8 W, out_dtype=float32): the cast happens inside the reduction.
+        xc = x if in_dtype == s.compute_dtype else bb.emit(relax.op.astype(x, s.compute_dtype))
+        y = bb.emit(relax.op.matmul(xc, q, out_dtype="float32"))
+        return self._finish(relax.op.multiply(y, scale), call, out_var)
+
+    def _finish(self, expr, call, out_var):
+        want = str(call.ty.dtype)
+        if want != "float32":
+            expr = relax.op.astype(self.builder_.emit(expr), want)
+        return _emit(self.builder_, expr, out_var)
+
+
+def _quantize_array(w: np.ndarray, out_axis: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel quantisation; returns (quantised, float32 scale per channel)."""
+    reduce_axes = tuple(a for a in range(w.ndim) if a != out_axis)
+    amax = np.max(np.abs(w), axis=reduce_axes).astype(np.float32)
+    qmax = INT8_MAX if dtype == "int8" else FP8_E4M3_MAX
+    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[out_axis] = -1
+    scaled = w / scale.reshape(shape)
+    if dtype == "int8":
+        q = np.clip(np.rint(scaled), -INT8_MAX, INT8_MAX).astype(np.int8)
+    else:
+        import ml_dtypes
+
+        q = np.clip(scaled, -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
+    return q, scale
+
+
+def _quantize_weights(imported: ImportedModel, scheme: _Scheme, linears: bool, convs: bool) -> tuple[ImportedModel, dict]:
+    func, num_input = _main_and_inputs(imported.mod)
+    found, skipped = _find_sites(func, num_input, linears=linears, convs=convs)
+    existing = set(imported.weights)
+    new_params = list(func.params[:num_input])
+    new_weights: dict[str, np.ndarray] = {}
+    entries = {}
+    for param in func.params[num_input:]:
+        name = param.name
+        site = found.get(name)
+        if site is None:
+            new_params.append(param)
+            new_weights[name] = imported.weights[name]
+            continue
+        q, scale = _quantize_array(imported.weights[name], site.out_axis, scheme.weight_dtype)
+        if site.kind == "linear_nt":
+            q = np.ascontiguousarray(q.T)  # stored [in, out]: the matmul reads it without a transpose
+        q_name, s_name = f"{name}_q", f"{name}_scale"
+        if q_name in existing or s_name in existing:
+            raise InputError(f"cannot quantize {name}: the model already has a weight named {q_name} or {s_name}")
+        q_var = relax.Var(q_name, relax.TensorType(list(q.shape), scheme.weight_dtype))
+        s_var = relax.Var(s_name, relax.TensorType([scale.shape[0]], "float32"))
+        new_params += [q_var, s_var]
+        new_weights[q_name] = q
+        new_weights[s_name] = scale
+        entries[param] = (site, q_var, s_var)
+
+    rewriter = _QuantRewriter(imported.mod, entries, scheme)
+    body = rewriter.visit_with_new_scope(func.body)
+    new_func = relax.Function(new_params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
+    mod = _replace_main(imported.mod, new_func)
+    # A weight we meant to replace that is still referenced would make the module ill-formed.
+    if not relax.analysis.check_well_formed(mod):
+        relax.analysis.well_formed(mod)  # raises with the offending node
+        raise RuntimeError("quantize: the rewritten module is not well formed")
+    out = ImportedModel(mod, new_weights, list(imported.inputs), list(imported.outputs), imported.source, list(imported.notes))
+    kinds = [s.kind for s in found.values()]
+    info = {
+        "layers": len(found),
+        "linear_layers": sum(k != "conv" for k in kinds),
+        "conv_layers": kinds.count("conv"),
+        "weight_dtype": scheme.weight_dtype,
+        "compute_dtype": "int8 x int8 -> int32" if scheme.act_int8 else scheme.compute_dtype,
+        "kept_float32": sorted(n for n, why in skipped.items() if imported.weights[n].ndim >= 2),
+    }
+    if not found:
+        info["note"] = "no " + ("linear" if not convs else "linear or convolution") + " weights found: nothing was quantized"
+    return out, info
+
+
+def _replace_main(mod, new_func):
+    new_mod = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"}, attrs=mod.attrs)
+    new_mod["main"] = new_func
+    for key, value in mod.global_infos.items():
+        new_mod.update_global_info(key, value)
+    return new_mod
+
+
+# ---------------------------------------------------------------------------------------------
+# mixed precision
+# ---------------------------------------------------------------------------------------------
+
+
+# Ops whose TOPI lowering rejects bfloat16 (norms accept float32/float16 only; pow checks
+# IsFloatType, which bfloat16 fails): computed in float32 between casts under bf16.
+_F32_ONLY_NORMS = {
+    tvm.ir.Op.get(n) for n in ("relax.nn.layer_norm", "relax.nn.group_norm", "relax.nn.rms_norm", "relax.power")
+}
+
+
+def _dtype(expr) -> str | None:
+    ty = getattr(expr, "ty", None)
+    return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
+
+
+@mutator
+class _HalfToBf16(PyExprMutator):
+    """float16 -> bfloat16 everywhere in a ToMixedPrecision output (casts and parameters)."""
+
+    def visit_call_(self, call):
+        new = super().visit_call_(call)
+        if not isinstance(new, relax.Call):
+            return new
+        if new.op.same_as(_ASTYPE) and str(new.attrs.dtype) == "float16":
+            return relax.op.astype(new.args[0], "bfloat16")
+        if new.op in _F32_ONLY_NORMS and any(_dtype(a) == "bfloat16" for a in new.args):
+            # TOPI's norms take float32/float16 only: run them in float32 between casts.
+            args = [self.builder_.emit(relax.op.astype(a, "float32")) if _dtype(a) == "bfloat16" else a for a in new.args]
+            y = self.builder_.emit(relax.Call(new.op, args, new.attrs))
+            return relax.op.astype(y, "bfloat16")
+        return new
+
+    def visit_constant_(self, const):
+        if str(const.data.dtype) == "float16":
+            import ml_dtypes
+
+            return relax.const(const.data.numpy().astype(np.float32).astype(ml_dtypes.bfloat16), "bfloat16")
+        return super().visit_constant_(const)
+
+
+_CLIP = tvm.ir.Op.get("relax.clip")
+
+
+@mutator
+class _ClipToMinMax(PyExprMutator):
+    """clip(x, a, b) with scalar bounds -> minimum(maximum(x, a), b) on tensor constants.
+
+    TVM 0.27's ToMixedPrecision expects every call argument to be a tensor and fails on clip's
+    PrimValue bounds ("Expected TensorType, but got T.float64"; torch's F.normalize exports one).
+    """
+
+    def visit_call_(self, call):
+        new = super().visit_call_(call)
+        if not (isinstance(new, relax.Call) and new.op.same_as(_CLIP)):
+            return new
+        dtype = _dtype(new.args[0])
+        bounds = []
+        for b in new.args[1:]:
+            value = getattr(b, "value", None)  # a scalar bound is a FloatImm/IntImm in TVM 0.27
+            if not isinstance(value, (int, float)) or isinstance(b.ty, relax.TensorType) or dtype is None:
+                return new
+            bounds.append(float(value))
+        y = new.args[0]
+        lo, hi = bounds
+        if lo != float("-inf"):
+            y = self.builder_.emit(relax.op.maximum(y, relax.const(lo, dtype)))
+        if hi != float("inf"):
+            y = relax.op.minimum(y, relax.const(hi, dtype))
+        return y
+
+
+def _mixed_precision(imported: ImportedModel, half: str) -> tuple[ImportedModel, dict]:
+    names = list(imported.weights)
+    mod = imported.mod
+    func, _ = _main_and_inputs(mod)
+    mod = _replace_main(mod, _ClipToMinMax(mod).visit_expr(func))
+    mod = relax.transform.ToMixedPrecision(out_dtype="float32", fp16_input_names=names)(mod)
+    func, num_input = _main_and_inputs(mod)
+    if half == "bfloat16":
+        params = list(func.params[:num_input])
+        rewriter = _HalfToBf16(mod)
+        for p in func.params[num_input:]:
+            if str(p.ty.dtype) == "float16":
+                new = relax.Var(p.name, relax.TensorType(list(p.ty.shape.values), "bfloat16"))
+                rewriter.set_var_remap(p, new)
+                params.append(new)
+            else:
+                params.append(p)
+        body = rewriter.visit_with_new_scope(func.body)
+        func = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
+        mod = _replace_main(mod, func)
+        if "float16" in func.script().replace("bfloat16", ""):
+            raise RuntimeError("bf16: a float16 value survived the float16 -> bfloat16 rewrite")
+    # External signature stays float32: ToMixedPrecision casts inputs in and outputs out.
+    for spec, var in zip(imported.inputs, func.params[:num_input]):
+        if str(var.ty.dtype) != spec.dtype:
+            raise RuntimeError(f"{half}: input {spec.name} changed dtype to {var.ty.dtype}")
+    if any(t.dtype != o.dtype for t, o in zip(_ret_types(func), imported.outputs)):
+        raise RuntimeError(f"{half}: the outputs changed dtype ({func.ret_ty})")
+    weights: dict[str, np.ndarray] = {}
+    np_half = _numpy_dtype(half)
+    for p in func.params[num_input:]:
+        w = imported.weights[p.name]
+        weights[p.name] = w.astype(np_half) if str(p.ty.dtype) == half else w
+    out = ImportedModel(mod, weights, list(imported.inputs), list(imported.outputs), imported.source, list(imported.notes))
+    converted = sum(1 for p in func.params[num_input:] if str(p.ty.dtype) == half)
+    return out, {
+        "layers": _count_matmul_conv(imported),
+        "weights_converted": converted,
+        "weight_dtype": half,
+        "compute_dtype": f"{half} (matmul/conv accumulate float32; softmax, norms' statistics float32)",
+    }
+
+
+def _ret_types(func):
+    ret = func.ret_ty
+    return list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
+
+
+def _numpy_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+def _count_matmul_conv(imported: ImportedModel) -> int:
+    func, _ = _main_and_inputs(imported.mod)
+    return sum(
+        1
+        for b in _bindings(func)
+        if isinstance(b.value, relax.Call) and (b.value.op.same_as(_MATMUL) or b.value.op in _CONVS)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# modes
+# ---------------------------------------------------------------------------------------------
+
+
+class QuantMode:
+    """One quantization mode. `supports(preset)` -> None if it can run there, else the reason."""
+
+    name: str = ""
+    description: str = ""
+
+    def supports(self, preset: TargetPreset) -> str | None:
+        return None
+
+    def apply(self, imported: ImportedModel) -> tuple[ImportedModel, dict]:
+        raise NotImplementedError
+
+
+MODES: dict[str, type[QuantMode]] = {}
+
+
+def register(cls: type[QuantMode]) -> type[QuantMode]:
+    MODES[cls.name] = cls
+    return cls
+
+
+def _cuda_arch(preset: TargetPreset) -> int | None:
+    if preset.family != "cuda":
+        return None
+    arch = str(preset.resolved_target_dict().get("arch", ""))
+    digits = "".join(ch for ch in arch if ch.isdigit())
+    return int(digits) if digits else None
+
+
+@register
+class Fp16(QuantMode):
+    name = "fp16"
+    description = "float16 weights and compute, float32 accumulation; softmax/norm statistics float32"
+
+    def apply(self, imported):
+        return _mixed_precision(imported, "float16")
+
+
+@register
+class Bf16(QuantMode):
+    name = "bf16"
+    description = "bfloat16 weights and compute, float32 accumulation; softmax/norm statistics float32"
+
+    def supports(self, preset):
+        arch = _cuda_arch(preset)
+        if preset.family == "cuda" and arch is not None and arch < 80:
+            return f"bfloat16 needs CUDA sm_80 or newer, {preset.name} is sm_{arch}"
+        return None
+
+    def apply(self, imported):
+        return _mixed_precision(imported, "bfloat16")
+
+
+@register
+class Int8Weight(QuantMode):
+    name = "int8-weight"
+    description = "int8 per-output-channel weights for linears and convolutions, float32 compute"
+
+    def apply(self, imported):
+        return _quantize_weights(imported, _Scheme("int8", "float32"), linears=True, convs=True)
+
+
+@register
+class W8A8(QuantMode):
+    name = "w8a8"
+    description = "int8 weights + per-token dynamic int8 activations for linears, int32 accumulation"
+
+    def supports(self, preset):
+        if preset.family == "cuda":
+            return "w8a8 is a CPU mode; on CUDA use fp8 (sm_89/sm_90) or int8-weight"
+        if preset.family == "arm":
+            # Measured: on every aarch64 preset MetaSchedule's int8 design space (its sdot/neon
+            # tensor-intrinsic rule, which does not match this layout) yields schedules that TVM 0.27
+            # cannot lower ("VectorizeLoop before LiftStorageAlloc"), so the build fails.
+            return "TVM 0.27 cannot lower the int8 x int8 matmul schedules MetaSchedule makes for aarch64; use int8-weight"
+        return None
+
+    def apply(self, imported):
+        return _quantize_weights(imported, _Scheme("int8", "float32", act_int8=True), linears=True, convs=False)
+
+
+@register
+class Fp8(QuantMode):
+    name = "fp8"
+    description = "float8_e4m3fn weights + per-channel scale for linears and convolutions (CUDA sm_89/sm_90)"
+
+    def supports(self, preset):
+        arch = _cuda_arch(preset)
+        if arch is None or arch not in (89, 90):
+            where = f"CUDA sm_{arch}" if arch is not None else f"an {preset.family} CPU target"
+            return f"fp8 (e4m3) needs an NVIDIA Ada/Hopper GPU (CUDA sm_89 or sm_90); {preset.name} is {where}"
+        return None
+
+    def apply(self, imported):
+        return _quantize_weights(imported, _Scheme("float8_e4m3fn", "float32"), linears=True, convs=True)
+
+
+def _targets_for(mode: QuantMode) -> list[str]:
+    try:
+        return [p.name for p in list_presets() if mode.supports(p) is None]
+    except Exception:
+        return []
+
+
+def quantize(imported: ImportedModel, mode: str, preset: str | dict | TargetPreset) -> tuple[ImportedModel, dict]:
+    """Apply quantization `mode` for `preset`; returns (a new ImportedModel, info dict).
+
+    The input is left as it was. The result's `mod` takes the same named inputs (float32 stays
+    float32) and returns the same outputs; its weights are the transformed arrays, in `main`'s
+    new parameter order (int8/fp8 modes replace W by `W_q` [+ `W_scale`], stored [in, out] for
+    linears).
+
+    info: {"mode", "weight_bytes_before", "weight_bytes_after",
+           "layers": weight-quantized matmuls/convs (int8-weight, w8a8, fp8), or matmul/conv ops
+                     computing in half (fp16, bf16),
+           "weight_dtype", "compute_dtype", ...; int8/fp8 add "linear_layers", "conv_layers",
+           "kept_float32" (2-D+ weights left alone) and "note" when nothing was quantized}.
+    Unknown mode, or a mode the target cannot run: InputError saying what is known / where it runs.
+    """
+    if mode not in MODES:
+        raise InputError(f"unknown quantization mode '{mode}'. Known modes: {', '.join(MODES)}")
+    handler = MODES[mode]()
+    preset = resolve_target(preset)
+    reason = handler.supports(preset)
+    if reason is not None:
+        targets = _targets_for(handler)
+        raise InputError(
+            f"--quantize {mode} cannot run on target {preset.name}: {reason}."
+            + (f" Targets that can run it: {', '.join(targets)}." if targets else "")
+        )
+    before = imported.weight_bytes()
+    out, info = handler.apply(imported)
+    out.notes.append(f"quantized: {mode}" + (f" ({info['note']})" if "note" in info else ""))
+    return out, {"mode": mode, "weight_bytes_before": before, "weight_bytes_after": out.weight_bytes(), **info}
+
+
+def describe_modes() -> str:
+    return "\n".join(f"  {name:<12} {cls.description}" for name, cls in MODES.items())

@@ -1,0 +1,33 @@
+"""Every default value, once: the settings dataclasses and the command line both read these."""
+
+# What a command works on when not told otherwise.
+MODEL = "wan-i2v-tiny"  # the embedded default: the Wan2.1-I2V code with a tiny config and seeded weights
+COMPONENT = "transformer"
+TARGET = "x86"  # this machine's CPU
+LOG_DIR = "logs"
+OUT_DIR = "out"
+
+# Tuning (autotune tune, TuneSettings).
+TRIALS = 64  # new measured candidates per run, all tasks together
+TRIALS_PER_ITER = 16  # candidates per measured batch: a crash loses at most one batch
+BUILD_WORKERS = 2
+BUILD_TIMEOUT_S = 60.0
+RUN_TIMEOUT_S = 10.0  # bound on one candidate's measurement: a slow one costs at most this
+RUNS_PER_MEASUREMENT = 3
+MIN_REPEAT_MS = 20
+SEED = 0
+LIGHT_TASK_SHARE = 0.01  # kernels under this share of the module's FLOPs are "light" ...
+LIGHT_TASK_TRIALS = 8  # ... and get one batch this size
+
+# Running and timing.
+RUN_REPEAT = 20
+PROFILE_TOP = 15
+
+# autotune demo.
+DEMO_TRIALS = 128
+DEMO_REPEAT = 30
+
+# autotune bench.
+BENCH_WORKLOADS = "tiny-transformer,tiny-vae-decoder,tiny-image-encoder"
+BENCH_ROUNDS = 15
+BENCH_OUT_DIR = "tools/results"

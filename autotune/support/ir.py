@@ -1,0 +1,40 @@
+"""Facts about Relax and TIR modules that several stages ask for, each defined once."""
+
+from __future__ import annotations
+
+import tvm
+
+SCHEDULED_ATTR = "tirx.is_scheduled"  # TVM's mark on a PrimFunc that needs no (more) scheduling
+NUM_INPUT_ATTR = "num_input"  # on `main`: its parameters before this index are inputs, the rest weights
+ATTENTION_ATTR = "autotune.attention"  # on our fused attention kernels: their shape and tiles
+LAYOUT_FREE_ATTR = "layout_free_buffers"  # on a kernel: operand indices whose layout MetaSchedule may choose
+
+
+def prim_funcs(mod: tvm.IRModule) -> dict[str, "tvm.tirx.PrimFunc"]:
+    """The module's kernels by name."""
+    return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def is_scheduled(func) -> bool:
+    return bool(func.attrs is not None and func.attrs.get(SCHEDULED_ATTR, False))
+
+
+def mark_scheduled(func):
+    return func.with_attr(SCHEDULED_ATTR, True)
+
+
+def num_input(func) -> int:
+    """How many of a Relax function's parameters are inputs (the rest are weights)."""
+    attrs = func.attrs
+    return int(attrs[NUM_INPUT_ATTR]) if attrs is not None and NUM_INPUT_ATTR in attrs else len(func.params)
+
+
+def static_shape(ty) -> tuple[int, ...] | None:
+    """The static shape of a Relax tensor type, or None when it is unknown or symbolic."""
+    shape = getattr(ty, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        return None
+    try:
+        return tuple(int(d) for d in shape.values)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,393 @@
+"""The tuning log: MetaSchedule records on disk that survive crashes, bad lines and two writers.
+
+A log directory holds two append-only JSON-lines files:
+
+    workloads.jsonl  {"id": <structural hash>, "workload": <Workload.as_json()>}
+    records.jsonl    {"id": <workload id>, "target": <target JSON>, "tvm": <version>,
+                      "record": <TuningRecord.as_json()>}
+
+A trace may hold a TVM object (TransformLayout's IndexMap, from weight packing): it is stored
+as its TVM JSON text, the form MetaSchedule's trace reader parses back.
+
+Each line is written whole with one `write` under an exclusive `flock`, then flushed and
+fsync'ed: a crash or Ctrl-C loses at most the record being measured, and two processes tuning
+into the same directory never interleave partial lines. Reading never stops at a bad line: a
+truncated or garbage line, a record for an unknown workload, another target or another TVM
+version is reported with its file and line number and skipped; the files are never rewritten.
+
+`TuningLog` is a MetaSchedule `Database`: it keeps the records in an in-memory database for
+queries and appends every new one to disk as it is committed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tvm
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+WORKLOADS_FILE = "workloads.jsonl"
+RECORDS_FILE = "records.jsonl"
+
+
+def record_to_json(record: ms.database.TuningRecord):
+    """TuningRecord.as_json(), which raises on the IndexMap of a TransformLayout instruction."""
+    from tvm.s_tir.meta_schedule import _ffi_api
+    from tvm.tirx import FloatImm, IntImm
+    from tvm_ffi import Array, Map
+
+    def plain(obj):
+        if obj is None or isinstance(obj, (int, float)):
+            return obj
+        if isinstance(obj, str):
+            return str(obj)
+        if isinstance(obj, (IntImm, FloatImm)):
+            return obj.value
+        if isinstance(obj, Array):
+            return [plain(item) for item in obj]
+        if isinstance(obj, Map):
+            return {plain(k): plain(v) for k, v in obj.items()}
+        return tvm.ir.save_json(obj).strip()
+
+    return plain(_ffi_api.TuningRecordAsJSON(record))
+
+
+@dataclass
+class LogProblem:
+    path: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+@dataclass
+class LogReadReport:
+    """What reading a log found: good records, and each skipped line with why."""
+
+    workloads: int = 0
+    records: int = 0
+    problems: list[LogProblem] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = f"{self.records} records over {self.workloads} workloads"
+        if self.problems:
+            text += f", {len(self.problems)} lines skipped"
+        return text
+
+
+def target_key(target: tvm.target.Target) -> str:
+    """A stable string naming a target, to tell records of different targets apart."""
+    return json.dumps(_plain(target.export()), sort_keys=True)
+
+
+def _plain(obj):
+    """TVM containers (Map, Array) to Python dicts and lists, for JSON."""
+    if hasattr(obj, "items"):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) or type(obj).__name__ == "Array":
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (int, float, bool, str)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _append_line(path: Path, obj: dict) -> None:
+    """Append one JSON line atomically with respect to other writers, and make it durable."""
+    data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            # A previous writer killed mid-line leaves no newline at the end: start a fresh line
+            # so that its fragment stays one (reported) bad line and ours stays whole.
+            size = os.fstat(fd).st_size
+            if size:
+                with open(path, "rb") as existing:
+                    existing.seek(size - 1)
+                    if existing.read(1) != b"\n":
+                        data = b"\n" + data
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _read_lines(path: Path):
+    """Yield (line number, parsed JSON or None, reason) for each non-empty line."""
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                yield number, None, f"not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); truncated or corrupt line"
+                continue
+            if not isinstance(obj, dict):
+                yield number, None, "not a JSON object"
+                continue
+            yield number, obj, ""
+
+
+def workload_id(mod: tvm.IRModule) -> str:
+    """The id a workload is filed under: a digest of its serialised IR (stable across processes)."""
+    return hashlib.sha256(tvm.ir.save_json(mod).encode()).hexdigest()[:24]
+
+
+def read_log(log_dir: str | Path, target: tvm.target.Target | None = None, memory=None) -> tuple[LogReadReport, dict]:
+    """Read a log directory into `memory` (a MetaSchedule MemoryDatabase) and report what was skipped.
+
+    Records for another target (when `target` is given) or another TVM version are skipped and
+    reported. Returns (report, {workload id: Workload}).
+    """
+    log_dir = Path(log_dir)
+    report = LogReadReport()
+    workloads: dict[str, ms.database.Workload] = {}
+    same_structure: dict[str, list[str]] = {}  # MetaSchedule's structural hash -> workload ids
+    wpath, rpath = log_dir / WORKLOADS_FILE, log_dir / RECORDS_FILE
+    for number, obj, reason in _read_lines(wpath):
+        if obj is None:
+            report.problems.append(LogProblem(str(wpath), number, reason))
+            continue
+        try:
+            wid = obj["id"]
+            if wid not in workloads:
+                workloads[wid] = ms.database.Workload.from_json(obj["workload"])
+                same_structure.setdefault(str(obj["workload"][0]), []).append(wid)
+                if memory is not None:
+                    memory.commit_workload(workloads[wid].mod)
+        except Exception as exc:  # a JSON line that is not a workload
+            report.problems.append(LogProblem(str(wpath), number, f"not a workload ({type(exc).__name__}: {exc})"))
+    report.workloads = len(workloads)
+    want_target = target_key(target) if target is not None else None
+    for number, obj, reason in _read_lines(rpath):
+        if obj is None:
+            report.problems.append(LogProblem(str(rpath), number, reason))
+            continue
+        wid = obj.get("id")
+        if wid not in workloads:
+            report.problems.append(LogProblem(str(rpath), number, f"record for unknown workload {wid!r}"))
+            continue
+        if obj.get("tvm") != tvm.__version__:
+            report.problems.append(
+                LogProblem(str(rpath), number, f"record from TVM {obj.get('tvm')}, this is TVM {tvm.__version__}")
+            )
+            continue
+        if want_target is not None and obj.get("target") != want_target:
+            report.problems.append(LogProblem(str(rpath), number, f"record for another target: {obj.get('target')}"))
+            continue
+        record, replayed_on = _replay(obj["record"], wid, workloads, same_structure)
+        if isinstance(record, Exception):
+            report.problems.append(LogProblem(str(rpath), number, f"not a tuning record ({type(record).__name__}: {record})"))
+            continue
+        if memory is not None:
+            # The in-memory database files it under the first structurally equal workload it
+            # knows, whose blocks may be named otherwise: its trace must name those blocks.
+            source = workloads[replayed_on].mod
+            known = memory.commit_workload(source)
+            if not known.mod.same_as(source):
+                try:
+                    record = ms.database.TuningRecord.from_json(_renamed_blocks(obj["record"], source, known.mod), known)
+                except Exception as exc:
+                    report.problems.append(
+                        LogProblem(str(rpath), number, f"record for a twin kernel does not replay on it ({type(exc).__name__})")
+                    )
+                    continue
+            memory.commit_tuning_record(
+                ms.database.TuningRecord(record.trace, known, record.run_secs, record.target, record.args_info)
+            )
+        report.records += 1
+    return report, workloads
+
+
+def _replay(record_json, wid: str, workloads: dict, same_structure: dict):
+    """Rebuild a record by replaying its trace on its workload: (record, workload id it replayed on).
+
+    MetaSchedule files a record under the first structurally equal workload it saw, and
+    structural equality ignores block names: a layer_norm tuned for one model can be filed
+    under another model's equal layer_norm whose blocks are named differently, and its trace
+    then only replays on the twin. Try the workload named first, then its structural twins.
+    """
+    first_error = None
+    twins = same_structure.get(str(workloads[wid].as_json()[0]), [])
+    for candidate in [wid] + [t for t in twins if t != wid]:
+        try:
+            return ms.database.TuningRecord.from_json(record_json, workloads[candidate]), candidate
+        except Exception as exc:
+            first_error = first_error or exc
+    return first_error, wid
+
+
+_BLOCK = re.compile(r'T\.sblock\("([^"]+)"\)')
+
+
+def _renamed_blocks(record_json, source: tvm.IRModule, target: tvm.IRModule):
+    """The record with its trace's block names mapped from `source` to its structural twin `target`.
+
+    Twins have the same blocks in the same order, so the n-th block of one is the n-th of the other.
+    Blocks the trace itself creates are named after their origin (`x_sum` -> `x_sum_rf`): the
+    longest original name they start with is mapped.
+    """
+    mapping = dict(zip(_BLOCK.findall(source.script()), _BLOCK.findall(target.script())))
+    by_length = sorted(mapping, key=len, reverse=True)
+
+    def rename(name: str) -> str:
+        if name in mapping:
+            return mapping[name]
+        origin = next((n for n in by_length if name.startswith(n)), None)
+        return mapping[origin] + name[len(origin):] if origin else name
+
+    (insts, decisions), *rest = record_json
+    renamed = [
+        [kind, inputs, [rename(attrs[0]), *attrs[1:]] if kind == "GetSBlock" else attrs, outputs]
+        for kind, inputs, attrs, outputs in insts
+    ]
+    return [[renamed, decisions], *rest]
+
+
+@derived_object
+class TuningLog(ms.database.PyDatabase):
+    """A MetaSchedule database backed by an append-only log directory."""
+
+    def __init__(self, log_dir: str | Path, target: tvm.target.Target, module_equality: str = "structural"):
+        super().__init__()
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.target = target
+        self._target_key = target_key(target)
+        self._memory = ms.database.MemoryDatabase(module_equality=module_equality)
+        self.report, loaded = read_log(self.log_dir, target, self._memory)
+        self._ids_on_disk = set(loaded)
+        # The in-memory database returns, for a module, the first structurally equal workload it
+        # knows; structural equality ignores block names, and a trace replays only on a module
+        # with its own block names. So records are filed under the module this process tuned.
+        self._tuned_as: list[tuple[ms.database.Workload, str]] = []
+        self.committed = 0  # records appended by this process
+
+    # -- what MetaSchedule calls ------------------------------------------------------------
+    def has_workload(self, mod: tvm.IRModule) -> bool:
+        return self._memory.has_workload(mod)
+
+    def _file_workload(self, mod: tvm.IRModule) -> str:
+        wid = workload_id(mod)
+        if wid not in self._ids_on_disk:
+            _append_line(self.log_dir / WORKLOADS_FILE, {"id": wid, "workload": ms.database.Workload(mod).as_json()})
+            self._ids_on_disk.add(wid)
+        return wid
+
+    def commit_workload(self, mod: tvm.IRModule) -> ms.database.Workload:
+        workload = self._memory.commit_workload(mod)
+        wid = self._file_workload(mod)
+        self._tuned_as = [(w, i) for w, i in self._tuned_as if not w.same_as(workload)] + [(workload, wid)]
+        return workload
+
+    def commit_tuning_record(self, record: ms.database.TuningRecord) -> None:
+        self._memory.commit_tuning_record(record)
+        wid = next((i for w, i in self._tuned_as if w.same_as(record.workload)), None)
+        if wid is None:  # MetaSchedule commits workloads first; be safe anyway
+            wid = self._file_workload(record.workload.mod)
+        _append_line(
+            self.log_dir / RECORDS_FILE,
+            {"id": wid, "target": self._target_key, "tvm": tvm.__version__, "record": record_to_json(record)},
+        )
+        self.committed += 1
+
+    def get_top_k(self, workload: ms.database.Workload, top_k: int):
+        return self._memory.get_top_k(workload, top_k)
+
+    def get_all_tuning_records(self):
+        return self._memory.get_all_tuning_records()
+
+    def query_tuning_record(self, mod, target, workload_name):
+        return self._memory.query_tuning_record(mod, target, workload_name)
+
+    def query_schedule(self, mod, target, workload_name):
+        return self._memory.query_schedule(mod, target, workload_name)
+
+    def query_ir_module(self, mod, target, workload_name):
+        return self._memory.query_ir_module(mod, target, workload_name)
+
+    def __len__(self) -> int:
+        return len(self._memory)
+
+
+@dataclass
+class MergeReport:
+    workloads_added: int = 0
+    records_added: int = 0
+    records_present: int = 0  # already in the destination, not copied again
+    problems: list[LogProblem] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = (
+            f"{self.records_added} records and {self.workloads_added} workloads added "
+            f"({self.records_present} records were already there)"
+        )
+        return text + (f"; {len(self.problems)} source lines skipped" if self.problems else "")
+
+
+def merge_log(src: str | Path, dst: str | Path) -> MergeReport:
+    """Append to `dst` the records (and their workloads) of `src` that it lacks.
+
+    Lines are copied as they are, through the same locked, fsync'ed append as tuning, so a
+    merge into a log that is being tuned into is safe. Bad source lines are reported and skipped.
+    Records keep their target and TVM version: readers filter them as for any record.
+    """
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    report = MergeReport()
+    have_workloads = {obj["id"] for _, obj, _ in _read_lines(dst / WORKLOADS_FILE) if obj and "id" in obj}
+    have_records = {json.dumps(obj, sort_keys=True) for _, obj, _ in _read_lines(dst / RECORDS_FILE) if obj}
+    src_workloads = {}
+    for number, obj, reason in _read_lines(src / WORKLOADS_FILE):
+        if obj is None or "id" not in obj or "workload" not in obj:
+            report.problems.append(LogProblem(str(src / WORKLOADS_FILE), number, reason or "not a workload line"))
+            continue
+        src_workloads.setdefault(obj["id"], obj)
+    for number, obj, reason in _read_lines(src / RECORDS_FILE):
+        if obj is None or obj.get("id") not in src_workloads or "record" not in obj:
+            report.problems.append(LogProblem(str(src / RECORDS_FILE), number, reason or "record for an unknown workload"))
+            continue
+        key = json.dumps(obj, sort_keys=True)
+        if key in have_records:
+            report.records_present += 1
+            continue
+        if obj["id"] not in have_workloads:
+            _append_line(dst / WORKLOADS_FILE, src_workloads[obj["id"]])
+            have_workloads.add(obj["id"])
+            report.workloads_added += 1
+        _append_line(dst / RECORDS_FILE, obj)
+        have_records.add(key)
+        report.records_added += 1
+    return report
+
+
+def log_digest(log_dir: str | Path) -> str | None:
+    """sha256 of the log's files, to record in an artifact which log built it."""
+    log_dir = Path(log_dir)
+    h = hashlib.sha256()
+    found = False
+    for name in (WORKLOADS_FILE, RECORDS_FILE):
+        path = log_dir / name
+        if path.exists():
+            found = True
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest() if found else None
