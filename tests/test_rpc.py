@@ -36,13 +36,13 @@ STARTUP_S = 90  # a loaded 2-core machine takes a while to import tvm in each ch
 
 
 class Child:
-    """A `python -m autotune.tuning.remote ...` child in its own process group, logging to a file."""
+    """A `python -m autotune rpc ...` child in its own process group, logging to a file."""
 
     def __init__(self, args: list[str], log: Path):
         self.log = log
         self._file = open(log, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "autotune.tuning.remote", *args],
+            [sys.executable, "-m", "autotune", "rpc", *args],
             stdout=self._file,
             stderr=subprocess.STDOUT,
             start_new_session=True,

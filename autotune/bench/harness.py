@@ -11,6 +11,7 @@ bandwidth probe), and fidelity against torch eager.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import statistics
 import tempfile
@@ -79,10 +80,11 @@ class TVM:
     log: str | None = None
     quantize: str | None = None
     label: str = ""
+    tuned: bool = False  # apply the shipped log for the target (and `log`); untuned: fallback schedules only
 
     @property
     def name(self) -> str:
-        return self.label or ("TVM tuned" if self.log else "TVM untuned")
+        return self.label or ("TVM tuned" if self.tuned or self.log else "TVM untuned")
 
     def prepare(self, w: Workload, workdir: Path):
         import autotune
@@ -92,7 +94,7 @@ class TVM:
 
         imported = from_torch(w.module, w.inputs, source=w.name)
         slug = self.name.replace(" ", "_").replace("+", "")
-        report = build(imported, "x86", workdir / slug / f"{w.name}.so", log_dir=self.log, settings=BuildSettings(quantize=self.quantize))
+        report = build(imported, "x86", workdir / slug / f"{w.name}.so", log_dir=self.log, settings=BuildSettings(quantize=self.quantize, shipped_log=self.tuned))
         self.kernels = (report.tuned_kernels, report.kernels)
         module = autotune.load(report.paths.library)
         np_inputs = {k: v.numpy() for k, v in w.inputs.items()}
@@ -147,7 +149,8 @@ def _as_numpy(out):
     return np.asarray(out)
 
 
-def run_bench(workloads: list[str], engines: list, rounds: int = 15, log=print) -> tuple[list[Row], dict]:
+def run_bench(workloads: list[str], engines: list, rounds: int = 15, log=None) -> tuple[list[Row], dict]:
+    log = log or logging.getLogger(__name__).info
     threads = configure_threads()
     torch.set_num_threads(threads)
     peak = measure_peak(threads)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import tvm
 from tvm import relax
+from tvm.s_tir import meta_schedule as ms
 
 from autotune import __version__
 from autotune.frontend.importer import ImportedModel
@@ -20,12 +21,13 @@ from autotune.passes.pipeline import (
 from autotune.runtime.artifact import ArtifactPaths, save_weights, write_metadata
 from autotune.support.errors import BuildFailed
 from autotune.support.ir import is_scheduled, prim_funcs
+from autotune.support.package_data import shipped_log_dir
 from autotune.support.settings import BuildSettings
 from autotune.support.targets import TargetPreset, resolve_target
-from autotune.tuning.log import TuningLog, log_digest
+from autotune.tuning.log import log_digest, read_log, structure_key
 
 from .export import codegen_context, export
-from .fallback import schedule_untuned
+from .fallback import schedule_untuned, unscheduled_kernels
 
 
 @dataclass
@@ -34,24 +36,44 @@ class BuildReport:
     kernels: int
     tuned_kernels: int
     fallback_kernels: int
-    log_records: int
+    log_records: int  # records read from the given log (the shipped log's are counted apart)
     seconds: float
     notes: list[str] = field(default_factory=list)
+    naive_kernels: int = 0  # kernels no schedule could be found for: TVM's plain loop nests, slow
 
     def summary(self) -> str:
+        naive = f", {self.naive_kernels} unscheduled (slow loop nests)" if self.naive_kernels else ""
         return (
             f"{self.paths.library}: {self.kernels} kernels, {self.tuned_kernels} from the tuning log, "
-            f"{self.fallback_kernels} fallback-scheduled; built in {self.seconds:.1f} s"
+            f"{self.fallback_kernels} fallback-scheduled{naive}; built in {self.seconds:.1f} s"
         )
 
 
-def apply_log(fused: tvm.IRModule, target, log_dir: str | Path) -> tuple[tvm.IRModule, int, TuningLog]:
-    """Replace each fused kernel that the log has a record for by its best schedule."""
-    database = TuningLog(log_dir, target)
+@dataclass
+class LogsUsed:
+    """The tuning logs a build read: the one given and the shipped one, each (dir, records read)."""
+
+    given: tuple[str, int] | None = None
+    shipped: tuple[str, int] | None = None
+
+
+def apply_logs(fused: tvm.IRModule, target, log_dirs: list) -> tuple[tvm.IRModule, int, list[str], list[int]]:
+    """Replace each fused kernel that a log has a record for by its best schedule.
+
+    `log_dirs`: (directory, whole) pairs; a log read whole reports every line it skips, the others
+    (the shipped log) are read for this module's kernels only.
+    Returns (module, kernels scheduled from the logs, notes on skipped lines, records read per log)."""
+    database = ms.database.MemoryDatabase(module_equality="structural")
+    kernels = {structure_key(f) for f in prim_funcs(fused).values()}
+    notes, counts = [], []
+    for log_dir, whole in log_dirs:
+        report, _ = read_log(log_dir, target, database, only=None if whole else kernels)
+        counts.append(report.records)
+        notes += [f"log {log_dir}: {line}" for line in report.problem_summary()]
     with target, database, tvm.transform.PassContext(opt_level=3):
         applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(fused)
     count = sum(1 for f in prim_funcs(applied).values() if is_scheduled(f))
-    return applied, count, database
+    return applied, count, notes, counts
 
 
 def count_kernel_flops(mod: tvm.IRModule) -> dict[str, float]:
@@ -67,29 +89,52 @@ def count_kernel_flops(mod: tvm.IRModule) -> dict[str, float]:
     return flops
 
 
-def compile_module(imported: ImportedModel, preset: TargetPreset, log_dir=None, seed: int = 0, kernel_flops: dict | None = None):
-    """Fuse, apply the log, fallback-schedule the rest, pack weights, lower.
+def compile_module(
+    imported: ImportedModel,
+    preset: TargetPreset,
+    log_dir=None,
+    seed: int = 0,
+    kernel_flops: dict | None = None,
+    shipped_log: bool = False,
+    details: dict | None = None,
+):
+    """Fuse, apply the logs, fallback-schedule the rest, pack weights, lower.
 
-    Returns (executable, stats, notes, weights): `weights` are what the executable's main takes
-    after the inputs (imported.weights, with large matrices packed for the tuned kernels).
-    `kernel_flops`, when given, is filled with the FLOPs of one call of each kernel."""
+    Returns (executable, stats, notes, weights): stats are (kernels, tuned, fallback, records read
+    from `log_dir`); `weights` are what the executable's main takes after the inputs
+    (imported.weights, with large matrices packed for the tuned kernels). `shipped_log` also applies
+    the log autotune ships for the target's family (schedules/FAMILY). `kernel_flops`, when given,
+    is filled with the FLOPs of one call of each kernel; `details` with the logs read
+    ({"logs": {dir: records}}) and the kernels left unscheduled ({"naive": [names]})."""
     target = preset.tvm_target()
     fused = fuse_for_target(imported.mod, target)
     kernels = len(prim_funcs(fused))
     notes: list[str] = []
-    tuned = records = 0
-    if log_dir is not None and Path(log_dir).exists():
-        fused, tuned, database = apply_log(fused, target, log_dir)
-        records = database.report.records
-        notes += [f"log: {p}" for p in database.report.problems]
-        if records and not tuned:
+    given = Path(log_dir).resolve() if log_dir is not None and Path(log_dir).exists() else None
+    if log_dir is not None and given is None:
+        notes.append(f"log directory {log_dir} does not exist: building without it")
+    shipped = shipped_log_dir(preset.family) if shipped_log else None
+    logs = [d for d in dict.fromkeys([shipped, given]) if d is not None]  # the shipped log once, if also given
+    tuned, counts = 0, {}
+    if logs:
+        fused, tuned, log_notes, read = apply_logs(fused, target, [(d, d != shipped) for d in logs])
+        notes += log_notes
+        counts = dict(zip(map(str, logs), read))
+        if sum(read) and not tuned:
             notes.append(
-                f"the log {log_dir} has {records} records for this target but none matches a kernel of this "
-                "module: it was tuned for another model, shape or quantization mode. Nothing tuned was applied."
+                f"the logs ({', '.join(counts)}) have {sum(read)} records for this target but none matches a kernel of "
+                "this module: they were tuned for another model, shape or quantization mode. Nothing tuned was applied."
             )
-    elif log_dir is not None:
-        notes.append(f"log directory {log_dir} does not exist: building untuned")
     fused, fallback = schedule_untuned(fused, target, seed=seed)
+    naive = unscheduled_kernels(fused)
+    if naive:
+        notes.append(
+            f"{len(naive)} kernels got no schedule (no record, and no fallback schedule could be made) and run as "
+            f"TVM's plain loop nests, slowly: {', '.join(naive[:8])}{' ...' if len(naive) > 8 else ''}. "
+            "Tuning them (autotune tune with the same model and passes) gives them one."
+        )
+    if details is not None:
+        details.update(logs=counts, naive=naive)
     fused, weights, packed = pack_for_target(fused, imported.weights, len(imported.inputs))
     if packed:
         notes.append(f"{packed} weight matrices packed at build time into the layout their tuned kernels read")
@@ -98,7 +143,7 @@ def compile_module(imported: ImportedModel, preset: TargetPreset, log_dir=None, 
     lowered = lower(fused, target)
     with codegen_context(preset):
         executable = tvm.compile(lowered, target=target, relax_pipeline=None)
-    return executable, (kernels, tuned, fallback, records), notes, weights
+    return executable, (kernels, tuned, fallback, counts.get(str(given), 0)), notes, weights
 
 
 def build(
@@ -119,9 +164,12 @@ def build(
     imported, info = prepare_model(imported, preset, settings.quantize)
     if info:
         passes.append(info)
+    kernel_flops: dict[str, float] = {}
+    details: dict = {}
     try:
-        kernel_flops: dict[str, float] = {}
-        executable, (kernels, tuned, fallback, records), notes, weights = compile_module(imported, preset, log_dir, kernel_flops=kernel_flops)
+        executable, (kernels, tuned, fallback, records), notes, weights = compile_module(
+            imported, preset, log_dir, kernel_flops=kernel_flops, shipped_log=settings.shipped_log, details=details
+        )
     except Exception as exc:
         raise BuildFailed(f"compiling {imported.source} for {preset.name} failed: {type(exc).__name__}: {exc}") from exc
     notes += export(executable, paths, preset)
@@ -135,11 +183,12 @@ def build(
         "weights": list(weights),
         "weight_bytes": {"before": weights_before, "after": sum(int(w.nbytes) for w in weights.values())},
         "passes": passes,
-        "kernels": {"total": kernels, "tuned": tuned, "fallback": fallback, "flops": kernel_flops},
+        "kernels": {"total": kernels, "tuned": tuned, "fallback": fallback, "naive": details["naive"], "flops": kernel_flops},
         "tuning_log": {"dir": str(log_dir) if log_dir else None, "digest": log_digest(log_dir) if log_dir else None, "records": records},
+        "logs_applied": [{"dir": d, "digest": log_digest(d), "records": n} for d, n in details["logs"].items()],
         "versions": {"autotune": __version__, "tvm": tvm.__version__},
         "settings": settings.to_json(),
         **(extra_metadata or {}),
     }
     write_metadata(paths, metadata)
-    return BuildReport(paths, kernels, tuned, fallback, records, time.time() - started, notes)
+    return BuildReport(paths, kernels, tuned, fallback, records, time.time() - started, notes, len(details["naive"]))

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from autotune.support.errors import BuildFailed
+from autotune.support.tvm_compat import pack_imports_blob
 
 FATBIN_MAGIC = 0xBA55ED50
 _NVCC_FLAGS = [
@@ -249,15 +250,12 @@ def _packer(arch: str, notes: list[str]):
     """An `fpack_imports` for export_library that compiles CUDA source records to fatbins."""
 
     def fpack_imports(module, is_system_lib, symbol_prefix, workspace_dir):
-        import tvm_ffi
-        from tvm.runtime import _ffi_api
-
         if is_system_lib:
             raise BuildFailed("CUDA artifacts are shared libraries; a system-lib host module is not supported")
-        blob = bytes(_ffi_api.ModulePackImportsToTensor(module).numpy().tobytes())
+        blob, blob_name = pack_imports_blob(module)
         blob, done = compile_cuda_records(blob, cuda_sources(module), arch)
         notes.extend(done)
-        symbol = symbol_prefix + str(tvm_ffi.get_global_func("runtime.ModuleImportsBlobName")())
+        symbol = symbol_prefix + blob_name
         path = os.path.join(workspace_dir, f"{symbol_prefix}devc.c")
         Path(path).write_text(_blob_c_source(symbol, blob))
         return path

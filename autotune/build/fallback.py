@@ -54,3 +54,8 @@ def schedule_untuned(mod: tvm.IRModule, target: tvm.target.Target, seed: int = 0
             mod[name] = mark_scheduled(scheduled)
             count += 1
     return mod, count
+
+
+def unscheduled_kernels(mod: tvm.IRModule) -> list[str]:
+    """Kernels still without a schedule (after the log and the fallback): they run as plain loop nests."""
+    return sorted(name for name, func in prim_funcs(mod).items() if not is_scheduled(func))

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from autotune.support import defaults
+from autotune.support.errors import InputError
 
 
 def add_parser(sub) -> None:
@@ -18,7 +19,8 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--workloads", default=defaults.BENCH_WORKLOADS,
                    help="comma-separated: tiny-transformer, tiny-vae-decoder, tiny-image-encoder, dit-block, vae-up-block")
-    p.add_argument("--log", default="schedules/x86", help="tuning log for the tuned builds (default: the shipped schedules/x86)")
+    p.add_argument("--log", help="a tuning log for the tuned builds, beside the shipped one for x86 (schedules/x86), "
+                   "which they always apply")
     p.add_argument("--quantize", action="append", help="also measure TVM tuned + this mode (repeatable)")
     p.add_argument("--rounds", type=int, default=defaults.BENCH_ROUNDS, help=f"interleaved timing rounds (default {defaults.BENCH_ROUNDS})")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (its compile takes minutes on big workloads)")
@@ -39,15 +41,11 @@ def run(args) -> int:
     engines = [TorchEager()]
     if not args.no_compile:
         engines.append(TorchCompile())
-    engines += [OnnxRuntime(), TVM()]
-    if args.log and Path(args.log).exists():
-        engines.append(TVM(log=args.log))
-        for mode in args.quantize or []:
-            engines.append(TVM(log=args.log, quantize=mode, label=f"TVM tuned + {mode}"))
-    else:
-        print(f"note: no tuning log at {args.log}: only the untuned TVM build is measured")
-        for mode in args.quantize or []:
-            engines.append(TVM(quantize=mode, label=f"TVM untuned + {mode}"))
+    if args.log and not Path(args.log).is_dir():
+        raise InputError(f"--log {args.log}: no such tuning log directory")
+    engines += [OnnxRuntime(), TVM(), TVM(log=args.log, tuned=True)]
+    for mode in args.quantize or []:
+        engines.append(TVM(log=args.log, quantize=mode, tuned=True, label=f"TVM tuned + {mode}"))
     rows, peak = run_bench(args.workloads.split(","), engines, rounds=args.rounds)
     command = "autotune bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "autotune bench"
     path = write_results(rows, peak, Path(args.output), command)

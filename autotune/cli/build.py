@@ -30,13 +30,15 @@ def add_parser(sub) -> None:
     add_log_arg(p, f"tuning log directory to apply (default {defaults.LOG_DIR}/; missing: build untuned)")
     p.add_argument("-o", "--output", default=defaults.OUT_DIR, help=f"output directory (default {defaults.OUT_DIR}/); the artifact goes to OUT/MODEL-TARGET/COMPONENT.so")
     add_pass_args(p)
+    p.add_argument("--no-shipped-log", action="store_true",
+                   help="ignore the tuning log autotune ships for the target (schedules/FAMILY); by default its records apply, beside --log)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from autotune.support.settings import BuildSettings
 
-    settings = BuildSettings(quantize=args.quantize, prune=args.prune)
+    settings = BuildSettings(quantize=args.quantize, prune=args.prune, shipped_log=not args.no_shipped_log)
     steps = Steps(3)
     steps(f"import {args.model} ({args.component})")
     source, prune_info = load_model_source(args)

@@ -45,13 +45,13 @@ def run(args) -> int:
     source, _ = load_model_source(args)
     print(source.imported.summary())
     reference = source.reference_outputs()
-    steps(f"build untuned (fallback schedules) for {args.target}")
-    untuned = build_one(source, args.target, str(Path(args.output) / "untuned"), None, BuildSettings())
+    steps(f"build untuned (fallback schedules, no tuning log) for {args.target}")
+    untuned = build_one(source, args.target, str(Path(args.output) / "untuned"), None, BuildSettings(shipped_log=False))
     print(untuned.summary())
     steps(f"tune {args.trials} trials for {args.target} into {args.log}")
     report = tune(source.imported, args.target, args.log, TuneSettings(trials=args.trials))
     print(report.summary())
-    steps("build with the tuning log")
+    steps("build with the tuning logs (this run's and the shipped one)")
     tuned = build_one(source, args.target, args.output, args.log, BuildSettings())
     for note in tuned.notes:
         print(f"note: {note}")
@@ -65,8 +65,34 @@ def run(args) -> int:
         err = max(float(np.max(np.abs(o - r))) for o, r in zip(outs, reference)) if reference else float("nan")
         timing = module.benchmark(source.example_inputs, repeat=args.repeat)
         rows.append((label, timing["median_ms"], err))
+    eager_ms = torch_eager_ms(source, args.repeat) if source.reference is not None else None
     for label, ms, err in rows:
-        print(f"{label:>8}: {ms:9.3f} ms   max |error| vs torch {err:.2e}")
-    speedup = rows[0][1] / rows[1][1]
-    print(f"tuned vs untuned speed-up: {speedup:.2f}x   (artifact: {tuned.paths.library}; total {time.time() - started:.0f} s)")
+        print(f"{label:>12}: {ms:9.3f} ms   max |error| vs torch {err:.2e}")
+    if eager_ms is not None:
+        print(f"{'torch eager':>12}: {eager_ms:9.3f} ms   (the reference, same inputs and threads)")
+    tuned_ms = rows[1][1]
+    print(f"tuned vs untuned speed-up: {rows[0][1] / tuned_ms:.2f}x")
+    if eager_ms is not None:
+        print(f"tuned vs torch eager: {eager_ms / tuned_ms:.2f}x {'faster' if tuned_ms < eager_ms else 'slower'}")
+    print(f"(artifact: {tuned.paths.library}; total {time.time() - started:.0f} s)")
     return 0
+
+
+def torch_eager_ms(source, repeat: int) -> float:
+    """Median milliseconds of the torch reference on the example inputs (float32, TVM's thread count)."""
+    import statistics
+
+    import torch
+
+    from autotune.support.threads import configure_threads
+
+    torch.set_num_threads(configure_threads())
+    inputs = [torch.from_numpy(v) for v in source.example_inputs.values()]
+    times = []
+    with torch.no_grad():
+        for i in range(repeat + 3):
+            t0 = time.perf_counter()
+            source.reference(*inputs)
+            if i >= 3:  # warm-up calls are not counted
+                times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from autotune.support import defaults
+from autotune.support.errors import ArtifactError
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -86,8 +87,8 @@ def _make_pipeline(args, engine: str):
     if args.build_missing:
         try:
             check_artifacts(artifacts, model=args.model, target=args.target)
-        except Exception:
-            print(f"building missing artifacts into {artifacts} ...", flush=True)
+        except ArtifactError as missing:  # the only error it raises: components are missing
+            print(f"{missing.args[0].splitlines()[0]}\nbuilding the missing artifacts into {artifacts} ...", flush=True)
             build_pipeline_artifacts(args.model or defaults.MODEL, args.target, artifacts, log_dir=args.log,
                                      height=args.height, width=args.width, frames=args.frames, weights=args.weights,
                                      only_missing=True)
@@ -118,11 +119,12 @@ def _feature_cache(args):
 def run(args) -> int:
     from rich.console import Console
 
-    from autotune.i2v.media import psnr
+    from autotune.i2v.media import load_image, psnr
     from autotune.i2v.pipeline import Pipeline
     from autotune.i2v.step_cache import StepCache
 
     console = Console(highlight=False)
+    load_image(args.image)  # a missing or unreadable image is said first, before any artifact is looked at
     pipe = _make_pipeline(args, args.engine)
     console.print(f"[bold]engine[/] {pipe.engine.describe()}")
     step_cache = StepCache(args.step_cache, args.step_cache_reuse) if args.step_cache is not None else None

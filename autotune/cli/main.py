@@ -41,9 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at the time: a live progress bar (rich) redirects it to print
+    lines above the bar."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def show_library_logs() -> None:
     """Print what the library logs at INFO and above (progress notes, warnings) as plain lines."""
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _CurrentStdout()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("autotune")
     logger.addHandler(handler)
@@ -64,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except AutotuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `autotune targets | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
     add_target_arg(p)
     add_log_arg(p, f"tuning log directory, created if missing and appended to (default {defaults.LOG_DIR}/)")
     add_pass_args(p)
+    p.add_argument("--no-shipped-log", action="store_true",
+                   help="ignore the tuning log autotune ships for the target (schedules/FAMILY); by default its records start the search)")
     p.add_argument("--trials", type=int, default=defaults.TRIALS, help=f"new measured candidates in this run, all kernels together (default {defaults.TRIALS})")
     p.add_argument("--trials-per-task", type=int, help="cap per kernel (default: twice an even share)")
     p.add_argument("--trials-per-iter", type=int, default=defaults.TRIALS_PER_ITER, help=f"candidates measured per batch (default {defaults.TRIALS_PER_ITER})")
@@ -49,6 +51,7 @@ def run(args) -> int:
         quantize=args.quantize,
         rpc=args.rpc,
         rpc_key=args.key,
+        shipped_log=not args.no_shipped_log,
     )
     steps = Steps(2)
     steps(f"import {args.model} ({args.component})")

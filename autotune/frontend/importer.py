@@ -7,6 +7,7 @@ model can be compiled), the weights themselves, and the input/output specs.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from autotune.support.errors import ImportFailed
 from autotune.support.ir import num_input, static_shape
 from autotune.support.signature import TensorSpec, specs_from_relax_type
 
-from .converter_fixes import CUSTOM_CONVERT_MAP
+from .converter_fixes import CUSTOM_CONVERT_MAP, safe_take_modes
 
 
 @dataclass
@@ -50,7 +51,7 @@ def _finish(mod, source: str) -> ImportedModel:
     """Split weights off `main` and describe its signature."""
     from tvm import relax
 
-    mod, params = relax.frontend.detach_params(mod)
+    mod, params = relax.frontend.detach_params(safe_take_modes(mod))
     main = mod["main"]
     n_inputs = num_input(main)
     user_params = main.params[:n_inputs]
@@ -74,18 +75,27 @@ def _finish(mod, source: str) -> ImportedModel:
     return ImportedModel(mod=mod, weights=weights, inputs=inputs, outputs=outputs, source=source)
 
 
+_LEAFSPEC_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
 def from_exported_program(program, source: str = "ExportedProgram") -> ImportedModel:
     """Import a `torch.export.ExportedProgram` (weights kept as inputs, our converter fixes on)."""
     from tvm.relax.frontend.torch import from_exported_program as _from_ep
 
     try:
-        mod = _from_ep(
-            program,
-            keep_params_as_input=True,
-            unwrap_unit_return_tuple=True,
-            custom_convert_map=CUSTOM_CONVERT_MAP,
-            run_ep_decomposition=True,  # needed: rms_norm is only supported decomposed
-        )
+        with warnings.catch_warnings():
+            # torch 2.13's ExportedProgram.run_decompositions (TVM calls it for
+            # run_ep_decomposition) deep-copies the module call graph, whose pytree specs include
+            # torch's own deprecated LeafSpec: copy re-creates each one through LeafSpec.__new__,
+            # which warns. Nothing of ours uses LeafSpec; this is torch warning about itself.
+            warnings.filterwarnings("ignore", message=_LEAFSPEC_DEPRECATION, category=FutureWarning)
+            mod = _from_ep(
+                program,
+                keep_params_as_input=True,
+                unwrap_unit_return_tuple=True,
+                custom_convert_map=CUSTOM_CONVERT_MAP,
+                run_ep_decomposition=True,  # needed: rms_norm is only supported decomposed
+            )
     except Exception as exc:  # the translator raises bare asserts/KeyErrors
         raise ImportFailed(f"{source}: TVM could not import the program: {type(exc).__name__}: {exc}") from exc
     return _finish(mod, source)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -55,6 +56,8 @@ from autotune.support.errors import ArtifactError, InputError
 from . import media
 from .feature_cache import FeatureCache, feature_key
 from .step_cache import StepCache, StepCacheStats
+
+log = logging.getLogger(__name__)
 
 COMPONENTS = ("image_encoder", "vae_encoder", "transformer", "vae_decoder")
 ENGINES = ("autotune", "torch")
@@ -269,15 +272,17 @@ def check_artifacts(directory: str | Path, model: str | None = None, target: str
     found = [c for c in COMPONENTS if c not in missing]
     model = model or "wan-i2v-tiny"
     height = width = frames = None
-    if found:
+    unreadable = None
+    if found:  # the artifacts already there tell the model, target and resolution to build the rest for
+        path = directory / f"{found[0]}.json"
         try:
-            meta = json.loads((directory / f"{found[0]}.json").read_text())
+            meta = json.loads(path.read_text())
             model = _artifact_model(meta) or model
             target = target or meta.get("target", {}).get("preset")
             if found[0] == "vae_encoder":
                 _, _, frames, height, width = next(s["shape"] for s in meta["inputs"] if s["name"] == "video")
-        except Exception:
-            pass
+        except (OSError, ValueError, KeyError, StopIteration, TypeError) as exc:
+            unreadable = f"(could not read {path} for the model and resolution: {type(exc).__name__}: {exc}; check them)"
     target = target or "x86"
     res = "" if height is None else f", height={height}, width={width}, frames={frames}"
     res_cli = "" if height is None else f" --height {height} --width {width} --frames {frames}"
@@ -288,7 +293,7 @@ def check_artifacts(directory: str | Path, model: str | None = None, target: str
         f"  python -c \"from autotune.i2v.pipeline import build_pipeline_artifacts; "
         f"build_pipeline_artifacts('{model}', '{target}', '{directory}'{res})\"",
         "  (or pass --build-missing to `autotune generate`)",
-    ]
+    ] + ([unreadable] if unreadable else [])
     if directory.name == f"{model}-{target}":
         lines.append("or one at a time, with a tuning log:")
         lines += [
@@ -330,9 +335,9 @@ def build_pipeline_artifacts(
                        extra_metadata={"model": source.label})
         reports[comp] = report
         if not quiet:
-            print(f"built {report.summary()} (import + build {time.perf_counter() - started:.1f} s)", flush=True)
+            log.info("built %s (import + build %.1f s)", report.summary(), time.perf_counter() - started)
             for note in report.notes:
-                print(f"  note: {note}")
+                log.info("  note: %s", note)
     return reports
 
 

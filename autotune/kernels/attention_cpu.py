@@ -538,7 +538,8 @@ def annotate_for_metaschedule(func):
 
 def _all_blocks(sch):
     out = []
-    root = sch.get_sblock("root") if _has_root(sch) else None
+    body = sch.mod["main"].body  # an SBlockRealize of the root block, when the function has one
+    root = sch.get_sblock("root") if getattr(getattr(body, "block", None), "name_hint", None) == "root" else None
 
     def visit(parent):
         for child in sch.get_child_blocks(parent):
@@ -550,13 +551,6 @@ def _all_blocks(sch):
         visit(root)
     return out
 
-
-def _has_root(sch) -> bool:
-    try:
-        sch.get_sblock("root")
-        return True
-    except Exception:
-        return False
 
 
 def _custom_rule(sch, block):

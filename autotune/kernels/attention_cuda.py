@@ -19,17 +19,16 @@ from __future__ import annotations
 import tvm
 
 from autotune.support.ir import ATTENTION_ATTR as KERNEL_ATTR
+from autotune.support.tvm_compat import attention_sequence_prefill
 
 
 def make_primfunc(d: int, dtype: str, scale: float, target) -> "tvm.tirx.PrimFunc":
     """The scheduled CUDA kernel for head_dim `d`: (q, k, v, o, lse), scale applied inside."""
     try:
-        from tvm.relax.frontend.nn.llm._prefill_kernels import (
-            _attention_sequence_prefill,
-        )
+        prefill = attention_sequence_prefill()
     except ImportError as exc:  # a private TVM module; pinned TVM 0.27 has it
         raise NotImplementedError(
             f"this TVM ({tvm.__version__}) has no sequence-prefill attention kernel: {exc}"
         ) from exc
-    func = _attention_sequence_prefill(1, 1, d, dtype, target, causal=0, sm_scale=float(scale))
+    func = prefill(1, 1, d, dtype, target, causal=0, sm_scale=float(scale))
     return func.with_attr(KERNEL_ATTR, {"d": d, "scale": float(scale), "layout": "BL1D"})

@@ -26,6 +26,7 @@ Memory is O(tokens × head_dim) per head on both.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -39,6 +40,8 @@ from autotune.support.ir import (
     mark_scheduled,
     static_shape,
 )
+
+log = logging.getLogger(__name__)
 
 FUNC_PREFIX = "fused_attention"
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
@@ -434,6 +437,7 @@ class _Rewriter(PyExprMutator):
         self.matches: dict = {}
         self.kernels: dict = {}
         self.count = 0
+        self.unfused: dict[str, int] = {}  # why an attention was left as it is -> how many
 
     def run(self) -> tvm.IRModule:
         for gv, func in list(self.mod_.functions.items()):
@@ -462,7 +466,8 @@ class _Rewriter(PyExprMutator):
             return super().visit_var_binding_(binding)
         try:
             new_value = self._replacement(m)
-        except NotImplementedError:
+        except NotImplementedError as exc:  # this target has no kernel for it: said by fuse_attention
+            self.unfused[str(exc)] = self.unfused.get(str(exc), 0) + 1
             return super().visit_var_binding_(binding)
         self.count += 1
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(new_value)))
@@ -534,6 +539,11 @@ def fuse_attention(mod: tvm.IRModule, target=None) -> tvm.IRModule:
         return mod
     rewriter = _Rewriter(mod, target, kind)
     new = rewriter.run()
+    for reason, count in rewriter.unfused.items():
+        log.warning(
+            "%d attention(s) left unfused for %s: %s. They run as separate kernels that materialise the "
+            "tokens x tokens scores (slower, O(tokens^2) memory).", count, target, reason
+        )
     if rewriter.count == 0:
         return mod
     return relax.transform.DeadCodeElimination()(new)

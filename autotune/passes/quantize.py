@@ -567,13 +567,13 @@ class W8A8(QuantMode):
 @register
 class Fp8(QuantMode):
     name = "fp8"
-    description = "float8_e4m3fn weights + per-channel scale for linears and convolutions (CUDA sm_89/sm_90)"
+    description = "float8_e4m3fn weights + per-channel scale for linears and convolutions (CUDA sm_89 and newer)"
 
     def supports(self, preset):
         arch = _cuda_arch(preset)
-        if arch is None or arch not in (89, 90):
+        if arch is None or arch < 89:
             where = f"CUDA sm_{arch}" if arch is not None else f"an {preset.family} CPU target"
-            return f"fp8 (e4m3) needs an NVIDIA Ada/Hopper GPU (CUDA sm_89 or sm_90); {preset.name} is {where}"
+            return f"fp8 (e4m3) needs an NVIDIA GPU of sm_89 (Ada) or newer; {preset.name} is {where}"
         return None
 
     def apply(self, imported):
@@ -581,10 +581,7 @@ class Fp8(QuantMode):
 
 
 def _targets_for(mode: QuantMode) -> list[str]:
-    try:
-        return [p.name for p in list_presets() if mode.supports(p) is None]
-    except Exception:
-        return []
+    return [p.name for p in list_presets() if mode.supports(p) is None]
 
 
 def quantize(imported: ImportedModel, mode: str, preset: str | dict | TargetPreset) -> tuple[ImportedModel, dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tvm
 
 from autotune.support.errors import ArtifactError
+from autotune.support.hardware import cuda_device_arch
 
 
 class CPU:
@@ -28,14 +29,8 @@ class CUDA:
 
     @staticmethod
     def unavailable_reason() -> str | None:
-        if not tvm.runtime.enabled("cuda"):
-            return (
-                "TVM's CUDA runtime is not loaded on this machine (no NVIDIA driver: libcuda.so.1 is missing). "
-                "Run the artifact on a machine with an NVIDIA GPU and driver."
-            )
-        if not tvm.cuda(0).exist:
-            return "no CUDA device is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
-        return None
+        arch, why_not = cuda_device_arch()
+        return None if arch else f"{why_not}. Run the artifact on a machine with an NVIDIA GPU and driver."
 
 
 DEVICES = {"cpu": CPU, "cuda": CUDA}

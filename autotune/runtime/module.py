@@ -117,6 +117,7 @@ class CompiledModule:
                     value = np.asarray(value)
                 else:
                     raise InputError(f"input '{spec.name}': expected a numpy array or torch tensor, got {type(value).__name__}")
+            kind = "numpy"  # lists and Python scalars went in as numpy arrays; numpy comes back out
             dtype, shape = str(value.dtype), tuple(value.shape)
         if shape != spec.shape or dtype != spec.dtype:
             raise InputError(f"input '{spec.name}' is {dtype}{list(shape)}, expected {spec.dtype}{list(spec.shape)}.\n{self._expected()}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import TargetError
+from .hardware import DEFAULT_CUDA_ARCH, cuda_device_arch, warn_default_cuda_arch
 from .package_data import targets_dir
 from .threads import physical_thread_count
 
@@ -56,21 +57,16 @@ def _fill_placeholders(obj):
     if obj == "$host_cores":
         return physical_thread_count()
     if obj == "$cuda_arch":
-        return local_cuda_arch() or "sm_90"
+        arch, why_not = cuda_device_arch()
+        if arch is None:
+            warn_default_cuda_arch(why_not)
+        return arch or DEFAULT_CUDA_ARCH
     return obj
 
 
 def local_cuda_arch() -> str | None:
     """The local GPU's arch (e.g. "sm_90"), or None when no CUDA device is usable."""
-    try:
-        import tvm
-
-        dev = tvm.cuda(0)
-        if dev.exist:
-            return "sm_" + dev.compute_version.replace(".", "")
-    except Exception:
-        pass
-    return None
+    return cuda_device_arch()[0]
 
 
 def _presets_dir() -> Path:
@@ -117,9 +113,11 @@ def _raw_preset(target: dict) -> TargetPreset:
         # MetaSchedule (tuning and the CPU fallback schedules) refuses an llvm target without it.
         target = {**target, "num-cores": "$host_cores"}
     try:
-        tvm.target.Target(_fill_placeholders(target))
+        resolved = tvm.target.Target(_fill_placeholders(target))
     except Exception as exc:
         raise TargetError(f"TVM rejects target {json.dumps(target)}: {exc}") from exc
+    if resolved.kind.name == "llvm" and "mcpu" in target:
+        _check_llvm_cpu(resolved)
     kind = target.get("kind")
     if kind == "cuda":
         return TargetPreset("custom", "raw TVM target", target, "cuda", "cuda", host={"kind": "llvm"})
@@ -132,3 +130,22 @@ def _raw_preset(target: dict) -> TargetPreset:
         "cpu",
         cross_compiler="aarch64-linux-gnu-g++" if arm else None,
     )
+
+
+def _check_llvm_cpu(target) -> None:
+    """TargetError when LLVM does not know the target's mcpu (it would ignore it without a word)."""
+    from tvm.target import codegen
+
+    cpu = str(target.attrs["mcpu"])
+    triple = str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
+    if not codegen.llvm_is_valid_cpu(cpu, triple):
+        names = [str(n) for n in codegen.llvm_get_cpu_archlist(target)]
+        raise TargetError(
+            f"LLVM does not know the CPU '{cpu}' for {triple}. Name one LLVM knows (e.g. "
+            f"{', '.join(n for n in names if n in _COMMON_CPUS) or ', '.join(names[:8])}; {len(names)} in all), "
+            "or use a preset: `autotune targets`."
+        )
+
+
+_COMMON_CPUS = {"x86-64-v3", "x86-64-v4", "skylake-avx512", "icelake-server", "sapphirerapids", "znver4",
+                "cortex-a72", "neoverse-n1", "neoverse-v1", "apple-m1"}

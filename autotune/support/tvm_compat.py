@@ -1,4 +1,15 @@
-"""Work-arounds for TVM 0.27 behaviour that is slow or wrong, applied from one place."""
+"""Every use of a private TVM (or tvm-ffi) API, in one place, each with a test against the pinned TVM
+(tests/test_tvm_compat.py): an upgrade that moves one breaks here, loudly, not somewhere deep.
+
+    import_tensor_intrin_fast   tvm.s_tir.tensor_intrin imported with a fast inspect.stack
+    tuning_record_json          meta_schedule._ffi_api.TuningRecordAsJSON (as_json raises on IndexMap)
+    xgb_model_class             XGBModel._cls, the class behind MetaSchedule's derived XGBModel
+    xgb_training_callback       xgb_model._get_custom_call_back, TVM's early-stopping callback
+    cancel_queued_measurements  PopenPoolExecutor._threadpool (no public way to drop queued work)
+    pack_imports_blob           runtime._ffi_api.ModulePackImportsToTensor + ModuleImportsBlobName
+    attention_sequence_prefill  relax.frontend.nn.llm._prefill_kernels._attention_sequence_prefill
+    normalize_workload          meta_schedule.tune_context._normalize_mod (the module a record is filed under)
+"""
 
 from __future__ import annotations
 
@@ -34,3 +45,52 @@ def import_tensor_intrin_fast() -> None:
         import tvm.s_tir.tensor_intrin  # noqa: F401
     finally:
         inspect.stack = original
+
+
+def tuning_record_json(record):
+    """A TuningRecord as TVM's JSON containers, without the Python-side conversion that raises."""
+    from tvm.s_tir.meta_schedule import _ffi_api
+
+    return _ffi_api.TuningRecordAsJSON(record)
+
+
+def xgb_model_class():
+    """The plain Python class of MetaSchedule's XGBModel (the public name is a derived object)."""
+    from tvm.s_tir.meta_schedule.cost_model.xgb_model import XGBModel
+
+    return XGBModel._cls
+
+
+def xgb_training_callback(**kwargs):
+    """TVM's xgboost callback: early stopping on its pack-sum metrics, as XGBModel trains with."""
+    from tvm.s_tir.meta_schedule.cost_model import xgb_model
+
+    return xgb_model._get_custom_call_back(**kwargs)
+
+
+def cancel_queued_measurements(pool) -> None:
+    """Drop the work queued on a MetaSchedule PopenPoolExecutor that has not started yet."""
+    pool._threadpool.shutdown(wait=False, cancel_futures=True)
+
+
+def pack_imports_blob(module) -> tuple[bytes, str]:
+    """(the serialized import tree of `module`, the C symbol export_library stores it under)."""
+    import tvm_ffi
+    from tvm.runtime import _ffi_api
+
+    blob = bytes(_ffi_api.ModulePackImportsToTensor(module).numpy().tobytes())
+    return blob, str(tvm_ffi.get_global_func("runtime.ModuleImportsBlobName")())
+
+
+def attention_sequence_prefill():
+    """TVM's scheduled CUDA flash-attention (sequence prefill) kernel builder, or an ImportError."""
+    from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_sequence_prefill
+
+    return _attention_sequence_prefill
+
+
+def normalize_workload(func):
+    """The IRModule MetaSchedule files a kernel's records under (its tasks and ApplyDatabase use it)."""
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    return _normalize_mod(func)

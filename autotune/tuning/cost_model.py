@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import numpy as np
 from tvm.ir.utils import derived_object
-from tvm.s_tir.meta_schedule.cost_model import xgb_model
-from tvm.s_tir.meta_schedule.cost_model.xgb_model import PackSum, XGBModel
+from tvm.s_tir.meta_schedule.cost_model.xgb_model import PackSum
+
+from autotune.support.tvm_compat import xgb_model_class, xgb_training_callback
 
 
 class StablePackSum(PackSum):
@@ -45,7 +46,7 @@ class StablePackSum(PackSum):
 
 
 @derived_object
-class StableXGBModel(XGBModel._cls):  # pylint: disable=protected-access
+class StableXGBModel(xgb_model_class()):
     """XGBModel whose training converges on kernels with many blocks."""
 
     def _train(self, xs: list[np.ndarray], ys: np.ndarray) -> None:
@@ -59,7 +60,7 @@ class StableXGBModel(XGBModel._cls):  # pylint: disable=protected-access
             num_boost_round=10000,
             obj=lambda preds, _: self.d_train.obj_square_error(preds),
             callbacks=[
-                xgb_model._get_custom_call_back(  # pylint: disable=protected-access
+                xgb_training_callback(
                     early_stopping_rounds=self.early_stopping_rounds,
                     verbose_eval=self.verbose_eval,
                     fevals=[

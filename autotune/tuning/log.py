@@ -22,6 +22,7 @@ queries and appends every new one to disk as it is committed.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -33,13 +34,14 @@ import tvm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
+from autotune.support.tvm_compat import normalize_workload, tuning_record_json
+
 WORKLOADS_FILE = "workloads.jsonl"
 RECORDS_FILE = "records.jsonl"
 
 
 def record_to_json(record: ms.database.TuningRecord):
     """TuningRecord.as_json(), which raises on the IndexMap of a TransformLayout instruction."""
-    from tvm.s_tir.meta_schedule import _ffi_api
     from tvm.tirx import FloatImm, IntImm
     from tvm_ffi import Array, Map
 
@@ -56,7 +58,7 @@ def record_to_json(record: ms.database.TuningRecord):
             return {plain(k): plain(v) for k, v in obj.items()}
         return tvm.ir.save_json(obj).strip()
 
-    return plain(_ffi_api.TuningRecordAsJSON(record))
+    return plain(tuning_record_json(record))
 
 
 @dataclass
@@ -77,6 +79,18 @@ class LogReadReport:
     records: int = 0
     problems: list[LogProblem] = field(default_factory=list)
 
+    def problem_summary(self, listed: int = 10) -> list[str]:
+        """The skipped lines for a person: records for other targets counted in one line, the rest
+        (corrupt or unreadable lines) listed, the first `listed` of them."""
+        other = [p for p in self.problems if p.reason.startswith("record for another target")]
+        rest = [p for p in self.problems if p not in other]
+        lines = [str(p) for p in rest[:listed]]
+        if len(rest) > listed:
+            lines.append(f"... and {len(rest) - listed} more unreadable lines")
+        if other:
+            lines.append(f"{len(other)} records for other targets skipped (`autotune inspect LOG` lists them)")
+        return lines
+
     def summary(self) -> str:
         text = f"{self.records} records over {self.workloads} workloads"
         if self.problems:
@@ -85,8 +99,67 @@ class LogReadReport:
 
 
 def target_key(target: tvm.target.Target) -> str:
-    """A stable string naming a target, to tell records of different targets apart."""
+    """A stable string naming a target, stored with each record."""
     return json.dumps(_plain(target.export()), sort_keys=True)
+
+
+# What decides whether a schedule tuned for one CPU is right for another: the vector ISA it was
+# tuned with (its split factors assume that vector width) and, for schedules that tensorize, the
+# dot-product / matrix instructions they call. Core counts and CPU names do not: a log tuned on one
+# AVX-512 machine applies on every AVX-512 machine, under `taskset` too.
+_VECTOR_LEVELS = {  # family: [(level, features it needs)], widest first
+    "x86": [("avx512", {"avx512f", "avx512bw", "avx512dq", "avx512vl"}), ("avx2", {"avx2", "fma"})],
+    "arm": [("sve", {"sve"}), ("neon", {"neon"})],
+}
+_MATRIX_FEATURES = {
+    "avx512vnni", "avxvnni", "avx512bf16", "avx512fp16", "amx-tile", "amx-bf16", "amx-int8",
+    "dotprod", "i8mm", "bf16", "sve2",
+}
+
+
+@dataclass(frozen=True)
+class ScheduleISA:
+    """The instruction-set facts of a target that its tuned schedules depend on."""
+
+    kind: str
+    family: str
+    vector: str  # the widest vector level (x86: avx512 / avx2 / base), or the GPU arch
+    matrix: frozenset  # dot-product / matrix-engine features
+
+    def accepts(self, tuned_for: "ScheduleISA", tensorizes: bool) -> bool:
+        """Whether a record tuned for `tuned_for` is valid and meant for this target."""
+        same = (self.kind, self.family, self.vector) == (tuned_for.kind, tuned_for.family, tuned_for.vector)
+        return same and (not tensorizes or tuned_for.matrix <= self.matrix)
+
+
+def schedule_isa(target: tvm.target.Target) -> ScheduleISA:
+    kind = target.kind.name
+    if kind != "llvm":
+        return ScheduleISA(kind, kind, str(target.attrs.get("arch", "")), frozenset())
+    from tvm.target import codegen
+
+    family = "arm" if "aarch64" in str(target.attrs.get("mtriple", "")) else "x86"
+    features = {str(f) for f in codegen.llvm_get_cpu_features(target)}
+    vector = next((name for name, need in _VECTOR_LEVELS[family] if need <= features), "base")
+    return ScheduleISA(kind, family, vector, frozenset(features & _MATRIX_FEATURES))
+
+
+@functools.lru_cache(maxsize=64)
+def _isa_of_key(key: str) -> ScheduleISA:
+    return schedule_isa(tvm.target.Target(json.loads(key)))
+
+
+def record_fits_target(record: dict, target: tvm.target.Target, target_isa: ScheduleISA | None = None) -> bool:
+    """Whether a log line's record applies to `target` (see ScheduleISA)."""
+    key = record.get("target")
+    if key == target_key(target):
+        return True
+    try:
+        tuned_for = _isa_of_key(key)
+    except Exception:  # a target string this TVM cannot parse: not ours to apply
+        return False
+    tensorizes = '"Tensorize"' in json.dumps(record.get("record", ""))
+    return (target_isa or schedule_isa(target)).accepts(tuned_for, tensorizes)
 
 
 def _plain(obj):
@@ -150,20 +223,33 @@ def workload_id(mod: tvm.IRModule) -> str:
     return hashlib.sha256(tvm.ir.save_json(mod).encode()).hexdigest()[:24]
 
 
-def read_log(log_dir: str | Path, target: tvm.target.Target | None = None, memory=None) -> tuple[LogReadReport, dict]:
+def structure_key(func) -> str:
+    """The structural hash a kernel's records are filed under (the first field of a workload line)."""
+    return str(ms.database.Workload(normalize_workload(func)).as_json()[0])
+
+
+def read_log(
+    log_dir: str | Path, target: tvm.target.Target | None = None, memory=None, only: set[str] | None = None
+) -> tuple[LogReadReport, dict]:
     """Read a log directory into `memory` (a MetaSchedule MemoryDatabase) and report what was skipped.
 
     Records for another target (when `target` is given) or another TVM version are skipped and
-    reported. Returns (report, {workload id: Workload}).
+    reported. `only` (a set of `structure_key`s) reads just the workloads of those kernels and
+    their records, quietly: a large shipped log is read in a fraction of the time.
+    Returns (report, {workload id: Workload}).
     """
     log_dir = Path(log_dir)
     report = LogReadReport()
     workloads: dict[str, ms.database.Workload] = {}
     same_structure: dict[str, list[str]] = {}  # MetaSchedule's structural hash -> workload ids
+    skipped: set[str] = set()  # workloads left out by `only`
     wpath, rpath = log_dir / WORKLOADS_FILE, log_dir / RECORDS_FILE
     for number, obj, reason in _read_lines(wpath):
         if obj is None:
             report.problems.append(LogProblem(str(wpath), number, reason))
+            continue
+        if only is not None and str(obj.get("workload", [None])[0]) not in only:
+            skipped.add(obj.get("id"))
             continue
         try:
             wid = obj["id"]
@@ -175,12 +261,14 @@ def read_log(log_dir: str | Path, target: tvm.target.Target | None = None, memor
         except Exception as exc:  # a JSON line that is not a workload
             report.problems.append(LogProblem(str(wpath), number, f"not a workload ({type(exc).__name__}: {exc})"))
     report.workloads = len(workloads)
-    want_target = target_key(target) if target is not None else None
+    target_isa = schedule_isa(target) if target is not None else None
     for number, obj, reason in _read_lines(rpath):
         if obj is None:
             report.problems.append(LogProblem(str(rpath), number, reason))
             continue
         wid = obj.get("id")
+        if wid in skipped:
+            continue
         if wid not in workloads:
             report.problems.append(LogProblem(str(rpath), number, f"record for unknown workload {wid!r}"))
             continue
@@ -189,7 +277,7 @@ def read_log(log_dir: str | Path, target: tvm.target.Target | None = None, memor
                 LogProblem(str(rpath), number, f"record from TVM {obj.get('tvm')}, this is TVM {tvm.__version__}")
             )
             continue
-        if want_target is not None and obj.get("target") != want_target:
+        if target is not None and not record_fits_target(obj, target, target_isa):
             report.problems.append(LogProblem(str(rpath), number, f"record for another target: {obj.get('target')}"))
             continue
         record, replayed_on = _replay(obj["record"], wid, workloads, same_structure)
@@ -265,7 +353,16 @@ def _renamed_blocks(record_json, source: tvm.IRModule, target: tvm.IRModule):
 class TuningLog(ms.database.PyDatabase):
     """A MetaSchedule database backed by an append-only log directory."""
 
-    def __init__(self, log_dir: str | Path, target: tvm.target.Target, module_equality: str = "structural"):
+    def __init__(
+        self,
+        log_dir: str | Path,
+        target: tvm.target.Target,
+        module_equality: str = "structural",
+        seed_log: str | Path | None = None,
+        seed_kernels: set[str] | None = None,
+    ):
+        """`seed_log` (the shipped log) is read too, for the kernels in `seed_kernels` only (their
+        `structure_key`s): its records start the search, and nothing is written to it."""
         super().__init__()
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -274,6 +371,9 @@ class TuningLog(ms.database.PyDatabase):
         self._memory = ms.database.MemoryDatabase(module_equality=module_equality)
         self.report, loaded = read_log(self.log_dir, target, self._memory)
         self._ids_on_disk = set(loaded)
+        self.seed_records = 0
+        if seed_log is not None and Path(seed_log).resolve() != self.log_dir.resolve():
+            self.seed_records = read_log(seed_log, target, self._memory, only=seed_kernels or set())[0].records
         # The in-memory database returns, for a module, the first structurally equal workload it
         # knows; structural equality ignores block names, and a trace replays only on a module
         # with its own block names. So records are filed under the module this process tuned.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,13 +18,19 @@ from autotune.frontend.importer import ImportedModel
 from autotune.passes.pipeline import fuse_for_target, prepare_model
 from autotune.support.errors import TuningFailed
 from autotune.support.ir import is_scheduled
+from autotune.support.package_data import shipped_log_dir
 from autotune.support.settings import TuneSettings
 from autotune.support.targets import TargetPreset, resolve_target
 from autotune.support.threads import physical_thread_count
-from autotune.support.tvm_compat import import_tensor_intrin_fast
+
+log = logging.getLogger(__name__)
+from autotune.support.tvm_compat import (
+    cancel_queued_measurements,
+    import_tensor_intrin_fast,
+)
 
 from .cost_model import make_cost_model
-from .log import TuningLog
+from .log import TuningLog, structure_key
 
 
 @dataclass
@@ -48,6 +53,7 @@ class TuneReport:
     log_dir: str
     first_error: str | None = None
     log_problems: list[str] = field(default_factory=list)
+    seed_records: int = 0  # records of the shipped log the search started from
 
     def estimated_latency_ms(self) -> float | None:
         """Sum over tuned tasks of weight × best time (untuned tasks are not counted)."""
@@ -62,6 +68,7 @@ class TuneReport:
         return (
             f"{self.trials} trials ({self.failures} failed) over {tuned}/{len(self.tasks)} tasks in "
             f"{self.seconds:.0f} s; log {self.log_dir}: {self.records_before} -> {self.records_after} records"
+            + (f" (+ {self.seed_records} shipped records it started from)" if self.seed_records else "")
             + (f"; tuned kernels sum to {est:.2f} ms" if est is not None else "")
         )
 
@@ -118,7 +125,7 @@ def close_runner(runner, drop_queued: bool) -> None:
     if pool is None:
         return
     if drop_queued:
-        pool._threadpool.shutdown(wait=False, cancel_futures=True)  # noqa: SLF001 (no public way)
+        cancel_queued_measurements(pool)
     pool.shutdown(wait=not drop_queued)
 
 
@@ -191,7 +198,10 @@ def tune(
     _, tasks = extract_tasks(imported, tvm_target)
     if not tasks:
         raise TuningFailed(f"{imported.source}: no tunable tasks were found (the module has no operators?)")
-    database = TuningLog(log_dir, tvm_target)
+    shipped = shipped_log_dir(preset.family) if settings.shipped_log else None
+    database = TuningLog(
+        log_dir, tvm_target, seed_log=shipped, seed_kernels={structure_key(t.dispatched[0]["main"]) for t in tasks}
+    )
     import_tensor_intrin_fast()  # the search's schedule rules import it; ~75 s otherwise
     records_before = database.report.records
     stats = [TaskStats(t.task_name, float(t.weight)) for t in tasks]
@@ -264,7 +274,8 @@ def tune(
         seconds=time.time() - started,
         log_dir=str(log_dir),
         first_error=first_error,
-        log_problems=[str(p) for p in database.report.problems],
+        log_problems=database.report.problem_summary(),
+        seed_records=database.seed_records,
     )
     if report.trials > 0 and report.failures == report.trials:
         raise TuningFailed(
@@ -385,10 +396,7 @@ class _Display:
 
     def note_stopping(self):
         message = "Ctrl-C: stopping after the batch in flight (its records are kept); Ctrl-C again to stop now"
-        if self._progress is not None:
-            self._progress.console.print(message)
-        else:
-            print(message, file=sys.stderr)
+        log.warning(message)
 
     def update(self):
         if self._progress is None:

@@ -1,0 +1,97 @@
+"""Each shim in autotune.support.tvm_compat against the pinned TVM: if an upgrade moves a private
+API, the shim's test fails here, by name."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import time
+
+import pytest
+import tvm
+from tvm import te
+
+from autotune.support import tvm_compat
+
+
+def _add_one() -> tvm.IRModule:
+    a = te.placeholder((64,), "float32", name="a")
+    b = te.compute((64,), lambda i: a[i] + 1.0, name="b")
+    return tvm.IRModule({"main": te.create_prim_func([a, b])})
+
+
+def test_import_tensor_intrin_fast_registers_the_intrinsics_and_restores_inspect():
+    stack = inspect.stack
+    tvm_compat.import_tensor_intrin_fast()
+    assert "tvm.s_tir.tensor_intrin" in sys.modules
+    assert inspect.stack is stack, "inspect.stack must be restored"
+    from tvm.s_tir.tensor_intrin.x86 import VNNI_DOT_16x4_INTRIN
+    from tvm.s_tir import TensorIntrin
+
+    assert TensorIntrin.get(VNNI_DOT_16x4_INTRIN) is not None
+
+
+def test_tuning_record_json_matches_as_json():
+    from tvm.s_tir import meta_schedule as ms
+
+    mod = _add_one()
+    sch = tvm.s_tir.Schedule(mod)
+    block = sch.get_sblock("b")
+    (i,) = sch.get_loops(block)
+    sch.split(i, factors=[None, 16])
+    record = ms.database.TuningRecord(sch.trace, ms.database.Workload(mod), [1e-3], tvm.target.Target("llvm"), None)
+    from autotune.tuning.log import record_to_json
+
+    raw = tvm_compat.tuning_record_json(record)
+    assert len(raw) == len(record.as_json())
+    assert record_to_json(record) == record.as_json()
+
+
+def test_xgb_model_class_is_the_class_behind_xgbmodel():
+    from tvm.s_tir.meta_schedule.cost_model import XGBModel
+
+    cls = tvm_compat.xgb_model_class()
+    assert isinstance(cls, type) and hasattr(cls, "_train") and hasattr(cls, "predict")
+    model = XGBModel(num_tuning_cores=1)
+    assert isinstance(model, cls) or isinstance(getattr(model, "_inst", None), cls)
+
+
+def test_xgb_training_callback_is_an_xgboost_callback():
+    import xgboost as xgb
+
+    callback = tvm_compat.xgb_training_callback(
+        early_stopping_rounds=5, verbose_eval=0, fevals=[], evals=[], cvfolds=None
+    )
+    assert isinstance(callback, xgb.callback.TrainingCallback)
+
+
+def test_cancel_queued_measurements_drops_work_not_started():
+    from tvm.support.popen_pool import PopenPoolExecutor as Pool  # the pool MetaSchedule's LocalRunner uses
+
+    pool = Pool(max_workers=1, timeout=30)
+    try:
+        first = pool.submit(time.sleep, 2)
+        queued = [pool.submit(time.sleep, 2) for _ in range(3)]
+        time.sleep(0.3)
+        started = time.time()
+        tvm_compat.cancel_queued_measurements(pool)
+        assert all(f.cancelled() for f in queued), "queued measurements must be dropped"
+        first.result(timeout=10)
+        assert time.time() - started < 5
+    finally:
+        pool.shutdown(wait=False)
+
+
+def test_pack_imports_blob_serializes_the_import_tree():
+    module = tvm.compile(_add_one(), target="llvm").mod
+    blob, symbol = tvm_compat.pack_imports_blob(module)
+    assert isinstance(blob, bytes) and len(blob) > 8
+    assert isinstance(symbol, str) and symbol
+
+
+def test_attention_sequence_prefill_builds_a_scheduled_cuda_kernel():
+    prefill = tvm_compat.attention_sequence_prefill()
+    func = prefill(1, 1, 64, "float16", tvm.target.Target({"kind": "cuda", "arch": "sm_90"}), causal=0, sm_scale=0.125)
+    assert isinstance(func, tvm.tirx.PrimFunc)
+    assert len(func.params) >= 4
+
