@@ -294,6 +294,37 @@ def test_tiny_torch_export(tiny, name):
     assert torch.equal(ep.module()(*other.values()), run(module, other))
 
 
+def test_tiny_transformer_import_and_fuse_print_no_warnings():
+    """Importing and fusing the tiny transformer (what `autotune demo` does first) is quiet: no
+    TOPI "Fast mode segfaults ..." lines (every gather the importer emits names a safe take mode;
+    the rotary embedding's slice_scatter gathers in bounds) and no torch pytree FutureWarning."""
+    import subprocess
+    import sys
+
+    code = (
+        "from autotune.frontend.sources import load_source\n"
+        "from autotune.support.targets import resolve_target\n"
+        "from autotune.passes.pipeline import prepare_model, fuse_for_target\n"
+        "s = load_source('wan-i2v-tiny', 'transformer')\n"
+        "p = resolve_target('x86')\n"
+        "m, _ = prepare_model(s.imported, p, None)\n"
+        "fuse_for_target(m.mod, p.tvm_target())\n"
+        "print('fused')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    proc = subprocess.run(
+        [sys.executable, "-W", "default::FutureWarning", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "fused" in proc.stdout, output[-3000:]
+    assert "Fast mode segfaults" not in output, output[-3000:]
+    assert "FutureWarning" not in output, output[-3000:]
+
+
 def test_benchmark_workloads_are_models_for_every_command():
     """`--model dit-block` etc.: a bench workload imports like a zoo model, with its torch reference."""
     from autotune.frontend.sources import load_source

@@ -113,8 +113,10 @@ class CompiledModule:
             shape = tuple(value.shape)
         else:
             if not isinstance(value, np.ndarray):
-                if not isinstance(value, (str, bytes)) and (np.isscalar(value) or isinstance(value, (list, tuple))):
+                if isinstance(value, np.generic):  # a numpy scalar keeps its dtype
                     value = np.asarray(value)
+                elif not isinstance(value, (str, bytes)) and (np.isscalar(value) or isinstance(value, (list, tuple))):
+                    value = np.asarray(value, dtype=spec.dtype)  # Python numbers have no dtype: take the input's
                 else:
                     raise InputError(f"input '{spec.name}': expected a numpy array or torch tensor, got {type(value).__name__}")
             kind = "numpy"  # lists and Python scalars went in as numpy arrays; numpy comes back out
