@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import struct
-import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,34 +28,18 @@ from autotune.support.errors import BuildFailed
 from autotune.support.tvm_compat import pack_imports_blob
 
 FATBIN_MAGIC = 0xBA55ED50
-_NVCC_FLAGS = [
-    "-O3",
-    "--use_fast_math",
-    "-U__CUDA_NO_HALF_OPERATORS__",
-    "-U__CUDA_NO_HALF_CONVERSIONS__",
-    "-U__CUDA_NO_BFLOAT16_OPERATORS__",
-    "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-    "-U__CUDA_NO_BFLOAT162_OPERATORS__",
-    "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
-    "--expt-relaxed-constexpr",
-    "--expt-extended-lambda",
-]
 
 
 # -- nvcc ---------------------------------------------------------------------------------------
 def find_nvcc() -> str:
-    """nvcc from $CUDA_HOME/$CUDA_PATH, PATH, or /usr/local/cuda; BuildFailed with advice if none."""
-    candidates = [Path(os.environ[v]) / "bin" / "nvcc" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
-    on_path = shutil.which("nvcc")
-    candidates += [Path(on_path)] if on_path else []
-    candidates += [Path("/usr/local/cuda/bin/nvcc")]
-    for path in candidates:
-        if path.is_file() and os.access(path, os.X_OK):
-            return str(path)
-    raise BuildFailed(
-        "building for a CUDA target needs nvcc (the CUDA toolkit) to compile the kernels; none found on PATH, "
-        "in $CUDA_HOME/bin or /usr/local/cuda/bin. Install the CUDA toolkit (no GPU or driver needed to build)."
-    )
+    """The nvcc that TVM's compiler driver (tvm.support.nvcc) runs: the one on PATH."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise BuildFailed(
+            "building for a CUDA target needs nvcc (the CUDA toolkit) to compile the kernels, and none is on PATH. "
+            "Install the CUDA toolkit and put its bin/ on PATH (no GPU or driver needed to build)."
+        )
+    return nvcc
 
 
 def arch_number(arch: str) -> str:
@@ -67,34 +50,24 @@ def arch_number(arch: str) -> str:
     return m.group(1)
 
 
-def compile_fatbin(source: str, arch: str, nvcc: str | None = None, options: list[str] | None = None) -> bytes:
-    """Compile CUDA C++ `source` into a fatbin with sm_XX SASS and compute_XX PTX."""
-    nvcc = nvcc or find_nvcc()
+def compile_fatbin(source: str, arch: str, options: list[str] | None = None) -> bytes:
+    """Compile CUDA C++ `source` with TVM's nvcc driver into a fatbin with sm_XX SASS and compute_XX PTX."""
+    import tvm
+    from tvm.support import nvcc as tvm_nvcc
+
+    find_nvcc()
     num = arch_number(arch)
     compute = num.rstrip("a")
-    with tempfile.TemporaryDirectory(prefix="autotune-nvcc-") as tmp:
-        src, out = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.fatbin"
-        src.write_text(source)
-        cmd = [
-            nvcc,
-            "--fatbin",
-            f"-gencode=arch=compute_{num},code=sm_{num}",
-            f"-gencode=arch=compute_{compute},code=compute_{compute}",
-            *_NVCC_FLAGS,
-            *(options or []),
-            "-o",
-            str(out),
-            str(src),
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not out.exists():
-            kept = Path(tempfile.mkdtemp(prefix="autotune-failed-cuda-")) / "kernels.cu"
-            kept.write_text(source)
-            raise BuildFailed(
-                f"nvcc failed to compile the generated CUDA kernels for {arch} (source kept at {kept}):\n"
-                f"{' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-4000:]}"
-            )
-        return out.read_bytes()
+    gencode = ["-gencode", f"arch=compute_{num},code=sm_{num}", "-gencode", f"arch=compute_{compute},code=compute_{compute}"]
+    try:
+        with tvm.target.Target({"kind": "cuda", "arch": f"sm_{num}"}):  # the arch TVM's driver reads
+            return bytes(tvm_nvcc.compile_cuda(source, "fatbin", arch=gencode, options=options, compiler="nvcc"))
+    except RuntimeError as exc:
+        kept = Path(tempfile.mkdtemp(prefix="autotune-failed-cuda-")) / "kernels.cu"
+        kept.write_text(source)
+        raise BuildFailed(
+            f"nvcc failed to compile the generated CUDA kernels for {arch} (source kept at {kept}):\n{str(exc)[-4000:]}"
+        ) from exc
 
 
 @contextmanager
@@ -110,10 +83,10 @@ def nvcc_compile_callback(arch: str):
     import tvm_ffi
 
     previous = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
-    nvcc = find_nvcc()
+    find_nvcc()
 
     def compile_with_nvcc(code, *_target):
-        return bytearray(compile_fatbin(str(code), arch, nvcc))
+        return bytearray(compile_fatbin(str(code), arch))
 
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_with_nvcc, override=True)
     try:
@@ -217,13 +190,11 @@ def compile_cuda_records(blob: bytes, sources: list[bytes], arch: str) -> tuple[
     """Replace every CUDA source record in the blob by a fatbin record; (new blob, what was done)."""
     indptr, children, modules = parse_imports_blob(blob)
     notes, out = [], []
-    nvcc = None
     for kind, payload in modules:
         if kind == "cuda":
             fmt, fmap, code = split_cuda_record(payload, sources)
             if fmt == "cuda":
-                nvcc = nvcc or find_nvcc()
-                fatbin = compile_fatbin(code.decode(), arch, nvcc)
+                fatbin = compile_fatbin(code.decode(), arch)
                 payload = _raw(b"fatbin") + fmap + _raw(fatbin)
                 notes.append(f"cuda: compiled {len(code)} B of CUDA source to a {len(fatbin)} B fatbin for {arch}")
             else:

@@ -571,7 +571,9 @@ class Fp8(QuantMode):
 
     def supports(self, preset):
         arch = _cuda_arch(preset)
-        if arch is None or arch < 89:
+        from tvm.support.nvcc import have_fp8
+
+        if arch is None or not have_fp8(f"{arch // 10}.{arch % 10}"):
             where = f"CUDA sm_{arch}" if arch is not None else f"an {preset.family} CPU target"
             return f"fp8 (e4m3) needs an NVIDIA GPU of sm_89 (Ada) or newer; {preset.name} is {where}"
         return None

@@ -384,6 +384,11 @@ class TuningLog(ms.database.PyDatabase):
     def has_workload(self, mod: tvm.IRModule) -> bool:
         return self._memory.has_workload(mod)
 
+    def has_records(self, mod: tvm.IRModule) -> bool:
+        """Whether a record for this target exists for `mod` (a workload alone, e.g. one whose records
+        were for another CPU, does not count)."""
+        return self._memory.has_workload(mod) and bool(self._memory.get_top_k(self._memory.commit_workload(mod), 1))
+
     def _file_workload(self, mod: tvm.IRModule) -> str:
         wid = workload_id(mod)
         if wid not in self._ids_on_disk:

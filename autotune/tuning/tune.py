@@ -206,7 +206,7 @@ def tune(
     records_before = database.report.records
     stats = [TaskStats(t.task_name, float(t.weight)) for t in tasks]
     light, heavy = split_by_flops(tasks, settings.light_task_share)
-    light = [i for i in light if not database.has_workload(tasks[i].dispatched[0])]
+    light = [i for i in light if not database.has_records(tasks[i].dispatched[0])]
     batch = settings.light_task_trials
     first = light[: (settings.trials // 2) // max(1, batch)]  # light kernels take at most half the budget
     rest = light[len(first):]

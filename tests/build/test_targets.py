@@ -27,7 +27,7 @@ from autotune.support.settings import TuneSettings
 from autotune.support.package_data import targets_dir
 from autotune.support.targets import list_presets, resolve_target
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EM_X86_64, EM_AARCH64 = 62, 183
 PRESETS = sorted(p.stem for p in targets_dir().glob("*.json"))
 CUDA_PRESETS = ["cuda-sm80", "cuda-sm89", "cuda-sm90"]
