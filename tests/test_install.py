@@ -26,11 +26,11 @@ print(json.dumps({"package": autotune.__file__, "targets": str(targets_dir()), "
 
 def _shipped_log_fits_this_cpu() -> str | None:
     from autotune.support.targets import resolve_target
-    from autotune.tuning.log import _isa_of_key, schedule_isa
+    from autotune.tuning.log import isa_of_target_key, schedule_isa
 
     with open(ROOT / "schedules" / "x86" / "records.jsonl") as f:
         key = json.loads(f.readline())["target"]
-    here, shipped = schedule_isa(resolve_target("x86").tvm_target()), _isa_of_key(key)
+    here, shipped = schedule_isa(resolve_target("x86").tvm_target()), isa_of_target_key(key)
     if here.vector != shipped.vector:
         return f"the shipped x86 log is for {shipped.vector} CPUs and this one is {here.vector}"
     return None

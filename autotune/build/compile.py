@@ -49,14 +49,6 @@ class BuildReport:
         )
 
 
-@dataclass
-class LogsUsed:
-    """The tuning logs a build read: the one given and the shipped one, each (dir, records read)."""
-
-    given: tuple[str, int] | None = None
-    shipped: tuple[str, int] | None = None
-
-
 def apply_logs(fused: tvm.IRModule, target, log_dirs: list) -> tuple[tvm.IRModule, int, list[str], list[int]]:
     """Replace each fused kernel that a log has a record for by its best schedule.
 

@@ -37,8 +37,10 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from autotune.support.settings import BuildSettings
+    from autotune.support.targets import resolve_target
 
     settings = BuildSettings(quantize=args.quantize, prune=args.prune, shipped_log=not args.no_shipped_log)
+    resolve_target(args.target)  # a bad --target fails before the import
     steps = Steps(3)
     steps(f"import {args.model} ({args.component})")
     source, prune_info = load_model_source(args)

@@ -37,8 +37,11 @@ def run(args) -> int:
 
     from autotune.runtime.module import load
     from autotune.support.settings import BuildSettings, TuneSettings
+    from autotune.support.targets import resolve_target
     from autotune.tuning.tune import tune
 
+    resolve_target(args.target)  # a bad --target fails before the import
+    settings = TuneSettings(trials=args.trials)
     steps = Steps(5)
     started = time.time()
     steps(f"import {args.model} ({args.component}) from torch")
@@ -49,7 +52,7 @@ def run(args) -> int:
     untuned = build_one(source, args.target, str(Path(args.output) / "untuned"), None, BuildSettings(shipped_log=False))
     print(untuned.summary())
     steps(f"tune {args.trials} trials for {args.target} into {args.log}")
-    report = tune(source.imported, args.target, args.log, TuneSettings(trials=args.trials))
+    report = tune(source.imported, args.target, args.log, settings)
     print(report.summary())
     steps("build with the tuning logs (this run's and the shipped one)")
     tuned = build_one(source, args.target, args.output, args.log, BuildSettings())

@@ -16,15 +16,16 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from autotune.passes.pipeline import fuse_for_target, prim_funcs
+    from autotune.passes.pipeline import fuse_for_target
+    from autotune.support.ir import prim_funcs
     from autotune.support.targets import resolve_target
 
+    preset = resolve_target(args.target)  # a bad --target fails before the import
     steps = Steps(2)
     steps(f"import {args.model} ({args.component})")
     source, _ = load_model_source(args)
     print(source.imported.summary())
     steps(f"fuse for {args.target}")
-    preset = resolve_target(args.target)
     fused = fuse_for_target(source.imported.mod, preset.tvm_target())
     print(f"{len(prim_funcs(fused))} kernels (tuning tasks before deduplication)")
     if args.output:

@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from autotune.support.settings import TuneSettings
-    from autotune.tuning.tune import tune
+    from autotune.support.targets import resolve_target
+    from autotune.tuning.tune import check_can_tune, tune
 
     settings = TuneSettings(
         trials=args.trials,
@@ -53,6 +54,7 @@ def run(args) -> int:
         rpc_key=args.key,
         shipped_log=not args.no_shipped_log,
     )
+    check_can_tune(resolve_target(args.target), settings)  # bad settings, target or device: said before the import
     steps = Steps(2)
     steps(f"import {args.model} ({args.component})")
     source, _ = load_model_source(args)

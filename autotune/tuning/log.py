@@ -145,21 +145,20 @@ def schedule_isa(target: tvm.target.Target) -> ScheduleISA:
 
 
 @functools.lru_cache(maxsize=64)
-def _isa_of_key(key: str) -> ScheduleISA:
+def isa_of_target_key(key: str) -> ScheduleISA:
     return schedule_isa(tvm.target.Target(json.loads(key)))
 
 
-def record_fits_target(record: dict, target: tvm.target.Target, target_isa: ScheduleISA | None = None) -> bool:
-    """Whether a log line's record applies to `target` (see ScheduleISA)."""
-    key = record.get("target")
-    if key == target_key(target):
+def record_fits_target(record: dict, key: str, isa: ScheduleISA) -> bool:
+    """Whether a log line's record applies to the target whose `target_key` and ISA are given."""
+    if record.get("target") == key:
         return True
     try:
-        tuned_for = _isa_of_key(key)
-    except Exception:  # a target string this TVM cannot parse: not ours to apply
+        tuned_for = isa_of_target_key(record.get("target"))
+    except Exception:  # a target string this TVM cannot parse: not one to apply (reported by the caller)
         return False
     tensorizes = '"Tensorize"' in json.dumps(record.get("record", ""))
-    return (target_isa or schedule_isa(target)).accepts(tuned_for, tensorizes)
+    return isa.accepts(tuned_for, tensorizes)
 
 
 def _plain(obj):
@@ -261,7 +260,8 @@ def read_log(
         except Exception as exc:  # a JSON line that is not a workload
             report.problems.append(LogProblem(str(wpath), number, f"not a workload ({type(exc).__name__}: {exc})"))
     report.workloads = len(workloads)
-    target_isa = schedule_isa(target) if target is not None else None
+    if target is not None:
+        want_key, want_isa = target_key(target), schedule_isa(target)
     for number, obj, reason in _read_lines(rpath):
         if obj is None:
             report.problems.append(LogProblem(str(rpath), number, reason))
@@ -277,7 +277,7 @@ def read_log(
                 LogProblem(str(rpath), number, f"record from TVM {obj.get('tvm')}, this is TVM {tvm.__version__}")
             )
             continue
-        if target is not None and not record_fits_target(obj, target, target_isa):
+        if target is not None and not record_fits_target(obj, want_key, want_isa):
             report.problems.append(LogProblem(str(rpath), number, f"record for another target: {obj.get('target')}"))
             continue
         record, replayed_on = _replay(obj["record"], wid, workloads, same_structure)

@@ -85,7 +85,7 @@ class TwoLinears(torch.nn.Module):
 
 
 def _layout_free(mod) -> dict[str, list[int]]:
-    from autotune.passes.pipeline import prim_funcs
+    from autotune.support.ir import prim_funcs
 
     return {n: [int(i) for i in f.attrs[LAYOUT_FREE_ATTR]] for n, f in prim_funcs(mod).items() if f.attrs and LAYOUT_FREE_ATTR in f.attrs}
 
