@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from autotune.support import defaults
 
@@ -22,8 +23,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "build",
         help="apply the tuning log, compile, and export NAME.so + NAME.weights.safetensors + NAME.json",
-        description="Build an artifact. Kernels with a record in --log get their best schedule; the rest get a "
-        "fallback schedule. Weights are saved beside the library, never baked into it.",
+        description="Build an artifact. Kernels with a record in --log or in the log autotune ships for the target "
+        "(schedules/FAMILY; --no-shipped-log to leave it out) get their best schedule; the rest get a fallback "
+        "schedule. Weights are saved beside the library, never baked into it.",
     )
     add_model_args(p)
     add_target_arg(p)
@@ -45,9 +47,11 @@ def run(args) -> int:
     steps(f"import {args.model} ({args.component})")
     source, prune_info = load_model_source(args)
     print(source.imported.summary())
-    steps(f"build for {args.target} with log {args.log}")
+    shipped = "the shipped log" if settings.shipped_log else "no shipped log"
+    steps(f"build for {args.target} with the log {args.log} and {shipped}")
     print(settings)
-    report = build_one(source, args.target, args.output, args.log, settings, {"prune": prune_info} if prune_info else None)
+    log = args.log if args.log != defaults.LOG_DIR or Path(args.log).is_dir() else None  # no logs/ yet: fine
+    report = build_one(source, args.target, args.output, log, settings, {"prune": prune_info} if prune_info else None)
     for note in report.notes:
         print(f"note: {note}")
     print(report.summary())

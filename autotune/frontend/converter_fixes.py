@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from autotune.support.tvm_compat import translator_slice_scatter
+
 
 def _static_ints(values) -> list[int] | None:
     try:
@@ -72,7 +74,7 @@ def _slice_scatter(node, importer):
     src_shape = _static_ints(src.ty.shape.values)
     plain = all(v is None or isinstance(v, int) for v in (dim, start, end, step))
     if x_shape is None or src_shape is None or not plain or len(x_shape) != len(src_shape):
-        return importer._slice_scatter(node)
+        return translator_slice_scatter(importer, node)
     rank = len(x_shape)
     axis = dim + rank if dim < 0 else dim
     n = x_shape[axis]
@@ -83,7 +85,7 @@ def _slice_scatter(node, importer):
     end = min(max(end + n if end < 0 else end, start), n)
     positions = np.arange(start, end, step)
     if step < 1 or len(positions) != src_shape[axis]:
-        return importer._slice_scatter(node)
+        return translator_slice_scatter(importer, node)
     if len(positions) == n:  # the slice is the whole axis
         return src
     mask = np.zeros(n, dtype=bool)

@@ -575,7 +575,7 @@ class Fp8(QuantMode):
 
         if arch is None or not have_fp8(f"{arch // 10}.{arch % 10}"):
             where = f"CUDA sm_{arch}" if arch is not None else f"an {preset.family} CPU target"
-            return f"fp8 (e4m3) needs an NVIDIA GPU of sm_89 (Ada) or newer; {preset.name} is {where}"
+            return f"fp8 (e4m3) needs an NVIDIA GPU of CUDA sm_89 or sm_90 (Ada, Hopper) or newer; {preset.name} is {where}"
         return None
 
     def apply(self, imported):

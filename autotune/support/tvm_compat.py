@@ -9,6 +9,7 @@
     pack_imports_blob           runtime._ffi_api.ModulePackImportsToTensor + ModuleImportsBlobName
     attention_sequence_prefill  relax.frontend.nn.llm._prefill_kernels._attention_sequence_prefill
     normalize_workload          meta_schedule.tune_context._normalize_mod (the module a record is filed under)
+    translator_slice_scatter    the torch ExportedProgram translator's own _slice_scatter converter
 """
 
 from __future__ import annotations
@@ -94,3 +95,8 @@ def normalize_workload(func):
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
     return _normalize_mod(func)
+
+
+def translator_slice_scatter(translator, node):
+    """TVM's own conversion of aten.slice_scatter (our converter falls back to it on dynamic shapes)."""
+    return translator._slice_scatter(node)

@@ -23,8 +23,8 @@ from autotune.build import cross, cuda
 from autotune.build.compile import build, compile_module
 from autotune.frontend.importer import from_torch
 from autotune.support.errors import BuildFailed, TargetError, TuningFailed
-from autotune.support.settings import TuneSettings
 from autotune.support.package_data import targets_dir
+from autotune.support.settings import TuneSettings
 from autotune.support.targets import list_presets, resolve_target
 
 REPO = Path(__file__).resolve().parents[2]

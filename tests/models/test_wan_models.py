@@ -240,7 +240,12 @@ def test_tiny_local_weights_round_trip(tiny, tiny_checkpoint, name):
     spec, inputs, ref = tiny
     loaded = spec.component(name).build_module(weights_dir=str(tiny_checkpoint))
     assert not loaded.training
-    assert torch.equal(run(loaded, inputs[name]), ref[name])
+    # The round trip is exact in the weights. The outputs are compared to 1e-6: with equal weights
+    # in other memory, oneDNN/MKL can take another code path (seen on AMD Zen 4: 6e-7 apart).
+    seeded = spec.component(name).build_module()
+    ours, theirs = seeded.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    torch.testing.assert_close(run(loaded, inputs[name]), ref[name], rtol=0, atol=1e-6)
 
 
 def test_tiny_local_weights_bfloat16(tiny_checkpoint):

@@ -7,7 +7,6 @@ import inspect
 import sys
 import time
 
-import pytest
 import tvm
 from tvm import te
 
@@ -25,8 +24,8 @@ def test_import_tensor_intrin_fast_registers_the_intrinsics_and_restores_inspect
     tvm_compat.import_tensor_intrin_fast()
     assert "tvm.s_tir.tensor_intrin" in sys.modules
     assert inspect.stack is stack, "inspect.stack must be restored"
-    from tvm.s_tir.tensor_intrin.x86 import VNNI_DOT_16x4_INTRIN
     from tvm.s_tir import TensorIntrin
+    from tvm.s_tir.tensor_intrin.x86 import VNNI_DOT_16x4_INTRIN
 
     assert TensorIntrin.get(VNNI_DOT_16x4_INTRIN) is not None
 
@@ -66,18 +65,18 @@ def test_xgb_training_callback_is_an_xgboost_callback():
 
 
 def test_cancel_queued_measurements_drops_work_not_started():
-    from tvm.support.popen_pool import PopenPoolExecutor as Pool  # the pool MetaSchedule's LocalRunner uses
+    from tvm.support.popen_pool import (
+        PopenPoolExecutor as Pool,  # the pool MetaSchedule's LocalRunner uses
+    )
 
     pool = Pool(max_workers=1, timeout=30)
     try:
         first = pool.submit(time.sleep, 2)
         queued = [pool.submit(time.sleep, 2) for _ in range(3)]
         time.sleep(0.3)
-        started = time.time()
         tvm_compat.cancel_queued_measurements(pool)
         assert all(f.cancelled() for f in queued), "queued measurements must be dropped"
-        first.result(timeout=10)
-        assert time.time() - started < 5
+        first.result(timeout=30)  # the one already running finishes
     finally:
         pool.shutdown(wait=False)
 
@@ -95,3 +94,24 @@ def test_attention_sequence_prefill_builds_a_scheduled_cuda_kernel():
     assert isinstance(func, tvm.tirx.PrimFunc)
     assert len(func.params) >= 4
 
+
+def test_normalize_workload_gives_the_module_records_are_filed_under():
+    func = _add_one()["main"]
+    normalized = tvm_compat.normalize_workload(func)
+    assert isinstance(normalized, tvm.IRModule) and "main" in [gv.name_hint for gv in normalized.functions]
+
+
+def test_translator_slice_scatter_is_the_translators_converter():
+    from tvm.relax.frontend.torch.exported_program_translator import (
+        ExportedProgramImporter,
+    )
+
+    assert callable(getattr(ExportedProgramImporter, "_slice_scatter", None))
+    calls = []
+
+    class Translator:
+        def _slice_scatter(self, node):
+            calls.append(node)
+            return "converted"
+
+    assert tvm_compat.translator_slice_scatter(Translator(), "node") == "converted" and calls == ["node"]
