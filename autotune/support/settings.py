@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from . import defaults
+from .errors import InputError
 
 
 class _Printable:
@@ -35,8 +36,6 @@ class TuneSettings(_Printable):
     shipped_log: bool = True  # start the search from the records autotune ships for this target
 
     def __post_init__(self):
-        from .errors import InputError
-
         for name in ("trials", "build_workers", "runs_per_measurement"):
             if getattr(self, name) < (0 if name == "trials" else 1):
                 raise InputError(f"{name} must be {'>= 0' if name == 'trials' else '>= 1'}, got {getattr(self, name)}")

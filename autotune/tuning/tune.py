@@ -22,8 +22,6 @@ from autotune.support.package_data import shipped_log_dir
 from autotune.support.settings import TuneSettings
 from autotune.support.targets import TargetPreset, resolve_target
 from autotune.support.threads import physical_thread_count
-
-log = logging.getLogger(__name__)
 from autotune.support.tvm_compat import (
     cancel_queued_measurements,
     import_tensor_intrin_fast,
@@ -31,6 +29,8 @@ from autotune.support.tvm_compat import (
 
 from .cost_model import make_cost_model
 from .log import TuningLog, structure_key
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
