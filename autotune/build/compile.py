@@ -61,7 +61,7 @@ def apply_logs(fused: tvm.IRModule, target, log_dirs: list) -> tuple[tvm.IRModul
     for log_dir, whole in log_dirs:
         report, _ = read_log(log_dir, target, database, only=None if whole else kernels)
         counts.append(report.records)
-        notes += [f"log {log_dir}: {line}" for line in report.problem_summary()]
+        notes += [f"log: {log_dir}: {line}" for line in report.problem_summary()]
     with target, database, tvm.transform.PassContext(opt_level=3):
         applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(fused)
     count = sum(1 for f in prim_funcs(applied).values() if is_scheduled(f))
@@ -86,7 +86,6 @@ def compile_module(
     preset: TargetPreset,
     log_dir=None,
     seed: int = 0,
-    kernel_flops: dict | None = None,
     shipped_log: bool = False,
     details: dict | None = None,
 ):
@@ -95,9 +94,9 @@ def compile_module(
     Returns (executable, stats, notes, weights): stats are (kernels, tuned, fallback, records read
     from `log_dir`); `weights` are what the executable's main takes after the inputs
     (imported.weights, with large matrices packed for the tuned kernels). `shipped_log` also applies
-    the log autotune ships for the target's family (schedules/FAMILY). `kernel_flops`, when given,
-    is filled with the FLOPs of one call of each kernel; `details` with the logs read
-    ({"logs": {dir: records}}) and the kernels left unscheduled ({"naive": [names]})."""
+    the log autotune ships for the target's family (schedules/FAMILY). `details`, when given, is
+    filled with the logs read ({"logs": {dir: records}}), the kernels left unscheduled
+    ({"naive": [names]}) and the FLOPs of one call of each kernel ({"flops": {name: flops}})."""
     target = preset.tvm_target()
     fused = fuse_for_target(imported.mod, target)
     kernels = len(prim_funcs(fused))
@@ -125,13 +124,11 @@ def compile_module(
             f"TVM's plain loop nests, slowly: {', '.join(naive[:8])}{' ...' if len(naive) > 8 else ''}. "
             "Tuning them (autotune tune with the same model and passes) gives them one."
         )
-    if details is not None:
-        details.update(logs=counts, naive=naive)
     fused, weights, packed = pack_for_target(fused, imported.weights, len(imported.inputs))
     if packed:
         notes.append(f"{packed} weight matrices packed at build time into the layout their tuned kernels read")
-    if kernel_flops is not None:
-        kernel_flops.update(count_kernel_flops(fused))
+    if details is not None:
+        details.update(logs=counts, naive=naive, flops=count_kernel_flops(fused))
     lowered = lower(fused, target)
     with codegen_context(preset):
         executable = tvm.compile(lowered, target=target, relax_pipeline=None)
@@ -156,11 +153,10 @@ def build(
     imported, info = prepare_model(imported, preset, settings.quantize)
     if info:
         passes.append(info)
-    kernel_flops: dict[str, float] = {}
     details: dict = {}
     try:
         executable, (kernels, tuned, fallback, records), notes, weights = compile_module(
-            imported, preset, log_dir, kernel_flops=kernel_flops, shipped_log=settings.shipped_log, details=details
+            imported, preset, log_dir, shipped_log=settings.shipped_log, details=details
         )
     except Exception as exc:
         raise BuildFailed(f"compiling {imported.source} for {preset.name} failed: {type(exc).__name__}: {exc}") from exc
@@ -175,7 +171,7 @@ def build(
         "weights": list(weights),
         "weight_bytes": {"before": weights_before, "after": sum(int(w.nbytes) for w in weights.values())},
         "passes": passes,
-        "kernels": {"total": kernels, "tuned": tuned, "fallback": fallback, "naive": details["naive"], "flops": kernel_flops},
+        "kernels": {"total": kernels, "tuned": tuned, "fallback": fallback, "naive": details["naive"], "flops": details["flops"]},
         "tuning_log": {"dir": str(log_dir) if log_dir else None, "digest": log_digest(log_dir) if log_dir else None, "records": records},
         "logs_applied": [{"dir": d, "digest": log_digest(d), "records": n} for d, n in details["logs"].items()],
         "versions": {"autotune": __version__, "tvm": tvm.__version__},

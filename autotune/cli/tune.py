@@ -67,6 +67,6 @@ def run(args) -> int:
         print(f"\ninterrupted: every record measured so far is in {args.log}; run the same command to resume")
         return 130
     for problem in report.log_problems:
-        print(f"warning: skipped {problem}")
+        print(f"warning: {problem}")
     print(report.summary())
     return 0

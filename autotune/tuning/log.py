@@ -84,7 +84,7 @@ class LogReadReport:
         (corrupt or unreadable lines) listed, the first `listed` of them."""
         other = [p for p in self.problems if p.reason.startswith("record for another target")]
         rest = [p for p in self.problems if p not in other]
-        lines = [str(p) for p in rest[:listed]]
+        lines = [f"skipped {p}" for p in rest[:listed]]
         if len(rest) > listed:
             lines.append(f"... and {len(rest) - listed} more unreadable lines")
         if other:
