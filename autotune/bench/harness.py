@@ -1,78 +1,217 @@
 """`autotune bench`: every engine on the same inputs, shapes and threads, interleaved, in one run.
 
-Engines: torch eager, torch.compile (inductor), ONNX Runtime (dynamo ONNX export), TVM untuned
-(fallback schedules), TVM tuned (a tuning log), TVM tuned + each quantization mode asked for.
-Each round calls every engine once, in a shuffled order, so drift and noise from a shared
-machine hit all engines alike; the median over rounds is reported with the ratio to torch eager,
-GFLOP/s, the fraction of this machine's peak measured in the same run (a tuned SGEMM and a copy
-bandwidth probe), and fidelity against torch eager.
+Engines: torch eager, torch.compile (inductor), ONNX Runtime (dynamo ONNX export), OpenVINO
+(optional: `pip install openvino`), TVM untuned (fallback schedules), TVM tuned (a tuning log),
+TVM tuned + each quantization mode asked for. Every engine runs at each precision asked for
+(`PRECISIONS`), on the same float32 inputs, returning float32:
+- fp32: the module as it is;
+- bf16: torch eager and torch.compile run a bfloat16 copy of the module (floating inputs cast to
+  bfloat16, outputs back to float32, inside the call); ONNX Runtime runs that copy exported (its
+  CPU provider has no bf16 Conv/MatMul/Gemm kernels: the row then says why it has no time);
+  OpenVINO compiles the float32 model with INFERENCE_PRECISION_HINT bf16 (the row's note says
+  what its CPU plugin runs the matmuls and convolutions in); TVM builds with `--quantize bf16`.
+`--quantize` rows (float32 inputs and outputs, quantized weights inside) run once, beside the
+fp32 rows: their ratio is to float32 torch eager and their "% of peak" to the SGEMM peak.
+
+Each round calls every (engine, precision) once, in a shuffled order, so drift and noise from a
+shared machine hit all alike; the median over rounds is reported with the ratio to torch eager at
+the same precision, GFLOP/s, the fraction of this machine's GEMM peak at the row's precision
+measured in the same run (torch's float32 and bfloat16 2048³ matmuls; plus a copy bandwidth
+probe), and fidelity against float32 torch eager.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import math
 import random
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from autotune.models.workloads import Workload, get_workload
+from autotune.support.errors import InputError
 from autotune.support.fidelity import compare
 from autotune.support.threads import configure_threads
 
+PRECISIONS = ("fp32", "bf16")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PEAK_KEYS = {"fp32": "sgemm_gflops", "bf16": "bf16_gemm_gflops"}  # measure_peak's probe per precision
+
+
+def parse_precisions(text: str) -> list[str]:
+    """`"fp32,bf16"` -> ["fp32", "bf16"] (duplicates dropped); anything else raises InputError."""
+    names = list(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    unknown = [p for p in names if p not in PRECISIONS]
+    if unknown or not names:
+        raise InputError(
+            f"--precision {text!r}: {'unknown ' + ', '.join(unknown) if unknown else 'no precision given'}; "
+            f"give a comma list of {', '.join(PRECISIONS)} (e.g. --precision fp32,bf16)"
+        )
+    return names
+
 
 # ---------------------------------------------------------------- engines (same two verbs each)
+class EngineUnavailable(Exception):
+    """An engine cannot run a workload at a precision; the message is the row's note (and what to do)."""
+
+
+@dataclass
+class Prepared:
+    """An engine made ready for one workload at one precision."""
+
+    run: Callable[[dict], object]  # the workload's float32 inputs by name -> float32 output(s)
+    note: str = ""
+    profile: Callable[[], object] | None = None  # TVM builds: time each kernel (CompiledModule.profile)
+
+
+def _cast_floating(value, dtype: torch.dtype):
+    """`value` (a tensor, or a tuple/list of them) with its floating tensors cast to `dtype`."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floating(v, dtype) for v in value)
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
+class AtPrecision(torch.nn.Module):
+    """A copy of `module` in `dtype`, called with float32 inputs and returning float32 outputs."""
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.inner = copy.deepcopy(module).to(dtype)
+        self.dtype = dtype
+
+    def forward(self, *inputs):
+        return _cast_floating(self.inner(*_cast_floating(inputs, self.dtype)), torch.float32)
+
+
+def module_at(module: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """The torch module an engine runs at `precision`: `module` itself at fp32, else a cast copy."""
+    return module if precision == "fp32" else AtPrecision(module, TORCH_DTYPES[precision]).eval()
+
+
 class TorchEager:
     name = "torch eager"
+    precisions = PRECISIONS
 
-    def prepare(self, w: Workload, workdir: Path):
-        module = w.module
+    def prepare(self, w: Workload, workdir: Path, precision: str) -> Prepared:
+        module = module_at(w.module, precision)
 
         def run(inputs):
             with torch.no_grad():
                 return module(*inputs.values())
 
-        return run
+        return Prepared(run)
 
 
 class TorchCompile:
     name = "torch.compile"
+    precisions = PRECISIONS
 
-    def prepare(self, w: Workload, workdir: Path):
-        compiled = torch.compile(w.module)
+    def prepare(self, w: Workload, workdir: Path, precision: str) -> Prepared:
+        compiled = torch.compile(module_at(w.module, precision))
 
         def run(inputs):
             with torch.no_grad():
                 return compiled(*inputs.values())
 
-        return run
+        return Prepared(run)
 
 
 class OnnxRuntime:
     name = "ONNX Runtime"
+    precisions = PRECISIONS
 
-    def prepare(self, w: Workload, workdir: Path):
-        import onnxruntime as ort
-
-        path = workdir / f"{w.name}.onnx"
-        torch.onnx.export(w.module, tuple(w.inputs.values()), str(path), dynamo=True, opset_version=18, input_names=list(w.inputs))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = configure_threads()
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle pool sleeps: engines take turns
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    def prepare(self, w: Workload, workdir: Path, precision: str) -> Prepared:
+        path = workdir / f"{w.name}-{precision}.onnx"
+        torch.onnx.export(module_at(w.module, precision), tuple(w.inputs.values()), str(path), dynamo=True,
+                          opset_version=18, input_names=list(w.inputs))
+        session = self._session(path, precision)
         names = [i.name for i in session.get_inputs()]
 
         def run(inputs):
             return session.run(None, {n: v.numpy() for n, v in zip(names, inputs.values())})[0]
 
-        return run
+        return Prepared(run)
+
+    @staticmethod
+    def _session(path: Path, precision: str):
+        import onnxruntime as ort
+        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph, NotImplemented
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = configure_threads()
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle pool sleeps: engines take turns
+        try:
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except (InvalidGraph, NotImplemented) as exc:  # what ORT raises for an op type it has no kernel for
+            if precision == "fp32":
+                raise
+            raise EngineUnavailable(
+                f"ONNX Runtime CPU has no {precision} kernel for this model's ops (Conv, MatMul/Gemm): "
+                f"{type(exc).__name__}: {str(exc)[:300]}"
+            ) from exc
+
+
+class OpenVINO:
+    """OpenVINO's CPU plugin, on the float32 model; the precision goes in as INFERENCE_PRECISION_HINT."""
+
+    name = "OpenVINO"
+    precisions = PRECISIONS
+    HINTS = {"fp32": "f32", "bf16": "bf16"}  # set at fp32 too: on CPUs with bf16 support the default is bf16
+
+    def prepare(self, w: Workload, workdir: Path, precision: str) -> Prepared:
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise EngineUnavailable("not installed: pip install openvino (or pip install 'autotune[bench]')") from exc
+        model, how = openvino_model(w.module, tuple(w.inputs.values()))
+        config = {"INFERENCE_PRECISION_HINT": self.HINTS[precision], "INFERENCE_NUM_THREADS": configure_threads()}
+        compiled = ov.Core().compile_model(model, "CPU", config)
+        request = compiled.create_infer_request()
+
+        def run(inputs):
+            return request.infer([v.numpy() for v in inputs.values()])[0]
+
+        note = openvino_precision_note(compiled)
+        return Prepared(run, note=note if how == "traced" else f"{note}; converted from torch.export")
+
+
+def openvino_model(module: torch.nn.Module, inputs: tuple):
+    """`module` as an OpenVINO model, and how: "traced" (TorchScript, OpenVINO's default), or through
+    torch.export where tracing meets an op OpenVINO cannot convert (the Wan VAE's nearest-exact upsample)."""
+    import openvino as ov
+    from openvino.frontend import OpConversionFailure
+
+    try:
+        return ov.convert_model(module, example_input=inputs), "traced"
+    except OpConversionFailure as exc:
+        summary = " ".join(str(exc).split())[-200:]  # the message ends with the ops it has no rule for
+        logging.getLogger(__name__).info("OpenVINO could not convert the traced module (...%s); trying torch.export", summary)
+    return ov.convert_model(torch.export.export(module, inputs)), "exported"
+
+
+def openvino_precision_note(compiled) -> str:
+    """What OpenVINO's CPU plugin runs: the precision hint in force and its matmul/conv layers' precisions."""
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    counts: Counter = Counter()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if "layerType" in info and info["layerType"].astype(str) in ("FullyConnected", "MatMul", "Convolution", "Deconvolution"):
+            counts[info["runtimePrecision"].astype(str)] += 1
+    layers = ", ".join(f"{n} in {p}" for p, n in sorted(counts.items())) or "none found"
+    return f"hint {hint}; matmul/conv layers run: {layers}"
 
 
 @dataclass
@@ -86,35 +225,46 @@ class TVM:
     def name(self) -> str:
         return self.label or ("TVM tuned" if self.tuned or self.log else "TVM untuned")
 
-    def prepare(self, w: Workload, workdir: Path):
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        return ("fp32",) if self.quantize else PRECISIONS  # a quantized build runs beside the fp32 rows
+
+    def prepare(self, w: Workload, workdir: Path, precision: str) -> Prepared:
         import autotune
         from autotune.build.compile import build
         from autotune.frontend.importer import from_torch
         from autotune.support.settings import BuildSettings
 
+        quantize = "bf16" if precision == "bf16" else self.quantize
         imported = from_torch(w.module, w.inputs, source=w.name)
         slug = self.name.replace(" ", "_").replace("+", "")
-        report = build(imported, "x86", workdir / slug / f"{w.name}.so", log_dir=self.log, settings=BuildSettings(quantize=self.quantize, shipped_log=self.tuned))
-        self.kernels = (report.tuned_kernels, report.kernels)
+        settings = BuildSettings(quantize=quantize, shipped_log=self.tuned)
+        report = build(imported, "x86", workdir / slug / precision / f"{w.name}.so", log_dir=self.log, settings=settings)
         module = autotune.load(report.paths.library)
         np_inputs = {k: v.numpy() for k, v in w.inputs.items()}
-        self.profile = lambda: module.profile(np_inputs, repeat=3)
-        return lambda inputs: module(**np_inputs)
+        return Prepared(
+            run=lambda inputs: module(**np_inputs),
+            note=f"{report.tuned_kernels}/{report.kernels} kernels tuned",
+            profile=lambda: module.profile(np_inputs, repeat=3),
+        )
 
 
 # ---------------------------------------------------------------- the machine's limits
-def measure_peak(threads: int, size: int = 2048, repeat: int = 5) -> dict:
-    """SGEMM FLOP/s of torch's tuned BLAS, and copy bandwidth, measured now."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def _gemm_gflops(dtype: torch.dtype, size: int, repeat: int) -> float:
+    """GFLOP/s of torch's matmul on two size x size matrices of `dtype` (median of `repeat`)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     torch.mm(a, b)
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
         torch.mm(a, b)
         times.append(time.perf_counter() - t)
-    gflops = 2 * size**3 / statistics.median(times) / 1e9
-    src = np.ones(64 * 2**20 // 4, dtype=np.float32)  # 64 MiB
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def _copy_gbs(repeat: int) -> float:
+    """GB/s (read + write) of copying 64 MiB."""
+    src = np.ones(64 * 2**20 // 4, dtype=np.float32)
     dst = np.empty_like(src)
     np.copyto(dst, src)
     times = []
@@ -122,8 +272,23 @@ def measure_peak(threads: int, size: int = 2048, repeat: int = 5) -> dict:
         t = time.perf_counter()
         np.copyto(dst, src)
         times.append(time.perf_counter() - t)
-    gbs = 2 * src.nbytes / statistics.median(times) / 1e9
-    return {"sgemm_gflops": gflops, "copy_gbs": gbs, "sgemm_size": size}
+    return 2 * src.nbytes / statistics.median(times) / 1e9
+
+
+def measure_peak(threads: int, size: int = 2048, repeat: int = 5) -> dict:
+    """GEMM FLOP/s of torch's tuned kernels in float32 (SGEMM) and bfloat16, and copy bandwidth, measured now."""
+    torch.set_num_threads(threads)
+    return {
+        "sgemm_gflops": _gemm_gflops(torch.float32, size, repeat),
+        "bf16_gemm_gflops": _gemm_gflops(torch.bfloat16, size, repeat),
+        "copy_gbs": _copy_gbs(repeat),
+        "sgemm_size": size,
+    }
+
+
+def peak_gflops(peak: dict, precision: str) -> float:
+    """The GEMM peak a row at `precision` is measured against."""
+    return peak[PEAK_KEYS[precision]]
 
 
 # ---------------------------------------------------------------- the run
@@ -131,129 +296,208 @@ def measure_peak(threads: int, size: int = 2048, repeat: int = 5) -> dict:
 class Row:
     workload: str
     engine: str
-    median_ms: float
-    min_ms: float
-    ratio_vs_eager: float = float("nan")
-    gflops: float = float("nan")
-    peak_fraction: float = float("nan")
-    fidelity: dict = field(default_factory=dict)
+    precision: str
+    median_ms: float | None  # None: the engine did not run (the note says why)
+    min_ms: float | None = None
+    ratio_vs_eager: float | None = None  # to torch eager at the same precision
+    gflops: float | None = None
+    peak_fraction: float | None = None  # of the GEMM peak at the row's precision (SGEMM for --quantize rows)
+    fidelity: dict | None = None  # against float32 torch eager
     note: str = ""
-    largest_kernel: dict = field(default_factory=dict)  # TVM builds: the kernel with the most FLOPs per call, timed alone
+    largest_kernel: dict | None = None  # TVM builds: the kernel with the most FLOPs per call, timed alone
 
 
-def _as_numpy(out):
+def _as_numpy(out) -> np.ndarray:
     if isinstance(out, (tuple, list)):
         out = out[0]
     if isinstance(out, torch.Tensor):
-        return out.detach().numpy()
+        return out.detach().float().numpy()
     return np.asarray(out)
 
 
-def run_bench(workloads: list[str], engines: list, rounds: int = 15, log=None) -> tuple[list[Row], dict]:
+def run_bench(workloads: list[str], engines: list, rounds: int = 15, log=None, precisions=("fp32",)) -> tuple[list[Row], dict]:
+    """Every engine at every precision on each workload; rows grouped by workload, then precision."""
     log = log or logging.getLogger(__name__).info
     threads = configure_threads()
     torch.set_num_threads(threads)
     peak = measure_peak(threads)
-    log(f"machine: SGEMM {peak['sgemm_gflops']:.1f} GFLOP/s, copy {peak['copy_gbs']:.1f} GB/s, {threads} threads")
+    log(f"machine: SGEMM {peak['sgemm_gflops']:.1f} GFLOP/s, bf16 GEMM {peak['bf16_gemm_gflops']:.1f} GFLOP/s, "
+        f"copy {peak['copy_gbs']:.1f} GB/s, {threads} threads")
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         for wname in workloads:
-            w = get_workload(wname)
-            flops = w.flops()
-            with torch.no_grad():
-                reference = _as_numpy(w.module(*w.inputs.values()))
-            runners, notes, by_name = {}, {}, {e.name: e for e in engines}
-            for engine in engines:
-                log(f"[{wname}] preparing {engine.name}")
-                try:
-                    runners[engine.name] = engine.prepare(w, Path(tmp))
-                    runners[engine.name](w.inputs)  # warm-up (and inductor's compile)
-                    if hasattr(engine, "kernels"):
-                        notes[engine.name] = f"{engine.kernels[0]}/{engine.kernels[1]} kernels tuned"
-                except Exception as exc:  # an engine that cannot run this workload is reported, not fatal
-                    log(f"[{wname}] {engine.name} failed: {type(exc).__name__}: {str(exc)[:300]}")
-                    rows.append(Row(wname, engine.name, float("nan"), float("nan"), note=f"failed: {type(exc).__name__}"))
-            times = {name: [] for name in runners}
-            order = list(runners)
-            for _ in range(rounds):
-                random.shuffle(order)
-                for name in order:
-                    t = time.perf_counter()
-                    runners[name](w.inputs)
-                    times[name].append((time.perf_counter() - t) * 1e3)
-            eager = statistics.median(times["torch eager"]) if "torch eager" in times else float("nan")
-            for name, ts in times.items():
-                median = statistics.median(ts)
-                fidelity = compare(_as_numpy(runners[name](w.inputs)), reference)
-                rows.append(
-                    Row(
-                        wname, name, median, min(ts), median / eager,
-                        flops / median / 1e6, flops / median / 1e6 / peak["sgemm_gflops"],
-                        fidelity, notes.get(name, ""), _largest_kernel(by_name[name], peak),
-                    )
-                )
-            this = [r for r in rows if r.workload == wname]
-            log(format_markdown(this, peak) + "\n\n" + format_largest_kernels(this))
+            this = _bench_workload(get_workload(wname), engines, list(precisions), rounds, peak, Path(tmp), log)
+            log(format_markdown(this) + "\n\n" + format_largest_kernels(this))
+            rows += this
     return rows, peak
 
 
-def _largest_kernel(engine, peak: dict) -> dict:
-    """Profile a TVM build kernel by kernel; report the one with the most FLOPs per call."""
-    if not hasattr(engine, "profile"):
-        return {}
-    top = engine.profile().largest()
+def _bench_workload(w: Workload, engines: list, precisions: list[str], rounds: int, peak: dict, workdir: Path, log) -> list[Row]:
+    plan = [(e, p) for p in precisions for e in engines if p in e.precisions]
+    prepared, unavailable = _prepare_all(w, plan, workdir, log)
+    times = _interleave(prepared, w.inputs, rounds)
+    with torch.no_grad():
+        reference = _as_numpy(w.module(*w.inputs.values()))
+    flops = w.flops()
+    rows = []
+    for engine, precision in plan:
+        key = (engine.name, precision)
+        if key in unavailable:
+            rows.append(Row(w.name, engine.name, precision, None, note=unavailable[key]))
+            continue
+        eager = times.get(("torch eager", precision))
+        rows.append(_measured_row(w, key, prepared[key], times[key], eager, flops, reference, peak_gflops(peak, precision)))
+    return rows
+
+
+def _prepare_all(w: Workload, plan: list, workdir: Path, log) -> tuple[dict, dict]:
+    """Prepare and warm up each (engine, precision); returns ({key: Prepared}, {key: why it cannot run})."""
+    prepared, unavailable = {}, {}
+    for engine, precision in plan:
+        key = (engine.name, precision)
+        log(f"[{w.name}] preparing {engine.name} at {precision}")
+        try:
+            ready = engine.prepare(w, workdir, precision)
+            ready.run(w.inputs)  # warm-up (and inductor's compile)
+        except EngineUnavailable as exc:
+            log(f"[{w.name}] {engine.name} at {precision}: {exc}")
+            unavailable[key] = str(exc)
+        except Exception as exc:  # an engine that cannot run this workload is reported, not fatal
+            log(f"[{w.name}] {engine.name} at {precision} failed: {type(exc).__name__}: {str(exc)[:300]}")
+            unavailable[key] = f"failed: {type(exc).__name__}: {_first_line(exc)}"
+        else:
+            prepared[key] = ready
+    return prepared, unavailable
+
+
+def _first_line(exc: Exception, limit: int = 200) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
+def _interleave(prepared: dict, inputs: dict, rounds: int) -> dict:
+    """Milliseconds per call of each prepared engine; each round calls all of them once, shuffled."""
+    times = {key: [] for key in prepared}
+    order = list(prepared)
+    for _ in range(rounds):
+        random.shuffle(order)
+        for key in order:
+            t = time.perf_counter()
+            prepared[key].run(inputs)
+            times[key].append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def _measured_row(w: Workload, key: tuple, ready: Prepared, times: list, eager: list | None, flops: int,
+                  reference: np.ndarray, peak: float) -> Row:
+    median = statistics.median(times)
+    gflops = flops / median / 1e6
+    return Row(
+        w.name, key[0], key[1], median, min(times),
+        ratio_vs_eager=median / statistics.median(eager) if eager else None,
+        gflops=gflops,
+        peak_fraction=gflops / peak,
+        fidelity=compare(_as_numpy(ready.run(w.inputs)), reference),
+        note=ready.note,
+        largest_kernel=_largest_kernel(ready, peak),
+    )
+
+
+def _largest_kernel(ready: Prepared, peak: float) -> dict | None:
+    """Profile a TVM build kernel by kernel; report the one with the most FLOPs per call (None: not TVM)."""
+    if ready.profile is None:
+        return None
+    top = ready.profile().largest()
     if top is None:
-        return {}
+        return None
     return {
         "kernel": top.name, "calls": top.calls, "gflop": top.gflop, "ms": top.ms,
-        "gflops": top.gflops, "peak_fraction": top.gflops / peak["sgemm_gflops"],
+        "gflops": top.gflops, "peak_fraction": top.gflops / peak,
     }
+
+
+# ---------------------------------------------------------------- reports
+def _grouped(rows: list[Row]) -> list[Row]:
+    """Rows by workload (in run order), then precision (fp32 first), engines in run order within."""
+    workloads = list(dict.fromkeys(r.workload for r in rows))
+    return sorted(rows, key=lambda r: (workloads.index(r.workload), PRECISIONS.index(r.precision)))
+
+
+def _num(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+    """A table cell: the number formatted, or an em dash where there is none."""
+    if value is None or not math.isfinite(value):
+        return "—"
+    return f"{value * scale:{spec}}{suffix}"
+
+
+def _text(value: str) -> str:
+    return value.replace("|", "\\|").replace("\n", " ")
+
+
+def format_markdown(rows: list[Row]) -> str:
+    lines = [
+        "| workload | precision | engine | median ms | vs torch eager (same precision) | GFLOP/s | % of GEMM peak (row's precision) "
+        "| max abs err vs fp32 eager | cosine | note |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in _grouped(rows):
+        fid = r.fidelity or {}
+        lines.append(
+            f"| {r.workload} | {r.precision} | {r.engine} | {_num(r.median_ms, '.3f')} | {_num(r.ratio_vs_eager, '.2f', suffix='x')} | "
+            f"{_num(r.gflops, '.1f')} | {_num(r.peak_fraction, '.1f', 100, '%')} | {_num(fid.get('max_abs'), '.1e')} | "
+            f"{_num(fid.get('cosine'), '.6f')} | {_text(r.note)} |"
+        )
+    return "\n".join(lines)
+
+
+def format_precisions_side_by_side(rows: list[Row]) -> str:
+    """One line per workload and engine, a column per precision: median ms (ratio to torch eager at that precision)."""
+    precisions = [p for p in PRECISIONS if any(r.precision == p for r in rows)]
+    cells: dict[tuple, dict] = {}
+    for r in _grouped(rows):
+        cells.setdefault((r.workload, r.engine), {})[r.precision] = (
+            "—" if r.median_ms is None else f"{r.median_ms:.3f} ({_num(r.ratio_vs_eager, '.2f', suffix='x')})"
+        )
+    lines = [
+        "| workload | engine | " + " | ".join(f"{p} median ms (vs eager)" for p in precisions) + " |",
+        "|---|---|" + "---:|" * len(precisions),
+    ]
+    for (workload, engine), by_precision in cells.items():
+        lines.append(f"| {workload} | {engine} | " + " | ".join(by_precision.get(p, "") for p in precisions) + " |")
+    return "\n".join(lines)
 
 
 def format_largest_kernels(rows: list[Row]) -> str:
     lines = [
-        "| workload | engine | largest kernel (most FLOPs per call) | calls | GFLOP (all calls) | ms (all calls) | GFLOP/s | % of SGEMM peak |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| workload | precision | engine | largest kernel (most FLOPs per call) | calls | GFLOP (all calls) | ms (all calls) "
+        "| GFLOP/s | % of GEMM peak (row's precision) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
+    for r in _grouped(rows):
         k = r.largest_kernel
         if k:
             lines.append(
-                f"| {r.workload} | {r.engine} | `{k['kernel']}` | {k['calls']} | {k['gflop']:.2f} | {k['ms']:.2f} | "
+                f"| {r.workload} | {r.precision} | {r.engine} | `{k['kernel']}` | {k['calls']} | {k['gflop']:.2f} | {k['ms']:.2f} | "
                 f"{k['gflops']:.1f} | {100 * k['peak_fraction']:.1f}% |"
             )
     return "\n".join(lines)
 
 
-def format_markdown(rows: list[Row], peak: dict) -> str:
-    lines = [
-        "| workload | engine | median ms | vs torch eager | GFLOP/s | % of SGEMM peak | max abs err | cosine | note |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        fid = r.fidelity
-        lines.append(
-            f"| {r.workload} | {r.engine} | {r.median_ms:.3f} | {r.ratio_vs_eager:.2f}x | {r.gflops:.1f} | "
-            f"{100 * r.peak_fraction:.1f}% | {fid.get('max_abs', float('nan')):.1e} | {fid.get('cosine', float('nan')):.6f} | {r.note} |"
-        )
-    return "\n".join(lines)
-
-
 def write_chart(rows: list[Row], path: Path) -> None:
-    """A horizontal bar chart of latency relative to torch eager (PIL, no plotting library)."""
+    """A horizontal bar chart of latency relative to torch eager at the same precision (PIL, no plotting library)."""
     from PIL import Image, ImageDraw
 
-    rows = [r for r in rows if np.isfinite(r.ratio_vs_eager)]
-    bar_h, left, width = 22, 330, 420
+    rows = [r for r in _grouped(rows) if r.ratio_vs_eager is not None and math.isfinite(r.ratio_vs_eager)]
+    bar_h, left, width = 22, 380, 420
     img = Image.new("RGB", (left + width + 90, 40 + bar_h * len(rows) + 20), "white")
     draw = ImageDraw.Draw(img)
-    draw.text((10, 10), "latency relative to torch eager (lower is faster; line = 1.0x)", fill="black")
+    draw.text((10, 10), "latency relative to torch eager at the same precision (lower is faster; line = 1.0x)", fill="black")
     top = max([r.ratio_vs_eager for r in rows] + [1.0])
     scale = width / top
     for i, r in enumerate(rows):
         y = 40 + i * bar_h
         color = (46, 125, 50) if r.engine.startswith("TVM") else (120, 120, 120)
-        draw.text((10, y + 4), f"{r.workload}: {r.engine}", fill="black")
+        draw.text((10, y + 4), f"{r.workload} {r.precision}: {r.engine}", fill="black")
         draw.rectangle([left, y + 3, left + r.ratio_vs_eager * scale, y + bar_h - 3], fill=color)
         draw.text((left + r.ratio_vs_eager * scale + 5, y + 4), f"{r.ratio_vs_eager:.2f}x", fill="black")
     x1 = left + scale
@@ -264,14 +508,19 @@ def write_chart(rows: list[Row], path: Path) -> None:
 def write_results(rows: list[Row], peak: dict, out_dir: Path, command: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "bench.md"
+    side_by_side = len({r.precision for r in rows}) > 1
     md.write_text(
-        f"# autotune bench\n\nCommand: `{command}`\n\nMachine peak measured in the same run: SGEMM "
-        f"{peak['sgemm_gflops']:.1f} GFLOP/s (torch BLAS, {peak['sgemm_size']}³), copy bandwidth {peak['copy_gbs']:.1f} GB/s.\n\n"
-        + format_markdown(rows, peak)
+        f"# autotune bench\n\nCommand: `{command}`\n\nMachine peak measured in the same run (torch matmul, "
+        f"{peak['sgemm_size']}³): SGEMM {peak['sgemm_gflops']:.1f} GFLOP/s, bf16 GEMM {peak['bf16_gemm_gflops']:.1f} GFLOP/s; "
+        f"copy bandwidth {peak['copy_gbs']:.1f} GB/s. Every engine takes the same float32 inputs and returns float32; "
+        "a row's ratio is to torch eager at its precision, its % of peak to the GEMM peak at its precision "
+        "(`--quantize` rows: the SGEMM peak), its fidelity to float32 torch eager.\n\n"
+        + (format_precisions_side_by_side(rows) + "\n\n" if side_by_side else "")
+        + format_markdown(rows)
         + "\n\nEach TVM build profiled kernel by kernel (`CompiledModule.profile`), its largest kernel:\n\n"
         + format_largest_kernels(rows)
         + "\n\n![latency relative to torch eager](bench.png)\n"
     )
-    (out_dir / "bench.json").write_text(json.dumps({"command": command, "peak": peak, "rows": [r.__dict__ for r in rows]}, indent=2))
+    (out_dir / "bench.json").write_text(json.dumps({"command": command, "peak": peak, "rows": [asdict(r) for r in rows]}, indent=2))
     write_chart(rows, out_dir / "bench.png")
     return md

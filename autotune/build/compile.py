@@ -20,7 +20,8 @@ from autotune.passes.pipeline import (
 )
 from autotune.runtime.artifact import ArtifactPaths, save_weights, write_metadata
 from autotune.support.errors import BuildFailed
-from autotune.support.ir import is_scheduled, prim_funcs
+from autotune.support.hardware import required_cpu_flags
+from autotune.support.ir import FLOPS_ATTR, is_scheduled, prim_funcs
 from autotune.support.package_data import shipped_log_dir
 from autotune.support.settings import BuildSettings
 from autotune.support.targets import TargetPreset, resolve_target
@@ -74,6 +75,9 @@ def count_kernel_flops(mod: tvm.IRModule) -> dict[str, float]:
 
     flops = {}
     for name, func in prim_funcs(mod).items():
+        if func.attrs is not None and FLOPS_ATTR in func.attrs:
+            flops[name] = float(func.attrs[FLOPS_ATTR])
+            continue
         try:
             flops[name] = float(estimate_tir_flops(tvm.IRModule({"main": func})))
         except Exception:  # e.g. data-dependent loops: no count, the profile shows time only
@@ -165,7 +169,14 @@ def build(
     metadata = {
         "name": paths.library.stem,
         "source": imported.source,
-        "target": {"preset": preset.name, "family": preset.family, "device": preset.device, "tvm": str(tvm.target.Target(preset.resolved_target_dict()))},
+        "target": {
+            "preset": preset.name,
+            "family": preset.family,
+            "device": preset.device,
+            "tvm": str(tvm.target.Target(preset.resolved_target_dict())),
+            # /proc/cpuinfo flags the library's CPU code needs: the runtime refuses a CPU without them
+            "cpu_flags": required_cpu_flags(preset.tvm_target()),
+        },
         "inputs": [s.to_json() for s in imported.inputs],
         "outputs": [s.to_json() for s in imported.outputs],
         "weights": list(weights),

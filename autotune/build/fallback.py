@@ -44,8 +44,11 @@ def schedule_untuned(mod: tvm.IRModule, target: tvm.target.Target, seed: int = 0
             )(mod)
         return mod, before
     from autotune.passes.attention import schedule_attention
+    from autotune.passes.matrix_engine import schedule_engine_gemms
 
-    mod, count = schedule_attention(mod, target)  # its own default schedule, not a random sample
+    mod, count = schedule_attention(mod, target)  # hand-written kernels: their own default schedules,
+    mod, gemms = schedule_engine_gemms(mod)  # not a random sample of their design space
+    count += gemms
     for name, func in prim_funcs(mod).items():
         if is_scheduled(func):
             continue

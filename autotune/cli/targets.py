@@ -21,7 +21,7 @@ def run(args) -> int:
             "name": p.name,
             "family": p.family,
             "device": p.device,
-            "target": p.target,  # placeholders ($host_cpu, $cuda_arch) are filled in on use
+            "target": p.target,  # placeholders ($host_cpu, $host_mattr, $cuda_arch) are filled in on use
             "host": p.host,
             "cross_compiler": p.cross_compiler,
             "needs": p.needs,
@@ -32,7 +32,7 @@ def run(args) -> int:
     if args.json:
         print_json(rows)
         return 0
-    print("targets (--target NAME, or a TVM target dict as JSON; $host_cpu, $host_cores, $cuda_arch are detected on use)")
+    print("targets (--target NAME, or a TVM target dict as JSON; $host_cpu, $host_mattr (from /proc/cpuinfo flags), $host_cores, $cuda_arch are detected on use)")
     text = [{**r, "target": json.dumps(r["target"]), "cross compiler": r["cross_compiler"] or "-"} for r in rows]
     print_listing(text, columns=["name", "device", "cross compiler", "description"], details=["target", "needs"])
     return 0

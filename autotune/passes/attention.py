@@ -65,6 +65,10 @@ def _dtype(expr) -> str | None:
     return str(ty.dtype) if ty is not None and hasattr(ty, "dtype") else None
 
 
+def _is_float(expr) -> bool:
+    return _dtype(expr) in SUPPORTED_DTYPES
+
+
 def _prod(xs) -> int:
     return int(math.prod(xs)) if xs else 1
 
@@ -136,6 +140,15 @@ class _Graph:
     def producer(self, var):
         return self.value.get(var) if isinstance(var, relax.Var) else None
 
+    def through_casts(self, var):
+        """`var`, or what it is a float-to-float astype of (ToMixedPrecision puts casts everywhere)."""
+        for _ in range(8):
+            value = self.producer(var)
+            if not (_op_name(value) == "relax.astype" and _is_float(value.args[0]) and _is_float(var)):
+                break
+            var = value.args[0]
+        return var
+
     def uses(self, var) -> list:
         return self.users.get(var, [])
 
@@ -147,6 +160,7 @@ def _match_scores(graph: _Graph, x):
     """From the softmax input back to matmul(A, B); returns (matmul var, scale, scale_exprs, divisors)."""
     scale, scale_exprs, divisors = 1.0, [], []
     for _ in range(16):
+        x = graph.through_casts(x)
         value = graph.producer(x)
         name = _op_name(value)
         shape = _shape(x)
@@ -200,7 +214,7 @@ def _is_neg_inf_guard(graph: _Graph, cond, scores) -> bool:
         if _op_name(value) == "relax.equal":
             a, b = value.args
             c = _scalar_const(b)
-            if c is not None and c == -math.inf and a.same_as(scores):
+            if c is not None and c == -math.inf and graph.through_casts(a).same_as(graph.through_casts(scores)):
                 return True
             continue
         if isinstance(value, relax.Call):
@@ -319,6 +333,9 @@ def _match_softmax(graph: _Graph, p_var) -> AttentionMatch | None:
         nxt = us[0]
         value = graph.producer(nxt)
         name = _op_name(value)
+        if name == "relax.astype" and _is_float(nxt):
+            cur = nxt
+            continue
         if name in ("relax.reshape", "relax.broadcast_to"):
             s_cur, s_nxt = _shape(cur), _shape(nxt)
             if s_nxt is None or s_nxt[-2:] != (lq, lk) or _prod(s_nxt) != _prod(s_cur):
@@ -342,11 +359,8 @@ def _match_softmax(graph: _Graph, p_var) -> AttentionMatch | None:
     # Batch dims: Q, Kᵀ, V must each hold BH matrices (no broadcasting across heads).
     if _prod(sa[:-2]) != bh or _prod(sb[:-2]) != bh or _prod(sv[:-2]) != bh:
         return None
-    dtype = _dtype(out)
-    if dtype not in SUPPORTED_DTYPES or any(_dtype(t) != dtype for t in (a, b, v)):
-        return None
-    out_dtype = str(mm.attrs.out_dtype) if mm.attrs is not None and hasattr(mm.attrs, "out_dtype") else ""
-    if out_dtype not in ("", "void", "None", dtype):
+    dtype = _dtype(a)  # half-precision operands may give float32 results (out_dtype): cast after the kernel
+    if dtype not in SUPPORTED_DTYPES or any(_dtype(t) != dtype for t in (b, v)) or not _is_float(out):
         return None
     q_src, q_scale, q_t = _peel(graph, a, allow_scale=True, allow_transpose=False)
     k_src, k_scale, k_t = _peel(graph, b, allow_scale=True, allow_transpose=True)
@@ -515,6 +529,8 @@ class _Rewriter(PyExprMutator):
             b, n = bh // m.nn_heads, m.nn_heads
             return op.permute_dims(op.reshape(o3, (b, n, lq, dv)), [0, 2, 1, 3])
         out_shape = _shape(m.out_var)
+        if _dtype(m.out_var) != m.dtype:
+            o3 = self._emit(op.astype(o3, _dtype(m.out_var)))
         return op.reshape(o3, out_shape) if out_shape != (bh, lq, dv) else o3
 
     def _view(self, expr, shape):

@@ -6,7 +6,9 @@ fused module) silently misses every record. Both call the phases below, and noth
 
     phase      when                       what                                         target kinds
     prepare    before fusing (weights)    drop causal zero-padding taps; then either   all
-                                          quantize (a --quantize mode) or precompute
+                                          quantize (a --quantize mode; bf16 also moves
+                                          weight matmuls onto AMX / AVX512-BF16 with
+                                          packed weights) or precompute
                                           weight-only work (transposes)
     fuse       the tuning tasks           fuse attention into one kernel; legalize     all; CPU adds fast
                                           (CPU: vectorisable fast math), annotate,     math and marks large
@@ -28,6 +30,7 @@ from autotune.frontend.importer import ImportedModel
 from .attention import fuse_attention  # also registers the attention schedule rule
 from .causal_padding import drop_causal_padding_in
 from .fast_math import cpu_fast_math_legalizations
+from .matrix_engine import use_matrix_engine  # also registers the GEMM schedule rule and intrinsics
 from .weight_prepack import mark_layout_free, pack_weights
 from .weight_transforms import precompute_weight_transforms
 
@@ -42,7 +45,12 @@ def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None) ->
         from .quantize import quantize
 
         quantized, info = quantize(imported, quantize_mode, preset)
-        return drop_causal_padding_in(quantized), info
+        quantized = drop_causal_padding_in(quantized)
+        if quantize_mode == "bf16":
+            quantized, engine = use_matrix_engine(quantized, preset.tvm_target())
+            if engine:
+                info = {**info, "matrix_engine": engine, "weight_bytes_after": quantized.weight_bytes()}
+        return quantized, info
     return precompute_weight_transforms(drop_causal_padding_in(imported)), None
 
 

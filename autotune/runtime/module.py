@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 import statistics
 import time
@@ -18,10 +19,19 @@ from tvm import relax
 
 from autotune import __version__
 from autotune.support.errors import ArtifactError, InputError
+from autotune.support.hardware import (
+    cpu_flags,
+    cpu_model,
+    describe_cpu_flags,
+    missing_cpu_flags,
+    request_amx_permission,
+)
 from autotune.support.signature import TensorSpec, format_signature
 
 from .artifact import ArtifactPaths, check_files, load_weights, read_metadata
 from .devices import open_device
+
+log = logging.getLogger(__name__)
 
 _HOST_FAMILY = {"x86_64": "x86", "AMD64": "x86", "aarch64": "arm", "arm64": "arm"}
 
@@ -45,6 +55,31 @@ def _check_compatible(metadata: dict, paths: ArtifactPaths) -> None:
             f"{paths.library} was built for target '{metadata['target']['preset']}' ({family}); this machine is "
             f"{platform.machine()}. Copy it to a {family} machine, or build for this one (--target x86)."
         )
+    _check_cpu_flags(metadata, paths)
+
+
+def _check_cpu_flags(metadata: dict, paths: ArtifactPaths) -> None:
+    """ArtifactError when this CPU lacks an instruction set the library was built to use (it would
+    die of SIGILL mid-call); ask Linux for AMX tile state when the library uses AMX."""
+    required = metadata["target"].get("cpu_flags")
+    if not required:  # artifacts from before the key, CUDA and ARM libraries
+        return
+    if not cpu_flags():
+        log.warning(
+            "%s needs CPU flags %s; this CPU's flags are unknown (no /proc/cpuinfo flags), so they are not checked",
+            paths.library, ", ".join(required),
+        )
+    else:
+        missing = missing_cpu_flags(required)
+        if missing:
+            names, where = describe_cpu_flags(missing)
+            raise ArtifactError(
+                f"{paths.library}: this artifact was built for a CPU with {names} ({', '.join(missing)}); this CPU "
+                f"({cpu_model()}) lacks {', '.join(missing)}. Rebuild it for this machine with --target x86, or run it "
+                f"on {where}."
+            )
+    if "amx_tile" in required:
+        request_amx_permission()
 
 
 class CompiledModule:

@@ -27,3 +27,7 @@ class InputError(AutotuneError, ValueError):
 
 class TargetError(AutotuneError, ValueError):
     pass
+
+
+class HardwareError(AutotuneError, RuntimeError):
+    """This machine cannot do what was asked of it (e.g. Linux refused AMX tile state)."""

@@ -1,8 +1,8 @@
 """Target presets: data in `targets/*.json`, resolved to TVM targets.
 
-A preset names a TVM target dict (placeholders `$host_cpu`, `$host_cores`, `$cuda_arch` are
-filled in from this machine), its host, the cross compiler that links its `.so`, the device the
-runtime runs it on, and what must be installed. `--target` takes a preset name or a raw TVM
+A preset names a TVM target dict (placeholders `$host_cpu`, `$host_mattr`, `$host_cores`,
+`$cuda_arch` are filled in from this machine), its host, the cross compiler that links its `.so`,
+the device the runtime runs it on, and what must be installed. `--target` takes a preset name or a raw TVM
 target dict as JSON.
 """
 
@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import TargetError
-from .hardware import DEFAULT_CUDA_ARCH, cuda_device_arch, warn_default_cuda_arch
+from .hardware import (
+    DEFAULT_CUDA_ARCH,
+    cuda_device_arch,
+    host_llvm_features,
+    warn_default_cuda_arch,
+)
 from .package_data import targets_dir
 from .threads import physical_thread_count
 
@@ -54,6 +59,9 @@ def _fill_placeholders(obj):
         import tvm
 
         return tvm.target.codegen.llvm_get_system_cpu()
+    if obj == "$host_mattr":
+        # from /proc/cpuinfo flags: LLVM names some CPUs wrongly (an AMX Xeon "rocketlake", no AMX)
+        return host_llvm_features()
     if obj == "$host_cores":
         return physical_thread_count()
     if obj == "$cuda_arch":

@@ -96,8 +96,11 @@ def test_transformer_mode_builds_runs_shrinks_and_is_faithful(mode, transformer,
     assert info["mode"] == mode
     before, after = metadata["weight_bytes"]["before"], metadata["weight_bytes"]["after"]
     assert before == imported.weight_bytes() and info["weight_bytes_after"] == after
-    if mode in ("fp16", "bf16"):
+    if mode == "fp16":
         assert after * 2 == before  # every weight stored in half
+    elif mode == "bf16":
+        # every matrix in half; on a matrix engine the build also pre-casts bias vectors to float32
+        assert before / 2 <= after < 0.52 * before
     else:
         # every linear (32 of them; w8a8 leaves the patch-embedding conv alone) is int8: 4x
         # smaller, plus one float32 scale per output channel

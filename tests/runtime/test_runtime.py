@@ -16,6 +16,8 @@ import autotune
 from autotune.build.compile import build
 from autotune.frontend.importer import from_torch
 from autotune.support.errors import ArtifactError, InputError
+from autotune.support.hardware import cpu_flags, required_cpu_flags
+from autotune.support.targets import resolve_target
 
 TOL = 1e-4
 
@@ -151,6 +153,7 @@ def test_same_size_corruption_is_caught_with_hash_verification(artifact, tmp_pat
         (lambda m: m["versions"].update(autotune="7.0.0"), "incompatible"),
         (lambda m: m["target"].update(family="arm", preset="aarch64-neon"), "built for target 'aarch64-neon'"),
         (lambda m: m.update(format_version=99), "artifact format 99"),
+        (lambda m: m["target"].update(cpu_flags=["avx2", "not_a_real_flag"]), r"lacks not_a_real_flag\. Rebuild it"),
     ],
 )
 def test_incompatible_metadata_is_refused(artifact, tmp_path, edit, message):
@@ -160,6 +163,39 @@ def test_incompatible_metadata_is_refused(artifact, tmp_path, edit, message):
     copy.metadata.write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match=message):
         autotune.load(copy.library)
+
+
+def test_cpu_flags_are_recorded_and_checked_before_the_library_is_loaded(artifact, tmp_path):
+    copy = _copy(artifact[0], tmp_path)
+    meta = json.loads(copy.metadata.read_text())
+    assert meta["target"]["cpu_flags"] == required_cpu_flags(resolve_target("x86").tvm_target())
+    copy.library.write_bytes(b"\0" * copy.library.stat().st_size)  # loading this would fail differently
+    meta["target"]["cpu_flags"] = ["amx_tile", "not_a_real_flag"] if "amx_tile" in cpu_flags() else ["amx_bf16", "amx_tile"]
+    copy.metadata.write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=r"built for a CPU with .*; this CPU \(.*\) lacks .*--target x86") as err:
+        autotune.load(copy.library)
+    assert "cannot load the library" not in str(err.value)
+    del meta["target"]["cpu_flags"]  # an artifact from before the key: loads as it did
+    copy.metadata.write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="cannot load the library"):
+        autotune.load(copy.library)
+
+
+def test_an_amx_build_runs_only_where_the_cpu_has_amx(tmp_path):
+    """A real x86-amx library: refused on a CPU without AMX, run (after asking Linux for tile state) on one with it."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(8, 4).eval()
+    x = torch.randn(2, 8)
+    report = build(from_torch(module, {"x": x}), "x86-amx", tmp_path / "amx.so")
+    required = json.loads(report.paths.metadata.read_text())["target"]["cpu_flags"]
+    assert {"amx_tile", "amx_bf16", "amx_int8"} <= set(required)
+    missing = [f for f in required if f not in cpu_flags()]
+    if missing:
+        with pytest.raises(ArtifactError, match=f"this CPU \\(.*\\) lacks {', '.join(missing)}\\. .*Sapphire Rapids"):
+            autotune.load(report.paths.library)
+    else:
+        with torch.no_grad():
+            assert max_abs_diff(autotune.load(report.paths.library)(x.numpy()), module(x).numpy()) <= TOL
 
 
 def test_missing_metadata_and_garbage_library(artifact, tmp_path):

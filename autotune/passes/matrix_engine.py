@@ -1,0 +1,142 @@
+"""bf16 matmuls with a weight operand onto the CPU's matrix engine (AMX-BF16 or AVX512-BF16).
+
+    matmul(x: bf16 (..., m, k), W: bf16 (k, n), out_dtype=float32)
+      -> call_tir(gemm_bf16, [x, pack(W)])          pack(W)[k // 2, n, k % 2] = W[k, n]
+
+`W` is any expression of the weights alone (a parameter, or its transpose), so the packing is
+weight-only work: LiftTransformParams lifts it and the build runs it once, shipping packed
+weights. The kernel (`kernels/gemm_bf16_cpu.py`) is a MetaSchedule task with its own design space.
+
+Shapes an engine cannot take are left to the generic path, never computed wrong: n not a multiple
+of 16, odd k, activations whose shape is not static. Rows the kernel needs in whole blocks (AMX:
+32; AVX-512: a register tile of 3+ rows) are padded with zeros and sliced off again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import tvm
+from tvm import relax
+from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+from autotune.frontend.importer import ImportedModel
+from autotune.kernels import gemm_bf16_cpu as kernel
+from autotune.support import ir
+
+from .weight_transforms import precompute_weight_transforms
+
+log = logging.getLogger(__name__)
+
+
+class MatrixEngineRewriter:
+    """Rewrites one `main`; `count` says how many matmuls moved onto the engine."""
+
+    def __init__(self, mod: tvm.IRModule, isa: str):
+        self.mod = mod
+        self.isa = isa
+        self.count = 0
+        self.kernels: dict[tuple, relax.GlobalVar] = {}
+        self.builder = relax.BlockBuilder(mod)  # holds the kernels added
+        self.weight_vars = _weight_only_vars(mod["main"])
+
+    def __call__(self, call: relax.Call, _matches) -> relax.Expr:
+        x, w = call.args
+        if not (_is_bf16(x) and _is_bf16(w) and w in self.weight_vars and str(call.attrs.out_dtype) == "float32"):
+            return call
+        x_shape, w_shape = ir.static_shape(x.ty), ir.static_shape(w.ty)
+        if x_shape is None or w_shape is None or len(w_shape) != 2 or len(x_shape) < 2:
+            return call
+        k, n = w_shape
+        lead, m = tuple(x_shape[:-2]), x_shape[-2]
+        rows = m
+        for size in lead:
+            rows *= size
+        isa = kernel.isa_for_shape(self.isa, rows, n, k)
+        if isa is None:
+            return call
+        self.count += 1
+        flat = relax.op.reshape(x, [rows, k]) if lead else x
+        padded = kernel.padded_rows(isa, rows)
+        if padded != rows:
+            flat = relax.op.nn.pad(flat, [0, padded - rows, 0, 0])
+        packed = relax.op.permute_dims(relax.op.reshape(w, [k // 2, 2, n]), [0, 2, 1])
+        out = relax.call_tir(
+            self._kernel(padded, n, k, isa), [flat, packed], relax.TensorType([padded, n], "float32")
+        )
+        if padded != rows:
+            out = relax.op.strided_slice(out, axes=[0], begin=[0], end=[rows])
+        return relax.op.reshape(out, [*x_shape[:-1], n]) if lead else out
+
+    def _kernel(self, rows: int, n: int, k: int, isa: str) -> relax.GlobalVar:
+        key = (rows, n, k, isa)
+        if key not in self.kernels:
+            func = kernel.make_primfunc(rows, n, k, isa)
+            self.kernels[key] = self.builder.add_func(func, f"gemm_bf16_{isa}_{rows}x{n}x{k}")
+        return self.kernels[key]
+
+    def rewrite(self) -> tvm.IRModule:
+        pattern = is_op("relax.matmul")(wildcard(), wildcard())
+        main = rewrite_call(pattern, self, self.mod["main"])
+        mod = self.builder.get()
+        mod[mod.get_global_var("main")] = main
+        return relax.transform.Normalize()(mod)
+
+
+def _is_bf16(expr) -> bool:
+    ty = getattr(expr, "ty", None)
+    return isinstance(ty, relax.TensorType) and str(ty.dtype) == "bfloat16"
+
+
+def _weight_only_vars(main: relax.Function) -> set:
+    """main's weight parameters and every binding computed from them (and constants) alone."""
+    weights = set(main.params[ir.num_input(main) :])
+    for block in main.body.blocks:
+        for binding in block.bindings:
+            used = relax.analysis.free_vars(binding.value)
+            if used and all(v in weights for v in used):
+                weights.add(binding.var)
+    return weights
+
+
+def use_matrix_engine(imported: ImportedModel, target: tvm.target.Target) -> tuple[ImportedModel, dict | None]:
+    """Move the bf16 weight matmuls onto the target's matrix engine; pack their weights once.
+
+    Returns (model, {"engine", "matmuls"}), or the model unchanged and None on targets without
+    AMX-BF16 or AVX512-BF16 (or without such matmuls). The weight-only work lifted with the packing
+    includes the casts of bias vectors to float32: they ship pre-cast."""
+    isa = kernel.target_isa(target)
+    if isa is None:
+        return imported, None
+    rewriter = MatrixEngineRewriter(imported.mod, isa)
+    mod = rewriter.rewrite()
+    if rewriter.count == 0:
+        return imported, None
+    engine = "AMX-BF16" if isa == kernel.AMX else "AVX512-BF16"
+    log.info("bf16: %d matmuls on %s", rewriter.count, engine)
+    moved = ImportedModel(
+        mod=mod,
+        weights=imported.weights,
+        inputs=imported.inputs,
+        outputs=imported.outputs,
+        source=imported.source,
+        notes=imported.notes + [f"bf16: {rewriter.count} matmuls on {engine}, their weights packed at build time"],
+    )
+    return precompute_weight_transforms(moved), {"engine": engine, "matmuls": rewriter.count}
+
+
+def schedule_engine_gemms(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
+    """Give unscheduled matrix-engine GEMMs their default schedule (untuned builds).
+
+    Call after the tuning log was applied and before the generic fallback. Returns (module, how many)."""
+    from tvm import s_tir
+
+    count = 0
+    for gv, func in list(mod.functions.items()):
+        if not kernel.is_gemm_kernel(func) or ir.is_scheduled(func):
+            continue
+        sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+        kernel.apply_schedule(sch)
+        mod[gv] = ir.mark_scheduled(sch.mod["main"])
+        count += 1
+    return mod, count
