@@ -75,11 +75,25 @@ def load_model_source(args):
     return source, None
 
 
+def _precision_mode(text: str) -> str | None:
+    """--precision NAME -> the --quantize mode it means (fp32: none)."""
+    modes = {"fp32": None, "bf16": "bf16", "fp16": "fp16"}
+    if text not in modes:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a precision: choose from {', '.join(modes)}")
+    return modes[text]
+
+
 def add_pass_args(p: argparse.ArgumentParser) -> None:
     from autotune.passes.quantize import MODES
 
     g = p.add_argument_group("passes (tune and build must be given the same ones, so the log matches)")
-    g.add_argument("--quantize", choices=list(MODES), help="; ".join(f"{name}: {cls.description}" for name, cls in MODES.items()))
+    precision = g.add_mutually_exclusive_group()
+    precision.add_argument(
+        "--precision", dest="quantize", type=_precision_mode, metavar="{fp32,bf16,fp16}",
+        help="compute precision (default fp32). bf16 is --quantize bf16: bfloat16 weights and matmuls, on the "
+        "CPU's matrix engine (AMX-BF16 or AVX512-BF16) where the target has one",
+    )
+    precision.add_argument("--quantize", choices=list(MODES), help="; ".join(f"{name}: {cls.description}" for name, cls in MODES.items()))
     g.add_argument("--prune", help="structured pruning of the torch model, kept fractions: e.g. ffn=0.75,heads=0.5")
 
 

@@ -92,3 +92,16 @@ def test_attention_stays_fused_at_bf16_and_matches_torch_sdpa(tmp_path):
     with torch.no_grad():
         ref = module(inputs["x"]).numpy()  # torch SDPA in float32
     assert compare(out, ref)["cosine"] >= MIN_COSINE
+
+
+def test_precision_flag_is_the_bf16_mode_and_excludes_quantize(capsys):
+    from autotune.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["build", "--precision", "bf16"]).quantize == "bf16"
+    assert parser.parse_args(["tune", "--precision", "fp32"]).quantize is None
+    assert parser.parse_args(["build", "--quantize", "bf16"]).quantize == "bf16"  # the old spelling
+    for bad in (["build", "--precision", "int4"], ["build", "--precision", "bf16", "--quantize", "w8a8"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    assert "not allowed with argument --precision" in capsys.readouterr().err
