@@ -363,13 +363,17 @@ class _InterruptGuard:
 
 
 class _Display:
-    """A rich progress bar: trials, tasks touched, best kernel time sum so far."""
+    """A rich progress bar: trials, tasks touched, best kernel time sum so far. Where stdout is not a
+    terminal (a log file, CI) rich draws nothing, so the same line is logged every LOG_EVERY_S."""
+
+    LOG_EVERY_S = 30.0
 
     def __init__(self, stats: list[TaskStats], total: int, enabled: bool):
         self.stats = stats
         self.total = total
         self.enabled = enabled
         self._progress = None
+        self._last_logged = time.monotonic()
 
     def __enter__(self):
         if self.enabled:
@@ -408,6 +412,9 @@ class _Display:
         est = sum(s.weight * s.best_sec for s in tuned) * 1e3
         detail = f"tasks {touched}/{len(self.stats)}  failed {failed}  tuned kernels {est:.2f} ms"
         self._progress.update(self._task, completed=min(trials, self.total), detail=detail)
+        if not self._progress.console.is_terminal and time.monotonic() - self._last_logged >= self.LOG_EVERY_S:
+            self._last_logged = time.monotonic()
+            log.info("tuning: %d/%d trials  %s", min(trials, self.total), self.total, detail)
 
     def __exit__(self, *exc):
         if self._progress is not None:

@@ -328,3 +328,14 @@ def test_a_record_applies_to_its_twin_kernel_with_other_block_names(tmp_path):
     assert reread.report.problems == [] and reread.report.records == 1
     applied = reread.query_ir_module(second, X86, "main")
     assert applied is not None and "T.parallel" in applied.script()
+
+
+def test_progress_is_logged_where_stdout_is_not_a_terminal(caplog, monkeypatch):
+    # pytest captures stdout: rich sees no terminal and draws nothing, so the line must be logged
+    from autotune.tuning.tune import TaskStats, _Display
+
+    stats = [TaskStats("matmul", 1.0, trials=3, best_sec=2e-3), TaskStats("softmax", 2.0)]
+    monkeypatch.setattr(_Display, "LOG_EVERY_S", 0.0)
+    with caplog.at_level("INFO", logger="autotune.tuning.tune"), _Display(stats, total=10, enabled=True) as display:
+        display.update()
+    assert "tuning: 3/10 trials  tasks 1/2  failed 0  tuned kernels 2.00 ms" in caplog.text
