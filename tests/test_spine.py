@@ -97,12 +97,12 @@ def test_metadata_records_the_build(tmp_path, tuned_mlp):
 def test_resumed_tune_spends_only_its_new_budget(tmp_path, mlp_block):
     module, inputs, _ = mlp_block
     imported = from_torch(module, inputs)
-    first = tune(imported, "x86", tmp_path, TuneSettings(trials=16, trials_per_iter=8), progress=False)
+    first = tune(imported, "x86", tmp_path, TuneSettings(trials=8, trials_per_iter=4), progress=False)
     on_disk = read_log(tmp_path)[0].records
     assert first.records_after == on_disk > 0
-    second = tune(imported, "x86", tmp_path, TuneSettings(trials=16, trials_per_iter=8), progress=False)
+    second = tune(imported, "x86", tmp_path, TuneSettings(trials=8, trials_per_iter=4), progress=False)
     assert second.records_before == on_disk, "the second run must start from the first run's records"
-    assert 0 < second.trials <= 16 + 8  # its own budget (one batch of slack), not the first run's again
+    assert 0 < second.trials <= 8 + 4  # its own budget (one batch of slack), not the first run's again
     assert read_log(tmp_path)[0].records == on_disk + (second.records_after - second.records_before)
 
 
@@ -110,7 +110,7 @@ def test_onnx_block_tune_build_load_in_fresh_process(tmp_path, onnx_attention_bl
     path, inputs, ref = onnx_attention_block
     imported = from_onnx(path)
     assert [s.name for s in imported.inputs] == ["x"]
-    tune(imported, "x86", tmp_path / "log", TuneSettings(trials=16, trials_per_iter=8), progress=False)
+    tune(imported, "x86", tmp_path / "log", TuneSettings(trials=8, trials_per_iter=4), progress=False)
     report = build(imported, "x86", tmp_path / "onnx.so", log_dir=tmp_path / "log")
     assert report.tuned_kernels >= 1
     out = _run_in_fresh_process(report.paths.library, {"x": inputs["x"].numpy()}, tmp_path)
