@@ -30,7 +30,7 @@ from autotune.frontend.importer import ImportedModel
 from .attention import fuse_attention  # also registers the attention schedule rule
 from .causal_padding import drop_causal_padding_in
 from .fast_math import cpu_fast_math_legalizations
-from .matrix_engine import use_matrix_engine  # also registers the GEMM schedule rule and intrinsics
+from .matrix_engine import convolutions_in_float32, use_matrix_engine  # also registers the GEMM schedule rule and intrinsics
 from .weight_prepack import mark_layout_free, pack_weights
 from .weight_transforms import precompute_weight_transforms
 
@@ -46,10 +46,14 @@ def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None) ->
 
         quantized, info = quantize(imported, quantize_mode, preset)
         quantized = drop_causal_padding_in(quantized)
-        if quantize_mode == "bf16":
+        if quantize_mode == "bf16" and preset.tvm_target().kind.name == "llvm":
             quantized, engine = use_matrix_engine(quantized, preset.tvm_target())
+            quantized, convs = convolutions_in_float32(quantized)
             if engine:
-                info = {**info, "matrix_engine": engine, "weight_bytes_after": quantized.weight_bytes()}
+                info = {**info, "matrix_engine": engine}
+            if convs:
+                info = {**info, "convolutions_in_float32": convs}
+            info["weight_bytes_after"] = quantized.weight_bytes()
         return quantized, info
     return precompute_weight_transforms(drop_causal_padding_in(imported)), None
 

@@ -312,7 +312,7 @@ def _quantize_weights(imported: ImportedModel, scheme: _Scheme, linears: bool, c
     rewriter = _QuantRewriter(imported.mod, entries, scheme)
     body = rewriter.visit_with_new_scope(func.body)
     new_func = relax.Function(new_params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
-    mod = _replace_main(imported.mod, new_func)
+    mod = ir.replace_main(imported.mod, new_func)
     # A weight we meant to replace that is still referenced would make the module ill-formed.
     if not relax.analysis.check_well_formed(mod):
         relax.analysis.well_formed(mod)  # raises with the offending node
@@ -330,14 +330,6 @@ def _quantize_weights(imported: ImportedModel, scheme: _Scheme, linears: bool, c
     if not found:
         info["note"] = "no " + ("linear" if not convs else "linear or convolution") + " weights found: nothing was quantized"
     return out, info
-
-
-def _replace_main(mod, new_func):
-    new_mod = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"}, attrs=mod.attrs)
-    new_mod["main"] = new_func
-    for key, value in mod.global_infos.items():
-        new_mod.update_global_info(key, value)
-    return new_mod
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,7 +409,7 @@ def _mixed_precision(imported: ImportedModel, half: str) -> tuple[ImportedModel,
     names = list(imported.weights)
     mod = imported.mod
     func, _ = _main_and_inputs(mod)
-    mod = _replace_main(mod, _ClipToMinMax(mod).visit_expr(func))
+    mod = ir.replace_main(mod, _ClipToMinMax(mod).visit_expr(func))
     mod = relax.transform.ToMixedPrecision(out_dtype="float32", fp16_input_names=names)(mod)
     func, num_input = _main_and_inputs(mod)
     if half == "bfloat16":
@@ -432,7 +424,7 @@ def _mixed_precision(imported: ImportedModel, half: str) -> tuple[ImportedModel,
                 params.append(p)
         body = rewriter.visit_with_new_scope(func.body)
         func = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
-        mod = _replace_main(mod, func)
+        mod = ir.replace_main(mod, func)
         if "float16" in func.script().replace("bfloat16", ""):
             raise RuntimeError("bf16: a float16 value survived the float16 -> bfloat16 rewrite")
     # External signature stays float32: ToMixedPrecision casts inputs in and outputs out.

@@ -12,6 +12,15 @@ GEMM_ATTR = "autotune.gemm_bf16"  # on our bf16 matrix-engine GEMM kernels: engi
 LAYOUT_FREE_ATTR = "layout_free_buffers"  # on a kernel: operand indices whose layout MetaSchedule may choose
 
 
+def replace_main(mod: tvm.IRModule, main) -> tvm.IRModule:
+    """A copy of `mod` with `main` replaced (`mod` itself is left as it was)."""
+    new_mod = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"}, attrs=mod.attrs)
+    new_mod["main"] = main
+    for key, value in mod.global_infos.items():
+        new_mod.update_global_info(key, value)
+    return new_mod
+
+
 def prim_funcs(mod: tvm.IRModule) -> dict[str, "tvm.tirx.PrimFunc"]:
     """The module's kernels by name."""
     return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}

@@ -373,7 +373,7 @@ class _Display:
         self.total = total
         self.enabled = enabled
         self._progress = None
-        self._last_logged = time.monotonic()
+        self._last_logged, self._last_trials = time.monotonic(), 0
 
     def __enter__(self):
         if self.enabled:
@@ -412,8 +412,9 @@ class _Display:
         est = sum(s.weight * s.best_sec for s in tuned) * 1e3
         detail = f"tasks {touched}/{len(self.stats)}  failed {failed}  tuned kernels {est:.2f} ms"
         self._progress.update(self._task, completed=min(trials, self.total), detail=detail)
-        if not self._progress.console.is_terminal and time.monotonic() - self._last_logged >= self.LOG_EVERY_S:
-            self._last_logged = time.monotonic()
+        now = time.monotonic()
+        if not self._progress.console.is_terminal and now - self._last_logged >= self.LOG_EVERY_S and trials != self._last_trials:
+            self._last_logged, self._last_trials = now, trials
             log.info("tuning: %d/%d trials  %s", min(trials, self.total), self.total, detail)
 
     def __exit__(self, *exc):

@@ -99,8 +99,10 @@ def test_transformer_mode_builds_runs_shrinks_and_is_faithful(mode, transformer,
     if mode == "fp16":
         assert after * 2 == before  # every weight stored in half
     elif mode == "bf16":
-        # every matrix in half; on a matrix engine the build also pre-casts bias vectors to float32
-        assert before / 2 <= after < 0.52 * before
+        # every matrix in half; on a matrix engine the build also pre-casts bias vectors to float32;
+        # convolution weights (the patch embedding's, 5-D) stay float32 on CPUs (no bf16 conv kernel)
+        conv = sum(w.nbytes for w in imported.weights.values() if w.ndim == 5)
+        assert conv > 0 and before / 2 + conv / 2 <= after < 0.52 * before + conv / 2
     else:
         # every linear (32 of them; w8a8 leaves the patch-embedding conv alone) is int8: 4x
         # smaller, plus one float32 scale per output channel
