@@ -130,10 +130,12 @@ def use_matrix_engine(imported: ImportedModel, target: tvm.target.Target) -> tup
 class _ConvolutionsInFloat32(PyExprMutator):
     """conv(x: bf16, W: bf16 weights, out_dtype=float32) -> conv(float32(x), float32(W)).
 
-    TVM has no bf16 convolution schedule on CPUs: its kernels widen every bf16 load on the fly and
-    ran 5-6x slower than the float32 ones (vae-up-block: 3.0 s of tuned kernels vs 0.55 s), so
-    until a matrix-engine convolution exists they compute in float32, on bf16-rounded inputs.
-    The weight cast is weight-only work: it is precomputed and the weights ship float32."""
+    TVM has no bf16 convolution schedule on CPUs: its generic kernels widen every bf16 load on the
+    fly. Until a matrix-engine convolution exists they compute in float32 (on bf16-rounded inputs),
+    the kind of kernel whose tuned speed is known (vae-up-block float32: 0.55 s). Not yet proven by
+    a measurement: after one search round each, vae-up-block's bf16 convolutions estimated 3.0 s
+    and these 4.6 s measured; both need real tuning. The weight cast is precomputed (weights ship
+    float32)."""
 
     def __init__(self, mod: tvm.IRModule, weight_vars: set):
         super().__init__(mod)
