@@ -19,7 +19,6 @@ import logging
 import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
-from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from autotune.frontend.importer import ImportedModel
 from autotune.kernels import gemm_bf16_cpu as kernel
@@ -126,55 +125,40 @@ def use_matrix_engine(imported: ImportedModel, target: tvm.target.Target) -> tup
     return precompute_weight_transforms(moved), {"engine": engine, "matmuls": rewriter.count}
 
 
-@mutator
-class _ConvolutionsInFloat32(PyExprMutator):
-    """conv(x: bf16, W: bf16 weights, out_dtype=float32) -> conv(float32(x), float32(W)).
+def convolutions_in_float32(imported: ImportedModel) -> tuple[ImportedModel, int]:
+    """conv(x: bf16, W: bf16 weights, out_dtype=float32) -> conv(float32(x), float32(W)) (CPU targets).
 
     TVM has no bf16 convolution schedule on CPUs: its generic kernels widen every bf16 load on the
     fly. Until a matrix-engine convolution exists they compute in float32 (on bf16-rounded inputs),
     the kind of kernel whose tuned speed is known (vae-up-block float32: 0.55 s). Not yet proven by
     a measurement: after one search round each, vae-up-block's bf16 convolutions estimated 3.0 s
     and these 4.6 s measured; both need real tuning. The weight cast is precomputed (weights ship
-    float32)."""
+    float32). Returns (model, how many convolutions)."""
+    weight_vars = _weight_only_vars(imported.mod["main"])
+    count = 0
 
-    def __init__(self, mod: tvm.IRModule, weight_vars: set):
-        super().__init__(mod)
-        self.weight_vars = weight_vars
-        self.count = 0
+    def to_float32(call: relax.Call, _matches) -> relax.Expr:
+        nonlocal count
+        x, w = call.args
+        if not (_is_bf16(x) and _is_bf16(w) and w in weight_vars and str(call.attrs.out_dtype) == "float32"):
+            return call
+        count += 1
+        return relax.Call(call.op, [relax.op.astype(a, "float32") for a in call.args], call.attrs)
 
-    def visit_call_(self, call):
-        new = super().visit_call_(call)
-        if not (isinstance(new, relax.Call) and new.op in _CONVOLUTIONS):
-            return new
-        x, w = call.args  # the weight test needs the original variables
-        if not (_is_bf16(x) and _is_bf16(w) and w in self.weight_vars and str(new.attrs.out_dtype) == "float32"):
-            return new
-        self.count += 1
-        args = [self.builder_.emit(relax.op.astype(a, "float32")) for a in new.args]
-        return relax.Call(new.op, args, new.attrs)
-
-
-_CONVOLUTIONS = {tvm.ir.Op.get(f"relax.nn.conv{d}d") for d in (1, 2, 3)}
-
-
-def convolutions_in_float32(imported: ImportedModel) -> tuple[ImportedModel, int]:
-    """bf16 convolutions computed in float32 (CPU targets; see _ConvolutionsInFloat32).
-    Returns (model, how many), the model's weight casts precomputed."""
-    main = imported.mod["main"]
-    rewriter = _ConvolutionsInFloat32(imported.mod, _weight_only_vars(main))
-    body = rewriter.visit_expr(main)
-    if rewriter.count == 0:
+    convolution = is_op("relax.nn.conv1d") | is_op("relax.nn.conv2d") | is_op("relax.nn.conv3d")
+    main = rewrite_call(convolution(wildcard(), wildcard()), to_float32, imported.mod["main"])
+    if count == 0:
         return imported, 0
-    log.info("bf16: %d convolutions in float32 (no bf16 convolution kernel for CPUs yet)", rewriter.count)
+    log.info("bf16: %d convolutions in float32 (no bf16 convolution kernel for CPUs yet)", count)
     moved = ImportedModel(
-        mod=relax.transform.Normalize()(ir.replace_main(imported.mod, body)),
+        mod=relax.transform.Normalize()(ir.replace_main(imported.mod, main)),
         weights=imported.weights,
         inputs=imported.inputs,
         outputs=imported.outputs,
         source=imported.source,
-        notes=imported.notes + [f"bf16: {rewriter.count} convolutions computed in float32 on bf16-rounded inputs"],
+        notes=imported.notes + [f"bf16: {count} convolutions computed in float32 on bf16-rounded inputs"],
     )
-    return precompute_weight_transforms(moved), rewriter.count
+    return precompute_weight_transforms(moved), count
 
 
 def schedule_engine_gemms(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:

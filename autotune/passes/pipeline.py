@@ -46,8 +46,9 @@ def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None) ->
 
         quantized, info = quantize(imported, quantize_mode, preset)
         quantized = drop_causal_padding_in(quantized)
-        if quantize_mode == "bf16" and preset.tvm_target().kind.name == "llvm":
-            quantized, engine = use_matrix_engine(quantized, preset.tvm_target())
+        target = preset.tvm_target()
+        if quantize_mode == "bf16" and target.kind.name == "llvm":
+            quantized, engine = use_matrix_engine(quantized, target)
             quantized, convs = convolutions_in_float32(quantized)
             if engine:
                 info = {**info, "matrix_engine": engine}

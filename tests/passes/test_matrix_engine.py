@@ -118,8 +118,8 @@ class ConvBlock(torch.nn.Module):
 
 
 def test_bf16_convolutions_compute_in_float32_and_match_torch(tmp_path):
-    """No CPU bf16 convolution kernel exists (TVM's widened every load and ran 5-6x slower than
-    float32): the convolution reads bf16-rounded inputs and float32 weights cast once at build."""
+    """No CPU bf16 convolution kernel exists (TVM's generic one widens every load): the convolution
+    reads bf16-rounded inputs and float32 weights cast once at build."""
     torch.manual_seed(0)
     module, x = ConvBlock().eval(), torch.randn(1, 8, 12, 12)
     prepared, info = prepare_model(from_torch(module, {"x": x}), resolve_target("x86"), "bf16")
