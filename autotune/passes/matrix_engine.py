@@ -130,9 +130,9 @@ def convolutions_in_float32(imported: ImportedModel) -> tuple[ImportedModel, int
 
     TVM has no bf16 convolution schedule on CPUs: its generic kernels widen every bf16 load on the
     fly. Until a matrix-engine convolution exists they compute in float32 (on bf16-rounded inputs),
-    the kind of kernel whose tuned speed is known (vae-up-block float32: 0.55 s). Not yet proven by
-    a measurement: after one search round each, vae-up-block's bf16 convolutions estimated 3.0 s
-    and these 4.6 s measured; both need real tuning. The weight cast is precomputed (weights ship
+    the kind of kernel the shipped log tunes well at float32. Not yet proven by a measurement:
+    after one search round each (AMD Zen 4), vae-up-block's bf16 convolutions estimated 3.0 s and
+    these 4.6 s measured; both need real tuning. The weight cast is precomputed (weights ship
     float32). Returns (model, how many convolutions)."""
     weight_vars = _weight_only_vars(imported.mod["main"])
     count = 0
