@@ -9,15 +9,20 @@ TVM tuned + each quantization mode asked for. Every engine runs at each precisio
   bfloat16, outputs back to float32, inside the call); ONNX Runtime runs that copy exported (its
   CPU provider has no bf16 Conv/MatMul/Gemm kernels: the row then says why it has no time);
   OpenVINO compiles the float32 model with INFERENCE_PRECISION_HINT bf16 (the row's note says
-  what its CPU plugin runs the matmuls and convolutions in); TVM builds with `--quantize bf16`.
+  what its CPU plugin runs the matmuls and convolutions in); TVM builds with `--quantize bf16`;
+- int8: each engine's own int8 for linears, convolutions stay float32: torch eager runs
+  `quantize_dynamic` (per-channel int8 weights, per-token dynamic int8 activations: fbgemm/oneDNN),
+  torch.compile that module, ONNX Runtime its export through `onnxruntime.quantization.
+  quantize_dynamic` (MatMulInteger), OpenVINO the model with int8 weights from
+  `nncf.compress_weights` (weight-only, at the CPU plugin's default precision), TVM `--quantize w8a8`.
 `--quantize` rows (float32 inputs and outputs, quantized weights inside) run once, beside the
 fp32 rows: their ratio is to float32 torch eager and their "% of peak" to the SGEMM peak.
 
 Each round calls every (engine, precision) once, in a shuffled order, so drift and noise from a
 shared machine hit all alike; the median over rounds is reported with the ratio to torch eager at
 the same precision, GFLOP/s, the fraction of this machine's GEMM peak at the row's precision
-measured in the same run (torch's float32 and bfloat16 2048³ matmuls; plus a copy bandwidth
-probe), and fidelity against float32 torch eager.
+measured in the same run (torch's float32 and bfloat16 2048³ matmuls, `torch._int_mm` for int8;
+plus a copy bandwidth probe), and fidelity against float32 torch eager.
 """
 
 from __future__ import annotations
@@ -43,9 +48,10 @@ from autotune.support.errors import InputError
 from autotune.support.fidelity import compare
 from autotune.support.threads import configure_threads
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "int8")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PEAK_KEYS = {"fp32": "sgemm_gflops", "bf16": "bf16_gemm_gflops"}  # measure_peak's probe per precision
+PEAK_KEYS = {"fp32": "sgemm_gflops", "bf16": "bf16_gemm_gflops", "int8": "int8_gemm_gops"}  # measure_peak's probes
+TVM_MODES = {"bf16": "bf16", "int8": "w8a8"}  # the --quantize mode a TVM row builds with at each precision
 
 
 def parse_precisions(text: str) -> list[str]:
@@ -96,8 +102,18 @@ class AtPrecision(torch.nn.Module):
 
 
 def module_at(module: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """The torch module an engine runs at `precision`: `module` itself at fp32, else a cast copy."""
-    return module if precision == "fp32" else AtPrecision(module, TORCH_DTYPES[precision]).eval()
+    """The torch module an engine runs at `precision`: `module` itself at fp32, a cast copy at bf16,
+    a copy with dynamically quantized int8 linears at int8."""
+    if precision == "fp32":
+        return module
+    if precision == "int8":
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        return quantize_dynamic(copy.deepcopy(module), {torch.nn.Linear: per_channel_dynamic_qconfig}).eval()
+    return AtPrecision(module, TORCH_DTYPES[precision]).eval()
+
+
+INT8_TORCH_NOTE = "quantize_dynamic: int8 linears (per-channel weights, dynamic activations); convolutions float32"
 
 
 class TorchEager:
@@ -111,7 +127,7 @@ class TorchEager:
             with torch.no_grad():
                 return module(*inputs.values())
 
-        return Prepared(run)
+        return Prepared(run, note=INT8_TORCH_NOTE if precision == "int8" else "")
 
 
 class TorchCompile:
@@ -125,7 +141,7 @@ class TorchCompile:
             with torch.no_grad():
                 return compiled(*inputs.values())
 
-        return Prepared(run)
+        return Prepared(run, note=INT8_TORCH_NOTE if precision == "int8" else "")
 
 
 class OnnxRuntime:
@@ -134,15 +150,23 @@ class OnnxRuntime:
 
     def prepare(self, w: Workload, workdir: Path, precision: str) -> Prepared:
         path = workdir / f"{w.name}-{precision}.onnx"
-        torch.onnx.export(module_at(w.module, precision), tuple(w.inputs.values()), str(path), dynamo=True,
-                          opset_version=18, input_names=list(w.inputs))
+        exported = w.module if precision == "int8" else module_at(w.module, precision)  # int8: ORT quantizes the fp32 export
+        torch.onnx.export(exported, tuple(w.inputs.values()), str(path), dynamo=True, opset_version=18,
+                          input_names=list(w.inputs))
+        note = ""
+        if precision == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantized = path.with_name(f"{w.name}-int8-quantized.onnx")
+            quantize_dynamic(path, quantized, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gemm"])
+            path, note = quantized, "quantize_dynamic: int8 MatMul/Gemm weights per channel, dynamic int8 activations"
         session = self._session(path, precision)
         names = [i.name for i in session.get_inputs()]
 
         def run(inputs):
             return session.run(None, {n: v.numpy() for n, v in zip(names, inputs.values())})[0]
 
-        return Prepared(run)
+        return Prepared(run, note=note)
 
     @staticmethod
     def _session(path: Path, precision: str):
@@ -177,7 +201,11 @@ class OpenVINO:
         except ImportError as exc:
             raise EngineUnavailable("not installed: pip install openvino (or pip install 'autotune[bench]')") from exc
         model, how = openvino_model(w.module, tuple(w.inputs.values()))
-        config = {"INFERENCE_PRECISION_HINT": self.HINTS[precision], "INFERENCE_NUM_THREADS": configure_threads()}
+        config = {"INFERENCE_NUM_THREADS": configure_threads()}
+        if precision == "int8":
+            model = _openvino_int8_weights(model)  # compute at the plugin's default precision, as users get it
+        else:
+            config["INFERENCE_PRECISION_HINT"] = self.HINTS[precision]
         compiled = ov.Core().compile_model(model, "CPU", config)
         request = compiled.create_infer_request()
 
@@ -186,6 +214,15 @@ class OpenVINO:
 
         note = openvino_precision_note(compiled)
         return Prepared(run, note=note if how == "traced" else f"{note}; converted from torch.export")
+
+
+def _openvino_int8_weights(model):
+    """`model` with int8 weights (per output channel, symmetric) from NNCF, OpenVINO's own quantizer."""
+    try:
+        import nncf
+    except ImportError as exc:
+        raise EngineUnavailable("int8 weights come from NNCF, not installed: pip install nncf (or pip install 'autotune[bench]')") from exc
+    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM)
 
 
 def openvino_model(module: torch.nn.Module, inputs: tuple):
@@ -227,7 +264,7 @@ class TVM:
 
     @property
     def precisions(self) -> tuple[str, ...]:
-        return ("fp32",) if self.quantize else PRECISIONS  # a quantized build runs beside the fp32 rows
+        return ("fp32",) if self.quantize else PRECISIONS  # a --quantize build runs beside the fp32 rows
 
     def prepare(self, w: Workload, workdir: Path, precision: str) -> Prepared:
         import autotune
@@ -235,7 +272,7 @@ class TVM:
         from autotune.frontend.importer import from_torch
         from autotune.support.settings import BuildSettings
 
-        quantize = "bf16" if precision == "bf16" else self.quantize
+        quantize = TVM_MODES.get(precision, self.quantize)
         imported = from_torch(w.module, w.inputs, source=w.name)
         slug = self.name.replace(" ", "_").replace("+", "")
         settings = BuildSettings(quantize=quantize, shipped_log=self.tuned)
@@ -275,12 +312,26 @@ def _copy_gbs(repeat: int) -> float:
     return 2 * src.nbytes / statistics.median(times) / 1e9
 
 
+def _int8_gemm_gops(size: int, repeat: int) -> float:
+    """GOP/s of torch's int8 x int8 -> int32 matmul (`torch._int_mm`) on two size x size matrices."""
+    a = torch.randint(-127, 128, (size, size), dtype=torch.int8)
+    b = torch.randint(-127, 128, (size, size), dtype=torch.int8)
+    torch._int_mm(a, b)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        torch._int_mm(a, b)
+        times.append(time.perf_counter() - t)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
 def measure_peak(threads: int, size: int = 2048, repeat: int = 5) -> dict:
-    """GEMM FLOP/s of torch's tuned kernels in float32 (SGEMM) and bfloat16, and copy bandwidth, measured now."""
+    """GEMM FLOP/s of torch's kernels in float32 (SGEMM), bfloat16 and int8, and copy bandwidth, measured now."""
     torch.set_num_threads(threads)
     return {
         "sgemm_gflops": _gemm_gflops(torch.float32, size, repeat),
         "bf16_gemm_gflops": _gemm_gflops(torch.bfloat16, size, repeat),
+        "int8_gemm_gops": _int8_gemm_gops(size, repeat),
         "copy_gbs": _copy_gbs(repeat),
         "sgemm_size": size,
     }
@@ -322,7 +373,7 @@ def run_bench(workloads: list[str], engines: list, rounds: int = 15, log=None, p
     torch.set_num_threads(threads)
     peak = measure_peak(threads)
     log(f"machine: SGEMM {peak['sgemm_gflops']:.1f} GFLOP/s, bf16 GEMM {peak['bf16_gemm_gflops']:.1f} GFLOP/s, "
-        f"copy {peak['copy_gbs']:.1f} GB/s, {threads} threads")
+        f"int8 GEMM {peak['int8_gemm_gops']:.1f} GOP/s, copy {peak['copy_gbs']:.1f} GB/s, {threads} threads")
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         for wname in workloads:
@@ -511,7 +562,8 @@ def write_results(rows: list[Row], peak: dict, out_dir: Path, command: str) -> P
     side_by_side = len({r.precision for r in rows}) > 1
     md.write_text(
         f"# autotune bench\n\nCommand: `{command}`\n\nMachine peak measured in the same run (torch matmul, "
-        f"{peak['sgemm_size']}³): SGEMM {peak['sgemm_gflops']:.1f} GFLOP/s, bf16 GEMM {peak['bf16_gemm_gflops']:.1f} GFLOP/s; "
+        f"{peak['sgemm_size']}³): SGEMM {peak['sgemm_gflops']:.1f} GFLOP/s, bf16 GEMM {peak['bf16_gemm_gflops']:.1f} GFLOP/s, "
+        f"int8 GEMM (`torch._int_mm`) {peak['int8_gemm_gops']:.1f} GOP/s; "
         f"copy bandwidth {peak['copy_gbs']:.1f} GB/s. Every engine takes the same float32 inputs and returns float32; "
         "a row's ratio is to torch eager at its precision, its % of peak to the GEMM peak at its precision "
         "(`--quantize` rows: the SGEMM peak), its fidelity to float32 torch eager.\n\n"

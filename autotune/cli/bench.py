@@ -24,10 +24,12 @@ def add_parser(sub) -> None:
                    "which they always apply")
     p.add_argument("--precision", default=defaults.BENCH_PRECISION,
                    help=f"comma-separated precisions, every engine measured at each (default {defaults.BENCH_PRECISION}): "
-                   "fp32, bf16. Inputs and outputs stay float32. At bf16, torch eager and torch.compile run a bfloat16 copy "
+                   "fp32, bf16, int8. Inputs and outputs stay float32. At bf16, torch eager and torch.compile run a bfloat16 copy "
                    "of the module (inputs cast in, output cast back), ONNX Runtime runs its export (its CPU provider has no "
                    "bf16 kernels: the row says why it has no time), OpenVINO compiles with INFERENCE_PRECISION_HINT bf16 "
-                   "and TVM builds with --quantize bf16. Each row's ratio is to torch eager at its precision, its %% of "
+                   "and TVM builds with --quantize bf16. At int8 each engine quantizes the linears its own way: torch "
+                   "quantize_dynamic, ONNX Runtime quantize_dynamic, OpenVINO int8 weights from NNCF (pip install nncf), "
+                   "TVM --quantize w8a8. Each row's ratio is to torch eager at its precision, its %% of "
                    "peak to the GEMM peak at its precision, its fidelity to float32 torch eager")
     p.add_argument("--quantize", action="append", help="also measure TVM tuned + this mode (repeatable), beside the "
                    "fp32 rows: ratio to float32 torch eager, %% of the SGEMM peak")

@@ -16,6 +16,7 @@ from .common import (
     build_one,
     load_model_source,
     report_fidelity,
+    tune_command,
 )
 
 
@@ -55,6 +56,9 @@ def run(args) -> int:
     for note in report.notes:
         print(f"note: {note}")
     print(report.summary())
+    if report.fallback_kernels:
+        print(f"{report.fallback_kernels} of {report.kernels} kernels have no tuning record and run fallback schedules "
+              f"(slower); tune them with:\n  {tune_command(args, report.fallback_kernels)}")
     meta = json.loads(report.paths.metadata.read_text())
     before, after = meta["weight_bytes"]["before"], meta["weight_bytes"]["after"]
     print(f"weights: {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB ({before / max(after, 1):.2f}x smaller)")

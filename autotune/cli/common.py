@@ -97,6 +97,21 @@ def add_pass_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prune", help="structured pruning of the torch model, kept fractions: e.g. ffn=0.75,heads=0.5")
 
 
+def tune_command(args, kernels: int) -> str:
+    """The `autotune tune` command that gives the kernels a build found no record for one: the same
+    model, target, passes and log as the build's `args`, about 32 trials per kernel."""
+    import shlex
+
+    words = ["autotune", "tune", "--model", args.model]
+    if args.component != defaults.COMPONENT:
+        words += ["--component", args.component]
+    for flag in ("weights", "height", "width", "frames", "quantize", "prune"):
+        if getattr(args, flag, None) is not None:
+            words += [f"--{flag}", str(getattr(args, flag))]
+    words += ["--target", args.target, "--log", args.log, "--trials", str(32 * kernels)]
+    return shlex.join(words)
+
+
 def artifact_path(out: str, source, target_name: str) -> Path:
     return Path(out) / f"{source.model_name}-{target_name}" / f"{source.name}.so"
 

@@ -3,8 +3,8 @@
 attention_cpu:  flash-style attention for LLVM CPU targets (a structured PrimFunc, a default
                 schedule, and a MetaSchedule custom rule whose tile sizes are sampled decisions).
 attention_cuda: flash-style attention for CUDA (a scheduled, thread-bound PrimFunc).
-gemm_bf16_cpu:  bf16 GEMM with a packed weight on x86 matrix engines (AMX-BF16 tiles, AVX512-BF16
-                dot products): tensor intrinsics, a default schedule, a MetaSchedule custom rule.
+gemm_cpu:       bf16 and int8 GEMMs with a packed weight on x86 matrix engines (AMX tiles, AVX512-BF16
+                and VNNI dot products): tensor intrinsics, a default schedule, a MetaSchedule custom rule.
 
 May import: support.
 """

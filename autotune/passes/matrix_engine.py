@@ -1,15 +1,23 @@
-"""bf16 matmuls with a weight operand onto the CPU's matrix engine (AMX-BF16 or AVX512-BF16).
+"""Weight matmuls onto the CPU's matrix engine: bf16 (AMX-BF16, AVX512-BF16) and int8 (AMX-INT8, VNNI).
 
     matmul(x: bf16 (..., m, k), W: bf16 (k, n), out_dtype=float32)
-      -> call_tir(gemm_bf16, [x, pack(W)])          pack(W)[k // 2, n, k % 2] = W[k, n]
+      -> call_tir(gemm, [x, pack(W)])                pack(W)[k // 2, n, k % 2] = W[k, n]
+    matmul(x: float32 or bf16, W: int8 (k, n), out_dtype=float32)        (int8-weight)
+      -> call_tir(gemm, [bf16(x), pack(W)])          int8 weights, converted to bf16 in the kernel
+    matmul(x: int8 (..., m, k), W: int8 (k, n), out_dtype=int32)          (w8a8)
+      -> call_tir(gemm, [uint8(x + 128), pack(W)]) - 128 * sum_k W[k, :]    pack(W)[k // 4, n, k % 4]
 
-`W` is any expression of the weights alone (a parameter, or its transpose), so the packing is
-weight-only work: LiftTransformParams lifts it and the build runs it once, shipping packed
-weights. The kernel (`kernels/gemm_bf16_cpu.py`) is a MetaSchedule task with its own design space.
+The int8 engines multiply unsigned by signed bytes, so signed activations are shifted by 128
+(fused into the kernel that quantizes them) and the shift is taken back out with the weight's
+column sums, an exact int32 correction. `W` is any expression of the weights alone (a parameter,
+or its transpose), so the packing and the column sums are weight-only work: LiftTransformParams
+lifts them and the build runs them once, shipping packed weights. The kernel
+(`kernels/gemm_cpu.py`) is a MetaSchedule task with its own design space.
 
 Shapes an engine cannot take are left to the generic path, never computed wrong: n not a multiple
-of 16, odd k, activations whose shape is not static. Rows the kernel needs in whole blocks (AMX:
-32; AVX-512: a register tile of 3+ rows) are padded with zeros and sliced off again.
+of 16, k not a multiple of the engine's group (2 bf16, 4 int8), activations whose shape is not
+static. Rows the kernel needs in whole blocks (AMX: 32; AVX-512: a register tile of 3+ rows) are
+padded with zeros and sliced off again.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from autotune.frontend.importer import ImportedModel
-from autotune.kernels import gemm_bf16_cpu as kernel
+from autotune.kernels import gemm_cpu as kernel
 from autotune.support import ir
 
 from .weight_transforms import precompute_weight_transforms
@@ -30,19 +38,20 @@ log = logging.getLogger(__name__)
 
 
 class MatrixEngineRewriter:
-    """Rewrites one `main`; `count` says how many matmuls moved onto the engine."""
+    """Rewrites one `main`; `count` says how many matmuls moved onto which engine."""
 
-    def __init__(self, mod: tvm.IRModule, isa: str):
+    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
         self.mod = mod
-        self.isa = isa
-        self.count = 0
+        self.isas = {precision: kernel.target_isa(target, precision) for precision in (kernel.BF16, kernel.INT8)}
+        self.count: dict[str, int] = {}  # engine name -> matmuls
         self.kernels: dict[tuple, relax.GlobalVar] = {}
         self.builder = relax.BlockBuilder(mod)  # holds the kernels added
         self.weight_vars = _weight_only_vars(mod["main"])
 
     def __call__(self, call: relax.Call, _matches) -> relax.Expr:
         x, w = call.args
-        if not (_is_bf16(x) and _is_bf16(w) and w in self.weight_vars and str(call.attrs.out_dtype) == "float32"):
+        precision = _precision(call)
+        if precision is None or w not in self.weight_vars:
             return call
         x_shape, w_shape = ir.static_shape(x.ty), ir.static_shape(w.ty)
         if x_shape is None or w_shape is None or len(w_shape) != 2 or len(x_shape) < 2:
@@ -52,27 +61,40 @@ class MatrixEngineRewriter:
         rows = m
         for size in lead:
             rows *= size
-        isa = kernel.isa_for_shape(self.isa, rows, n, k)
+        engine_isa = self.isas[kernel.BF16 if precision == "int8-weight" else precision]
+        isa = kernel.isa_for_shape(engine_isa, rows, n, k)
         if isa is None:
             return call
-        self.count += 1
+        if precision == "int8-weight":
+            isa = kernel.INT8_WEIGHTS[isa]
+            x = relax.op.astype(x, "bfloat16") if _dtype(x) != "bfloat16" else x
+        engine = kernel.ENGINE_NAMES[isa]
+        self.count[engine] = self.count.get(engine, 0) + 1
+        g = kernel.group(isa)
         flat = relax.op.reshape(x, [rows, k]) if lead else x
+        if precision == kernel.INT8:
+            flat = relax.op.astype(relax.op.add(relax.op.astype(flat, "int32"), relax.const(128, "int32")), "uint8")
         padded = kernel.padded_rows(isa, rows)
         if padded != rows:
             flat = relax.op.nn.pad(flat, [0, padded - rows, 0, 0])
-        packed = relax.op.permute_dims(relax.op.reshape(w, [k // 2, 2, n]), [0, 2, 1])
-        out = relax.call_tir(
-            self._kernel(padded, n, k, isa), [flat, packed], relax.TensorType([padded, n], "float32")
-        )
+        packed = relax.op.permute_dims(relax.op.reshape(w, [k // g, g, n]), [0, 2, 1])
+        acc = "int32" if precision == kernel.INT8 else "float32"
+        out = relax.call_tir(self._kernel(padded, n, k, isa), [flat, packed], relax.TensorType([padded, n], acc))
         if padded != rows:
             out = relax.op.strided_slice(out, axes=[0], begin=[0], end=[rows])
+        if precision == kernel.INT8:
+            shift = relax.op.multiply(relax.op.sum(relax.op.astype(w, "int32"), axis=[0]), relax.const(128, "int32"))
+            out = relax.op.subtract(out, shift)
         return relax.op.reshape(out, [*x_shape[:-1], n]) if lead else out
 
     def _kernel(self, rows: int, n: int, k: int, isa: str) -> relax.GlobalVar:
         key = (rows, n, k, isa)
         if key not in self.kernels:
             func = kernel.make_primfunc(rows, n, k, isa)
-            self.kernels[key] = self.builder.add_func(func, f"gemm_bf16_{isa}_{rows}x{n}x{k}")
+            name = {kernel.AVX512_W8: "gemm_w8", kernel.AMX_W8: "gemm_w8"}.get(
+                isa, "gemm_bf16" if kernel.PRECISION[isa] == kernel.BF16 else "gemm_int8"
+            )
+            self.kernels[key] = self.builder.add_func(func, f"{name}_{isa}_{rows}x{n}x{k}")
         return self.kernels[key]
 
     def rewrite(self) -> tvm.IRModule:
@@ -83,9 +105,27 @@ class MatrixEngineRewriter:
         return relax.transform.Normalize()(mod)
 
 
-def _is_bf16(expr) -> bool:
+def _precision(call: relax.Call) -> str | None:
+    """"bfloat16" for bf16 x bf16 -> float32, "int8" for int8 x int8 -> int32, "int8-weight" for
+    float32/bf16 x int8 -> float32, else None."""
+    x, w = call.args
+    out = str(call.attrs.out_dtype)
+    if _is_bf16(x) and _is_bf16(w) and out == "float32":
+        return kernel.BF16
+    if _dtype(x) == "int8" and _dtype(w) == "int8" and out == "int32":
+        return kernel.INT8
+    if _dtype(x) in ("float32", "bfloat16") and _dtype(w) == "int8" and out == "float32":
+        return "int8-weight"
+    return None
+
+
+def _dtype(expr) -> str | None:
     ty = getattr(expr, "ty", None)
-    return isinstance(ty, relax.TensorType) and str(ty.dtype) == "bfloat16"
+    return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
+
+
+def _is_bf16(expr) -> bool:
+    return _dtype(expr) == "bfloat16"
 
 
 def _weight_only_vars(main: relax.Function) -> set:
@@ -100,29 +140,29 @@ def _weight_only_vars(main: relax.Function) -> set:
 
 
 def use_matrix_engine(imported: ImportedModel, target: tvm.target.Target) -> tuple[ImportedModel, dict | None]:
-    """Move the bf16 weight matmuls onto the target's matrix engine; pack their weights once.
+    """Move the bf16, int8-weight and w8a8 weight matmuls onto the target's matrix engines; pack
+    their weights once.
 
-    Returns (model, {"engine", "matmuls"}), or the model unchanged and None on targets without
-    AMX-BF16 or AVX512-BF16 (or without such matmuls). The weight-only work lifted with the packing
+    Returns (model, {engine name: matmuls}), or the model unchanged and None on targets without
+    an engine for them (or without such matmuls). The weight-only work lifted with the packing
     includes the casts of bias vectors to float32: they ship pre-cast."""
-    isa = kernel.target_isa(target)
-    if isa is None:
+    rewriter = MatrixEngineRewriter(imported.mod, target)
+    if not any(rewriter.isas.values()):
         return imported, None
-    rewriter = MatrixEngineRewriter(imported.mod, isa)
     mod = rewriter.rewrite()
-    if rewriter.count == 0:
+    if not rewriter.count:
         return imported, None
-    engine = "AMX-BF16" if isa == kernel.AMX else "AVX512-BF16"
-    log.info("bf16: %d matmuls on %s", rewriter.count, engine)
+    said = ", ".join(f"{count} matmuls on {engine}" for engine, count in rewriter.count.items())
+    log.info("matrix engine: %s", said)
     moved = ImportedModel(
         mod=mod,
         weights=imported.weights,
         inputs=imported.inputs,
         outputs=imported.outputs,
         source=imported.source,
-        notes=imported.notes + [f"bf16: {rewriter.count} matmuls on {engine}, their weights packed at build time"],
+        notes=imported.notes + [f"matrix engine: {said}, their weights packed at build time"],
     )
-    return precompute_weight_transforms(moved), {"engine": engine, "matmuls": rewriter.count}
+    return precompute_weight_transforms(moved), dict(rewriter.count)
 
 
 def convolutions_in_float32(imported: ImportedModel) -> tuple[ImportedModel, int]:

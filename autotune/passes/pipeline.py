@@ -6,9 +6,9 @@ fused module) silently misses every record. Both call the phases below, and noth
 
     phase      when                       what                                         target kinds
     prepare    before fusing (weights)    drop causal zero-padding taps; then either   all
-                                          quantize (a --quantize mode; bf16 also moves
-                                          weight matmuls onto AMX / AVX512-BF16 with
-                                          packed weights) or precompute
+                                          quantize (a --quantize mode; bf16, int8-weight
+                                          and w8a8 also move weight matmuls onto AMX /
+                                          AVX512-BF16 / VNNI, weights packed) or precompute
                                           weight-only work (transposes)
     fuse       the tuning tasks           fuse attention into one kernel; legalize     all; CPU adds fast
                                           (CPU: vectorisable fast math), annotate,     math and marks large
@@ -47,11 +47,11 @@ def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None) ->
         quantized, info = quantize(imported, quantize_mode, preset)
         quantized = drop_causal_padding_in(quantized)
         target = preset.tvm_target()
-        if quantize_mode == "bf16" and target.kind.name == "llvm":
-            quantized, engine = use_matrix_engine(quantized, target)
+        if quantize_mode in ("bf16", "int8-weight", "w8a8") and target.kind.name == "llvm":
+            quantized, engines = use_matrix_engine(quantized, target)
             quantized, convs = convolutions_in_float32(quantized)
-            if engine:
-                info = {**info, "matrix_engine": engine}
+            if engines:
+                info = {**info, "matrix_engine": engines}
             if convs:
                 info = {**info, "convolutions_in_float32": convs}
             info["weight_bytes_after"] = quantized.weight_bytes()

@@ -30,5 +30,5 @@ DEMO_REPEAT = 30
 # autotune bench.
 BENCH_WORKLOADS = "tiny-transformer,tiny-vae-decoder,tiny-image-encoder"
 BENCH_ROUNDS = 15
-BENCH_PRECISION = "fp32"  # comma list of fp32, bf16: every engine at each
+BENCH_PRECISION = "fp32"  # comma list of fp32, bf16, int8: every engine at each
 BENCH_OUT_DIR = "tools/results"

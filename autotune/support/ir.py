@@ -8,7 +8,7 @@ SCHEDULED_ATTR = "tirx.is_scheduled"  # TVM's mark on a PrimFunc that needs no (
 NUM_INPUT_ATTR = "num_input"  # on `main`: its parameters before this index are inputs, the rest weights
 ATTENTION_ATTR = "autotune.attention"  # on our fused attention kernels: their shape and tiles
 FLOPS_ATTR = "autotune.flops"  # on hand-written kernels whose FLOPs TVM's estimator cannot count
-GEMM_ATTR = "autotune.gemm_bf16"  # on our bf16 matrix-engine GEMM kernels: engine and shape
+GEMM_ATTR = "autotune.gemm_bf16"  # on our matrix-engine GEMM kernels (bf16 and int8; the name predates int8): engine and shape
 LAYOUT_FREE_ATTR = "layout_free_buffers"  # on a kernel: operand indices whose layout MetaSchedule may choose
 
 

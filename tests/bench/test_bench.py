@@ -1,5 +1,5 @@
 """`autotune bench` end to end on the smallest workload: torch eager, ONNX Runtime, OpenVINO and TVM
-untuned, each at fp32 and bf16, two rounds, run once for the whole module (about 25 s)."""
+untuned, each at fp32, bf16 and int8, two rounds, run once for the whole module (about 25 s)."""
 
 from __future__ import annotations
 
@@ -26,22 +26,26 @@ ENGINES = ("torch eager", "ONNX Runtime", "OpenVINO", "TVM untuned")
 # (cosine ~0.99999 measured for eager, OpenVINO and TVM). 0.999 leaves two orders of magnitude of
 # 1 - cosine for other CPUs' kernels while failing a wrong cast or a broken bf16 build.
 BF16_MIN_COSINE = 0.999
+# int8 linears (per-channel weights; dynamic per-token activations for torch, ORT and TVM): cosine
+# 0.99996-0.999994 measured on this encoder (AMD Zen 4); 0.995 fails a wrong scale or a lost shift.
+INT8_MIN_COSINE = 0.995
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 @pytest.fixture(scope="module")
 def bench():
     rows, peak = run_bench(
         ["tiny-image-encoder"], [TorchEager(), OnnxRuntime(), OpenVINO(), TVM()], rounds=2,
-        log=lambda *a: None, precisions=parse_precisions("fp32,bf16"),
+        log=lambda *a: None, precisions=parse_precisions("fp32,bf16,int8"),
     )
     return rows, peak, {(r.engine, r.precision): r for r in rows}
 
 
 def test_every_engine_has_a_row_at_each_precision_grouped_fp32_first(bench):
     rows, _, by_key = bench
-    assert len(rows) == len(by_key) == 2 * len(ENGINES)
-    assert [(r.engine, r.precision) for r in rows] == [(e, p) for p in ("fp32", "bf16") for e in ENGINES]
-    for precision in ("fp32", "bf16"):
+    assert len(rows) == len(by_key) == len(PRECISIONS) * len(ENGINES)
+    assert [(r.engine, r.precision) for r in rows] == [(e, p) for p in PRECISIONS for e in ENGINES]
+    for precision in PRECISIONS:
         assert by_key[("torch eager", precision)].ratio_vs_eager == 1.0  # its own reference at its precision
 
 
@@ -76,6 +80,21 @@ def test_bf16_rows_run_in_bf16_close_to_float32_eager(bench):
         assert by_key[(engine, "bf16")].fidelity["max_abs"] > max(1e-3, 100 * fp32_error), engine
 
 
+def test_int8_rows_run_each_engines_own_int8_close_to_float32_eager(bench):
+    _, _, by_key = bench
+    fp32_error = max(by_key[(e, "fp32")].fidelity["max_abs"] for e in ENGINES)
+    assert by_key[("torch eager", "int8")].note.startswith("quantize_dynamic")
+    assert by_key[("ONNX Runtime", "int8")].note.startswith("quantize_dynamic")
+    openvino = by_key[("OpenVINO", "int8")]
+    assert openvino.median_ms is not None or "pip install nncf" in openvino.note
+    for engine in ENGINES:
+        row = by_key[(engine, "int8")]
+        if row.median_ms is None:
+            continue
+        assert row.median_ms > 0 and row.fidelity["cosine"] >= INT8_MIN_COSINE, (engine, row.fidelity)
+        assert row.fidelity["max_abs"] > max(1e-3, 100 * fp32_error), f"{engine} at int8 computed like float32"
+
+
 def test_onnx_runtime_bf16_row_has_a_time_or_a_reason(bench):
     _, _, by_key = bench
     row = by_key[("ONNX Runtime", "bf16")]
@@ -88,10 +107,11 @@ def test_onnx_runtime_bf16_row_has_a_time_or_a_reason(bench):
 
 def test_largest_kernel_against_the_peak_of_its_precision(bench):
     _, peak, by_key = bench
-    assert peak["sgemm_gflops"] > 0 and peak["bf16_gemm_gflops"] > 0
-    for precision in ("fp32", "bf16"):
+    keys = {"fp32": "sgemm_gflops", "bf16": "bf16_gemm_gflops", "int8": "int8_gemm_gops"}
+    assert all(peak[key] > 0 for key in keys.values())
+    for precision in PRECISIONS:
         kernel = by_key[("TVM untuned", precision)].largest_kernel
-        gemm_peak = peak["sgemm_gflops" if precision == "fp32" else "bf16_gemm_gflops"]
+        gemm_peak = peak[keys[precision]]
         assert kernel["gflop"] > 0 and kernel["peak_fraction"] == pytest.approx(kernel["gflops"] / gemm_peak)
         assert by_key[("torch eager", precision)].largest_kernel is None  # only TVM builds are profiled
 
@@ -119,7 +139,7 @@ def test_openvino_missing_says_how_to_install(monkeypatch):
 
 
 def test_precision_flag():
-    assert parse_precisions("fp32, bf16,fp32") == ["fp32", "bf16"]
+    assert parse_precisions("fp32, bf16,fp32,int8") == ["fp32", "bf16", "int8"]
     with pytest.raises(InputError, match="unknown fp16"):
         parse_precisions("fp32,fp16")
     from autotune.cli import bench as cli_bench

@@ -4,6 +4,7 @@ that attention stays fused under bf16's casts, and that the built artifact match
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from conftest import AttentionBlock
 import autotune
 from autotune.build.compile import build
 from autotune.frontend.importer import from_torch
-from autotune.kernels import gemm_bf16_cpu as gemm
+from autotune.kernels import gemm_cpu as gemm
 from autotune.passes.attention import count_fused_attention
 from autotune.passes.pipeline import fuse_for_target, prepare_model
 from autotune.support import hardware
@@ -132,3 +133,58 @@ def test_bf16_convolutions_compute_in_float32_and_match_torch(tmp_path):
     out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float32)
     with torch.no_grad():
         assert compare(out, module(x).numpy())["cosine"] >= MIN_COSINE
+
+
+def _int8_weights(linear: torch.nn.Linear) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel symmetric int8 weights (as float64) and their scales."""
+    w = linear.weight.detach().double().numpy()
+    sw = np.abs(w).max(1) / 127
+    return np.clip(np.rint(w / sw[:, None]), -127, 127), sw
+
+
+def _fake_quantized_linear(x: np.ndarray, linear: torch.nn.Linear) -> np.ndarray:
+    """w8a8's arithmetic in float64: per-token int8 activations, per-output-channel int8 weights."""
+    wq, sw = _int8_weights(linear)
+    sx = np.maximum(np.abs(x).max(-1, keepdims=True), 1e-8) / 127
+    xq = np.clip(np.rint(x / sx), -127, 127)
+    return (xq @ wq.T) * sx * sw + linear.bias.detach().double().numpy()
+
+
+@pytest.mark.skipif("avx512_vnni" not in hardware.cpu_flags(), reason="CPU has no AVX512-VNNI to run the engine on")
+def test_w8a8_linear_runs_on_vnni_and_equals_the_fake_quantized_reference(tmp_path):
+    """The int32 products are exact (the +128 shift is taken back out exactly), so the artifact
+    equals w8a8's arithmetic done in float64 up to float32 rounding of the rescale: 1e-6 of max |y|."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48).eval()
+    x = torch.randn(1, 7, 64)  # 7 rows: padded to 8 for the register tile
+    report = build(from_torch(linear, {"x": x}), "x86-avx512-vnni", tmp_path / "w", settings=BuildSettings(quantize="w8a8", shipped_log=False))
+    meta = json.loads(report.paths.metadata.read_text())
+    assert meta["passes"][0]["matrix_engine"] == {"AVX512-VNNI": 1}
+    assert any(name.startswith("gemm_int8_avx512vnni") for name in meta["kernels"]["flops"])
+    out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float64)[0]
+    ref = _fake_quantized_linear(x.double().numpy()[0], linear)
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    assert err < 1e-6, f"max error {err:.2e} of max |y| against the fake-quantized reference"
+
+    plain, info = prepare_model(from_torch(linear, {"x": x}), resolve_target("x86-avx512"), "w8a8")
+    assert "matrix_engine" not in info and not _engine_kernels(plain.mod), "no VNNI: the generic int8 matmul stays"
+
+
+@pytest.mark.skipif("avx512_bf16" not in hardware.cpu_flags(), reason="CPU has no AVX512-BF16 to run the engine on")
+def test_int8_weight_linear_runs_on_the_bf16_engine_and_equals_its_reference(tmp_path):
+    """int8-weight on a bf16 engine: int8 weights converted to bf16 in the kernel (exact), activations
+    rounded to bf16, float32 accumulation: equal to that arithmetic in float64 within 1e-5 of max |y|
+    (the float32 summation order)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48).eval()
+    x = torch.randn(1, 7, 64)
+    report = build(from_torch(linear, {"x": x}), "x86-avx512-bf16", tmp_path / "w", settings=BuildSettings(quantize="int8-weight", shipped_log=False))
+    meta = json.loads(report.paths.metadata.read_text())
+    assert meta["passes"][0]["matrix_engine"] == {"AVX512-BF16 (int8 weights)": 1}
+    assert any(name.startswith("gemm_w8_avx512bf16w8") for name in meta["kernels"]["flops"])
+    assert meta["weight_bytes"]["after"] < 64 * 48 * 2, "the weight ships as int8 (bf16 would be 6 KiB)"
+    out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float64)[0]
+    wq, sw = _int8_weights(linear)
+    ref = (x[0].to(torch.bfloat16).double().numpy() @ wq.T) * sw + linear.bias.detach().double().numpy()
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    assert err < 1e-5, f"max error {err:.2e} of max |y| against the reference"

@@ -214,3 +214,23 @@ def test_fp8_compiles_for_cuda_sm90_and_is_faithful(transformer):
     out = vm["main"](*args, *[tvm.runtime.tensor(w) for w in q.weights.values()]).numpy()
     fid = compare(out, reference)
     assert fid["cosine"] >= 0.998, format_fidelity(fid)
+
+
+def test_a_quantized_build_without_records_prints_the_command_that_tunes_them(tmp_path, capsys):
+    import re
+    import shlex
+
+    from autotune.cli.main import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["build", "--model", "tiny-image-encoder", "--quantize", "w8a8", "--no-shipped-log",
+                              "--log", str(tmp_path / "logs"), "--target", "x86", "-o", str(tmp_path / "out")])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    said = re.search(r"(\d+) of (\d+) kernels have no tuning record .*\n  (autotune tune .*)", out)
+    assert said, out[-2000:]
+    assert said.group(1) == said.group(2) != "0"  # no log at all: every kernel
+    tune = parser.parse_args(shlex.split(said.group(3))[1:])  # the printed command is one `autotune tune` accepts
+    assert (tune.command, tune.model) == ("tune", "tiny-image-encoder")
+    assert (tune.quantize, tune.target, tune.log) == ("w8a8", "x86", str(tmp_path / "logs"))
+    assert tune.trials == 32 * int(said.group(1))

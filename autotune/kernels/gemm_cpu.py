@@ -1,29 +1,38 @@
-"""bf16 GEMM on x86 matrix engines: AMX-BF16 tiles, or AVX512-BF16 dot products.
+"""GEMMs on x86 matrix engines: bf16 (AMX-BF16 tiles, AVX512-BF16) and int8 (AMX-INT8 tiles, VNNI).
 
-    C[m, n] (float32) = sum_k A[m, k] (bf16) * B[k, n] (bf16)
+    bf16:          C[m, n] (float32) = sum_k A[m, k] (bf16)  * B[k, n] (bf16)
+    int8 weights:  C[m, n] (float32) = sum_k A[m, k] (bf16)  * bf16(B[k, n] (int8))
+    int8:          C[m, n] (int32)   = sum_k A[m, k] (uint8) * B[k, n] (int8)
 
-B is a weight, shipped packed in the pair-interleaved layout both engines read,
-Bp[k // 2, n, k % 2] = B[k, n]: a row of Bp holds, for 16 (AVX-512) or 32 (AMX) consecutive
-columns, the two bf16 values of one k pair side by side. Accumulation is float32 throughout.
+B is a weight, shipped packed in the group-interleaved layout every engine reads,
+Bp[k // g, n, k % g] = B[k, n], with g = 4 bytes / element size (bf16 pairs, int8 quads): a row
+of Bp holds, for 16 (AVX-512) or 32 (AMX) consecutive columns, the g values of one k group side
+by side. Accumulation is float32 (bf16) or int32 (int8) throughout. The int8 engines multiply
+unsigned activations by signed weights (`vpdpbusd`, `tdpbusd`): callers holding signed int8
+activations add 128 and subtract 128 * column sums of B (a weight-only term) afterwards.
 
-Two instruction sets, one PrimFunc:
-  * AVX512-BF16 (`vdpbf16ps`, Cooper Lake, Zen 4, and every AMX Xeon): an intrinsic computes 16
-    columns x one k pair; the schedule keeps a register tile of MR rows x NV vectors of
-    accumulators across the whole reduction (a cache of at most 15 vectors: TVM keeps buffers under
-    1 KiB on the stack, where LLVM promotes them to registers).
-  * AMX-BF16 (`tdpbf16ps`, Sapphire Rapids and later): an intrinsic computes a 32 x 32 block over
-    KT of the reduction in 2 x 2 accumulator tiles kept across KT.
+Four instruction sets, one PrimFunc:
+  * AVX512-BF16 (`vdpbf16ps`) and AVX512-VNNI (`vpdpbusd`), on Cooper Lake, Zen 4 and every AMX
+    Xeon: an intrinsic computes 16 columns x one k group; the schedule keeps a register tile of MR
+    rows x NV vectors of accumulators across the whole reduction (a cache of at most 15 vectors:
+    TVM keeps buffers under 1 KiB on the stack, where LLVM promotes them to registers).
+  * AMX-BF16 (`tdpbf16ps`) and AMX-INT8 (`tdpbusd`), Sapphire Rapids and later: an intrinsic
+    computes a 32 x 32 block over KT of the reduction in 2 x 2 accumulator tiles kept across KT.
 TVM cannot name LLVM's `<32 x bfloat>` vectors (bf16 is legalised to float32 compute and uint16
 storage), so `vdpbf16ps` is called through a tiny LLVM IR function imported into the kernel
 (`pragma_import_llvm`) that takes the pairs as int32 and bitcasts them.
+
+With int8 weights on the bf16 engines (the `_w8` ISAs) each thread converts a panel of columns
+of B to bf16 once (exact: |q| <= 127 fits bf16's 8 bits) and runs every row block over it, so the
+weight is read from memory as int8 and converted once per panel, not once per row block.
 
 Long reductions are split (`k_split` partial products, summed by a second block) so that the
 weight panel a thread streams stays in its L2 cache.
 
 MetaSchedule: the gemm block carries a `schedule_rule` annotation naming the custom rule
-registered here; the rule's register-tile sizes (AVX-512) or tile counts and KT (AMX) are
-sampled decisions, so tuning searches them like any task. `apply_schedule(sch)` is the default
-schedule for untuned builds.
+registered here; the rule's register-tile sizes (AVX-512) or tile counts (AMX) are sampled
+decisions, so tuning searches them like any task. `apply_schedule(sch)` is the default schedule
+for untuned builds.
 """
 
 from __future__ import annotations
@@ -35,43 +44,79 @@ from tvm.script import tirx as T
 
 from autotune.support.ir import FLOPS_ATTR, GEMM_ATTR
 
-RULE_NAME = "autotune_gemm_bf16"  # MetaSchedule looks up s_tir.meta_schedule.cpu.<name>
+# The names below are part of every recorded workload and trace: changing one orphans the shipped records.
+RULE_NAME = "autotune_gemm_bf16"  # MetaSchedule looks up s_tir.meta_schedule.cpu.<name> (both precisions)
 AVX512 = "avx512bf16"
 AMX = "amx"
+VNNI = "avx512vnni"
+AMX_INT8 = "amxint8"
+AVX512_W8 = "avx512bf16w8"  # AVX512-BF16 with int8 weights
+AMX_W8 = "amxw8"  # AMX-BF16 with int8 weights
+BF16, INT8 = "bfloat16", "int8"
+PRECISION = {AVX512: BF16, AMX: BF16, VNNI: INT8, AMX_INT8: INT8, AVX512_W8: BF16, AMX_W8: BF16}
+INT8_WEIGHTS = {AVX512: AVX512_W8, AMX: AMX_W8}  # bf16 engine -> its int8-weight variant
 MAX_PANEL_K = 2560  # longest reduction one partial product walks (weight panel stays in L2)
-MAX_ACCUMULATORS = 15  # 16-lane float32 vectors in the AVX-512 register tile (stack, < 1 KiB)
-AMX_KT = (32, 64, 128, 256, 512)
+MAX_ACCUMULATORS = 15  # 16-lane vectors in the AVX-512 register tile (stack, < 1 KiB)
+AMX_KT = {BF16: (32, 64, 128, 256, 512), INT8: (64, 128, 256, 512)}
+ENGINE_NAMES = {
+    AVX512: "AVX512-BF16", AMX: "AMX-BF16", VNNI: "AVX512-VNNI", AMX_INT8: "AMX-INT8",
+    AVX512_W8: "AVX512-BF16 (int8 weights)", AMX_W8: "AMX-BF16 (int8 weights)",
+}
 
 # ---------------------------------------------------------------- which engine, which shapes
 
 
-def target_isa(target) -> str | None:
-    """The best bf16 matrix engine the (LLVM) target has: AMX, AVX512-BF16, or None."""
+def group(isa: str) -> int:
+    """k elements per 32-bit lane: bf16 pairs, int8 quads."""
+    return 2 if PRECISION[isa] == BF16 else 4
+
+
+def _is_amx(isa: str) -> bool:
+    return isa in (AMX, AMX_INT8, AMX_W8)
+
+
+def _converts_weights(isa: str) -> bool:
+    return isa in (AVX512_W8, AMX_W8)
+
+
+def _amx_k_step(isa: str) -> int:
+    """k elements one 64-byte tile row holds."""
+    return 32 if PRECISION[isa] == BF16 else 64
+
+
+def target_isa(target, precision: str = BF16) -> str | None:
+    """The best matrix engine the (LLVM) target has for `precision` ("bfloat16" or "int8"), or None."""
     from tvm.target.codegen import target_has_features
 
     if target is None or target.kind.name != "llvm":
         return None
-    if target_has_features("amx-bf16", target) and target_has_features("amx-tile", target):
-        return AMX
-    if target_has_features("avx512bf16", target):
-        return AVX512
-    return None
+    if precision == BF16:
+        if target_has_features("amx-bf16", target) and target_has_features("amx-tile", target):
+            return AMX
+        return AVX512 if target_has_features("avx512bf16", target) else None
+    if target_has_features("amx-int8", target) and target_has_features("amx-tile", target):
+        return AMX_INT8
+    return VNNI if target_has_features("avx512vnni", target) else None
 
 
 def isa_for_shape(isa: str | None, rows: int, n: int, k: int) -> str | None:
-    """The engine a (rows x k) @ (k x n) product can use on `isa` (AMX needs 32-multiples of n and k;
-    rows are padded); None when neither fits (odd k, n not a multiple of 16)."""
-    if isa == AMX and n % 32 == 0 and k % 32 == 0:
-        return AMX
-    if isa in (AMX, AVX512) and n % 16 == 0 and k % 2 == 0:
-        return AVX512
+    """The engine a (rows x k) @ (k x n) product can use on `isa`: AMX needs n a multiple of 32 and
+    k of a tile row (rows are padded), AVX-512 whole 16-lane vectors and k groups; None when
+    neither fits."""
+    if isa is None:
+        return None
+    if _is_amx(isa) and n % 32 == 0 and k % _amx_k_step(isa) == 0:
+        return isa
+    vector = {AMX: AVX512, AMX_W8: AVX512_W8, AMX_INT8: VNNI}.get(isa, isa)  # every AMX CPU has the vector engine too
+    if n % 16 == 0 and k % group(vector) == 0:
+        return vector
     return None
 
 
 def padded_rows(isa: str, rows: int) -> int:
     """Rows the kernel computes: AMX works on 32-row blocks; AVX-512 needs a register-tile height
     of at least 3 that divides them (else pads to a multiple of 8)."""
-    if isa == AMX:
+    if _is_amx(isa):
         return -(-rows // 32) * 32
     if max(_divisors(rows, 1, 5)) >= 3:
         return rows
@@ -79,8 +124,8 @@ def padded_rows(isa: str, rows: int) -> int:
 
 
 def k_split(k: int, isa: str) -> int:
-    """Partial products the reduction is cut into (each an even, engine-aligned length <= MAX_PANEL_K)."""
-    align = 32 if isa == AMX else 2
+    """Partial products the reduction is cut into (each an engine-aligned length <= MAX_PANEL_K)."""
+    align = _amx_k_step(isa) if _is_amx(isa) else group(isa)
     for parts in range(1, k // align + 1):
         if k % parts == 0 and (k // parts) % align == 0 and k // parts <= MAX_PANEL_K:
             return parts
@@ -95,15 +140,22 @@ def _divisors(n: int, lo: int, hi: int) -> list[int]:
 
 
 def make_primfunc(m: int, n: int, k: int, isa: str) -> tvm.tirx.PrimFunc:
-    """A (m, k) bf16 @ Bp (k/2, n, 2) bf16 -> C (m, n) float32, unscheduled and annotated for
-    MetaSchedule (`apply_schedule` schedules it). Batched activations come flattened to rows."""
+    """A (m, k) @ Bp (k/g, n, g) -> C (m, n), unscheduled and annotated for MetaSchedule
+    (`apply_schedule` schedules it). Batched activations come flattened to rows."""
     parts = k_split(k, isa)
     kc = k // parts
-    A = te.placeholder((m, k), "bfloat16", name="A")
-    Bp = te.placeholder((k // 2, n, 2), "bfloat16", name="Bp")
+    g = group(isa)
+    a_dtype, b_dtype, acc = ("bfloat16", "bfloat16", "float32") if PRECISION[isa] == BF16 else ("uint8", "int8", "int32")
+    if _converts_weights(isa):
+        b_dtype = "int8"
+    A = te.placeholder((m, k), a_dtype, name="A")
+    Bp = te.placeholder((k // g, n, g), b_dtype, name="Bp")
+    B = Bp
+    if _converts_weights(isa):
+        B = te.compute(Bp.shape, lambda kg, j, e: Bp[kg, j, e].astype("bfloat16"), name="convert")
 
     def product(i, j, kk):
-        return A[i, kk].astype("float32") * Bp[kk // 2, j, kk % 2].astype("float32")
+        return A[i, kk].astype(acc) * B[kk // g, j, kk % g].astype(acc)
 
     if parts == 1:
         r = te.reduce_axis((0, k), name="k")
@@ -128,6 +180,8 @@ def _annotate(func):
     sch.annotate(sch.get_sblock("gemm"), "schedule_rule", RULE_NAME)
     if _info(func)["parts"] > 1:
         sch.annotate(sch.get_sblock("ksum"), "schedule_rule", "None")
+    if _converts_weights(_info(func)["isa"]):
+        sch.annotate(sch.get_sblock("convert"), "schedule_rule", "None")  # the gemm's rule places it
     return sch.mod["main"]
 
 
@@ -187,22 +241,61 @@ def _dpbf16_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         )
 
 
-def _amx_intrin(kt: int):
-    """C[32, 32] f32 += A[32, kt] bf16 x Bp[kt/2, 32, 2] bf16 in tiles: C in tmm0-3 (2 x 2), A in
-    tmm4-5, B in tmm6-7; C is loaded and stored once per call, kept in tiles across kt."""
+VNNI_INTRIN = "autotune_avx512vnni_dot_16x4"
+
+
+@T.prim_func(s_tir=True)
+def _vnni_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+    B = T.match_buffer(b, (1, 16, 4), "int8", offset_factor=1)
+    C = T.match_buffer(c, (16,), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:1, 0:16, 0:4])
+        T.writes(C[0:16])
+        for j, k in T.grid(16, 4):
+            with T.sblock("update"):
+                vj, vk = T.axis.remap("SR", [j, k])
+                C[vj] = C[vj] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vk // 4, vj, vk % 4])
+
+
+@T.prim_func(s_tir=True)
+def _vnni_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+    B = T.match_buffer(b, (1, 16, 4), "int8", offset_factor=1)
+    C = T.match_buffer(c, (16,), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:1, 0:16, 0:4])
+        T.writes(C[0:16])
+        # LLVM 22 types the operands <64 x i8> (TVM's own `dot_16x4_vnni` still passes <16 x i32>
+        # and fails LLVM's verifier): the A quad broadcast to 16 lanes, reinterpreted as bytes.
+        quad = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        quads = T.reinterpret(T.broadcast(quad, 16), dtype="int8x64")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], "int32x16"), quads, B.vload([0, 0, 0], "int8x64"), dtype="int32x16",
+        )
+
+
+def _amx_intrin(kt: int, precision: str):
+    """C[32, 32] += A[32, kt] x Bp[kt/g, 32, g] in tiles: C in tmm0-3 (2 x 2), A in tmm4-5, B in
+    tmm6-7; C is loaded and stored once per call, kept in tiles across kt."""
+    if precision == BF16:
+        a_dtype, b_dtype, acc, g, elem, step, product = "bfloat16", "bfloat16", "float32", 2, 2, 32, "llvm.x86.tdpbf16ps"
+    else:
+        a_dtype, b_dtype, acc, g, elem, step, product = "uint8", "int8", "int32", 4, 1, 64, "llvm.x86.tdpbusd"
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (32, kt), "bfloat16", offset_factor=1)
-        B = T.match_buffer(b, (kt // 2, 32, 2), "bfloat16", offset_factor=1)
-        C = T.match_buffer(c, (32, 32), "float32", offset_factor=1)
+        A = T.match_buffer(a, (32, kt), a_dtype, offset_factor=1)
+        B = T.match_buffer(b, (kt // g, 32, g), b_dtype, offset_factor=1)
+        C = T.match_buffer(c, (32, 32), acc, offset_factor=1)
         with T.sblock("root"):
-            T.reads(C[0:32, 0:32], A[0:32, 0:kt], B[0 : kt // 2, 0:32, 0:2])
+            T.reads(C[0:32, 0:32], A[0:32, 0:kt], B[0 : kt // g, 0:32, 0:g])
             T.writes(C[0:32, 0:32])
             for i, j, k in T.grid(32, 32, kt):
                 with T.sblock("update"):
                     vi, vj, vk = T.axis.remap("SSR", [i, j, k])
-                    C[vi, vj] = C[vi, vj] + T.Cast("float32", A[vi, vk]) * T.Cast("float32", B[vk // 2, vj, vk % 2])
+                    C[vi, vj] = C[vi, vj] + T.Cast(acc, A[vi, vk]) * T.Cast(acc, B[vk // g, vj, vk % g])
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -210,11 +303,11 @@ def _amx_intrin(kt: int):
         sb0 = T.int32()
         sb1 = T.int32()
         sc = T.int32()
-        A = T.match_buffer(a, (32, kt), "bfloat16", offset_factor=1, strides=[sa, 1])
-        B = T.match_buffer(b, (kt // 2, 32, 2), "bfloat16", offset_factor=1, strides=[sb0, sb1, 1])
-        C = T.match_buffer(c, (32, 32), "float32", offset_factor=1, strides=[sc, 1])
+        A = T.match_buffer(a, (32, kt), a_dtype, offset_factor=1, strides=[sa, 1])
+        B = T.match_buffer(b, (kt // g, 32, g), b_dtype, offset_factor=1, strides=[sb0, sb1, 1])
+        C = T.match_buffer(c, (32, 32), acc, offset_factor=1, strides=[sc, 1])
         with T.sblock("root"):
-            T.reads(C[0:32, 0:32], A[0:32, 0:kt], B[0 : kt // 2, 0:32, 0:2])
+            T.reads(C[0:32, 0:32], A[0:32, 0:kt], B[0 : kt // g, 0:32, 0:g])
             T.writes(C[0:32, 0:32])
             # Tile configuration: palette 1, 8 tiles of 16 rows x 64 bytes.
             cfg = T.alloc_buffer((64,), "uint8", align=64)
@@ -229,16 +322,16 @@ def _amx_intrin(kt: int):
                 for n in T.unroll(2):
                     T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.uint8(m * 2 + n),
                                                   T.address_of(C[m * 16, n * 16]), T.int64(sc * 4)))
-            for ks in T.unroll(kt // 32):
+            for ks in T.unroll(kt // step):
                 for m in T.unroll(2):
                     T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.uint8(4 + m),
-                                                  T.address_of(A[m * 16, ks * 32]), T.int64(sa * 2)))
+                                                  T.address_of(A[m * 16, ks * step]), T.int64(sa * elem)))
                 for n in T.unroll(2):
                     T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.uint8(6 + n),
-                                                  T.address_of(B[ks * 16, n * 16, 0]), T.int64(sb0 * 2)))
+                                                  T.address_of(B[ks * 16, n * 16, 0]), T.int64(sb0 * elem)))
                 for m in T.unroll(2):
                     for n in T.unroll(2):
-                        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbf16ps", T.uint8(m * 2 + n),
+                        T.evaluate(T.call_llvm_intrin("void", product, T.uint8(m * 2 + n),
                                                       T.uint8(4 + m), T.uint8(6 + n)))
             for m in T.unroll(2):
                 for n in T.unroll(2):
@@ -248,14 +341,16 @@ def _amx_intrin(kt: int):
     return desc, impl
 
 
-def amx_intrin_name(kt: int) -> str:
-    return f"autotune_amx_bf16_32x32x{kt}"
+def amx_intrin_name(kt: int, precision: str = BF16) -> str:
+    return f"autotune_amx_{'bf16' if precision == BF16 else 'int8'}_32x32x{kt}"
 
 
 def register_intrinsics() -> None:
     TensorIntrin.register(DPBF16_INTRIN, _dpbf16_desc, _dpbf16_impl, override=True)
-    for kt in AMX_KT:
-        TensorIntrin.register(amx_intrin_name(kt), *_amx_intrin(kt), override=True)
+    TensorIntrin.register(VNNI_INTRIN, _vnni_desc, _vnni_impl, override=True)
+    for precision, kts in AMX_KT.items():  # (the int8-weight variants use the bf16 intrinsics)
+        for kt in kts:
+            TensorIntrin.register(amx_intrin_name(kt, precision), *_amx_intrin(kt, precision), override=True)
 
 
 # ---------------------------------------------------------------- schedules
@@ -267,9 +362,9 @@ def default_avx512_tile(rows: int, n: int) -> tuple[int, int]:
     return max(pairs, key=lambda p: (p[0] * p[1], -(p[0] + p[1])))
 
 
-def default_amx_knobs(n: int, kc: int) -> tuple[int, int]:
+def default_amx_knobs(n: int, kc: int, precision: str = BF16) -> tuple[int, int]:
     """(32-column blocks per task, KT) for AMX."""
-    return max(_divisors(n // 32, 1, 8)), max(kt for kt in AMX_KT if kc % kt == 0)
+    return max(_divisors(n // 32, 1, 8)), max(kt for kt in AMX_KT[precision] if kc % kt == 0)
 
 
 def _sample(sch, candidates: list[int]):
@@ -285,15 +380,15 @@ def apply_schedule(sch, sample: bool = False) -> None:
     outer = [loops[0]] if parts > 1 else []
     rows, n_loop, k_loop = loops[-3:]
     kc = info["k"] // parts
-    if info["isa"] == AMX:
-        _schedule_amx(sch, gemm, outer, rows, n_loop, k_loop, info["n"], kc, sample)
+    if _is_amx(info["isa"]):
+        _schedule_amx(sch, gemm, outer, rows, n_loop, k_loop, info["n"], kc, info["isa"], sample)
     else:
-        _schedule_avx512(sch, gemm, outer, rows, n_loop, k_loop, info["rows"], info["n"], sample)
+        _schedule_avx512(sch, gemm, outer, rows, n_loop, k_loop, info["rows"], info["n"], info["isa"], sample)
     if parts > 1:
         _schedule_ksum(sch)
 
 
-def _schedule_avx512(sch, gemm, outer, rows, n_loop, k_loop, total_rows, n, sample):
+def _schedule_avx512(sch, gemm, outer, rows, n_loop, k_loop, total_rows, n, isa, sample):
     if sample:
         mr = _sample(sch, _divisors(total_rows, 1, 5))
         nv = _sample(sch, _divisors(n // 16, 1, 3))
@@ -301,15 +396,22 @@ def _schedule_avx512(sch, gemm, outer, rows, n_loop, k_loop, total_rows, n, samp
         mr, nv = default_avx512_tile(total_rows, n)
     no, nvl, lanes = sch.split(n_loop, [None, nv, 16])
     mo, mi = sch.split(rows, [None, mr])
-    kp, kl = sch.split(k_loop, [None, 2])
+    kp, kl = sch.split(k_loop, [None, group(isa)])
     sch.reorder(*outer, no, mo, kp, mi, nvl, lanes, kl)
-    task = sch.fuse(*outer, no, mo)
-    sch.parallel(task)
-    sch.annotate(task, "pragma_import_llvm", _DPBF16_LLVM)
+    if _converts_weights(isa):
+        task = sch.fuse(*outer, no)  # a column panel per task: its row blocks share the converted weights
+        tile = mo
+        sch.parallel(task)
+        _convert_panel_at(sch, task)
+    else:
+        task = tile = sch.fuse(*outer, no, mo)
+        sch.parallel(task)
+    if PRECISION[isa] == BF16:
+        sch.annotate(task, "pragma_import_llvm", _DPBF16_LLVM)
     acc = sch.cache_write(gemm, 0, "global")  # the register tile: under 1 KiB, so on the stack
-    sch.reverse_compute_at(acc, task)
+    sch.reverse_compute_at(acc, tile)
     sch.decompose_reduction(gemm, kp)
-    sch.tensorize(lanes, DPBF16_INTRIN)
+    sch.tensorize(lanes, DPBF16_INTRIN if PRECISION[isa] == BF16 else VNNI_INTRIN)
     sch.unroll(mi)
     sch.unroll(nvl)
     # Unroll the tile's zeroing and write-back too, so that LLVM keeps the tile in registers. (A
@@ -319,20 +421,33 @@ def _schedule_avx512(sch, gemm, outer, rows, n_loop, k_loop, total_rows, n, samp
     sch.annotate(task, "pragma_unroll_explicit", 1)
 
 
-def _schedule_amx(sch, gemm, outer, rows, n_loop, k_loop, n, kc, sample):
+def _schedule_amx(sch, gemm, outer, rows, n_loop, k_loop, n, kc, isa, sample):
     # KT picks the intrinsic, so it stays fixed (a trace names its intrinsic; a resampled KT
     # could not replay); the column blocks per task are the decision.
-    nb, kt = default_amx_knobs(n, kc)
+    precision = PRECISION[isa]
+    nb, kt = default_amx_knobs(n, kc, precision)
     if sample:
         nb = _sample(sch, _divisors(n // 32, 1, 8))
     no, nbl, nl = sch.split(n_loop, [None, nb, 32])
     mo, ml = sch.split(rows, [None, 32])
     ko, kl = sch.split(k_loop, [None, kt])
     sch.reorder(*outer, no, mo, nbl, ko, ml, nl, kl)
-    task = sch.fuse(*outer, no, mo)
-    sch.parallel(task)
+    if _converts_weights(isa):
+        task = sch.fuse(*outer, no)
+        sch.parallel(task)
+        _convert_panel_at(sch, task)
+    else:
+        sch.parallel(sch.fuse(*outer, no, mo))
     sch.decompose_reduction(gemm, ko)
-    sch.tensorize(ml, amx_intrin_name(kt))
+    sch.tensorize(ml, amx_intrin_name(kt, precision))
+
+
+def _convert_panel_at(sch, task) -> None:
+    """Convert the int8 weight panel a task reads to bf16 once, at the start of the task."""
+    convert = sch.get_sblock("convert")
+    sch.compute_at(convert, task)
+    *_, columns, pair = sch.get_loops(convert)
+    sch.vectorize(sch.fuse(columns, pair))
 
 
 def _schedule_ksum(sch) -> None:
@@ -349,7 +464,7 @@ def _schedule_ksum(sch) -> None:
 
 
 def _custom_rule(sch, block):
-    """s_tir.meta_schedule.cpu.autotune_gemm_bf16: the GEMM's design space, one sampled schedule."""
+    """s_tir.meta_schedule.cpu.autotune_gemm_bf16 (both precisions): the GEMM's design space, one sampled schedule."""
     apply_schedule(sch, sample=True)
     return [sch]
 
@@ -370,12 +485,12 @@ def compile_standalone(m, n, k, isa, target):
     return tvm.compile(sch.mod, target=target)
 
 
-def pack_weight(b):
-    """numpy (k, n) -> the packed (k/2, n, 2) layout the kernel reads."""
+def pack_weight(b, g: int = 2):
+    """numpy (k, n) -> the packed (k/g, n, g) layout the kernel reads (g = `group(isa)`)."""
     import numpy as np
 
     k, n = b.shape
-    return np.ascontiguousarray(b.reshape(k // 2, 2, n).transpose(0, 2, 1))
+    return np.ascontiguousarray(b.reshape(k // g, g, n).transpose(0, 2, 1))
 
 
 register_intrinsics()

@@ -1,0 +1,181 @@
+"""The matrix-engine GEMMs against numpy: AVX512-BF16 and AMX-BF16 (bf16 inputs, float32
+accumulation, to float32 rounding; bf16 or int8 weights), AVX512-VNNI and AMX-INT8 (uint8 x int8 ->
+int32, exactly), on aligned and ragged shapes, and the MetaSchedule design space replayed with
+every decision it can sample."""
+
+from __future__ import annotations
+
+import itertools
+
+import ml_dtypes
+import numpy as np
+import pytest
+import tvm
+from tvm import s_tir
+
+from autotune.kernels import gemm_cpu as gemm
+from autotune.support import hardware
+from autotune.support.targets import resolve_target
+
+# bf16 products are exact in float32; only the float32 summation order differs from numpy's.
+RTOL = 1e-5
+
+needs_avx512_bf16 = pytest.mark.skipif(
+    "avx512_bf16" not in hardware.cpu_flags(),
+    reason=f"CPU has no AVX512-BF16 (flags: {' '.join(sorted(hardware.cpu_flags() & {'avx512f', 'avx2', 'amx_bf16'}))})",
+)
+AVX512_BF16_TARGET = {"kind": "llvm", "mcpu": "cooperlake", "num-cores": 2}
+needs_vnni = pytest.mark.skipif(
+    "avx512_vnni" not in hardware.cpu_flags(),
+    reason=f"CPU has no AVX512-VNNI (flags: {' '.join(sorted(hardware.cpu_flags() & {'avx512f', 'avx2', 'avx_vnni'}))})",
+)
+VNNI_TARGET = {"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2}
+
+
+def _operands(m, n, k, seed=0, int8_weights=False):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
+    if int8_weights:
+        b = rng.integers(-127, 128, (k, n), dtype=np.int8)
+    else:
+        b = rng.standard_normal((k, n)).astype(ml_dtypes.bfloat16)
+    return a, b, a.astype(np.float32) @ b.astype(np.float32)
+
+
+def _int8_operands(m, n, k, seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    b = rng.integers(-128, 128, (k, n), dtype=np.int8)  # -128 too: the full signed range
+    return a, b, a.astype(np.int64) @ b.astype(np.int64)
+
+
+def _run(lib, a, b, out_shape):
+    dev = tvm.cpu()
+    if a.dtype == np.uint8:
+        c = tvm.runtime.tensor(np.full(out_shape, -1, "int32"), dev)
+        packed = gemm.pack_weight(b, 4)
+    else:
+        c = tvm.runtime.tensor(np.full(out_shape, np.nan, "float32"), dev)
+        packed = gemm.pack_weight(b)
+    lib["main"](tvm.runtime.tensor(a, dev), tvm.runtime.tensor(packed, dev), c)
+    return c.numpy()
+
+
+def _assert_close(out, ref):
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    assert err < RTOL, f"max error {err:.2e} relative to max |C|, tolerance {RTOL}"
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize(
+    "m, n, k",
+    [
+        (30, 96, 96),  # aligned: 5 rows x 3 vectors register tiles
+        (17, 48, 40),  # ragged: a prime number of rows (1-row tiles)
+        (8, 32, 5200),  # a reduction long enough to be split into partial products
+    ],
+)
+@pytest.mark.parametrize("isa", [gemm.AVX512, gemm.AVX512_W8])
+def test_avx512_bf16_gemm_matches_numpy(m, n, k, isa):
+    """bf16 weights, or int8 weights converted to bf16 in the kernel (exactly: |q| <= 127)."""
+    a, b, ref = _operands(m, n, k, int8_weights=isa == gemm.AVX512_W8)
+    lib = gemm.compile_standalone(m, n, k, isa, tvm.target.Target(AVX512_BF16_TARGET))
+    assert "vdpbf16ps" in lib.mod.inspect_source("asm")
+    _assert_close(_run(lib, a, b, (m, n)), ref)
+
+
+@needs_vnni
+@pytest.mark.parametrize(
+    "m, n, k",
+    [
+        (30, 96, 128),  # aligned: 5 rows x 3 vectors register tiles
+        (17, 48, 44),  # ragged: a prime number of rows (1-row tiles), k not a multiple of 64
+        (8, 32, 10400),  # a reduction long enough to be split into partial products
+    ],
+)
+def test_vnni_int8_gemm_equals_numpy_exactly(m, n, k):
+    a, b, ref = _int8_operands(m, n, k)
+    lib = gemm.compile_standalone(m, n, k, gemm.VNNI, tvm.target.Target(VNNI_TARGET))
+    assert "vpdpbusd" in lib.mod.inspect_source("asm")
+    np.testing.assert_array_equal(_run(lib, a, b, (m, n)), ref)
+
+
+def test_amx_int8_gemm_compiles_to_tile_instructions_and_equals_numpy_where_the_cpu_has_amx():
+    target = resolve_target("x86-amx").tvm_target()
+    lib = gemm.compile_standalone(64, 64, 256, gemm.AMX_INT8, target)
+    asm = lib.mod.inspect_source("asm")
+    assert "tdpbusd" in asm and "ldtilecfg" in asm and "tilestored" in asm
+    if hardware.missing_cpu_flags(["amx_tile", "amx_int8"]):
+        pytest.skip(f"CPU has no AMX-INT8 to run the kernel on ({hardware.cpu_model()}): codegen checked only")
+    hardware.request_amx_permission()
+    a, b, ref = _int8_operands(64, 64, 256)
+    np.testing.assert_array_equal(_run(lib, a, b, (64, 64)), ref)
+
+
+@pytest.mark.parametrize("isa", [gemm.AMX, gemm.AMX_W8])
+def test_amx_gemm_compiles_to_tile_instructions_and_matches_numpy_where_the_cpu_has_amx(isa):
+    target = resolve_target("x86-amx").tvm_target()
+    lib = gemm.compile_standalone(64, 64, 128, isa, target)
+    asm = lib.mod.inspect_source("asm")
+    assert "tdpbf16ps" in asm and "ldtilecfg" in asm and "tilestored" in asm
+    if hardware.missing_cpu_flags(["amx_tile", "amx_bf16"]):
+        pytest.skip(f"CPU has no AMX-BF16 to run the kernel on ({hardware.cpu_model()}): codegen checked only")
+    hardware.request_amx_permission()
+    a, b, ref = _operands(64, 64, 128, int8_weights=isa == gemm.AMX_W8)
+    _assert_close(_run(lib, a, b, (64, 64)), ref)
+
+
+def test_shapes_each_engine_takes():
+    assert gemm.isa_for_shape(gemm.AMX, 1560, 1536, 1536) == gemm.AMX
+    assert gemm.padded_rows(gemm.AMX, 1560) == 1568  # AMX works on 32-row blocks
+    assert gemm.isa_for_shape(gemm.AMX, 1560, 48, 1536) == gemm.AVX512  # 48 columns: not whole AMX tiles
+    assert gemm.isa_for_shape(gemm.AVX512, 1560, 24, 1536) is None  # not whole 16-lane vectors
+    assert gemm.isa_for_shape(gemm.AVX512, 1560, 32, 15) is None  # odd reduction: no bf16 pairs
+    assert gemm.padded_rows(gemm.AVX512, 1560) == 1560 and gemm.padded_rows(gemm.AVX512, 257) == 264
+    assert gemm.k_split(8960, gemm.AVX512) == 4 and gemm.k_split(1536, gemm.AVX512) == 1
+    assert gemm.target_isa(resolve_target("x86-amx").tvm_target()) == gemm.AMX
+    assert gemm.target_isa(resolve_target("x86-avx512-bf16").tvm_target()) == gemm.AVX512
+    assert gemm.target_isa(resolve_target("x86-avx512").tvm_target()) is None
+    # int8: AMX-INT8 tiles take k in 64s; VNNI quads in 4s
+    assert gemm.target_isa(resolve_target("x86-amx").tvm_target(), gemm.INT8) == gemm.AMX_INT8
+    assert gemm.target_isa(resolve_target("x86-avx512-vnni").tvm_target(), gemm.INT8) == gemm.VNNI
+    assert gemm.target_isa(resolve_target("x86-avx2").tvm_target(), gemm.INT8) is None
+    assert gemm.isa_for_shape(gemm.AMX_INT8, 1560, 1536, 1536) == gemm.AMX_INT8
+    assert gemm.isa_for_shape(gemm.AMX_INT8, 1560, 1536, 1568) == gemm.VNNI  # 1568 = 24.5 tile rows
+    assert gemm.isa_for_shape(gemm.VNNI, 1560, 1536, 1538) is None  # not whole quads
+    assert gemm.k_split(8960, gemm.VNNI) == 4 and gemm.k_split(8960, gemm.AMX_INT8) == 4
+    assert gemm.isa_for_shape(gemm.AMX_W8, 1560, 48, 1536) == gemm.AVX512_W8  # int8 weights: bf16 engines' shapes
+
+
+@pytest.mark.parametrize(
+    "isa, needs, target",
+    [
+        (gemm.AVX512, "avx512_bf16", AVX512_BF16_TARGET),
+        (gemm.AVX512_W8, "avx512_bf16", AVX512_BF16_TARGET),
+        (gemm.VNNI, "avx512_vnni", VNNI_TARGET),
+    ],
+)
+def test_every_sampled_register_tile_replays_and_computes_the_product(isa, needs, target):
+    """MetaSchedule re-applies a trace with other decisions; each must schedule and be right."""
+    if needs not in hardware.cpu_flags():
+        pytest.skip(f"CPU has no {needs} to run the kernel on ({hardware.cpu_model()})")
+    m, n, k = 12, 96, 64
+    func = gemm.make_primfunc(m, n, k, isa).with_attr("global_symbol", "main")
+    sampled = s_tir.Schedule(tvm.IRModule({"main": func}), seed=1)
+    gemm.apply_schedule(sampled, sample=True)
+    trace = sampled.trace
+    decisions = [inst for inst in trace.insts if inst.kind.name == "SampleCategorical"]
+    assert len(decisions) == 2  # register-tile rows and vectors
+    a, b, ref = _int8_operands(m, n, k) if isa == gemm.VNNI else _operands(m, n, k, int8_weights=isa == gemm.AVX512_W8)
+    choices = [range(len(inst.attrs[0])) for inst in decisions]
+    for picks in itertools.product(*choices):
+        for inst, pick in zip(decisions, picks):
+            trace = trace.with_decision(inst, pick, remove_postproc=True)
+        replayed = s_tir.Schedule(tvm.IRModule({"main": func}))
+        trace.apply_to_schedule(replayed, remove_postproc=True)
+        lib = tvm.compile(replayed.mod, target=tvm.target.Target(target))
+        out = _run(lib, a, b, (m, n))
+        if isa == gemm.VNNI:
+            np.testing.assert_array_equal(out, ref)
+        else:
+            _assert_close(out, ref)
