@@ -168,11 +168,17 @@ def test_component_names_take_either_spelling():
     assert get_workload("tiny_image_encoder").name == get_workload("tiny-image-encoder").name
 
 
-def test_listing_verbs_print_whole_names_and_json():
-    piped = _cli("targets")
+def test_listing_verbs_print_whole_names_and_json(capsys):
+    piped = _cli("targets")  # stdout a pipe, not a terminal: names must not be cut
     assert piped.returncode == 0 and "aarch64-neon" in piped.stdout and "…" not in piped.stdout
-    models = json.loads(_cli("models", "--json").stdout)
+    from autotune.cli.main import build_parser
+
+    def listed(*argv):
+        args = build_parser().parse_args(list(argv))
+        assert args.func(args) == 0
+        return json.loads(capsys.readouterr().out)
+
+    models = listed("models", "--json")
     assert {"model", "component", "params", "flops_per_call", "inputs"} <= set(models[0])
     assert any(m["component"] == "vae_decoder" for m in models)
-    targets = json.loads(_cli("targets", "--json").stdout)
-    assert any(t["name"] == "aarch64-neon" for t in targets)
+    assert any(t["name"] == "aarch64-neon" for t in listed("targets", "--json"))

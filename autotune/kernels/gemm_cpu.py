@@ -172,6 +172,12 @@ def make_primfunc(m: int, n: int, k: int, isa: str) -> tvm.tirx.PrimFunc:
     return _annotate(func)
 
 
+def kernel_name(m: int, n: int, k: int, isa: str) -> str:
+    """gemm_bf16_ / gemm_w8_ (int8 weights on a bf16 engine) / gemm_int8_ + ISA and shape."""
+    kind = "w8" if _converts_weights(isa) else ("bf16" if PRECISION[isa] == BF16 else "int8")
+    return f"gemm_{kind}_{isa}_{m}x{n}x{k}"
+
+
 def _annotate(func):
     from tvm import s_tir
 

@@ -90,11 +90,7 @@ class MatrixEngineRewriter:
     def _kernel(self, rows: int, n: int, k: int, isa: str) -> relax.GlobalVar:
         key = (rows, n, k, isa)
         if key not in self.kernels:
-            func = kernel.make_primfunc(rows, n, k, isa)
-            name = {kernel.AVX512_W8: "gemm_w8", kernel.AMX_W8: "gemm_w8"}.get(
-                isa, "gemm_bf16" if kernel.PRECISION[isa] == kernel.BF16 else "gemm_int8"
-            )
-            self.kernels[key] = self.builder.add_func(func, f"{name}_{isa}_{rows}x{n}x{k}")
+            self.kernels[key] = self.builder.add_func(kernel.make_primfunc(rows, n, k, isa), kernel.kernel_name(rows, n, k, isa))
         return self.kernels[key]
 
     def rewrite(self) -> tvm.IRModule:

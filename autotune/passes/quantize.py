@@ -17,9 +17,12 @@ Modes (`MODES`, each a small handler class in the style of gpt-fast's quantizati
                  permute_dims(W))` or `matmul(x, W)` with a 2-D weight) and every convolution;
                  the int8 -> float cast is fused into the matmul/conv kernel and the per-channel
                  scale is applied to the kernel's output (an epilogue), so weights stay int8 in
-                 memory: 4x smaller than float32.
+                 memory: 4x smaller than float32. On x86 CPUs with AVX512-BF16 or AMX-BF16 the
+                 linears run on that engine instead (passes/matrix_engine.py): activations
+                 rounded to bf16, the int8 weights converted to bf16 inside the kernel.
     w8a8         int8 weights (per output channel) and per-token dynamic int8 activations for the
-                 linears: `matmul(int8, int8, out_dtype=int32)`, then rescale by both scales.
+                 linears: `matmul(int8, int8, out_dtype=int32)`, then rescale by both scales; on
+                 x86 CPUs with AVX512-VNNI or AMX-INT8 the matmul runs on that engine.
                  Convolutions are left in float32 (per-token scales do not map onto them).
     fp8          float8_e4m3fn weights with a per-output-channel float32 scale for linears and
                  convolutions; cast inside the kernel, float32 accumulation (weight-only: 4x less
@@ -531,7 +534,8 @@ class Bf16(QuantMode):
 @register
 class Int8Weight(QuantMode):
     name = "int8-weight"
-    description = "int8 per-output-channel weights for linears and convolutions, float32 compute"
+    description = ("int8 per-output-channel weights for linears and convolutions; linears compute on the "
+                   "CPU's bf16 engine (AVX512-BF16 / AMX-BF16) where there is one, else float32")
 
     def apply(self, imported):
         return _quantize_weights(imported, _Scheme("int8", "float32"), linears=True, convs=True)
@@ -540,7 +544,8 @@ class Int8Weight(QuantMode):
 @register
 class W8A8(QuantMode):
     name = "w8a8"
-    description = "int8 weights + per-token dynamic int8 activations for linears, int32 accumulation"
+    description = ("int8 weights + per-token dynamic int8 activations for linears, int32 accumulation "
+                   "(on AVX512-VNNI / AMX-INT8 where the CPU has them)")
 
     def supports(self, preset):
         if preset.family == "cuda":

@@ -26,7 +26,7 @@ ENGINES = ("torch eager", "ONNX Runtime", "OpenVINO", "TVM untuned")
 # (cosine ~0.99999 measured for eager, OpenVINO and TVM). 0.999 leaves two orders of magnitude of
 # 1 - cosine for other CPUs' kernels while failing a wrong cast or a broken bf16 build.
 BF16_MIN_COSINE = 0.999
-# int8 linears (per-channel weights; dynamic per-token activations for torch, ORT and TVM): cosine
+# int8 linears (per-channel weights, torch per-tensor; dynamic activations for torch, ORT and TVM): cosine
 # 0.99996-0.999994 measured on this encoder (AMD Zen 4); 0.995 fails a wrong scale or a lost shift.
 INT8_MIN_COSINE = 0.995
 PRECISIONS = ("fp32", "bf16", "int8")
