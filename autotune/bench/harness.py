@@ -293,42 +293,35 @@ class TVM:
 
 
 # ---------------------------------------------------------------- the machine's limits
+def _median_seconds(call: Callable[[], object], repeat: int) -> float:
+    """Median wall time of `call()` over `repeat` runs, after one warm-up run."""
+    call()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def _gemm_gflops(dtype: torch.dtype, size: int, repeat: int) -> float:
-    """GFLOP/s of torch's matmul on two size x size matrices of `dtype` (median of `repeat`)."""
+    """GFLOP/s of torch's matmul on two size x size matrices of `dtype`."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    torch.mm(a, b)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - t)
-    return 2 * size**3 / statistics.median(times) / 1e9
-
-
-def _copy_gbs(repeat: int) -> float:
-    """GB/s (read + write) of copying 64 MiB."""
-    src = np.ones(64 * 2**20 // 4, dtype=np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - t)
-    return 2 * src.nbytes / statistics.median(times) / 1e9
+    return 2 * size**3 / _median_seconds(lambda: torch.mm(a, b), repeat) / 1e9
 
 
 def _int8_gemm_gops(size: int, repeat: int) -> float:
     """GOP/s of torch's int8 x int8 -> int32 matmul (`torch._int_mm`) on two size x size matrices."""
     a = torch.randint(-127, 128, (size, size), dtype=torch.int8)
     b = torch.randint(-127, 128, (size, size), dtype=torch.int8)
-    torch._int_mm(a, b)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        torch._int_mm(a, b)
-        times.append(time.perf_counter() - t)
-    return 2 * size**3 / statistics.median(times) / 1e9
+    return 2 * size**3 / _median_seconds(lambda: torch._int_mm(a, b), repeat) / 1e9
+
+
+def _copy_gbs(repeat: int) -> float:
+    """GB/s (read + write) of copying 64 MiB."""
+    src = np.ones(64 * 2**20 // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    return 2 * src.nbytes / _median_seconds(lambda: np.copyto(dst, src), repeat) / 1e9
 
 
 def measure_peak(threads: int, size: int = 2048, repeat: int = 5) -> dict:

@@ -217,18 +217,23 @@ define <16 x float> @autotune_dpbf16ps(<16 x float> %c, i32 %a, <16 x i32> %b) {
 DPBF16_INTRIN = "autotune_avx512bf16_dot_16x2"
 
 
-@T.prim_func(s_tir=True)
-def _dpbf16_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (2,), "bfloat16", offset_factor=1)
-    B = T.match_buffer(b, (1, 16, 2), "bfloat16", offset_factor=1)
-    C = T.match_buffer(c, (16,), "float32", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:2], B[0:1, 0:16, 0:2])
-        T.writes(C[0:16])
-        for j, k in T.grid(16, 2):
-            with T.sblock("update"):
-                vj, vk = T.axis.remap("SR", [j, k])
-                C[vj] = C[vj] + T.Cast("float32", A[vk]) * T.Cast("float32", B[vk // 2, vj, vk % 2])
+def _dot_desc(a_dtype: str, b_dtype: str, acc: str, g: int):
+    """C[16] += A[g] x B[1, 16, g]: 16 columns times one k group (the vector engines' dot product)."""
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (g,), a_dtype, offset_factor=1)
+        B = T.match_buffer(b, (1, 16, g), b_dtype, offset_factor=1)
+        C = T.match_buffer(c, (16,), acc, offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:g], B[0:1, 0:16, 0:g])
+            T.writes(C[0:16])
+            for j, k in T.grid(16, g):
+                with T.sblock("update"):
+                    vj, vk = T.axis.remap("SR", [j, k])
+                    C[vj] = C[vj] + T.Cast(acc, A[vk]) * T.Cast(acc, B[vk // g, vj, vk % g])
+
+    return desc
 
 
 @T.prim_func(s_tir=True)
@@ -248,20 +253,6 @@ def _dpbf16_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
 
 
 VNNI_INTRIN = "autotune_avx512vnni_dot_16x4"
-
-
-@T.prim_func(s_tir=True)
-def _vnni_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
-    B = T.match_buffer(b, (1, 16, 4), "int8", offset_factor=1)
-    C = T.match_buffer(c, (16,), "int32", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:1, 0:16, 0:4])
-        T.writes(C[0:16])
-        for j, k in T.grid(16, 4):
-            with T.sblock("update"):
-                vj, vk = T.axis.remap("SR", [j, k])
-                C[vj] = C[vj] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vk // 4, vj, vk % 4])
 
 
 @T.prim_func(s_tir=True)
@@ -352,8 +343,8 @@ def amx_intrin_name(kt: int, precision: str = BF16) -> str:
 
 
 def register_intrinsics() -> None:
-    TensorIntrin.register(DPBF16_INTRIN, _dpbf16_desc, _dpbf16_impl, override=True)
-    TensorIntrin.register(VNNI_INTRIN, _vnni_desc, _vnni_impl, override=True)
+    TensorIntrin.register(DPBF16_INTRIN, _dot_desc("bfloat16", "bfloat16", "float32", 2), _dpbf16_impl, override=True)
+    TensorIntrin.register(VNNI_INTRIN, _dot_desc("uint8", "int8", "int32", 4), _vnni_impl, override=True)
     for precision, kts in AMX_KT.items():  # (the int8-weight variants use the bf16 intrinsics)
         for kt in kts:
             TensorIntrin.register(amx_intrin_name(kt, precision), *_amx_intrin(kt, precision), override=True)

@@ -108,7 +108,10 @@ def test_transformer_mode_builds_runs_shrinks_and_is_faithful(mode, transformer,
         # smaller, plus one float32 scale per output channel
         assert info["linear_layers"] == 32
         assert info["layers"] == 32 + (1 if mode == "int8-weight" else 0)
-        assert after < 0.4 * before
+        # w8a8 on VNNI / AMX-INT8 also ships one int32 column-sum correction per output channel
+        channels = sum(w.size for name, w in quantize(imported, mode, "x86")[0].weights.items() if name.endswith("_scale"))
+        correction = 4 * channels if "matrix_engine" in info and mode == "w8a8" else 0
+        assert after < 0.4 * before + correction
 
 
 def test_int8_weights_are_a_quarter_of_the_float32_linears(transformer):

@@ -243,6 +243,8 @@ def test_interrupted_tune_keeps_its_records_and_resumes(tmp_path, sig):
     report, _ = read_log(log, X86)
     assert report.records >= seen, "records flushed before the signal were lost"
     assert all("truncated" in p.reason for p in report.problems)  # at most a cut last line
+    if sig == signal.SIGINT:
+        return  # resuming is shown once, after the harder stop (a resumed run costs ~30 s)
     # re-running resumes from the log: the new run starts with every record already there
     result = run_fresh(
         f"""
