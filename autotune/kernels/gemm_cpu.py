@@ -55,6 +55,7 @@ AMX_W8 = "amxw8"  # AMX-BF16 with int8 weights
 BF16, INT8 = "bfloat16", "int8"
 PRECISION = {AVX512: BF16, AMX: BF16, VNNI: INT8, AMX_INT8: INT8, AVX512_W8: BF16, AMX_W8: BF16}
 INT8_WEIGHTS = {AVX512: AVX512_W8, AMX: AMX_W8}  # bf16 engine -> its int8-weight variant
+DTYPES = {BF16: ("bfloat16", "bfloat16", "float32"), INT8: ("uint8", "int8", "int32")}  # A, B, accumulator
 MAX_PANEL_K = 2560  # longest reduction one partial product walks (weight panel stays in L2)
 MAX_ACCUMULATORS = 15  # 16-lane vectors in the AVX-512 register tile (stack, < 1 KiB)
 AMX_KT = {BF16: (32, 64, 128, 256, 512), INT8: (64, 128, 256, 512)}
@@ -145,7 +146,7 @@ def make_primfunc(m: int, n: int, k: int, isa: str) -> tvm.tirx.PrimFunc:
     parts = k_split(k, isa)
     kc = k // parts
     g = group(isa)
-    a_dtype, b_dtype, acc = ("bfloat16", "bfloat16", "float32") if PRECISION[isa] == BF16 else ("uint8", "int8", "int32")
+    a_dtype, b_dtype, acc = DTYPES[PRECISION[isa]]
     if _converts_weights(isa):
         b_dtype = "int8"
     A = te.placeholder((m, k), a_dtype, name="A")
@@ -276,10 +277,10 @@ def _vnni_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
 def _amx_intrin(kt: int, precision: str):
     """C[32, 32] += A[32, kt] x Bp[kt/g, 32, g] in tiles: C in tmm0-3 (2 x 2), A in tmm4-5, B in
     tmm6-7; C is loaded and stored once per call, kept in tiles across kt."""
-    if precision == BF16:
-        a_dtype, b_dtype, acc, g, elem, step, product = "bfloat16", "bfloat16", "float32", 2, 2, 32, "llvm.x86.tdpbf16ps"
-    else:
-        a_dtype, b_dtype, acc, g, elem, step, product = "uint8", "int8", "int32", 4, 1, 64, "llvm.x86.tdpbusd"
+    a_dtype, b_dtype, acc = DTYPES[precision]
+    g, step = (2, 32) if precision == BF16 else (4, 64)  # k per 32-bit lane, k per 64-byte tile row
+    elem = 4 // g  # bytes per element
+    product = "llvm.x86.tdpbf16ps" if precision == BF16 else "llvm.x86.tdpbusd"
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -343,8 +344,8 @@ def amx_intrin_name(kt: int, precision: str = BF16) -> str:
 
 
 def register_intrinsics() -> None:
-    TensorIntrin.register(DPBF16_INTRIN, _dot_desc("bfloat16", "bfloat16", "float32", 2), _dpbf16_impl, override=True)
-    TensorIntrin.register(VNNI_INTRIN, _dot_desc("uint8", "int8", "int32", 4), _vnni_impl, override=True)
+    TensorIntrin.register(DPBF16_INTRIN, _dot_desc(*DTYPES[BF16], 2), _dpbf16_impl, override=True)
+    TensorIntrin.register(VNNI_INTRIN, _dot_desc(*DTYPES[INT8], 4), _vnni_impl, override=True)
     for precision, kts in AMX_KT.items():  # (the int8-weight variants use the bf16 intrinsics)
         for kt in kts:
             TensorIntrin.register(amx_intrin_name(kt, precision), *_amx_intrin(kt, precision), override=True)
