@@ -16,9 +16,11 @@ def load(path, device: str = "cpu", **options):
     """Load a built artifact (its `.so`, `.json` or stem) for `device` ("cpu", "cuda", "cuda:1").
 
     options: verify_hashes=True checks the sha256 of library and weights; check_finite=True
-    rejects inputs with NaN/Inf.
+    rejects inputs with NaN/Inf; layers="stream" | "resident" | "auto" for a block-wise artifact
+    (the Wan transformer): read each layer's weights as it runs, or keep them all in memory
+    (auto: resident when they take under half the memory available).
     """
-    from autotune.runtime.module import load as _load
+    from autotune.runtime.loader import load as _load
 
     return _load(path, device=device, **options)
 

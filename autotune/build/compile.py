@@ -100,7 +100,9 @@ def compile_module(
     (imported.weights, with large matrices packed for the tuned kernels). `shipped_log` also applies
     the log autotune ships for the target's family (schedules/FAMILY). `details`, when given, is
     filled with the logs read ({"logs": {dir: records}}), the kernels left unscheduled
-    ({"naive": [names]}) and the FLOPs of one call of each kernel ({"flops": {name: flops}})."""
+    ({"naive": [names]}), the FLOPs of one call of each kernel ({"flops": {name: flops}}) and the
+    scheduled module before weight packing ({"scheduled": module}: `pack_for_target` of it packs
+    other weights of the same shapes the same way)."""
     target = preset.tvm_target()
     fused = fuse_for_target(imported.mod, target)
     kernels = len(prim_funcs(fused))
@@ -128,11 +130,12 @@ def compile_module(
             f"TVM's plain loop nests, slowly: {', '.join(naive[:8])}{' ...' if len(naive) > 8 else ''}. "
             "Tuning them (autotune tune with the same model and passes) gives them one."
         )
+    scheduled = fused
     fused, weights, packed = pack_for_target(fused, imported.weights, len(imported.inputs))
     if packed:
         notes.append(f"{packed} weight matrices packed at build time into the layout their tuned kernels read")
     if details is not None:
-        details.update(logs=counts, naive=naive, flops=count_kernel_flops(fused))
+        details.update(logs=counts, naive=naive, flops=count_kernel_flops(fused), scheduled=scheduled)
     lowered = lower(fused, target)
     with codegen_context(preset):
         executable = tvm.compile(lowered, target=target, relax_pipeline=None)
@@ -146,8 +149,11 @@ def build(
     log_dir: str | Path | None = None,
     settings: BuildSettings | None = None,
     extra_metadata: dict | None = None,
+    details: dict | None = None,
 ) -> BuildReport:
-    """Compile `imported` for `target` into the artifact `output` (NAME.so, NAME.weights..., NAME.json)."""
+    """Compile `imported` for `target` into the artifact `output` (NAME.so, NAME.weights..., NAME.json).
+
+    `details`, when given, is filled as `compile_module` fills it."""
     settings = settings or BuildSettings()
     preset = resolve_target(target)
     started = time.time()
@@ -157,7 +163,7 @@ def build(
     imported, info = prepare_model(imported, preset, settings.quantize)
     if info:
         passes.append(info)
-    details: dict = {}
+    details = {} if details is None else details
     try:
         executable, (kernels, tuned, fallback, records), notes, weights = compile_module(
             imported, preset, log_dir, shipped_log=settings.shipped_log, details=details

@@ -47,7 +47,7 @@ def run(args) -> int:
     steps = Steps(3)
     steps(f"import {args.model} ({args.component})")
     source, prune_info = load_model_source(args)
-    print(source.imported.summary())
+    print(source.summary())
     shipped = "the shipped log" if settings.shipped_log else "no shipped log"
     steps(f"build for {args.target} with the log {args.log} and {shipped}")
     print(settings)

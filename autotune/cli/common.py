@@ -63,9 +63,15 @@ def add_log_arg(p: argparse.ArgumentParser, help_text: str) -> None:
 
 
 def load_model_source(args):
-    """Import the model; prune it first when --prune is given. Returns (source, prune info or None)."""
+    """Import the model; prune it first when --prune is given. Returns (source, prune info or None).
+
+    A Wan transformer is imported block-wise (prologue, one block, epilogue), except when pruned:
+    pruning gives each layer its own widths, so the layers no longer share one compiled block."""
+    from autotune.frontend.blockwise import is_blockwise, load_blockwise_source
     from autotune.frontend.sources import load_source
 
+    if is_blockwise(args.model, args.component) and not getattr(args, "prune", None):
+        return load_blockwise_source(args.model, args.weights, args.height, args.width, args.frames), None
     source = load_source(args.model, args.component, args.weights, args.height, args.width, args.frames)
     if getattr(args, "prune", None):
         from autotune.frontend.prune import prune
@@ -117,16 +123,21 @@ def artifact_path(out: str, source, target_name: str) -> Path:
 
 
 def build_one(source, target, out: str, log: str | None, settings, extra: dict | None = None):
+    """Build `source` (a ModelSource, or a BlockwiseSource: a block-wise artifact) into OUT."""
+    from autotune.build.blockwise import build_blockwise
     from autotune.build.compile import build
+    from autotune.frontend.blockwise import BlockwiseSource
 
     path = artifact_path(out, source, target_name(target))
     metadata = {"model": source.label, **(extra or {})}
+    if isinstance(source, BlockwiseSource):
+        return build_blockwise(source, target, path, log_dir=log, settings=settings, extra_metadata=metadata)
     return build(source.imported, target, path, log_dir=log, settings=settings, extra_metadata=metadata)
 
 
 def report_fidelity(source, report) -> dict | None:
     """Run the artifact on the example inputs against the fp32 torch reference; store it in the metadata."""
-    from autotune.runtime.module import load
+    from autotune.runtime.loader import load
     from autotune.support.fidelity import compare, format_fidelity
 
     reference = source.reference_outputs()

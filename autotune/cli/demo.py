@@ -35,7 +35,7 @@ def run(args) -> int:
     """Tune briefly, build untuned and tuned, compare both with torch and with each other."""
     import numpy as np
 
-    from autotune.runtime.module import load
+    from autotune.runtime.loader import load
     from autotune.support.settings import BuildSettings, TuneSettings
     from autotune.support.targets import resolve_target
     from autotune.tuning.tune import tune
@@ -46,13 +46,13 @@ def run(args) -> int:
     started = time.time()
     steps(f"import {args.model} ({args.component}) from torch")
     source, _ = load_model_source(args)
-    print(source.imported.summary())
+    print(source.summary())
     reference = source.reference_outputs()
     steps(f"build untuned (fallback schedules, no tuning log) for {args.target}")
     untuned = build_one(source, args.target, str(Path(args.output) / "untuned"), None, BuildSettings(shipped_log=False))
     print(untuned.summary())
     steps(f"tune {args.trials} trials for {args.target} into {args.log}")
-    report = tune(source.imported, args.target, args.log, settings)
+    report = tune(source.tune_units(), args.target, args.log, settings)
     print(report.summary())
     steps("build with the tuning logs (this run's and the shipped one)")
     tuned = build_one(source, args.target, args.output, args.log, BuildSettings())

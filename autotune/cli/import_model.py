@@ -24,12 +24,15 @@ def run(args) -> int:
     steps = Steps(2)
     steps(f"import {args.model} ({args.component})")
     source, _ = load_model_source(args)
-    print(source.imported.summary())
+    print(source.summary())
     steps(f"fuse for {args.target}")
-    fused = fuse_for_target(source.imported.mod, preset.tvm_target())
-    print(f"{len(prim_funcs(fused))} kernels (tuning tasks before deduplication)")
+    scripts = []
+    for unit, calls in source.tune_units():
+        fused = fuse_for_target(unit.mod, preset.tvm_target())
+        print(f"{unit.source}: {len(prim_funcs(fused))} kernels (tuning tasks before deduplication), run {calls}x per call")
+        scripts.append(f"# {unit.source}\n{unit.mod.script()}")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(source.imported.mod.script())
+        Path(args.output).write_text("\n\n".join(scripts))
         print(f"Relax module written to {args.output}")
     return 0

@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import numpy as np
 
-    from autotune.runtime.module import load
+    from autotune.runtime.loader import load
 
     module = load(args.artifact, device=args.device, check_finite=args.check_finite)
     print(module)

@@ -58,11 +58,11 @@ def run(args) -> int:
     steps = Steps(2)
     steps(f"import {args.model} ({args.component})")
     source, _ = load_model_source(args)
-    print(source.imported.summary())
+    print(source.summary())
     steps(f"tune for {args.target}: {args.trials} new trials into {args.log}")
     print(settings)
     try:
-        report = tune(source.imported, args.target, args.log, settings)
+        report = tune(source.tune_units(), args.target, args.log, settings)
     except KeyboardInterrupt:
         print(f"\ninterrupted: every record measured so far is in {args.log}; run the same command to resume")
         return 130

@@ -28,14 +28,26 @@ class ModelSource:
     model_name: str = ""
 
     def reference_outputs(self) -> list[np.ndarray] | None:
-        if self.reference is None:
-            return None
-        import torch
+        return run_reference(self.reference, self.example_inputs)
 
-        with torch.no_grad():
-            out = self.reference(*[torch.from_numpy(v) for v in self.example_inputs.values()])
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        return [o.detach().numpy() for o in outs]
+    def summary(self) -> str:
+        return self.imported.summary()
+
+    def tune_units(self) -> list[tuple[ImportedModel, int]]:
+        """What `tuning.tune` searches: (compile unit, calls per model call)."""
+        return [(self.imported, 1)]
+
+
+def run_reference(reference, example_inputs: dict[str, np.ndarray]) -> list[np.ndarray] | None:
+    """The torch reference's outputs on the example inputs (None without a reference)."""
+    if reference is None:
+        return None
+    import torch
+
+    with torch.no_grad():
+        out = reference(*[torch.from_numpy(v) for v in example_inputs.values()])
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [o.detach().numpy() for o in outs]
 
 
 def is_model_file(model: str) -> bool:

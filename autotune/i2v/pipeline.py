@@ -175,7 +175,7 @@ class CompiledEngine(Engine):
         self.directory = Path(artifacts)
         self.device = device
         check_artifacts(self.directory, model=model)
-        from autotune.runtime.module import load
+        from autotune.runtime.loader import load
 
         self.modules = {c: load(self.directory / f"{c}.so", device=device) for c in COMPONENTS}
         self.model_name = model or _artifact_model(self.modules["transformer"].metadata) or "wan-i2v-tiny"
@@ -263,10 +263,17 @@ def _dir_fingerprint(root: str, subfolders) -> list:
     return rows
 
 
+def _artifact_present(directory: Path, component: str) -> bool:
+    """COMPONENT.json and its library (COMPONENT.so, or a block-wise manifest's units directory)."""
+    return (directory / f"{component}.json").exists() and (
+        (directory / f"{component}.so").exists() or (directory / component).is_dir()
+    )
+
+
 def check_artifacts(directory: str | Path, model: str | None = None, target: str | None = None) -> None:
     """ArtifactError naming the missing components and the commands that build them."""
     directory = Path(directory)
-    missing = [c for c in COMPONENTS if not (directory / f"{c}.so").exists() or not (directory / f"{c}.json").exists()]
+    missing = [c for c in COMPONENTS if not _artifact_present(directory, c)]
     if not missing:
         return
     found = [c for c in COMPONENTS if c not in missing]
@@ -321,18 +328,25 @@ def build_pipeline_artifacts(
     Untuned (fallback schedules) unless `log_dir` holds tuning records for them. Returns
     {component: BuildReport} for what was built. `only_missing`: keep artifacts already there.
     """
+    from autotune.build.blockwise import build_blockwise
     from autotune.build.compile import build
+    from autotune.frontend.blockwise import is_blockwise, load_blockwise_source
     from autotune.frontend.sources import load_source
 
     out_dir = Path(out_dir)
     reports = {}
     for comp in components:
-        if only_missing and (out_dir / f"{comp}.so").exists() and (out_dir / f"{comp}.json").exists():
+        if only_missing and _artifact_present(out_dir, comp):
             continue
         started = time.perf_counter()
-        source = load_source(model, comp, weights, height, width, frames)
-        report = build(source.imported, target, out_dir / f"{comp}.so", log_dir=log_dir,
-                       extra_metadata={"model": source.label})
+        if is_blockwise(model, comp):  # the transformer: prologue, one block for every layer, epilogue
+            source = load_blockwise_source(model, weights, height, width, frames)
+            report = build_blockwise(source, target, out_dir / f"{comp}.so", log_dir=log_dir,
+                                     extra_metadata={"model": source.label}, progress=log.info)
+        else:
+            source = load_source(model, comp, weights, height, width, frames)
+            report = build(source.imported, target, out_dir / f"{comp}.so", log_dir=log_dir,
+                           extra_metadata={"model": source.label})
         reports[comp] = report
         if not quiet:
             log.info("built %s (import + build %.1f s)", report.summary(), time.perf_counter() - started)

@@ -101,6 +101,15 @@ TINY_CLIP = dict(
 )
 
 
+def check_text_tokens(encoder_hidden_states) -> None:
+    if encoder_hidden_states.shape[1] != TEXT_TOKENS:
+        raise InputError(
+            f"encoder_hidden_states has {encoder_hidden_states.shape[1]} tokens; the Wan I2V transformer "
+            f"needs exactly {TEXT_TOKENS} (diffusers splits image from text tokens assuming {TEXT_TOKENS}); "
+            f"pad or truncate the text embeddings to {TEXT_TOKENS} tokens"
+        )
+
+
 class WanTransformerStep(torch.nn.Module):
     """One denoising step: forward(hidden_states, timestep, encoder_hidden_states,
     encoder_hidden_states_image) -> noise_pred."""
@@ -110,12 +119,7 @@ class WanTransformerStep(torch.nn.Module):
         self.transformer = transformer
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image):
-        if encoder_hidden_states.shape[1] != TEXT_TOKENS:
-            raise InputError(
-                f"encoder_hidden_states has {encoder_hidden_states.shape[1]} tokens; the Wan I2V transformer "
-                f"needs exactly {TEXT_TOKENS} (diffusers splits image from text tokens assuming {TEXT_TOKENS}); "
-                f"pad or truncate the text embeddings to {TEXT_TOKENS} tokens"
-            )
+        check_text_tokens(encoder_hidden_states)
         return self.transformer(
             hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image, return_dict=False
         )[0]

@@ -58,10 +58,10 @@ def save_weights(path: Path, weights: dict[str, np.ndarray]) -> None:
     save_file(tensors, str(path), metadata={"autotune_dtypes": json.dumps(dtypes)})
 
 
-def load_weights(path: Path, names: list[str]) -> dict[str, np.ndarray]:
+def iter_weights(path: Path, names: list[str]):
+    """(name, array) for each of `names`, read one at a time from the (memory-mapped) file."""
     from safetensors import safe_open
 
-    out = {}
     with safe_open(str(path), framework="numpy") as f:
         dtypes = json.loads((f.metadata() or {}).get("autotune_dtypes", "{}"))
         missing = [n for n in names if n not in f.keys()]
@@ -73,8 +73,11 @@ def load_weights(path: Path, names: list[str]) -> dict[str, np.ndarray]:
                 import ml_dtypes
 
                 value = value.view(getattr(ml_dtypes, dtypes[name]))
-            out[name] = value
-    return out
+            yield name, value
+
+
+def load_weights(path: Path, names: list[str]) -> dict[str, np.ndarray]:
+    return dict(iter_weights(path, names))
 
 
 def write_metadata(paths: ArtifactPaths, metadata: dict) -> None:
@@ -105,17 +108,24 @@ def read_metadata(paths: ArtifactPaths) -> dict:
     return metadata
 
 
+def check_file(path: Path, role: str, expected: dict, verify_hashes: bool = False) -> None:
+    """`path` exists and matches the size (and, on request, the hash) recorded at build."""
+    if not path.exists():
+        raise ArtifactError(f"{path}: {role} file missing (expected {expected['bytes']} bytes); copy the whole artifact")
+    size = path.stat().st_size
+    if size != expected["bytes"]:
+        raise ArtifactError(
+            f"{path}: {role} file is {size} bytes, the artifact was built with {expected['bytes']}: it was "
+            "truncated or belongs to another build. Rebuild or copy the matching file."
+        )
+    if verify_hashes and file_digest(path) != expected["sha256"]:
+        raise ArtifactError(f"{path}: {role} file content differs from the build (sha256 mismatch)")
+
+
 def check_files(paths: ArtifactPaths, metadata: dict, verify_hashes: bool = False) -> None:
     """The library and weights exist and match the sizes (and, on request, hashes) recorded at build."""
     for role, path in (("library", paths.library), ("weights", paths.weights)):
         expected = metadata["files"][role]
-        if not path.exists():
-            raise ArtifactError(f"{path}: {role} file missing (expected {expected['bytes']} bytes); copy the whole artifact")
-        size = path.stat().st_size
-        if size != expected["bytes"]:
-            raise ArtifactError(
-                f"{path}: {role} file is {size} bytes, the artifact was built with {expected['bytes']}: it was "
-                "truncated or belongs to another build. Rebuild or copy the matching file."
-            )
-        if verify_hashes and file_digest(path) != expected["sha256"]:
-            raise ArtifactError(f"{path}: {role} file content differs from the build (sha256 mismatch)")
+        if expected is None:  # a block-wise unit's weights come per call (checked with the manifest)
+            continue
+        check_file(path, role, expected, verify_hashes)

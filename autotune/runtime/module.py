@@ -1,6 +1,6 @@
 """The runtime API: one call convention on every target.
 
-    m = autotune.load("out/wan-i2v-tiny-x86/transformer.so", device="cpu")
+    m = autotune.load("out/wan-i2v-tiny-x86/transformer.so", device="cpu")   # runtime.loader.load
     y = m(hidden_states=x, timestep=t, ...)     # numpy in → numpy out; torch in → torch out
     m.signature, m.metadata, m.benchmark(repeat=20)
 """
@@ -28,7 +28,7 @@ from autotune.support.hardware import (
 )
 from autotune.support.signature import TensorSpec, format_signature
 
-from .artifact import ArtifactPaths, check_files, load_weights, read_metadata
+from .artifact import ArtifactPaths, check_files, iter_weights, read_metadata
 from .devices import open_device
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,12 @@ class CompiledModule:
             raise ArtifactError(f"{self.paths.library}: cannot load the library: {exc}") from exc
         self._vm = relax.VirtualMachine(library, self.device)
         self._main = self._vm["main"]
-        weights = load_weights(self.paths.weights, self.metadata["weights"])
-        self._weights = [tvm.runtime.tensor(w, self.device) for w in weights.values()]
+        per_call = self.metadata["files"]["weights"] is None  # a block-wise unit: weights given per call
+        self._weights = [] if per_call else self.load_weight_tensors(self.paths.weights)
+
+    def load_weight_tensors(self, path: str | Path) -> list:
+        """The weights file `path` (of this library's weight names) as device tensors, read one by one."""
+        return [tvm.runtime.tensor(w, self.device) for _, w in iter_weights(Path(path), self.metadata["weights"])]
 
     # -- introspection ----------------------------------------------------------------------
     @property
@@ -188,11 +192,19 @@ class CompiledModule:
         values = self._bind(args, kwargs)
         converted = [self._to_tvm(spec, v) for spec, v in zip(self.inputs, values)]
         kind = converted[0][1] if converted else "numpy"
-        result = self._main(*[c[0] for c in converted], *self._weights)
+        result = self._invoke([c[0] for c in converted])
         if isinstance(result, tvm.runtime.Tensor):
             return self._from_tvm(result, kind)
         outs = tuple(self._from_tvm(r, kind) for r in result)
         return outs[0] if len(outs) == 1 else outs
+
+    def _invoke(self, args: list):
+        """One call on device tensors; returns the VM's result (a tensor or a tuple of them)."""
+        return self.run(args)
+
+    def run(self, args: list, weights: list | None = None):
+        """Low level: call on device tensors with `weights` (default: the artifact's own)."""
+        return self._main(*args, *(self._weights if weights is None else weights))
 
     # -- timing -----------------------------------------------------------------------------
     def random_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
@@ -204,12 +216,12 @@ class CompiledModule:
         inputs = inputs or self.random_inputs()
         args = [tvm.runtime.tensor(np.asarray(inputs[s.name]), self.device) for s in self.inputs]
         for _ in range(warmup):
-            self._main(*args, *self._weights)
+            self._invoke(args)
         times = []
         for _ in range(repeat):
             self.device.sync()
             t0 = time.perf_counter()
-            self._main(*args, *self._weights)
+            self._invoke(args)
             self.device.sync()
             times.append((time.perf_counter() - t0) * 1e3)
         return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "repeat": repeat}
@@ -223,7 +235,3 @@ class CompiledModule:
         args = [tvm.runtime.tensor(np.asarray(inputs[s.name]), self.device) for s in self.inputs]
         flops = self.metadata.get("kernels", {}).get("flops", {})
         return profile_vm(self._vm, [*args, *self._weights], self.device, flops, repeat=repeat)
-
-
-def load(path: str | Path, device: str = "cpu", **kwargs) -> CompiledModule:
-    return CompiledModule(path, device=device, **kwargs)

@@ -178,14 +178,32 @@ def check_can_tune(preset: TargetPreset, settings: TuneSettings) -> None:
             )
 
 
+def unit_tasks(units: list[tuple[ImportedModel, int]], preset: TargetPreset, quantize: str | None) -> list:
+    """The tuning tasks of compile units run `repeat` times each per call (a block-wise model: the
+    block once per layer), prepared as build prepares them. A kernel that several units share is
+    one task, weighted by all its calls."""
+    target = preset.tvm_target()
+    merged: dict = {}
+    for unit, repeat in units:
+        unit, _ = prepare_model(unit, preset, quantize)  # as build does: same kernels
+        for task in extract_tasks(unit, target)[1]:
+            key = structure_key(task.dispatched[0]["main"])
+            weight = int(task.weight) * repeat + (int(merged[key].weight) if key in merged else 0)
+            first = merged.get(key, task)
+            merged[key] = ms.ExtractedTask(first.task_name, first.mod, target, list(first.dispatched), weight)
+    return list(merged.values())
+
+
 def tune(
-    imported: ImportedModel,
+    imported: ImportedModel | list[tuple[ImportedModel, int]],
     target: str | dict | TargetPreset,
     log_dir: str | Path,
     settings: TuneSettings | None = None,
     progress: bool = True,
 ) -> TuneReport:
     """Spend `settings.trials` new trials on the module's tasks, appending records to `log_dir`.
+
+    `imported`: one module, or compile units with how often each runs per call (see `unit_tasks`).
 
     Records already in the log seed the search, so a second call resumes where the first
     stopped and spends only its own budget. Raises TuningFailed when every candidate failed.
@@ -194,10 +212,10 @@ def tune(
     preset = resolve_target(target)
     check_can_tune(preset, settings)
     tvm_target = preset.tvm_target()
-    imported, _ = prepare_model(imported, preset, settings.quantize)  # as build does: same kernels
-    _, tasks = extract_tasks(imported, tvm_target)
+    units = imported if isinstance(imported, list) else [(imported, 1)]
+    tasks = unit_tasks(units, preset, settings.quantize)
     if not tasks:
-        raise TuningFailed(f"{imported.source}: no tunable tasks were found (the module has no operators?)")
+        raise TuningFailed(f"{units[0][0].source}: no tunable tasks were found (the module has no operators?)")
     shipped = shipped_log_dir(preset.family) if settings.shipped_log else None
     database = TuningLog(
         log_dir, tvm_target, seed_log=shipped, seed_kernels={structure_key(t.dispatched[0]["main"]) for t in tasks}

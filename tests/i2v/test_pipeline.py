@@ -185,8 +185,8 @@ def test_text_embeddings_from_files(compiled, image_path, tmp_path):
 def test_missing_artifacts_name_components_and_command(artifacts, tmp_path):
     partial = tmp_path / f"{MODEL}-x86"
     partial.mkdir()
-    for suffix in (".so", ".weights.safetensors", ".json"):
-        shutil.copy(artifacts / f"transformer{suffix}", partial / f"transformer{suffix}")
+    shutil.copy(artifacts / "transformer.json", partial / "transformer.json")  # block-wise: manifest + units
+    shutil.copytree(artifacts / "transformer", partial / "transformer")
     with pytest.raises(ArtifactError) as err:
         check_artifacts(partial)
     text = str(err.value)

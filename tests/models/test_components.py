@@ -16,8 +16,7 @@ TOL = 1e-4  # fp32
 
 @pytest.mark.parametrize(
     "component, size",
-    [
-        ("transformer", {}),
+    [  # the transformer: tests/build/test_blockwise.py (block-wise), tests/frontend/test_prune.py (whole, pruned)
         ("image_encoder", {}),
         ("vae_encoder", {}),
         # 9 frames -> 3 latent frames: TVM 0.27's select.int(-1) read out of bounds from the 3rd

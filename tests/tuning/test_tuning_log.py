@@ -145,11 +145,15 @@ def test_fuzz_reader_never_crashes_and_keeps_untouched_records(real_log, tmp_pat
             lines[i] = lines[i][: where % max(1, len(lines[i]))].rstrip(b"\n") + ending
         elif kind == "flip":
             pos = where % len(lines[i])
+            if lines[i][pos : pos + 1] == b"\n":  # the line runs into the next one: both are touched
+                touched.add(i + 1)
             lines[i] = lines[i][:pos] + bytes([lines[i][pos] ^ (byte or 1)]) + lines[i][pos + 1 :]
         elif kind == "duplicate":
             lines.insert(i, lines[i])
             touched = {t + 1 if t >= i else t for t in touched}
-            continue  # a duplicate is a good record twice
+            if i + 1 in touched:  # a copy of a damaged line is damaged
+                touched.add(i)
+            continue  # a duplicate of a good record is a good record twice
         elif kind == "garbage":
             lines.insert(i, bytes([byte]) * (where % 50 + 1) + b"\n")
             touched = {t + 1 if t >= i else t for t in touched}
