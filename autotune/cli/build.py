@@ -43,7 +43,7 @@ def run(args) -> int:
     from autotune.support.targets import resolve_target
 
     settings = BuildSettings(quantize=args.quantize, prune=args.prune, shipped_log=not args.no_shipped_log)
-    resolve_target(args.target)  # a bad --target fails before the import
+    preset = resolve_target(args.target)  # a bad --target fails before the import
     steps = Steps(3)
     steps(f"import {args.model} ({args.component})")
     source, prune_info = load_model_source(args)
@@ -63,7 +63,10 @@ def run(args) -> int:
     before, after = meta["weight_bytes"]["before"], meta["weight_bytes"]["after"]
     print(f"weights: {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB ({before / max(after, 1):.2f}x smaller)")
     steps("fidelity against the fp32 torch reference on the example inputs")
-    if args.quantize or args.prune:
+    if preset.is_gpu:
+        print(f"a {preset.device} artifact runs where the GPU is: measure its fidelity there "
+              f"(`autotune run {report.paths.library} --device {preset.device}`)")
+    elif args.quantize or args.prune:
         if report_fidelity(source, report) is None:
             print("no torch reference for a model file: fidelity not measured")
     else:

@@ -67,10 +67,10 @@ def load_model_source(args):
 
     A Wan transformer is imported block-wise (prologue, one block, epilogue), except when pruned:
     pruning gives each layer its own widths, so the layers no longer share one compiled block."""
-    from autotune.frontend.blockwise import is_blockwise, load_blockwise_source
+    from autotune.frontend.blockwise import builds_blockwise, load_blockwise_source
     from autotune.frontend.sources import load_source
 
-    if is_blockwise(args.model, args.component) and not getattr(args, "prune", None):
+    if builds_blockwise(args.model, args.component) and not getattr(args, "prune", None):
         return load_blockwise_source(args.model, args.weights, args.height, args.width, args.frames), None
     source = load_source(args.model, args.component, args.weights, args.height, args.width, args.frames)
     if getattr(args, "prune", None):

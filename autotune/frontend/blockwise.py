@@ -20,7 +20,8 @@ from autotune.support.signature import TensorSpec
 from .importer import ImportedModel, from_torch
 from .sources import run_reference
 
-# What each unit takes, in order (the prologue takes the transformer's own inputs).
+# What the units pass on, in order (the prologue takes the transformer's own inputs).
+PROLOGUE_OUTPUTS = ("tokens", "context", "timestep_proj", "temb", "rotary_cos", "rotary_sin")
 BLOCK_INPUTS = ("tokens", "context", "timestep_proj", "rotary_cos", "rotary_sin")
 EPILOGUE_INPUTS = ("tokens", "temb")
 
@@ -70,7 +71,7 @@ class BlockwiseSource:
         return [(self.units["prologue"], 1), (self.units["block"], self.num_layers), (self.units["epilogue"], 1)]
 
 
-def is_blockwise(model: str, component: str) -> bool:
+def builds_blockwise(model: str, component: str) -> bool:
     """Whether (model, component) builds block-wise: every Wan transformer does."""
     from autotune.frontend.sources import is_model_file
     from autotune.models import list_models
@@ -87,6 +88,10 @@ def load_blockwise_source(
     frames: int | None = None,
     seed: int = 0,
 ) -> BlockwiseSource:
+    """Import the Wan transformer of zoo model `model` as three units at (height, width, frames).
+
+    weights: a local diffusers checkpoint directory, read tensor by tensor (its num_layers is
+    honoured); None: the model's seeded random weights (small models only)."""
     from autotune.models import get_model_spec
     from autotune.models.wan_blocks import CheckpointWeights, ModuleWeights, fill_unit, make_units
 
@@ -114,7 +119,7 @@ def load_blockwise_source(
     imported = {name: from_torch(units[name], unit_inputs[name], source=f"{label}:{name}") for name in units}
     imported["prologue"].outputs = [
         TensorSpec(n, o.shape, o.dtype)
-        for n, o in zip(("tokens", "context", "timestep_proj", "temb", "rotary_cos", "rotary_sin"), imported["prologue"].outputs)
+        for n, o in zip(PROLOGUE_OUTPUTS, imported["prologue"].outputs)
     ]
     imported["epilogue"].outputs = [TensorSpec(comp.output_names[0], o.shape, o.dtype) for o in imported["epilogue"].outputs]
     block_names = _imported_names(units["block"], imported["block"], label)

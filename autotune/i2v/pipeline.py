@@ -330,7 +330,7 @@ def build_pipeline_artifacts(
     """
     from autotune.build.blockwise import build_blockwise
     from autotune.build.compile import build
-    from autotune.frontend.blockwise import is_blockwise, load_blockwise_source
+    from autotune.frontend.blockwise import builds_blockwise, load_blockwise_source
     from autotune.frontend.sources import load_source
 
     out_dir = Path(out_dir)
@@ -339,7 +339,7 @@ def build_pipeline_artifacts(
         if only_missing and _artifact_present(out_dir, comp):
             continue
         started = time.perf_counter()
-        if is_blockwise(model, comp):  # the transformer: prologue, one block for every layer, epilogue
+        if builds_blockwise(model, comp):  # the transformer: prologue, one block for every layer, epilogue
             source = load_blockwise_source(model, weights, height, width, frames)
             report = build_blockwise(source, target, out_dir / f"{comp}.so", log_dir=log_dir,
                                      extra_metadata={"model": source.label}, progress=log.info)

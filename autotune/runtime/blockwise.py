@@ -9,17 +9,30 @@ layer count.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from autotune.support.errors import ArtifactError
 from autotune.support.signature import TensorSpec
 
 from .artifact import ArtifactPaths, check_file, read_metadata
-from autotune.support.resources import available_bytes
 from .module import CompiledModule
 
 KIND = "blockwise"
 LAYER_MODES = ("auto", "stream", "resident")
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux MemAvailable; free pages elsewhere).
+    Not psutil: the runtime runs on boards with tvm, numpy and safetensors only."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def is_blockwise(path: str | Path) -> bool:
@@ -61,7 +74,7 @@ class BlockwiseModule(CompiledModule):
         self.check_finite = check_finite
         total = sum(entry["bytes"] for entry in self.metadata["layers"])
         if layers == "auto":
-            layers = "resident" if total < available_bytes() // 2 else "stream"
+            layers = "resident" if total < available_memory() // 2 else "stream"
         self.layer_mode = layers
         block = self.units["block"]
         self._resident = [block.load_weight_tensors(p) for p in self.layer_files] if layers == "resident" else None
