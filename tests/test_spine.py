@@ -116,10 +116,10 @@ def test_onnx_block_tune_build_load_in_fresh_process(tmp_path, onnx_attention_bl
     assert max_abs_diff(out, ref) <= TOL
 
 
-def test_cli_tune_where_every_build_fails_exits_nonzero(tmp_path):
+def test_cli_tune_where_every_build_fails_exits_nonzero(tmp_path, onnx_attention_block):
     """TuningFailed ("candidates failed") raised by tune() reaches the user as a non-zero exit."""
     result = run_cli(
-        "tune", "--model", "wan-i2v-tiny", "--component", "image_encoder", "--log", str(tmp_path),
+        "tune", "--model", str(onnx_attention_block[0]), "--log", str(tmp_path),
         "--trials", "4", "--trials-per-iter", "4", "--build-timeout", "0.001",
     )
     assert result.returncode != 0

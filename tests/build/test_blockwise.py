@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -120,21 +118,23 @@ def test_damaged_layer_file_is_refused(tmp_path, three_layers):
         autotune.load(copy / "transformer.so")
 
 
-def test_synthetic_checkpoint_is_a_diffusers_checkpoint(tmp_path):
+def test_synthetic_checkpoint_is_a_diffusers_checkpoint(tmp_path, monkeypatch, capsys):
     """tools/synthetic_checkpoint.py: sharded, indexed, loadable by diffusers, equal to what autotune reads."""
     from diffusers import WanTransformer3DModel
 
     from autotune.models.wan_blocks import CheckpointWeights
 
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    import synthetic_checkpoint
+
     out = tmp_path / "synthetic"
-    cmd = [sys.executable, str(ROOT / "tools" / "synthetic_checkpoint.py"), "--model", "wan-i2v-tiny", "--layers", "3",
-           "--components", "transformer", "--shard-gib", "0.00005", "-o", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    argv = ["--model", "wan-i2v-tiny", "--layers", "3", "--components", "transformer", "--shard-gib", "0.00005", "-o", str(out)]
+    assert synthetic_checkpoint.main(argv) == 0
     shards = sorted((out / "transformer").glob("*-of-*.safetensors"))
     assert len(shards) > 1
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # complete shards are kept
-    assert again.returncode == 0 and again.stdout.count("complete, kept") == len(shards)
+    capsys.readouterr()
+    assert synthetic_checkpoint.main(argv) == 0  # complete shards are kept
+    assert capsys.readouterr().out.count("complete, kept") == len(shards)
     model = WanTransformer3DModel.from_pretrained(str(out), subfolder="transformer", local_files_only=True)
     assert len(model.blocks) == 3
     spec = get_model_spec("wan-i2v-tiny")
