@@ -38,10 +38,9 @@ def torch_layer_by_layer(source) -> tuple[np.ndarray, float]:
         fill_unit("prologue", units["prologue"], source.weights)
         fill_unit("epilogue", units["epilogue"], source.weights)
         tokens, context, timestep_proj, temb, cos, sin = units["prologue"](*inputs)
-        for layer in range(source.num_layers):
-            block = fill_unit("block", make_units(config, _token_grid(source))["block"], source.weights, layer)
+        for layer in range(source.num_layers):  # each fill replaces the previous layer's tensors
+            block = fill_unit("block", units["block"], source.weights, layer)
             tokens = block(tokens, context, timestep_proj, cos, sin)
-            del block
         out = units["epilogue"](tokens, temb)
     return out.numpy(), time.perf_counter() - started
 

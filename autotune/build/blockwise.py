@@ -23,7 +23,12 @@ import tvm
 from autotune import __version__
 from autotune.frontend.blockwise import BlockwiseSource
 from autotune.passes.pipeline import pack_for_target, prepare_model
-from autotune.runtime.artifact import FORMAT_VERSION, ArtifactPaths, file_digest, save_weights
+from autotune.runtime.artifact import (
+    FORMAT_VERSION,
+    ArtifactPaths,
+    file_digest,
+    save_weights,
+)
 from autotune.support.errors import BuildFailed
 from autotune.support.settings import BuildSettings
 from autotune.support.targets import resolve_target
@@ -119,6 +124,14 @@ def build_blockwise(
     paths.metadata.write_text(json.dumps(manifest, indent=2) + "\n")
     notes = [f"{name}: {note}" for name, r in reports.items() for note in r.notes]
     return BlockwiseReport(paths, reports, source.num_layers, time.time() - started, notes)
+
+
+def build_source(source, target, output, log_dir=None, settings: BuildSettings | None = None,
+                 extra_metadata: dict | None = None, progress=print):
+    """Build what `frontend.blockwise.load_component` returned: block-wise or whole."""
+    if isinstance(source, BlockwiseSource):
+        return build_blockwise(source, target, output, log_dir, settings, extra_metadata, progress)
+    return build(source.imported, target, output, log_dir=log_dir, settings=settings, extra_metadata=extra_metadata)
 
 
 def _move_layer_zero(block: ArtifactPaths, unit_dir: Path) -> Path:

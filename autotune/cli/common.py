@@ -67,18 +67,14 @@ def load_model_source(args):
 
     A Wan transformer is imported block-wise (prologue, one block, epilogue), except when pruned:
     pruning gives each layer its own widths, so the layers no longer share one compiled block."""
-    from autotune.frontend.blockwise import builds_blockwise, load_blockwise_source
+    from autotune.frontend.blockwise import load_component
+    from autotune.frontend.prune import prune
     from autotune.frontend.sources import load_source
 
-    if builds_blockwise(args.model, args.component) and not getattr(args, "prune", None):
-        return load_blockwise_source(args.model, args.weights, args.height, args.width, args.frames), None
-    source = load_source(args.model, args.component, args.weights, args.height, args.width, args.frames)
-    if getattr(args, "prune", None):
-        from autotune.frontend.prune import prune
-
-        source, info = prune(source, args.prune)
-        return source, info
-    return source, None
+    where = (args.model, args.component, args.weights, args.height, args.width, args.frames)
+    if not getattr(args, "prune", None):
+        return load_component(*where), None
+    return prune(load_source(*where), args.prune)
 
 
 def _precision_mode(text: str) -> str | None:
@@ -124,15 +120,10 @@ def artifact_path(out: str, source, target_name: str) -> Path:
 
 def build_one(source, target, out: str, log: str | None, settings, extra: dict | None = None):
     """Build `source` (a ModelSource, or a BlockwiseSource: a block-wise artifact) into OUT."""
-    from autotune.build.blockwise import build_blockwise
-    from autotune.build.compile import build
-    from autotune.frontend.blockwise import BlockwiseSource
+    from autotune.build.blockwise import build_source
 
     path = artifact_path(out, source, target_name(target))
-    metadata = {"model": source.label, **(extra or {})}
-    if isinstance(source, BlockwiseSource):
-        return build_blockwise(source, target, path, log_dir=log, settings=settings, extra_metadata=metadata)
-    return build(source.imported, target, path, log_dir=log, settings=settings, extra_metadata=metadata)
+    return build_source(source, target, path, log, settings, {"model": source.label, **(extra or {})})
 
 
 def report_fidelity(source, report) -> dict | None:

@@ -18,7 +18,7 @@ from autotune.support.errors import ImportFailed, InputError
 from autotune.support.signature import TensorSpec
 
 from .importer import ImportedModel, from_torch
-from .sources import run_reference
+from .sources import load_source, run_reference
 
 # What the units pass on, in order (the prologue takes the transformer's own inputs).
 PROLOGUE_OUTPUTS = ("tokens", "context", "timestep_proj", "temb", "rotary_cos", "rotary_sin")
@@ -53,8 +53,7 @@ class BlockwiseSource:
         from autotune.support.resources import available_bytes
 
         comp = get_model_spec(self.model_name).component("transformer")
-        block_params = sum(int(np.prod(w.shape)) for w in self.units["block"].weights.values())
-        if block_params * self.num_layers * 4 > available_bytes() // 4:
+        if self.units["block"].weight_bytes() * self.num_layers > available_bytes() // 4:  # float32 as imported
             return None
         return comp.wrap(load_whole_model(self.weights.config, self.weights)).eval()
 
@@ -80,6 +79,21 @@ def builds_blockwise(model: str, component: str) -> bool:
             and str(model).lower() in {m.name for m in list_models()})
 
 
+def load_component(
+    model: str,
+    component: str = "transformer",
+    weights: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    frames: int | None = None,
+):
+    """What `autotune build` compiles for (model, component): a BlockwiseSource for a Wan
+    transformer, the whole-graph ModelSource (`sources.load_source`) for anything else."""
+    if builds_blockwise(model, component):
+        return load_blockwise_source(model, weights, height, width, frames)
+    return load_source(model, component, weights, height, width, frames)
+
+
 def load_blockwise_source(
     model: str,
     weights: str | None = None,
@@ -93,7 +107,12 @@ def load_blockwise_source(
     weights: a local diffusers checkpoint directory, read tensor by tensor (its num_layers is
     honoured); None: the model's seeded random weights (small models only)."""
     from autotune.models import get_model_spec
-    from autotune.models.wan_blocks import CheckpointWeights, ModuleWeights, fill_unit, make_units
+    from autotune.models.wan_blocks import (
+        CheckpointWeights,
+        ModuleWeights,
+        fill_unit,
+        make_units,
+    )
 
     spec = get_model_spec(model)
     comp = spec.component("transformer", height=height, width=width, frames=frames)

@@ -328,10 +328,8 @@ def build_pipeline_artifacts(
     Untuned (fallback schedules) unless `log_dir` holds tuning records for them. Returns
     {component: BuildReport} for what was built. `only_missing`: keep artifacts already there.
     """
-    from autotune.build.blockwise import build_blockwise
-    from autotune.build.compile import build
-    from autotune.frontend.blockwise import builds_blockwise, load_blockwise_source
-    from autotune.frontend.sources import load_source
+    from autotune.build.blockwise import build_source
+    from autotune.frontend.blockwise import load_component
 
     out_dir = Path(out_dir)
     reports = {}
@@ -339,14 +337,9 @@ def build_pipeline_artifacts(
         if only_missing and _artifact_present(out_dir, comp):
             continue
         started = time.perf_counter()
-        if builds_blockwise(model, comp):  # the transformer: prologue, one block for every layer, epilogue
-            source = load_blockwise_source(model, weights, height, width, frames)
-            report = build_blockwise(source, target, out_dir / f"{comp}.so", log_dir=log_dir,
-                                     extra_metadata={"model": source.label}, progress=log.info)
-        else:
-            source = load_source(model, comp, weights, height, width, frames)
-            report = build(source.imported, target, out_dir / f"{comp}.so", log_dir=log_dir,
-                           extra_metadata={"model": source.label})
+        source = load_component(model, comp, weights, height, width, frames)  # the transformer: block-wise
+        report = build_source(source, target, out_dir / f"{comp}.so", log_dir=log_dir,
+                              extra_metadata={"model": source.label}, progress=log.info)
         reports[comp] = report
         if not quiet:
             log.info("built %s (import + build %.1f s)", report.summary(), time.perf_counter() - started)

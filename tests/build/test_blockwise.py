@@ -21,6 +21,7 @@ from autotune.frontend.blockwise import load_blockwise_source
 from autotune.models import get_model_spec
 from autotune.models.wan import TINY_TRANSFORMER, WanTransformerStep
 from autotune.support.errors import ArtifactError, InputError
+from autotune.support.resources import available_bytes
 
 TOL = 1e-4  # float32, as the whole-graph build
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,7 +103,7 @@ def test_checkpoint_errors_are_plain(tmp_path, three_layers):
         load_blockwise_source("wan-i2v-tiny", weights=str(tmp_path))
     # the 14B model has no embedded weights: a checkpoint is asked for, and how to make one
     spec = get_model_spec("wan2.1-i2v-14b-480p")
-    if spec.component("transformer").param_count() * 8 < __import__("psutil").virtual_memory().available:
+    if spec.component("transformer").param_count() * 8 < available_bytes():
         pytest.skip("this machine could hold the 14B model's random weights")
     with pytest.raises(InputError, match="synthetic_checkpoint.py"):
         load_blockwise_source("wan2.1-i2v-14b-480p")
