@@ -20,7 +20,7 @@ ALLOWED = {
     "passes": {"support", "frontend", "kernels"},
     "tuning": {"support", "frontend", "passes"},
     "runtime": {"support"},
-    "build": {"support", "frontend", "passes", "tuning", "runtime"},
+    "build": {"support", "frontend", "passes", "tuning", "runtime", "kernels"},
     "i2v": {"support", "models", "frontend", "build", "runtime"},
     "bench": {"support", "models", "frontend", "build", "runtime"},
     "cli": set(),  # anything

@@ -58,6 +58,13 @@ class BlockwiseReport:
     def fallback_kernels(self) -> int:
         return sum(r.fallback_kernels for r in self.units.values())
 
+    @property
+    def tensor_cores(self):
+        """The units' tensor-core reports in one, kernels named UNIT/KERNEL (None: not a CUDA build)."""
+        from .sass import merge_reports
+
+        return merge_reports({name: r.tensor_cores for name, r in self.units.items()})
+
     def summary(self) -> str:
         units = "; ".join(f"{name}: {r.kernels} kernels, {r.tuned_kernels} tuned" for name, r in self.units.items())
         return (f"{self.paths.metadata}: block-wise, {self.layers} layers over one compiled block ({units}); "

@@ -21,7 +21,7 @@ from autotune.passes.pipeline import (
 from autotune.runtime.artifact import ArtifactPaths, save_weights, write_metadata
 from autotune.support.errors import BuildFailed
 from autotune.support.hardware import required_cpu_flags
-from autotune.support.ir import FLOPS_ATTR, is_scheduled, prim_funcs
+from autotune.support.ir import ATTENTION_ATTR, FLOPS_ATTR, is_scheduled, prim_funcs
 from autotune.support.package_data import shipped_log_dir
 from autotune.support.settings import BuildSettings
 from autotune.support.targets import TargetPreset, resolve_target
@@ -29,6 +29,7 @@ from autotune.tuning.log import log_digest, read_log, structure_key
 
 from .export import codegen_context, export
 from .fallback import schedule_untuned, unscheduled_kernels
+from .sass import TensorCoreReport, check_tensor_cores
 
 
 @dataclass
@@ -41,6 +42,7 @@ class BuildReport:
     seconds: float
     notes: list[str] = field(default_factory=list)
     naive_kernels: int = 0  # kernels no schedule could be found for: TVM's plain loop nests, slow
+    tensor_cores: TensorCoreReport | None = None  # CUDA: tensor-core instructions per kernel, from the SASS
 
     def summary(self) -> str:
         naive = f", {self.naive_kernels} unscheduled (slow loop nests)" if self.naive_kernels else ""
@@ -67,6 +69,19 @@ def apply_logs(fused: tvm.IRModule, target, log_dirs: list) -> tuple[tvm.IRModul
         applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(fused)
     count = sum(1 for f in prim_funcs(applied).values() if is_scheduled(f))
     return applied, count, notes, counts
+
+
+def tensor_core_kernels(fused: tvm.IRModule) -> dict:
+    """The kernels that belong on tensor cores: GEMMs big enough for a fragment, and attention."""
+    from autotune.kernels.matmul_cuda import tensor_core_gemm_dtype
+
+    gemm, attention = {}, []
+    for name, func in prim_funcs(fused).items():
+        if func.attrs is not None and ATTENTION_ATTR in func.attrs:
+            attention.append(name)
+        elif (dtype := tensor_core_gemm_dtype(func)) is not None:
+            gemm[name] = dtype
+    return {"gemm_kernels": gemm, "attention_kernels": sorted(attention)}
 
 
 def count_kernel_flops(mod: tvm.IRModule) -> dict[str, float]:
@@ -99,13 +114,16 @@ def compile_module(
     from `log_dir`); `weights` are what the executable's main takes after the inputs
     (imported.weights, with large matrices packed for the tuned kernels). `shipped_log` also applies
     the log autotune ships for the target's family (schedules/FAMILY). `details`, when given, is
-    filled with the logs read ({"logs": {dir: records}}), the kernels left unscheduled
+    filled with the logs read ({"logs": {dir: records}}), CUDA's GEMM and attention kernels
+    ({"gemm_kernels": {name: input dtype}, "attention_kernels": [names]}), the kernels left unscheduled
     ({"naive": [names]}), the FLOPs of one call of each kernel ({"flops": {name: flops}}) and the
     scheduled module before weight packing ({"scheduled": module}: `pack_for_target` of it packs
     other weights of the same shapes the same way)."""
     target = preset.tvm_target()
     fused = fuse_for_target(imported.mod, target)
     kernels = len(prim_funcs(fused))
+    if details is not None and target.kind.name == "cuda":
+        details.update(tensor_core_kernels(fused))
     notes: list[str] = []
     given = Path(log_dir).resolve() if log_dir is not None and Path(log_dir).exists() else None
     if log_dir is not None and given is None:
@@ -171,6 +189,12 @@ def build(
     except Exception as exc:
         raise BuildFailed(f"compiling {imported.source} for {preset.name} failed: {type(exc).__name__}: {exc}") from exc
     notes += export(executable, paths, preset)
+    tensor_cores = None
+    if preset.family == "cuda":
+        tensor_cores, checked = check_tensor_cores(
+            paths.library, details["gemm_kernels"], details["attention_kernels"], settings.quantize
+        )
+        notes += checked
     save_weights(paths.weights, weights)
     metadata = {
         "name": paths.library.stem,
@@ -188,7 +212,8 @@ def build(
         "weights": list(weights),
         "weight_bytes": {"before": weights_before, "after": sum(int(w.nbytes) for w in weights.values())},
         "passes": passes,
-        "kernels": {"total": kernels, "tuned": tuned, "fallback": fallback, "naive": details["naive"], "flops": details["flops"]},
+        "kernels": {"total": kernels, "tuned": tuned, "fallback": fallback, "naive": details["naive"], "flops": details["flops"],
+                    **({"tensor_core_instructions": tensor_cores.to_json()} if tensor_cores else {})},
         "tuning_log": {"dir": str(log_dir) if log_dir else None, "digest": log_digest(log_dir) if log_dir else None, "records": records},
         "logs_applied": [{"dir": d, "digest": log_digest(d), "records": n} for d, n in details["logs"].items()],
         "versions": {"autotune": __version__, "tvm": tvm.__version__},
@@ -196,4 +221,6 @@ def build(
         **(extra_metadata or {}),
     }
     write_metadata(paths, metadata)
-    return BuildReport(paths, kernels, tuned, fallback, records, time.time() - started, notes, len(details["naive"]))
+    return BuildReport(
+        paths, kernels, tuned, fallback, records, time.time() - started, notes, len(details["naive"]), tensor_cores
+    )

@@ -3,7 +3,8 @@
 CPU: one sample of MetaSchedule's own design space (multi-level tiling, parallel, vectorise,
 unroll), with the postprocessors applied, seeded so builds are reproducible. Not measured, so
 not tuned, but far from TVM's naive loop nest (3-4× faster on a 256×512×384 matmul here).
-GPU: dlight's default rules (every GPU kernel needs thread binding to run at all).
+GPU: dlight's default rules (every GPU kernel needs thread binding to run at all), after
+autotune's tensor-core rule for bf16/fp16 GEMMs (kernels/matmul_cuda.py).
 """
 
 from __future__ import annotations
@@ -37,10 +38,13 @@ def schedule_untuned(mod: tvm.IRModule, target: tvm.target.Target, seed: int = 0
     if target.kind.name == "cuda":
         from tvm.s_tir import dlight as dl
 
+        from autotune.kernels.matmul_cuda import TensorCoreMatmul
+
         before = sum(1 for f in prim_funcs(mod).values() if not is_scheduled(f))
         with target:
             mod = dl.ApplyDefaultSchedule(
-                dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
+                TensorCoreMatmul(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                dl.gpu.Fallback(),
             )(mod)
         return mod, before
     from autotune.passes.attention import schedule_attention

@@ -56,6 +56,9 @@ def run(args) -> int:
     for note in report.notes:
         print(f"note: {note}")
     print(report.summary())
+    if report.tensor_cores is not None:
+        print("tensor cores (SASS of the embedded fatbin):")
+        print("\n".join(report.tensor_cores.lines()))
     if report.fallback_kernels:
         print(f"{report.fallback_kernels} of {report.kernels} kernels have no tuning record and run fallback schedules "
               f"(slower); tune them with:\n  {tune_command(args, report.fallback_kernels)}")

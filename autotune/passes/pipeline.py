@@ -16,7 +16,8 @@ fused module) silently misses every record. Both call the phases below, and noth
     -- tune: MetaSchedule searches these kernels | build: apply the log, fallback schedules --
     pack       after scheduling           run the tuned kernels' weight packing once   CPU (marked weights)
     finalize   to VM code                 TVM's own lowering for the target kind       llvm: cpu_generic,
-                                                                                       cuda: cuda backend
+                                                                                       cuda: cuda backend,
+                                                                                       CUDA graphs on
 """
 
 from __future__ import annotations
@@ -102,7 +103,13 @@ def finalize_passes(target: tvm.target.Target) -> list:
     return backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
 
 
+# CUDA: the VM's kernel launches between allocations of static shape are captured once into a
+# CUDA graph and replayed (TVM's RewriteCUDAGraph, in the CUDA finalize passes, reads this).
+CUDA_GRAPH_CONFIG = {"relax.backend.use_cuda_graph": True}
+
+
 def lower(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Phase 4 applied."""
-    with target:
+    config = CUDA_GRAPH_CONFIG if target.kind.name == "cuda" else {}
+    with target, tvm.transform.PassContext(config=config):
         return tvm.transform.Sequential(finalize_passes(target))(mod)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm.runtime.vm import VirtualMachine
 
 from autotune import __version__
 from autotune.support.errors import ArtifactError, InputError
@@ -98,7 +98,7 @@ class CompiledModule:
             library = tvm.runtime.load_module(str(self.paths.library))
         except Exception as exc:
             raise ArtifactError(f"{self.paths.library}: cannot load the library: {exc}") from exc
-        self._vm = relax.VirtualMachine(library, self.device)
+        self._vm = VirtualMachine(library, self.device)  # tvm.runtime's: a runtime-only TVM has no tvm.relax
         self._main = self._vm["main"]
         per_call = self.metadata["files"]["weights"] is None  # a block-wise unit: weights given per call
         self._weights = [] if per_call else self.load_weight_tensors(self.paths.weights)

@@ -159,10 +159,11 @@ def cuda_device_arch() -> tuple[str | None, str | None]:
     """(the first visible GPU's arch, e.g. "sm_90", None), or (None, why no GPU is usable)."""
     import tvm
 
-    if not tvm.runtime.enabled("cuda"):
-        return None, (
-            "TVM's CUDA runtime is not loaded on this machine (no NVIDIA driver: libcuda.so.1 is missing)"
-        )
+    from .tvm_compat import load_cuda_runtime
+
+    why_not = load_cuda_runtime()
+    if why_not is not None:
+        return None, why_not
     device = tvm.cuda(0)
     if not device.exist:
         return None, "no CUDA device is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)"

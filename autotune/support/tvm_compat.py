@@ -10,25 +10,28 @@
     attention_sequence_prefill  relax.frontend.nn.llm._prefill_kernels._attention_sequence_prefill
     normalize_workload          meta_schedule.tune_context._normalize_mod (the module a record is filed under)
     translator_slice_scatter    the torch ExportedProgram translator's own _slice_scatter converter
+    load_cuda_runtime           tvm/lib/libtvm_runtime_cuda.so loaded as tvm.backend.cuda does (a
+                                runtime-only TVM, TVM_USE_RUNTIME_LIB=1, never loads it)
+    dlight_wmma_tensorization   dlight.gpu.MatmulTensorization with another wmma intrinsic group
+                                (it imports tensor_intrin.cuda.get_wmma_intrin_group at call time)
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
 import sys
 
 
-def import_tensor_intrin_fast() -> None:
-    """Import tvm.s_tir.tensor_intrin (MetaSchedule imports it on first use) in ~3 s, not ~75 s.
+@contextlib.contextmanager
+def fast_tvmscript():
+    """Parse TVMScript (`@T.prim_func`) in milliseconds, not seconds.
 
     TVMScript's @T.prim_func calls inspect.stack(), whose inspect.getmodule scans all of
     sys.modules for every "<frozen importlib>" frame; with torch and diffusers loaded that made
-    the import of its ~250 intrinsics take ~75 s here (26 s in a bare process). The same frames,
-    with source lines from linecache, come back in milliseconds.
-    """
-    if "tvm.s_tir.tensor_intrin" in sys.modules:
-        return
+    the import of tvm.s_tir.tensor_intrin's ~250 intrinsics take ~75 s here (26 s in a bare
+    process). While active, the same frames come back, with source lines from linecache."""
 
     def fast_stack(context=1):
         frame, out = sys._getframe(1), []
@@ -43,9 +46,44 @@ def import_tensor_intrin_fast() -> None:
 
     original, inspect.stack = inspect.stack, fast_stack
     try:
-        import tvm.s_tir.tensor_intrin  # noqa: F401
+        yield
     finally:
         inspect.stack = original
+
+
+def load_cuda_runtime() -> str | None:
+    """Load TVM's CUDA runtime sidecar if it is not loaded; None when CUDA is enabled, else why not."""
+    import tvm
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    if tvm.runtime.enabled("cuda"):
+        return None
+    try:
+        load_lib_ctypes("tvm", "tvm_runtime_cuda", "RTLD_LOCAL", extra_lib_paths=tvm.libinfo.package_lib_paths())
+    except (OSError, RuntimeError) as exc:
+        return f"TVM's CUDA runtime (libtvm_runtime_cuda.so) does not load; is the NVIDIA driver installed? ({exc})"
+    return None if tvm.runtime.enabled("cuda") else "TVM's CUDA runtime loaded but does not register CUDA"
+
+
+def dlight_wmma_tensorization(func, target, intrin_group):
+    """dlight's wmma matmul schedule of `func`, its intrinsics named by `intrin_group(load_scope,
+    store_scope, in_dtype, out_dtype, trans_b)` instead of TVM's float16/int8-only group."""
+    from tvm.s_tir.dlight.gpu.matmul import MatmulTensorization
+    from tvm.s_tir.tensor_intrin import cuda as cuda_intrin
+
+    original, cuda_intrin.get_wmma_intrin_group = cuda_intrin.get_wmma_intrin_group, intrin_group
+    try:
+        return MatmulTensorization().apply(func, target, False)
+    finally:
+        cuda_intrin.get_wmma_intrin_group = original
+
+
+def import_tensor_intrin_fast() -> None:
+    """Import tvm.s_tir.tensor_intrin (MetaSchedule imports it on first use) in ~3 s, not ~75 s."""
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    with fast_tvmscript():
+        import tvm.s_tir.tensor_intrin  # noqa: F401
 
 
 def tuning_record_json(record):

@@ -103,12 +103,13 @@ class _ProgressCallback(ms.measure_callback.PyMeasureCallback):
 
 
 def make_builder(settings: TuneSettings):
-    from .workers import LEAN_BUILD, initialize_worker
+    from .workers import LEAN_BUILD, LINKED_EXPORT, initialize_worker
 
     return ms.builder.LocalBuilder(
         max_workers=settings.build_workers,
         timeout_sec=settings.build_timeout_s,
         f_build=LEAN_BUILD,
+        f_export=LINKED_EXPORT,
         initializer=initialize_worker,
     )
 

@@ -11,20 +11,32 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
+import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import tvm
 from conftest import run_fresh
 
-from autotune.build import cross, cuda
+from autotune.build import cross
 from autotune.build.compile import build, compile_module
+from autotune.build.sass import (
+    INSTALL_HINT,
+    check_tensor_cores,
+    find_cuda_tool,
+    per_prim_func,
+    sass_of,
+    tensor_core_counts,
+)
 from autotune.frontend.importer import from_torch
+from autotune.support import cuda_library as cuda
 from autotune.support.errors import BuildFailed, TargetError, TuningFailed
 from autotune.support.package_data import targets_dir
-from autotune.support.settings import TuneSettings
+from autotune.support.settings import BuildSettings, TuneSettings
 from autotune.support.targets import list_presets, resolve_target
 
 REPO = Path(__file__).resolve().parents[2]
@@ -190,12 +202,10 @@ needs_nvcc = pytest.mark.skipif(not _has_nvcc(), reason="nvcc (CUDA toolkit) not
 
 
 def _cuobjdump() -> str | None:
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    # `pip install --target ~/.cache/autotune/cuda-tools nvidia-cuda-cuobjdump` puts it here
-    cached = list((Path.home() / ".cache" / "autotune" / "cuda-tools").glob("nvidia/*/bin/cuobjdump"))
-    return str(cached[0]) if cached else None
+    return find_cuda_tool("cuobjdump") if find_cuda_tool("nvdisasm") else None
+
+
+needs_sass = pytest.mark.skipif(_cuobjdump() is None, reason=f"no cuobjdump/nvdisasm to read SASS: {INSTALL_HINT}")
 
 
 @needs_nvcc
@@ -219,17 +229,65 @@ def test_cuda_build_embeds_a_fatbin_for_the_arch(name, tmp_path, tiny_mlp):
 
 
 @needs_nvcc
-def test_cuda_transformer_block_builds_for_sm90_without_a_gpu(tmp_path, attention_block):
-    """LayerNorm, Linear, GELU, SDPA: every kernel gets a dlight schedule and nvcc compiles them."""
+@needs_sass
+@pytest.mark.parametrize("name,precision", [("cuda-sm90", "bf16"), ("cuda-sm80", "fp16")])
+def test_half_precision_cuda_build_puts_every_gemm_on_tensor_cores(name, precision, tmp_path, attention_block):
+    """LayerNorm, Linear, GELU, SDPA in bf16/fp16: every GEMM kernel's SASS holds HMMA (counted per
+    kernel from the embedded fatbin, in the report and the metadata); nvcc compiles all of it."""
     module, inputs, _ = attention_block
-    imported = from_torch(module, inputs)
-    report = build(imported, "cuda-sm90", tmp_path / "block.so")
-    # every kernel gets a dlight schedule, but the fused attention kernel, which comes scheduled
-    assert report.kernels >= 8 and report.fallback_kernels == report.kernels - 1
+    report = build(from_torch(module, inputs), name, tmp_path / "block.so", settings=BuildSettings(quantize=precision))
+    assert report.kernels >= 8 and report.fallback_kernels == report.kernels - 1  # attention comes scheduled
+    tc = report.tensor_cores
+    assert len(tc.gemm) >= 4, tc.lines()  # q, k, v, out projections and the MLP
+    assert all(n > 0 for n in tc.gemm.values()), tc.lines()
     (fatbin,) = cuda.embedded_fatbins(report.paths.library)
-    assert cuda.fatbin_archs(fatbin)["sass"] == ["sm_90"]
+    sass = sass_of(fatbin)
+    assert sass.count("HMMA") == sum(tc.gemm.values()) + sum(tc.attention.values()) + sum(tc.other_with_tensor_cores.values())
     meta = json.loads(report.paths.metadata.read_text())
-    assert meta["target"]["device"] == "cuda" and "sm_90" in meta["target"]["tvm"]
+    assert meta["kernels"]["tensor_core_instructions"]["gemm"] == tc.gemm
+    assert list(tc.attention) and any("attention runs on CUDA cores" in n for n in report.notes)  # not yet: said
+    arch = resolve_target(name).resolved_target_dict()["arch"]
+    assert meta["target"]["device"] == "cuda" and arch in meta["target"]["tvm"]
+
+
+@needs_nvcc
+@needs_sass
+def test_cuda_gemms_left_on_cuda_cores_fail_a_half_precision_build(tmp_path, attention_block):
+    """The check can fail: a float32 build's GEMMs have no HMMA; held to bf16's rule they are named."""
+    module, inputs, _ = attention_block
+    details: dict = {}
+    report = build(from_torch(module, inputs), "cuda-sm90", tmp_path / "block.so", details=details)
+    assert details["gemm_kernels"] and set(details["gemm_kernels"].values()) == {"float32"}
+    assert all(n == 0 for n in report.tensor_cores.gemm.values())
+    assert any("on CUDA cores; --precision bf16" in n for n in report.notes)
+    with pytest.raises(BuildFailed, match="no tensor-core instruction in their SASS") as failed:
+        check_tensor_cores(report.paths.library, details["gemm_kernels"], details["attention_kernels"], "bf16")
+    assert all(name in str(failed.value) for name in details["gemm_kernels"])
+
+
+def test_tensor_core_counts_read_per_kernel_from_sass():
+    sass = """
+        Function : fused_matmul_add_kernel
+        /*0010*/ HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0020*/ HMMA.16816.F32.BF16 R6, R8, R14, R6 ;
+        Function : fused_matmul_add_kernel_1
+        /*0010*/ HGMMA.64x128x16.F32.BF16 gdesc[UR4], RZ, !UPT ;
+        Function : fused_matmul1_kernel
+        /*0010*/ FFMA R1, R2, R3, R4 ;
+    """
+    counts = tensor_core_counts(sass)
+    assert counts == {"fused_matmul_add_kernel": 2, "fused_matmul_add_kernel_1": 1, "fused_matmul1_kernel": 0}
+    assert per_prim_func(counts, ["fused_matmul_add", "fused_matmul1"]) == {"fused_matmul_add": 3, "fused_matmul1": 0}
+
+
+@needs_nvcc
+def test_cuda_build_captures_kernel_launches_in_a_cuda_graph(tiny_mlp):
+    """RewriteCUDAGraph is on in the CUDA pipeline: the VM program captures/replays its launches."""
+    imported, _, _ = tiny_mlp
+    preset = resolve_target("cuda-sm90")
+    executable, _, _, _ = compile_module(imported, preset)
+    text = executable.as_text()
+    assert "vm.builtin.cuda_graph.run_or_capture" in text, text[-3000:]
 
 
 def _driver_stub(tmp_path: Path) -> Path | None:
@@ -298,7 +356,7 @@ def test_cuda_build_where_tvms_cuda_runtime_is_loaded(tmp_path, tiny_mlp):
         import ctypes, json, pickle
         ctypes.CDLL({str(stub)!r}, mode=ctypes.RTLD_GLOBAL)
         import autotune, tvm
-        from autotune.build import cuda
+        from autotune.support import cuda_library as cuda
         from autotune.build.compile import compile_module
         from autotune.support.targets import resolve_target
         assert tvm.runtime.enabled("cuda")
@@ -355,3 +413,80 @@ def test_tuning_arm_on_x86_without_rpc_fails_at_once(tmp_path, tiny_mlp):
     imported, _, _ = tiny_mlp
     with pytest.raises(TuningFailed, match="--rpc HOST:PORT --key arm"):
         tune(imported, "aarch64-neon", tmp_path / "log", TuneSettings(trials=4), progress=False)
+
+
+@needs_nvcc
+@needs_sass
+def test_gpu_check_bundle_runs_up_to_the_point_that_needs_a_gpu(tmp_path):
+    """tools/gpu_check.py: the bundle (a tiny-width block here) fits the GPU machine's 64 MiB, carries
+    a runtime-only TVM and no weights; unpacked and run in a fresh process it rebuilds every weight
+    from the seed to the recorded sha256, loads the CUDA library without TVM's compiler (through a
+    driver stub), and stops with a clear "no GPU"."""
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "tools" / "gpu_check.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    archive = tool.bundle(tmp_path / "gpu_check.tar.gz", ["tiny"], frames=1)
+    assert archive.stat().st_size < tool.LIMIT_BYTES
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    assert "gpu_check/site/tvm/lib/libtvm_runtime_cuda.so" in names and "gpu_check/artifacts/tiny/block.so" in names
+    assert not any(n.endswith(("libtvm_compiler.so", ".safetensors")) for n in names)
+    assert any(re.search(r"wheels/apache_tvm_ffi-0\.1\.14\.post1-cp312-.*\.whl$", n) for n in names)
+    manifest = json.loads((tmp_path / "unpacked" / "gpu_check" / "manifest.json").read_text())
+    gemms = manifest["blocks"]["tiny"]["tensor_cores"]["gemm"]
+    assert len(gemms) >= 4 and all(n > 0 for n in gemms.values())
+    stub = _driver_stub(tmp_path)
+    preload = f"import ctypes; ctypes.CDLL({str(stub)!r}, mode=ctypes.RTLD_GLOBAL)" if stub else ""
+    script = tmp_path / "unpacked" / "gpu_check" / "gpu_check.py"
+    proc = subprocess.run(
+        [sys.executable, "-c", f"{preload}\nimport runpy, sys\nsys.argv = ['gpu_check.py', 'run', {str(script.parent)!r}]\n"
+         f"sys.exit(runpy.run_path({str(script)!r}, run_name='__main__'))"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert proc.returncode == 3, proc.stdout + proc.stderr[-3000:]
+    assert "(runtime only: True)" in proc.stdout and str(tmp_path) in proc.stdout  # the bundle's TVM, not ours
+    assert "every sha256 as recorded" in proc.stdout
+    if stub:
+        assert "device modules ['cuda']" in proc.stdout, proc.stdout
+    assert "no GPU" in proc.stderr
+
+
+@needs_nvcc
+def test_rpc_builder_exports_cuda_candidates_as_linked_libraries(tmp_path):
+    """MetaSchedule's builder (our worker functions) exports a CUDA candidate as a `.so` with the
+    fatbin inside, which a runtime-only TVM loads: the GPU-side RPC server needs no compiler."""
+    from tvm import te
+    from tvm.s_tir import dlight as dl
+
+    from autotune.tuning import workers
+
+    a = te.placeholder((256, 128), "float32", name="a")
+    w = te.placeholder((128, 64), "float32", name="w")
+    k = te.reduce_axis((0, 128), name="k")
+    c = te.compute((256, 64), lambda i, j: te.sum(a[i, k] * w[k, j], axis=k), name="c")
+    target = resolve_target("cuda-sm90").tvm_target()
+    with target:
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.Fallback())(tvm.IRModule({"main": te.create_prim_func([a, w, c])}))
+    built = workers.lean_build(mod, target, None)
+    path = Path(workers.linked_export(built))
+    assert path.suffix == ".so" and elf_machine(path) == EM_X86_64
+    (fatbin,) = cuda.embedded_fatbins(path)
+    assert cuda.fatbin_archs(fatbin)["sass"] == ["sm_90"]
+    stub = _driver_stub(tmp_path)
+    if stub is None:
+        pytest.skip("cannot build a libcuda stub here (needs gcc, nm and tvm/lib/libtvm_runtime_cuda.so)")
+    proc = run_fresh(
+        f"""
+        import ctypes, json, os
+        ctypes.CDLL({str(stub)!r}, mode=ctypes.RTLD_GLOBAL)
+        os.environ["TVM_USE_RUNTIME_LIB"] = "1"   # no compiler: what an RPC server on a GPU needs
+        import tvm
+        from autotune.support.tvm_compat import load_cuda_runtime
+        assert tvm.base._RUNTIME_ONLY and load_cuda_runtime() is None
+        lib = tvm.runtime.load_module({str(path)!r})
+        print(json.dumps({{"kinds": [m.kind for m in lib.imports], "main": lib.implements_function("main")}}))
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"kinds": ["cuda"], "main": True}

@@ -115,3 +115,30 @@ def test_translator_slice_scatter_is_the_translators_converter():
             return "converted"
 
     assert tvm_compat.translator_slice_scatter(Translator(), "node") == "converted" and calls == ["node"]
+
+
+def test_dlight_wmma_tensorization_uses_the_given_intrinsic_group():
+    """bf16 names through dlight's float16 rule: the schedule holds the bf16 wmma intrinsics, and
+    TVM's own group function is back in place afterwards."""
+    from autotune.kernels.matmul_cuda import wmma_intrin_group
+
+    cuda_intrin = sys.modules["tvm.s_tir.tensor_intrin.cuda"]  # imported (fast) by matmul_cuda
+
+    a = te.placeholder((128, 64), "bfloat16", name="a")
+    w = te.placeholder((64, 96), "bfloat16", name="w")
+    k = te.reduce_axis((0, 64), name="k")
+    c = te.compute((128, 96), lambda i, j: te.sum(a[i, k].astype("float32") * w[k, j].astype("float32"), axis=k), name="c")
+    func = te.create_prim_func([a, w, c])
+    original = cuda_intrin.get_wmma_intrin_group
+    asked = []
+
+    def group(load_scope, store_scope, in_dtype, out_dtype, trans_b):
+        asked.append(in_dtype)
+        return wmma_intrin_group(load_scope, store_scope, "bfloat16", out_dtype, trans_b)
+
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    sch = tvm_compat.dlight_wmma_tensorization(func, target, group)
+    assert cuda_intrin.get_wmma_intrin_group is original
+    assert asked and sch is not None
+    script = sch.mod.script()
+    assert "wmma.matrix_a" in script and "tvm_mma_sync" in script and "bfloat16" in script

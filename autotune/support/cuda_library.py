@@ -167,7 +167,7 @@ def split_cuda_record(payload: bytes, sources: list[bytes]) -> tuple[str, bytes,
                 return fmt, payload[reader.pos : len(payload) - len(tail)], code
         raise BuildFailed(
             "the CUDA module record in the exported library does not end with the module's source: TVM's "
-            "serialization of CUDA modules has changed; autotune.build.cuda needs updating for this TVM version"
+            "serialization of CUDA modules has changed; autotune.support.cuda_library needs updating for this TVM version"
         )
     return fmt, b"", b""
 
@@ -241,12 +241,17 @@ def preset_arch(preset) -> str:
     return str(arch)
 
 
+def export_linked(module, path, arch: str) -> list[str]:
+    """Export `module` (an executable, or a runtime module with CUDA imports) to the `.so` `path`,
+    its CUDA kernels compiled by nvcc for `arch` into a fatbin inside. Returns notes."""
+    notes: list[str] = []
+    module.export_library(str(path), fpack_imports=_packer(arch, notes))
+    return notes
+
+
 def export_cuda_library(executable, path, preset) -> list[str]:
     """Export `executable` (a tvm.compile result for a CUDA target) to `path` with fatbin kernels."""
-    arch = preset_arch(preset)
-    notes: list[str] = []
-    executable.export_library(str(path), fpack_imports=_packer(arch, notes))
-    return notes
+    return export_linked(executable, path, preset_arch(preset))
 
 
 # -- inspection (tests, `autotune run` diagnostics) -----------------------------------------------
