@@ -108,8 +108,9 @@ def _build(name: str, frames: int, work: Path) -> dict:
     if wrong:
         raise SystemExit(f"{name}: weights rebuilt from the torch module differ from the artifact's: {wrong[:5]}")
     tokens = frames * LATENT_HW[0] * LATENT_HW[1]
-    print(f"{name}: {tokens} tokens, {report.kernels} kernels, GEMMs on tensor cores: "
-          f"{sum(n > 0 for n in tc.gemm.values())}/{len(tc.gemm)}, built in {time.time() - started:.0f} s")
+    print(f"{name}: {tokens} tokens, {report.kernels} kernels, on tensor cores: GEMMs "
+          f"{sum(n > 0 for n in tc.gemm.values())}/{len(tc.gemm)}, attention "
+          f"{sum(n > 0 for n in tc.attention.values())}/{len(tc.attention)}; built in {time.time() - started:.0f} s")
     report.paths.weights.unlink()  # rebuilt on the GPU machine from the same seed
     return {
         "config": BLOCKS[name], "frames": frames, "tokens": tokens, "library": f"artifacts/{name}/block.so",

@@ -2,7 +2,10 @@
 
 attention_cpu:  flash-style attention for LLVM CPU targets (a structured PrimFunc, a default
                 schedule, and a MetaSchedule custom rule whose tile sizes are sampled decisions).
-attention_cuda: flash-style attention for CUDA (a scheduled, thread-bound PrimFunc).
+attention_cuda: flash-style attention for CUDA (a scheduled, thread-bound PrimFunc), which picks
+                attention_cuda_tc: the bf16/fp16 one on wmma tensor cores (CUDA C++ device code).
+matmul_cuda:    bf16/fp16 GEMMs on wmma tensor cores: dlight's rule with bf16 intrinsics, and the
+                tensor-core search rules MetaSchedule tunes CUDA with.
 gemm_cpu:       bf16 and int8 GEMMs with a packed weight on x86 matrix engines (AMX tiles, AVX512-BF16
                 and VNNI dot products): tensor intrinsics, a default schedule, a MetaSchedule custom rule.
 

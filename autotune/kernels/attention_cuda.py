@@ -1,6 +1,7 @@
-"""Flash-style attention for CUDA.
+"""Flash-style attention for CUDA: the tensor-core kernel (attention_cuda_tc.py) for bf16/fp16, else
+TVM's CUDA-core one.
 
-The kernel is TVM's own tiled online-softmax prefill kernel (the one MLC-LLM ships,
+The CUDA-core kernel is TVM's own tiled online-softmax prefill kernel (the one MLC-LLM ships,
 `tvm.relax.frontend.nn.llm._prefill_kernels._attention_sequence_prefill`): one thread block per
 (head, query tile), Q/K/V tiles staged in shared memory, S = Q.K^T and O += P.V as thread-bound
 register-tiled GEMMs, fp32 accumulation, exp2-based online softmax. Nothing of size Lq x Lk is
@@ -23,7 +24,15 @@ from autotune.support.tvm_compat import attention_sequence_prefill
 
 
 def make_primfunc(d: int, dtype: str, scale: float, target) -> "tvm.tirx.PrimFunc":
-    """The scheduled CUDA kernel for head_dim `d`: (q, k, v, o, lse), scale applied inside."""
+    """The scheduled CUDA kernel for head_dim `d`: (q, k, v, o, lse), scale applied inside.
+
+    bf16 / fp16 at head_dim 64 or 128 get the tensor-core kernel (attention_cuda_tc.py); the rest
+    (float32, other head dims, GPUs before sm_80 for bf16) TVM's CUDA-core one below."""
+    from . import attention_cuda_tc
+
+    digits = "".join(ch for ch in str(target.attrs.get("arch", "")) if ch.isdigit())
+    if attention_cuda_tc.supports(d, dtype, int(digits) if digits else 0):
+        return attention_cuda_tc.make_primfunc(d, dtype, scale)
     try:
         prefill = attention_sequence_prefill()
     except ImportError as exc:  # a private TVM module; pinned TVM 0.27 has it

@@ -128,3 +128,28 @@ class TensorCoreMatmul(GPUScheduleRule):
             return wmma_intrin_group(load_scope, store_scope, kernel_dtype, out_dtype, trans_b)
 
         return dlight_wmma_tensorization(func, target, group)
+
+
+def tensor_core_search_rules() -> list:
+    """MetaSchedule's CUDA schedule rules led by tensor-core tiling of float16 and bfloat16 GEMMs
+    (wmma fragments, float32 accumulation): what `autotune tune` searches for a CUDA target."""
+    from tvm.s_tir import meta_schedule as ms
+
+    groups = [
+        wmma_intrin_group("shared.dyn", "shared.dyn", dtype, "float32", trans_b)
+        for dtype in TENSOR_CORE_DTYPES
+        for trans_b in (False, True)
+    ]
+    tensor_cores = ms.schedule_rule.MultiLevelTilingTensorCore(
+        intrin_groups=groups,
+        structure="SSSRRSRS",
+        tile_binds=["blockIdx.y", "blockIdx.x", "threadIdx.y"],
+        max_innermost_factor=4,
+        vector_load_lens=[1, 2, 3, 4, 8, 16],
+        reuse_read=ms.schedule_rule.ReuseType(req="must", levels=[4], scope="shared.dyn"),
+        reuse_write=ms.schedule_rule.ReuseType(req="must", levels=[2], scope="shared.dyn"),
+    )
+    # shared.dyn as dlight uses: with static "shared" TVM 0.27 fails to lower nearly every sample
+    # (tvm_access_ptr dtype check); with it about a third of the valid samples lower, the rest are
+    # build errors MetaSchedule skips.
+    return [tensor_cores, *ms.ScheduleRule.create("cuda")]

@@ -14,6 +14,7 @@ fused module) silently misses every record. Both call the phases below, and noth
                                           (CPU: vectorisable fast math), annotate,     math and marks large
                                           fold constants, fuse, FuseTIR, DCE           weights layout-free
     -- tune: MetaSchedule searches these kernels | build: apply the log, fallback schedules --
+               (search space: TVM's post-order-apply; CUDA: led by tensor-core tiling, tuning_space)
     pack       after scheduling           run the tuned kernels' weight packing once   CPU (marked weights)
     finalize   to VM code                 TVM's own lowering for the target kind       llvm: cpu_generic,
                                                                                        cuda: cuda backend,
@@ -85,6 +86,23 @@ def fuse_for_target(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModul
     """Phase 2: the module of kernels that tuning searches and the build schedules."""
     with target:
         return tvm.transform.Sequential(fuse_passes(target))(mod)
+
+
+def tuning_space(target: tvm.target.Target):
+    """The design space MetaSchedule searches for `target`'s kernels.
+
+    CPU: TVM's default rules (ours, for attention and matrix-engine GEMMs, are registered custom
+    rules it applies). CUDA: tensor-core tiling first, for bf16 and fp16 GEMMs, whose postprocessors
+    and mutators are TVM's tensor-core ones."""
+    if target.kind.name != "cuda":
+        return "post-order-apply"
+    from tvm.s_tir import meta_schedule as ms
+
+    from autotune.kernels.matmul_cuda import tensor_core_search_rules
+
+    return ms.space_generator.PostOrderApply(
+        sch_rules=tensor_core_search_rules(), postprocs="cuda-tensorcore", mutator_probs="cuda-tensorcore"
+    )
 
 
 def pack_for_target(mod: tvm.IRModule, weights: dict[str, np.ndarray], num_input: int):

@@ -56,6 +56,7 @@ def compile_fatbin(source: str, arch: str, options: list[str] | None = None) -> 
     from tvm.support import nvcc as tvm_nvcc
 
     find_nvcc()
+    source = with_device_sources(source)
     num = arch_number(arch)
     compute = num.rstrip("a")
     gencode = ["-gencode", f"arch=compute_{num},code=sm_{num}", "-gencode", f"arch=compute_{compute},code=compute_{compute}"]
@@ -288,3 +289,19 @@ def fatbin_archs(fatbin: bytes) -> dict[str, list[str]]:
             break
         pos += entry_header + entry_size
     return out
+
+
+# -- device functions kernels call by name (T.call_extern), compiled with them -------------------
+_DEVICE_SOURCES: dict[str, str] = {}  # symbol -> the CUDA C++ that defines it (and its helpers)
+
+
+def register_device_source(symbols: list[str], source: str) -> None:
+    """Make `source` part of every CUDA translation unit that calls one of `symbols`."""
+    for symbol in symbols:
+        _DEVICE_SOURCES[symbol] = source
+
+
+def with_device_sources(code: str) -> str:
+    """`code` preceded by the registered device sources it calls (each once)."""
+    needed = dict.fromkeys(src for symbol, src in _DEVICE_SOURCES.items() if re.search(rf"\b{symbol}\(", code))
+    return "".join(needed) + code

@@ -15,7 +15,7 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from autotune.frontend.importer import ImportedModel
-from autotune.passes.pipeline import fuse_for_target, prepare_model
+from autotune.passes.pipeline import fuse_for_target, prepare_model, tuning_space
 from autotune.support.errors import TuningFailed
 from autotune.support.ir import is_scheduled
 from autotune.support.package_data import shipped_log_dir
@@ -260,6 +260,7 @@ def tune(
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 [tasks[i] for i in indices],
                 work_dir=str(Path(log_dir) / "ms_logs"),
+                space=tuning_space(tvm_target),
                 num_threads=physical_thread_count(),
                 seed=settings.seed,
             )

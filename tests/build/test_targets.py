@@ -232,8 +232,8 @@ def test_cuda_build_embeds_a_fatbin_for_the_arch(name, tmp_path, tiny_mlp):
 @needs_sass
 @pytest.mark.parametrize("name,precision", [("cuda-sm90", "bf16"), ("cuda-sm80", "fp16")])
 def test_half_precision_cuda_build_puts_every_gemm_on_tensor_cores(name, precision, tmp_path, attention_block):
-    """LayerNorm, Linear, GELU, SDPA in bf16/fp16: every GEMM kernel's SASS holds HMMA (counted per
-    kernel from the embedded fatbin, in the report and the metadata); nvcc compiles all of it."""
+    """LayerNorm, Linear, GELU, SDPA in bf16/fp16: every GEMM kernel's SASS and the fused attention's
+    hold HMMA (counted per kernel from the embedded fatbin, in the report and the metadata)."""
     module, inputs, _ = attention_block
     report = build(from_torch(module, inputs), name, tmp_path / "block.so", settings=BuildSettings(quantize=precision))
     assert report.kernels >= 8 and report.fallback_kernels == report.kernels - 1  # attention comes scheduled
@@ -245,7 +245,7 @@ def test_half_precision_cuda_build_puts_every_gemm_on_tensor_cores(name, precisi
     assert sass.count("HMMA") == sum(tc.gemm.values()) + sum(tc.attention.values()) + sum(tc.other_with_tensor_cores.values())
     meta = json.loads(report.paths.metadata.read_text())
     assert meta["kernels"]["tensor_core_instructions"]["gemm"] == tc.gemm
-    assert list(tc.attention) and any("attention runs on CUDA cores" in n for n in report.notes)  # not yet: said
+    assert len(tc.attention) == 1 and all(n > 0 for n in tc.attention.values()), tc.lines()  # flash attention on wmma
     arch = resolve_target(name).resolved_target_dict()["arch"]
     assert meta["target"]["device"] == "cuda" and arch in meta["target"]["tvm"]
 
@@ -260,6 +260,7 @@ def test_cuda_gemms_left_on_cuda_cores_fail_a_half_precision_build(tmp_path, att
     assert details["gemm_kernels"] and set(details["gemm_kernels"].values()) == {"float32"}
     assert all(n == 0 for n in report.tensor_cores.gemm.values())
     assert any("on CUDA cores; --precision bf16" in n for n in report.notes)
+    assert any("attention runs on CUDA cores" in n for n in report.notes)  # float32: TVM's CUDA-core kernel
     with pytest.raises(BuildFailed, match="no tensor-core instruction in their SASS") as failed:
         check_tensor_cores(report.paths.library, details["gemm_kernels"], details["attention_kernels"], "bf16")
     assert all(name in str(failed.value) for name in details["gemm_kernels"])
@@ -434,8 +435,9 @@ def test_gpu_check_bundle_runs_up_to_the_point_that_needs_a_gpu(tmp_path):
     assert not any(n.endswith(("libtvm_compiler.so", ".safetensors")) for n in names)
     assert any(re.search(r"wheels/apache_tvm_ffi-0\.1\.14\.post1-cp312-.*\.whl$", n) for n in names)
     manifest = json.loads((tmp_path / "unpacked" / "gpu_check" / "manifest.json").read_text())
-    gemms = manifest["blocks"]["tiny"]["tensor_cores"]["gemm"]
-    assert len(gemms) >= 4 and all(n > 0 for n in gemms.values())
+    tensor_cores = manifest["blocks"]["tiny"]["tensor_cores"]
+    assert len(tensor_cores["gemm"]) >= 4 and all(n > 0 for n in tensor_cores["gemm"].values())
+    assert tensor_cores["attention"] and all(n > 0 for n in tensor_cores["attention"].values())
     stub = _driver_stub(tmp_path)
     preload = f"import ctypes; ctypes.CDLL({str(stub)!r}, mode=ctypes.RTLD_GLOBAL)" if stub else ""
     script = tmp_path / "unpacked" / "gpu_check" / "gpu_check.py"
