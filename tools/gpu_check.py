@@ -225,11 +225,20 @@ def run(root: Path, rounds: int) -> int:
         print("no GPU: torch.cuda.is_available() is False on this machine; run this where an NVIDIA GPU "
               "(sm_90 for these artifacts) and its driver are present", file=sys.stderr)
         return 3
-    rows = [_measure(name, entry, workloads[name], root, rounds) for name, entry in manifest["blocks"].items()]
-    (root / "results.json").write_text(json.dumps(rows, indent=1))
-    (root / "results.md").write_text(_table(rows, torch.cuda.get_device_name()))
+    rows, failed = [], 0
+    for name, entry in manifest["blocks"].items():  # results written after each block: a crash keeps the rest
+        try:
+            rows.append(_measure(name, entry, workloads[name], root, rounds))
+        except Exception as exc:  # noqa: BLE001 - reported in the table and the exit code, then the next block
+            import traceback
+
+            traceback.print_exc()
+            rows.append({"block": name, "tokens": entry["tokens"], "error": f"{type(exc).__name__}: {exc}"[:500]})
+            failed += 1
+        (root / "results.json").write_text(json.dumps(rows, indent=1))
+        (root / "results.md").write_text(_table(rows, torch.cuda.get_device_name()))
     print((root / "results.md").read_text())
-    return 0
+    return 1 if failed else 0
 
 
 def _measure(name: str, entry: dict, workload, root: Path, rounds: int) -> dict:
@@ -261,6 +270,13 @@ def _measure(name: str, entry: dict, workload, root: Path, rounds: int) -> dict:
         return compiled(*half)
 
     engines = {"autotune": ours, "torch eager": eager, "torch SDPA": sdpa, "torch.compile": torch_compile}
+    # math attention materializes heads x tokens^2 scores (bf16, and a float32 softmax): at 14B width
+    # and 32,760 tokens that is ~260 GB, more than the GPU has; such a row says so instead
+    score_bytes = entry["config"]["heads"] * entry["tokens"] ** 2 * 6
+    skipped = {}
+    if score_bytes > 0.7 * torch.cuda.mem_get_info()[0]:
+        del engines["torch eager"]
+        skipped["torch eager"] = f"math attention needs ~{score_bytes / 2**30:.0f} GiB of scores"
     with torch.no_grad():
         reference = sdpa().float()
         out = ours()
@@ -278,8 +294,8 @@ def _measure(name: str, entry: dict, workload, root: Path, rounds: int) -> dict:
                 torch.cuda.synchronize()
                 times[engine].append(time.perf_counter() - start)
     medians = {k: _median_ms(v) for k, v in times.items()}
-    return {"block": name, "tokens": entry["tokens"], "median_ms": medians, "cosine_vs_torch_bf16": cosine,
-            "max_abs_error": max_error, "rounds": rounds}
+    return {"block": name, "tokens": entry["tokens"], "median_ms": medians, "skipped": skipped,
+            "cosine_vs_torch_bf16": cosine, "max_abs_error": max_error, "rounds": rounds}
 
 
 def _table(rows: list[dict], device: str) -> str:
@@ -289,10 +305,14 @@ def _table(rows: list[dict], device: str) -> str:
              + " | autotune / SDPA | autotune / torch.compile | cosine vs torch bf16 | max abs error |",
              "|---|---:|" + "---:|" * (len(engines) + 4)]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['block']} | {r['tokens']} | failed: {r['error']} |")
+            continue
         m = r["median_ms"]
-        lines.append(f"| {r['block']} | {r['tokens']} | " + " | ".join(f"{m[e]:.2f}" for e in engines)
+        lines.append(f"| {r['block']} | {r['tokens']} | " + " | ".join(f"{m[e]:.2f}" if e in m else "—" for e in engines)
                      + f" | {m['autotune'] / m['torch SDPA']:.2f} | {m['autotune'] / m['torch.compile']:.2f}"
                      + f" | {r['cosine_vs_torch_bf16']:.6f} | {r['max_abs_error']:.3g} |")
+    lines += [f"- {r['block']}: {engine} not run: {why}" for r in rows for engine, why in r.get("skipped", {}).items()]
     return "\n".join(lines) + "\n"
 
 

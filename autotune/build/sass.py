@@ -136,8 +136,9 @@ def check_tensor_cores(
             "for inspection (`cuobjdump -sass`), but do not ship it; please report this with the model and target."
         )
     if precision not in HALF_PRECISIONS and gemm_kernels:
+        dtypes = ", ".join(sorted(set(gemm_kernels.values())))
         notes.append(
-            f"{len(gemm_kernels)} GEMM kernels compute in {precision or 'float32'} on CUDA cores; "
+            f"{len(gemm_kernels)} GEMM kernels compute in {dtypes} on CUDA cores ({precision or 'fp32'} build); "
             "--precision bf16 (or fp16) puts them on tensor cores"
         )
     if report.missing("attention"):

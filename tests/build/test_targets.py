@@ -259,7 +259,7 @@ def test_cuda_gemms_left_on_cuda_cores_fail_a_half_precision_build(tmp_path, att
     report = build(from_torch(module, inputs), "cuda-sm90", tmp_path / "block.so", details=details)
     assert details["gemm_kernels"] and set(details["gemm_kernels"].values()) == {"float32"}
     assert all(n == 0 for n in report.tensor_cores.gemm.values())
-    assert any("on CUDA cores; --precision bf16" in n for n in report.notes)
+    assert any("compute in float32 on CUDA cores (fp32 build); --precision bf16" in n for n in report.notes)
     assert any("attention runs on CUDA cores" in n for n in report.notes)  # float32: TVM's CUDA-core kernel
     with pytest.raises(BuildFailed, match="no tensor-core instruction in their SASS") as failed:
         check_tensor_cores(report.paths.library, details["gemm_kernels"], details["attention_kernels"], "bf16")
