@@ -65,11 +65,10 @@ def weight_arrays(module, names: list[str], dtypes: dict[str, str]) -> dict:
     import ml_dtypes
     import numpy as np
 
+    from autotune.support.ir import exported_name
+
     tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-    by_export_name = {}
-    for key, value in tensors.items():
-        for prefix in ("p_", "b_", "c_"):
-            by_export_name[prefix + key.replace(".", "_")] = value
+    by_export_name = {exported_name(key, prefix): value for key, value in tensors.items() for prefix in ("p_", "b_", "c_")}
     missing = [n for n in names if n not in by_export_name]
     if missing:
         raise SystemExit(f"the artifact's weights {missing[:5]} have no counterpart in the torch module: rebuild the bundle")

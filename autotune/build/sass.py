@@ -69,11 +69,16 @@ def tensor_core_counts(sass: str) -> dict[str, int]:
     return counts
 
 
+def _kernels_of(name: str) -> str:
+    """The regex of a PrimFunc's kernel names: `<name>_kernel`, `<name>_kernel_1`, ..."""
+    return re.escape(name) + r"_kernel(_\d+)?$"
+
+
 def per_prim_func(counts: dict[str, int], names: list[str]) -> dict[str, int]:
     """Sum the counts of each PrimFunc's kernels (`<name>_kernel`, `<name>_kernel_1`, ...)."""
     out = {}
     for name in names:
-        pattern = re.compile(re.escape(name) + r"_kernel(_\d+)?$")
+        pattern = re.compile(_kernels_of(name))
         out[name] = sum(n for kernel, n in counts.items() if pattern.match(kernel))
     return out
 
@@ -107,7 +112,7 @@ def inspect_library(library: str | Path, gemm_kernels: list[str], attention_kern
         for kernel, n in tensor_core_counts(sass_of(fatbin)).items():
             counts[kernel] = counts.get(kernel, 0) + n
     gemm, attention = per_prim_func(counts, gemm_kernels), per_prim_func(counts, attention_kernels)
-    named = re.compile("|".join(re.escape(n) + r"_kernel(_\d+)?$" for n in gemm_kernels + attention_kernels) or "$^")
+    named = re.compile("|".join(map(_kernels_of, gemm_kernels + attention_kernels)) or "$^")
     other = {k: n for k, n in counts.items() if n and not named.match(k)}
     return TensorCoreReport(gemm, attention, other)
 

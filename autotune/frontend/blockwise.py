@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from autotune.support.errors import ImportFailed, InputError
+from autotune.support.ir import exported_name
 from autotune.support.signature import TensorSpec
 
 from .importer import ImportedModel, from_torch
@@ -150,7 +151,7 @@ def load_blockwise_source(
 
 def _imported_names(unit: torch.nn.Module, imported: ImportedModel, label: str) -> dict[str, str]:
     """{imported weight name: unit parameter name}: torch.export names a parameter `a.b.c` `p_a_b_c`."""
-    by_export_name = {"p_" + name.replace(".", "_"): name for name in unit.state_dict()}
+    by_export_name = {exported_name(name): name for name in unit.state_dict()}
     unknown = [n for n in imported.weights if n not in by_export_name]
     if unknown:
         raise ImportFailed(f"{label}: imported block weights {unknown[:5]} match no parameter of the block")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import tvm
 
+from autotune.support.cuda_library import sm_version
 from autotune.support.ir import ATTENTION_ATTR as KERNEL_ATTR
 from autotune.support.tvm_compat import attention_sequence_prefill
 
@@ -30,8 +31,7 @@ def make_primfunc(d: int, dtype: str, scale: float, target) -> "tvm.tirx.PrimFun
     (float32, other head dims, GPUs before sm_80 for bf16) TVM's CUDA-core one below."""
     from . import attention_cuda_tc
 
-    digits = "".join(ch for ch in str(target.attrs.get("arch", "")) if ch.isdigit())
-    if attention_cuda_tc.supports(d, dtype, int(digits) if digits else 0):
+    if attention_cuda_tc.supports(d, dtype, sm_version(target.attrs.get("arch", "")) or 0):
         return attention_cuda_tc.make_primfunc(d, dtype, scale)
     try:
         prefill = attention_sequence_prefill()

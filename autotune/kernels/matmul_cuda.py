@@ -14,6 +14,7 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 
+from autotune.support.cuda_library import sm_version
 from autotune.support.tvm_compat import (
     dlight_wmma_tensorization,
     fast_tvmscript,
@@ -70,11 +71,6 @@ def wmma_intrin_group(load_scope: str, store_scope: str, in_dtype: str, out_dtyp
     return group
 
 
-def _sm(target) -> int:
-    digits = "".join(ch for ch in str(target.attrs.get("arch", "")) if ch.isdigit())
-    return int(digits) if digits else -1
-
-
 def gemm_shape(func: tirx.PrimFunc):
     """(in_dtype, out_dtype, [I, J, K] extents) of a kernel's GEMM, normalized as dlight does; None if none."""
     from tvm.s_tir.dlight.analysis import get_root_block
@@ -120,7 +116,7 @@ class TensorCoreMatmul(GPUScheduleRule):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
             return None
         in_dtype = tensor_core_gemm_dtype(func)
-        if in_dtype not in TENSOR_CORE_DTYPES or _sm(target) < TENSOR_CORE_DTYPES[in_dtype][1]:
+        if in_dtype not in TENSOR_CORE_DTYPES or (sm_version(target.attrs.get("arch", "")) or -1) < TENSOR_CORE_DTYPES[in_dtype][1]:
             return None
         kernel_dtype = in_dtype
 

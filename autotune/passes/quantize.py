@@ -40,6 +40,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from autotune.frontend.importer import ImportedModel
 from autotune.support import ir
+from autotune.support.cuda_library import sm_version
 from autotune.support.errors import InputError
 from autotune.support.targets import TargetPreset, list_presets, resolve_target
 
@@ -502,9 +503,7 @@ def register(cls: type[QuantMode]) -> type[QuantMode]:
 def _cuda_arch(preset: TargetPreset) -> int | None:
     if preset.family != "cuda":
         return None
-    arch = str(preset.resolved_target_dict().get("arch", ""))
-    digits = "".join(ch for ch in arch if ch.isdigit())
-    return int(digits) if digits else None
+    return sm_version(preset.resolved_target_dict().get("arch", ""))
 
 
 @register

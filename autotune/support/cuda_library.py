@@ -42,6 +42,12 @@ def find_nvcc() -> str:
     return nvcc
 
 
+def sm_version(arch) -> int | None:
+    """'sm_90' -> 90 (also 'sm_90a'); None when `arch` is not of the form sm_XX."""
+    m = re.fullmatch(r"sm_(\d+)[a-z]?", str(arch))
+    return int(m.group(1)) if m else None
+
+
 def arch_number(arch: str) -> str:
     """'sm_90' -> '90' (also 'sm_90a' -> '90a')."""
     m = re.fullmatch(r"sm_(\d+[a-z]?)", str(arch))

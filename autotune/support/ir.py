@@ -49,3 +49,9 @@ def static_shape(ty) -> tuple[int, ...] | None:
         return tuple(int(d) for d in shape.values)
     except (TypeError, ValueError):
         return None
+
+
+def exported_name(torch_name: str, prefix: str = "p_") -> str:
+    """torch.export's name for a module's parameter `a.b.c` (`p_a_b_c`; buffers `b_`, constants `c_`),
+    which the imported model's weights keep."""
+    return prefix + torch_name.replace(".", "_")
