@@ -103,15 +103,20 @@ def max_abs_diff(a, b) -> float:
 
 
 @pytest.fixture(scope="session")
-def real_log(tmp_path_factory):
-    """A real tuning log (a small MLP tuned for a few trials), read-only for the tests."""
+def tuned_mlp(tmp_path_factory, mlp_block):
+    """The MLP block tuned for a few trials: (imported, log, report). The log is read-only for the tests."""
     from autotune.frontend.importer import from_torch
     from autotune.support.settings import TuneSettings
     from autotune.tuning.tune import tune
 
-    torch.manual_seed(0)
-    module = MLPBlock(64, 128).eval()
-    imported = from_torch(module, {"x": torch.randn(1, 16, 64)})
-    log = tmp_path_factory.mktemp("real_log")
-    tune(imported, "x86", log, TuneSettings(trials=24, trials_per_iter=8), progress=False)
-    return log, imported
+    module, inputs, _ = mlp_block
+    imported = from_torch(module, inputs)
+    log = tmp_path_factory.mktemp("tuned_mlp_log")
+    report = tune(imported, "x86", log, TuneSettings(trials=48, trials_per_iter=16), progress=False)
+    return imported, log, report
+
+
+@pytest.fixture(scope="session")
+def real_log(tuned_mlp):
+    """A real tuning log: the tuned MLP block's."""
+    return tuned_mlp[1]

@@ -17,8 +17,8 @@ import autotune
 from autotune.build import build
 from autotune.frontend.sources import load_source
 from autotune.support.package_data import shipped_log_dir, targets_dir
-source = load_source("wan-i2v-tiny", "transformer")
-report = build(source.imported, "x86", "out/transformer.so")
+source = load_source("wan-i2v-tiny", "image_encoder")  # the smallest component with shipped records
+report = build(source.imported, "x86", "out/image_encoder.so")
 print(json.dumps({"package": autotune.__file__, "targets": str(targets_dir()), "log": str(shipped_log_dir("x86")),
                   "tuned": report.tuned_kernels, "kernels": report.kernels}))
 """

@@ -18,7 +18,7 @@ ALLOWED = {
     "frontend": {"support", "models"},
     "kernels": {"support"},
     "passes": {"support", "frontend", "kernels"},
-    "tuning": {"support", "frontend", "passes"},
+    "tuning": {"support", "frontend", "kernels", "passes"},
     "runtime": {"support"},
     "build": {"support", "frontend", "passes", "tuning", "runtime", "kernels"},
     "i2v": {"support", "models", "frontend", "build", "runtime"},

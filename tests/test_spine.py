@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
-import pytest
 from conftest import max_abs_diff, run_cli, run_fresh
 
 from autotune.build.compile import build
-from autotune.frontend.importer import from_onnx, from_torch
+from autotune.frontend.importer import from_onnx
 from autotune.support.settings import TuneSettings
 from autotune.tuning.log import read_log
 from autotune.tuning.tune import tune
@@ -52,15 +52,6 @@ def _interleaved_medians(library_a, library_b, tmp_path) -> tuple[float, float]:
     return float(a), float(b)
 
 
-@pytest.fixture(scope="module")
-def tuned_mlp(tmp_path_factory, mlp_block):
-    module, inputs, ref = mlp_block
-    imported = from_torch(module, inputs)
-    log = tmp_path_factory.mktemp("log")
-    report = tune(imported, "x86", log, TuneSettings(trials=48, trials_per_iter=16), progress=False)
-    return imported, log, report
-
-
 def test_torch_block_tune_build_load_in_fresh_process(tmp_path, mlp_block, tuned_mlp):
     module, inputs, ref = mlp_block
     imported, log, report = tuned_mlp
@@ -93,25 +84,29 @@ def test_metadata_records_the_build(tmp_path, tuned_mlp):
     assert report.paths.library.stat().st_size < report.paths.weights.stat().st_size + 2_000_000
 
 
-def test_resumed_tune_spends_only_its_new_budget(tmp_path, mlp_block):
-    module, inputs, _ = mlp_block
-    imported = from_torch(module, inputs)
-    first = tune(imported, "x86", tmp_path, TuneSettings(trials=8, trials_per_iter=4), progress=False)
-    on_disk = read_log(tmp_path)[0].records
+def test_resumed_tune_spends_only_its_new_budget(tmp_path, tuned_mlp):
+    imported, tuned_log, first = tuned_mlp
+    log = shutil.copytree(tuned_log, tmp_path / "log")
+    on_disk = read_log(log)[0].records
     assert first.records_after == on_disk > 0
-    second = tune(imported, "x86", tmp_path, TuneSettings(trials=8, trials_per_iter=4), progress=False)
+    second = tune(imported, "x86", log, TuneSettings(trials=8, trials_per_iter=4), progress=False)
     assert second.records_before == on_disk, "the second run must start from the first run's records"
     assert 0 < second.trials <= 8 + 4  # its own budget (one batch of slack), not the first run's again
-    assert read_log(tmp_path)[0].records == on_disk + (second.records_after - second.records_before)
+    assert read_log(log)[0].records == on_disk + (second.records_after - second.records_before)
 
 
 def test_onnx_block_tune_build_load_in_fresh_process(tmp_path, onnx_attention_block):
     path, inputs, ref = onnx_attention_block
     imported = from_onnx(path)
     assert [s.name for s in imported.inputs] == ["x"]
-    tune(imported, "x86", tmp_path / "log", TuneSettings(trials=8, trials_per_iter=4), progress=False)
+    # one pool of 8 trials per kernel (no light-kernel phase), so the fused attention kernel is
+    # reached in the first round: MetaSchedule tunes it like any task and the build applies it
+    settings = TuneSettings(trials=16, trials_per_iter=8, trials_per_task=8, light_task_share=0.0)
+    tuned = tune(imported, "x86", tmp_path / "log", settings, progress=False)
+    attention = [t for t in tuned.tasks if t.name.startswith("fused_attention")]
+    assert len(attention) == 1 and attention[0].trials > 0 and attention[0].failures == 0, tuned.summary()
     report = build(imported, "x86", tmp_path / "onnx.so", log_dir=tmp_path / "log")
-    assert report.tuned_kernels >= 1
+    assert report.tuned_kernels >= 2
     out = _run_in_fresh_process(report.paths.library, {"x": inputs["x"].numpy()}, tmp_path)
     assert max_abs_diff(out, ref) <= TOL
 

@@ -177,7 +177,10 @@ class OnnxRuntime:
     @staticmethod
     def _session(path: Path, precision: str):
         import onnxruntime as ort
-        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph, NotImplemented
+        from onnxruntime.capi.onnxruntime_pybind11_state import (
+            InvalidGraph,
+            NotImplemented,
+        )
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = configure_threads()

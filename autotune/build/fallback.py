@@ -1,8 +1,8 @@
 """Schedules for kernels the tuning log has no record for.
 
-CPU: one sample of MetaSchedule's own design space (multi-level tiling, parallel, vectorise,
-unroll), with the postprocessors applied, seeded so builds are reproducible. Not measured, so
-not tuned, but far from TVM's naive loop nest (3-4× faster on a 256×512×384 matmul here).
+CPU: `tuning.fallback.default_schedule`: hand-written kernels' own default schedules, else one
+sample of MetaSchedule's design space (3-4× faster than TVM's naive loop nest on a 256×512×384
+matmul here). The search measures the same schedule beside its candidates.
 GPU: dlight's default rules (every GPU kernel needs thread binding to run at all), after
 autotune's tensor-core rule for bf16/fp16 GEMMs (kernels/matmul_cuda.py).
 """
@@ -10,27 +10,14 @@ autotune's tensor-core rule for bf16/fp16 GEMMs (kernels/matmul_cuda.py).
 from __future__ import annotations
 
 import tvm
-from tvm.s_tir import meta_schedule as ms
 
 from autotune.support.ir import is_scheduled, mark_scheduled, prim_funcs
-from autotune.support.tvm_compat import import_tensor_intrin_fast
+from autotune.tuning.fallback import default_schedule
 
 
 def _cpu_schedule(func, target, seed: int):
-    import_tensor_intrin_fast()  # MetaSchedule's design space imports it; ~75 s otherwise
-    ctx = ms.TuneContext(
-        mod=tvm.IRModule({"main": func}),
-        target=target,
-        space_generator="post-order-apply",
-        search_strategy="replay-trace",
-        task_name="fallback",
-        rand_state=seed,
-        num_threads=1,
-    )
-    for sch in ctx.generate_design_space():
-        if all(p.apply(sch) for p in ctx.space_generator.postprocs):
-            return sch.mod["main"]
-    return None
+    sch = default_schedule(func, target, seed)
+    return None if sch is None else sch.mod["main"]
 
 
 def schedule_untuned(mod: tvm.IRModule, target: tvm.target.Target, seed: int = 0) -> tuple[tvm.IRModule, int]:
@@ -47,12 +34,7 @@ def schedule_untuned(mod: tvm.IRModule, target: tvm.target.Target, seed: int = 0
                 dl.gpu.Fallback(),
             )(mod)
         return mod, before
-    from autotune.passes.attention import schedule_attention
-    from autotune.passes.matrix_engine import schedule_engine_gemms
-
-    mod, count = schedule_attention(mod, target)  # hand-written kernels: their own default schedules,
-    mod, gemms = schedule_engine_gemms(mod)  # not a random sample of their design space
-    count += gemms
+    count = 0
     for name, func in prim_funcs(mod).items():
         if is_scheduled(func):
             continue

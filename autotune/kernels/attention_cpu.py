@@ -498,7 +498,7 @@ def apply_schedule(sch, knobs: CpuKnobs | None = None, sample: bool = False):
         sch.decompose_reduction(pv, kj)
     else:  # odd head_dim: plain loops, vectorised where they can be
         sch.reorder(qi, kj, k)
-        init = sch.decompose_reduction(pv, kj)
+        sch.decompose_reduction(pv, kj)
     for name in ("out",):
         _vectorize_tail(sch, sch.get_loops(sch.get_sblock(name))[-1], W)
     return sch

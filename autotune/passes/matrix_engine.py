@@ -195,20 +195,3 @@ def convolutions_in_float32(imported: ImportedModel) -> tuple[ImportedModel, int
         notes=imported.notes + [f"bf16: {count} convolutions computed in float32 on bf16-rounded inputs"],
     )
     return precompute_weight_transforms(moved), count
-
-
-def schedule_engine_gemms(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
-    """Give unscheduled matrix-engine GEMMs their default schedule (untuned builds).
-
-    Call after the tuning log was applied and before the generic fallback. Returns (module, how many)."""
-    from tvm import s_tir
-
-    count = 0
-    for gv, func in list(mod.functions.items()):
-        if not kernel.is_gemm_kernel(func) or ir.is_scheduled(func):
-            continue
-        sch = s_tir.Schedule(tvm.IRModule({"main": func}))
-        kernel.apply_schedule(sch)
-        mod[gv] = ir.mark_scheduled(sch.mod["main"])
-        count += 1
-    return mod, count

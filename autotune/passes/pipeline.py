@@ -32,7 +32,10 @@ from autotune.frontend.importer import ImportedModel
 from .attention import fuse_attention  # also registers the attention schedule rule
 from .causal_padding import drop_causal_padding_in
 from .fast_math import cpu_fast_math_legalizations
-from .matrix_engine import convolutions_in_float32, use_matrix_engine  # also registers the GEMM schedule rule and intrinsics
+from .matrix_engine import (  # also registers the GEMM schedule rule and intrinsics
+    convolutions_in_float32,
+    use_matrix_engine,
+)
 from .weight_prepack import mark_layout_free, pack_weights
 from .weight_transforms import precompute_weight_transforms
 

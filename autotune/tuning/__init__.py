@@ -2,5 +2,5 @@
 model, the crash-safe tuning log (a MetaSchedule database), the lean builder workers, and
 remote measurement over TVM RPC.
 
-May import: support, frontend, passes.
+May import: support, frontend, kernels, passes.
 """

@@ -29,6 +29,7 @@ from autotune.support.tvm_compat import (
 
 from .cost_model import make_cost_model
 from .log import TuningLog, structure_key
+from .search import FallbackFirstSearch
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +262,7 @@ def tune(
                 [tasks[i] for i in indices],
                 work_dir=str(Path(log_dir) / "ms_logs"),
                 space=tuning_space(tvm_target),
+                strategy=FallbackFirstSearch(),
                 num_threads=physical_thread_count(),
                 seed=settings.seed,
             )

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import tvm
-from conftest import run_fresh
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,7 +38,7 @@ def _record_lines(log: Path) -> list[str]:
 
 
 def test_real_log_reads_back_every_record(real_log):
-    log, _ = real_log
+    log = real_log
     report, workloads = read_log(log, X86)
     assert report.problems == []
     assert report.records == len(_record_lines(log)) > 0
@@ -47,7 +46,7 @@ def test_real_log_reads_back_every_record(real_log):
 
 
 def _corrupt_and_read(real_log, tmp_path, mutate):
-    log = _copy_log(real_log[0], tmp_path / "log")
+    log = _copy_log(real_log, tmp_path / "log")
     good = read_log(log, X86)[0].records
     expected_problem = mutate(log)
     before = _digest(log / RECORDS_FILE), _digest(log / WORKLOADS_FILE)
@@ -69,6 +68,17 @@ def test_truncated_last_line(real_log, tmp_path):
     [problem] = report.problems
     assert problem.line == line and problem.path.endswith(RECORDS_FILE)
     assert "truncated or corrupt" in problem.reason
+    # a resumed run appends after the cut line, on a line of its own: its record reads back whole
+    from tvm.s_tir import meta_schedule as ms
+
+    memory = ms.database.MemoryDatabase()
+    read_log(real_log, X86, memory)
+    record = memory.get_all_tuning_records()[0]
+    resumed = TuningLog(tmp_path / "log", X86)
+    workload = resumed.commit_workload(record.workload.mod)
+    resumed.commit_tuning_record(ms.database.TuningRecord(record.trace, workload, record.run_secs, record.target, record.args_info))
+    again, _ = read_log(tmp_path / "log", X86)
+    assert again.records == good + 1 and [p.line for p in again.problems] == [line]
 
 
 def test_garbage_line_in_the_middle(real_log, tmp_path):
@@ -112,9 +122,9 @@ def test_bad_records_are_reported_with_line_and_skipped(real_log, tmp_path, edit
 
 def test_a_log_from_another_target_loads_nothing_for_this_one(real_log):
     other = resolve_target("x86-avx2").tvm_target()
-    report, _ = read_log(real_log[0], other)
+    report, _ = read_log(real_log, other)
     assert report.records == 0
-    assert len(report.problems) == len(_record_lines(real_log[0]))
+    assert len(report.problems) == len(_record_lines(real_log))
     assert all("another target" in p.reason for p in report.problems)
 
 
@@ -132,7 +142,7 @@ _MUTATIONS = st.lists(
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutations=_MUTATIONS)
 def test_fuzz_reader_never_crashes_and_keeps_untouched_records(real_log, tmp_path_factory, mutations):
-    src = real_log[0]
+    src = real_log
     log = _copy_log(src, tmp_path_factory.mktemp("fuzz"))
     lines = (log / RECORDS_FILE).read_bytes().splitlines(keepends=True)
     touched: set[int] = set()
@@ -182,7 +192,7 @@ def test_concurrent_writers_do_not_interleave_or_lose_records(real_log, tmp_path
         from tvm.s_tir import meta_schedule as ms
         target = resolve_target("x86").tvm_target()
         memory = ms.database.MemoryDatabase()
-        read_log({str(real_log[0])!r}, target, memory)
+        read_log({str(real_log)!r}, target, memory)
         records = memory.get_all_tuning_records()
         out = TuningLog({str(shared)!r}, target)
         for _ in range(10):
@@ -230,7 +240,7 @@ def _wait_for_records(log: Path, count: int, proc: subprocess.Popen, timeout: fl
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_interrupted_tune_keeps_its_records_and_resumes(tmp_path, sig):
+def test_interrupted_tune_keeps_its_records(tmp_path, sig):
     log = tmp_path / "log"
     # Without the shipped log the light kernels are not covered, so the run starts with one light
     # kernel's batch: its record is on disk ~20 s in, while the heavy kernels still have a minute of
@@ -247,23 +257,7 @@ def test_interrupted_tune_keeps_its_records_and_resumes(tmp_path, sig):
     report, _ = read_log(log, X86)
     assert report.records >= seen, "records flushed before the signal were lost"
     assert all("truncated" in p.reason for p in report.problems)  # at most a cut last line
-    if sig == signal.SIGINT:
-        return  # resuming is shown once, after the harder stop (a resumed run costs ~30 s)
-    # re-running resumes from the log: the new run starts with every record already there
-    result = run_fresh(
-        f"""
-        import autotune
-        from autotune.frontend.sources import load_source
-        from autotune.support.settings import TuneSettings
-        from autotune.tuning.tune import tune
-        s = load_source("wan-i2v-tiny", "image_encoder")
-        r = tune(s.imported, "x86", {str(log)!r}, TuneSettings(trials=4, trials_per_iter=4), progress=False)
-        print(r.records_before, r.records_after)
-        """
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    before, after = map(int, result.stdout.split()[-2:])
-    assert before == report.records and after > before
+    # resuming from such a log: test_truncated_last_line (the append) and test_spine (the tune)
 
 
 def test_ctrl_c_drops_queued_measurements_instead_of_waiting_for_them():
@@ -282,10 +276,10 @@ def test_ctrl_c_drops_queued_measurements_instead_of_waiting_for_them():
         queued[0].result(timeout=3)  # the one in flight: its process was killed, not waited for
 
 
-def test_merge_copies_what_is_missing_once_and_skips_bad_lines(real_log, tmp_path):
+def test_merge_copies_what_is_missing_once_and_skips_bad_lines(real_log, tuned_mlp, tmp_path):
     from autotune.tuning.log import merge_log
 
-    src = _copy_log(real_log[0], tmp_path / "src")
+    src = _copy_log(real_log, tmp_path / "src")
     with open(src / RECORDS_FILE, "a") as f:
         f.write('{"id": "truncated rec\n')
     total = read_log(src, X86)[0].records
@@ -299,7 +293,7 @@ def test_merge_copies_what_is_missing_once_and_skips_bad_lines(real_log, tmp_pat
     # and a merged log builds like the original: its records apply to the same kernels
     from autotune.build.compile import build
 
-    built = build(real_log[1], "x86", tmp_path / "m.so", log_dir=tmp_path / "dst")
+    built = build(tuned_mlp[0], "x86", tmp_path / "m.so", log_dir=tmp_path / "dst")
     assert built.tuned_kernels >= 1
 
 
