@@ -29,7 +29,8 @@ QUANTIZED=(
   "dit-block bf16 320" "tiny-transformer bf16 190" "vae-up-block bf16 100"
   "dit-block w8a8 320" "dit-block int8-weight 240"
   "tiny-transformer w8a8 120" "tiny-transformer int8-weight 120"
-  "tiny-image-encoder w8a8 48" "tiny-image-encoder int8-weight 48" "tiny-vae-decoder int8-weight 96"
+  "tiny-image-encoder w8a8 48" "tiny-image-encoder int8-weight 48" "tiny-image-encoder bf16 48"
+  "tiny-vae-decoder int8-weight 96"
 )
 if [ "${1:-}" = quantized ]; then
   for entry in "${QUANTIZED[@]}"; do

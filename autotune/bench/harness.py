@@ -18,8 +18,10 @@ TVM tuned + each quantization mode asked for. Every engine runs at each precisio
 `--quantize` rows (float32 inputs and outputs, quantized weights inside) run once, beside the
 fp32 rows: their ratio is to float32 torch eager and their "% of peak" to the SGEMM peak.
 
-Each round calls every (engine, precision) once, in a shuffled order, so drift and noise from a
-shared machine hit all alike; the median over rounds is reported with the ratio to torch eager at
+Each round times every (engine, precision) in a shuffled order, so drift and noise from a shared
+machine hit all alike: a call, repeated for at least `MIN_ROUND_MS` (sub-millisecond models get
+many calls: one preempted thread, a scheduler quantum of several ms, would otherwise be a round's
+whole figure), its median call the round's time. The median over rounds is reported with the ratio to torch eager at
 the same precision, GFLOP/s, the fraction of this machine's GEMM peak at the row's precision
 measured in the same run (torch's float32 and bfloat16 2048³ matmuls, `torch._int_mm` for int8;
 plus a copy bandwidth probe), and fidelity against float32 torch eager.
@@ -428,16 +430,23 @@ def _first_line(exc: Exception, limit: int = 200) -> str:
     return text.splitlines()[0][:limit] if text else ""
 
 
+MIN_ROUND_MS = 50.0
+
+
 def _interleave(prepared: dict, inputs: dict, rounds: int) -> dict:
-    """Milliseconds per call of each prepared engine; each round calls all of them once, shuffled."""
+    """Milliseconds per call of each prepared engine: per round (engines shuffled), the median of
+    the calls made in at least MIN_ROUND_MS."""
     times = {key: [] for key in prepared}
     order = list(prepared)
     for _ in range(rounds):
         random.shuffle(order)
         for key in order:
-            t = time.perf_counter()
-            prepared[key].run(inputs)
-            times[key].append((time.perf_counter() - t) * 1e3)
+            calls, start = [], time.perf_counter()
+            while not calls or (time.perf_counter() - start) * 1e3 < MIN_ROUND_MS:
+                t = time.perf_counter()
+                prepared[key].run(inputs)
+                calls.append((time.perf_counter() - t) * 1e3)
+            times[key].append(statistics.median(calls))
     return times
 
 
