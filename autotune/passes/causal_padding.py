@@ -24,8 +24,9 @@ def _const_int_list(values) -> list[int]:
     return [int(v) for v in values]
 
 
-def _reduced_conv(conv: relax.Call, pad: relax.Call):
-    """The replacement for conv3d(pad(x)), or None when the pattern does not apply."""
+def _reduced_conv(conv: relax.Call, pad: relax.Call, cast: relax.Call | None = None):
+    """The replacement for conv3d(pad(x)) (or conv3d(astype(pad(x))), as mixed precision writes
+    it), or None when the pattern does not apply."""
     attrs, pattrs = conv.attrs, pad.attrs
     if attrs.data_layout != "NCDHW" or attrs.kernel_layout != "OIDHW" or attrs.out_layout != "NCDHW":
         return None
@@ -35,8 +36,10 @@ def _reduced_conv(conv: relax.Call, pad: relax.Call):
     if any(widths[:4]):
         return None
     x, weight = pad.args[0], conv.args[1]
+    if cast is not None:
+        x = relax.op.astype(x, cast.attrs.dtype)
     try:
-        x_depth = int(x.ty.shape[2])
+        x_depth = int(pad.args[0].ty.shape[2])
         k_depth = int(weight.ty.shape[2])
         out_depth = int(conv.ty.shape[2])
     except (TypeError, AttributeError):  # symbolic shapes: leave it alone
@@ -77,14 +80,16 @@ def _reduced_conv(conv: relax.Call, pad: relax.Call):
 
 
 def drop_causal_padding(func: relax.Function) -> tuple[relax.Function, int]:
-    """Rewrite every conv3d(pad(x)) whose single output frame sees zero padding. Returns (func, count)."""
+    """Rewrite every conv3d(pad(x)) (also with a cast between them) whose single output frame sees
+    zero padding. Returns (func, count)."""
     padded = is_op("relax.nn.pad")(wildcard())
-    pattern = is_op("relax.nn.conv3d")(padded, wildcard())
+    cast = is_op("relax.astype")(padded)
+    pattern = is_op("relax.nn.conv3d")(padded | cast, wildcard())
     count = 0
 
     def rewriter(expr, matches):
         nonlocal count
-        new = _reduced_conv(expr, matches[padded])
+        new = _reduced_conv(expr, matches[padded], matches.get(cast))
         if new is None:
             return expr
         count += 1

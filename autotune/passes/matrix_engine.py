@@ -46,7 +46,7 @@ class MatrixEngineRewriter:
         self.count: dict[str, int] = {}  # engine name -> matmuls
         self.kernels: dict[tuple, relax.GlobalVar] = {}
         self.builder = relax.BlockBuilder(mod)  # holds the kernels added
-        self.weight_vars = _weight_only_vars(mod["main"])
+        self.weight_vars = ir.weight_only_vars(mod["main"])
 
     def __call__(self, call: relax.Call, _matches) -> relax.Expr:
         x, w = call.args
@@ -67,7 +67,7 @@ class MatrixEngineRewriter:
             return call
         if precision == "int8-weight":
             isa = kernel.INT8_WEIGHTS[isa]
-            x = relax.op.astype(x, "bfloat16") if _dtype(x) != "bfloat16" else x
+            x = relax.op.astype(x, "bfloat16") if ir.tensor_dtype(x) != "bfloat16" else x
         engine = kernel.ENGINE_NAMES[isa]
         self.count[engine] = self.count.get(engine, 0) + 1
         g = kernel.group(isa)
@@ -108,31 +108,15 @@ def _precision(call: relax.Call) -> str | None:
     out = str(call.attrs.out_dtype)
     if _is_bf16(x) and _is_bf16(w) and out == "float32":
         return kernel.BF16
-    if _dtype(x) == "int8" and _dtype(w) == "int8" and out == "int32":
+    if ir.tensor_dtype(x) == "int8" and ir.tensor_dtype(w) == "int8" and out == "int32":
         return kernel.INT8
-    if _dtype(x) in ("float32", "bfloat16") and _dtype(w) == "int8" and out == "float32":
+    if ir.tensor_dtype(x) in ("float32", "bfloat16") and ir.tensor_dtype(w) == "int8" and out == "float32":
         return "int8-weight"
     return None
 
 
-def _dtype(expr) -> str | None:
-    ty = getattr(expr, "ty", None)
-    return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
-
-
 def _is_bf16(expr) -> bool:
-    return _dtype(expr) == "bfloat16"
-
-
-def _weight_only_vars(main: relax.Function) -> set:
-    """main's weight parameters and every binding computed from them (and constants) alone."""
-    weights = set(main.params[ir.num_input(main) :])
-    for block in main.body.blocks:
-        for binding in block.bindings:
-            used = relax.analysis.free_vars(binding.value)
-            if used and all(v in weights for v in used):
-                weights.add(binding.var)
-    return weights
+    return ir.tensor_dtype(expr) == "bfloat16"
 
 
 def use_matrix_engine(imported: ImportedModel, target: tvm.target.Target) -> tuple[ImportedModel, dict | None]:
@@ -164,13 +148,12 @@ def use_matrix_engine(imported: ImportedModel, target: tvm.target.Target) -> tup
 def convolutions_in_float32(imported: ImportedModel) -> tuple[ImportedModel, int]:
     """conv(x: bf16, W: bf16 weights, out_dtype=float32) -> conv(float32(x), float32(W)) (CPU targets).
 
-    TVM has no bf16 convolution schedule on CPUs: its generic kernels widen every bf16 load on the
-    fly. Until a matrix-engine convolution exists they compute in float32 (on bf16-rounded inputs),
-    the kind of kernel the shipped log tunes well at float32. Not yet proven by a measurement:
-    after one search round each (AMD Zen 4), vae-up-block's bf16 convolutions estimated 3.0 s and
-    these 4.6 s measured; both need real tuning. The weight cast is precomputed (weights ship
-    float32). Returns (model, how many convolutions)."""
-    weight_vars = _weight_only_vars(imported.mod["main"])
+    For the convolutions `conv_gemm.convolutions_as_gemm` leaves (no bf16 matrix engine on the
+    target, or a shape it cannot take): TVM has no bf16 convolution schedule on CPUs (its generic
+    kernels widen every bf16 load on the fly), so they compute in float32 on bf16-rounded inputs,
+    the kind of kernel the shipped log tunes well at float32. The weight cast is precomputed
+    (weights ship float32). Returns (model, how many convolutions)."""
+    weight_vars = ir.weight_only_vars(imported.mod["main"])
     count = 0
 
     def to_float32(call: relax.Call, _matches) -> relax.Expr:
@@ -185,7 +168,7 @@ def convolutions_in_float32(imported: ImportedModel) -> tuple[ImportedModel, int
     main = rewrite_call(convolution(wildcard(), wildcard()), to_float32, imported.mod["main"])
     if count == 0:
         return imported, 0
-    log.info("bf16: %d convolutions in float32 (no bf16 convolution kernel for CPUs yet)", count)
+    log.info("bf16: %d convolutions in float32 (no bf16 matrix engine for them on this target)", count)
     moved = ImportedModel(
         mod=relax.transform.Normalize()(ir.replace_main(imported.mod, main)),
         weights=imported.weights,

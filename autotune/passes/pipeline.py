@@ -7,8 +7,9 @@ fused module) silently misses every record. Both call the phases below, and noth
     phase      when                       what                                         target kinds
     prepare    before fusing (weights)    drop causal zero-padding taps; then either   all
                                           quantize (a --quantize mode; bf16, int8-weight
-                                          and w8a8 also move weight matmuls onto AMX /
-                                          AVX512-BF16 / VNNI, weights packed) or precompute
+                                          and w8a8 also move weight matmuls, and bf16 /
+                                          int8-weight convolutions as im2col GEMMs, onto
+                                          AMX / AVX512-BF16 / VNNI, weights packed) or precompute
                                           weight-only work (transposes)
     fuse       the tuning tasks           fuse attention into one kernel; legalize     all; CPU adds fast
                                           (CPU: vectorisable fast math), annotate,     math and marks large
@@ -31,6 +32,7 @@ from autotune.frontend.importer import ImportedModel
 
 from .attention import fuse_attention  # also registers the attention schedule rule
 from .causal_padding import drop_causal_padding_in
+from .conv_gemm import convolutions_as_gemm
 from .fast_math import cpu_fast_math_legalizations
 from .matrix_engine import (  # also registers the GEMM schedule rule and intrinsics
     convolutions_in_float32,
@@ -53,8 +55,11 @@ def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None) ->
         quantized = drop_causal_padding_in(quantized)
         target = preset.tvm_target()
         if quantize_mode in ("bf16", "int8-weight", "w8a8") and target.kind.name == "llvm":
+            quantized, conv_gemms = convolutions_as_gemm(quantized, target)
             quantized, engines = use_matrix_engine(quantized, target)
             quantized, convs = convolutions_in_float32(quantized)
+            if conv_gemms:
+                info = {**info, "convolutions_as_gemm": conv_gemms}
             if engines:
                 info = {**info, "matrix_engine": engines}
             if convs:

@@ -348,11 +348,6 @@ _F32_ONLY_NORMS = {
 }
 
 
-def _dtype(expr) -> str | None:
-    ty = getattr(expr, "ty", None)
-    return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
-
-
 @mutator
 class _HalfToBf16(PyExprMutator):
     """float16 -> bfloat16 everywhere in a ToMixedPrecision output (casts and parameters)."""
@@ -363,9 +358,9 @@ class _HalfToBf16(PyExprMutator):
             return new
         if new.op.same_as(_ASTYPE) and str(new.attrs.dtype) == "float16":
             return relax.op.astype(new.args[0], "bfloat16")
-        if new.op in _F32_ONLY_NORMS and any(_dtype(a) == "bfloat16" for a in new.args):
+        if new.op in _F32_ONLY_NORMS and any(ir.tensor_dtype(a) == "bfloat16" for a in new.args):
             # TOPI's norms take float32/float16 only: run them in float32 between casts.
-            args = [self.builder_.emit(relax.op.astype(a, "float32")) if _dtype(a) == "bfloat16" else a for a in new.args]
+            args = [self.builder_.emit(relax.op.astype(a, "float32")) if ir.tensor_dtype(a) == "bfloat16" else a for a in new.args]
             y = self.builder_.emit(relax.Call(new.op, args, new.attrs))
             return relax.op.astype(y, "bfloat16")
         return new
@@ -393,7 +388,7 @@ class _ClipToMinMax(PyExprMutator):
         new = super().visit_call_(call)
         if not (isinstance(new, relax.Call) and new.op.same_as(_CLIP)):
             return new
-        dtype = _dtype(new.args[0])
+        dtype = ir.tensor_dtype(new.args[0])
         bounds = []
         for b in new.args[1:]:
             value = getattr(b, "value", None)  # a scalar bound is a FloatImm/IntImm in TVM 0.27

@@ -51,6 +51,23 @@ def static_shape(ty) -> tuple[int, ...] | None:
         return None
 
 
+def tensor_dtype(expr) -> str | None:
+    """The dtype of a Relax tensor expression, or None when it is not a tensor."""
+    ty = getattr(expr, "ty", None)
+    return str(ty.dtype) if isinstance(ty, tvm.relax.TensorType) else None
+
+
+def weight_only_vars(main) -> set:
+    """`main`'s weight parameters and every binding computed from them (and constants) alone."""
+    weights = set(main.params[num_input(main) :])
+    for block in main.body.blocks:
+        for binding in block.bindings:
+            used = tvm.relax.analysis.free_vars(binding.value)
+            if used and all(v in weights for v in used):
+                weights.add(binding.var)
+    return weights
+
+
 def exported_name(torch_name: str, prefix: str = "p_") -> str:
     """torch.export's name for a module's parameter `a.b.c` (`p_a_b_c`; buffers `b_`, constants `c_`),
     which the imported model's weights keep."""

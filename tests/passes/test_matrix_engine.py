@@ -118,18 +118,80 @@ class ConvBlock(torch.nn.Module):
         return torch.nn.functional.silu(self.conv(x))
 
 
-def test_bf16_convolutions_compute_in_float32_and_match_torch(tmp_path):
-    """No CPU bf16 convolution kernel exists (TVM's generic one widens every load): the convolution
-    reads bf16-rounded inputs and float32 weights cast once at build."""
+def test_bf16_convolutions_compute_in_float32_without_an_engine(tmp_path):
+    """Without a bf16 matrix engine (AVX2) the convolution reads bf16-rounded inputs and float32
+    weights cast once at build (TVM's generic bf16 convolution widens every load)."""
     torch.manual_seed(0)
     module, x = ConvBlock().eval(), torch.randn(1, 8, 12, 12)
-    prepared, info = prepare_model(from_torch(module, {"x": x}), resolve_target("x86"), "bf16")
+    prepared, info = prepare_model(from_torch(module, {"x": x}), resolve_target("x86-avx2"), "bf16")
     convs = [b.value for blk in prepared.mod["main"].body.blocks for b in blk.bindings
              if isinstance(b.value, tvm.relax.Call) and b.value.op.name == "relax.nn.conv2d"]
     assert [str(a.ty.dtype) for c in convs for a in c.args] == ["float32", "float32"]
-    assert info["convolutions_in_float32"] == 1
+    assert info["convolutions_in_float32"] == 1 and "convolutions_as_gemm" not in info
     assert any(w.shape == (16, 8, 3, 3) and w.dtype == np.float32 for w in prepared.weights.values())
-    report = build(from_torch(module, {"x": x}), "x86", tmp_path / "c", settings=BuildSettings(quantize="bf16", shipped_log=False))
+    report = build(from_torch(module, {"x": x}), "x86-avx2", tmp_path / "c", settings=BuildSettings(quantize="bf16", shipped_log=False))
+    out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float32)
+    with torch.no_grad():
+        assert compare(out, module(x).numpy())["cosine"] >= MIN_COSINE
+
+
+class Convolutions2d(torch.nn.Module):
+    """A strided, padded 3x3 convolution (im2col with padding and stride) into a 1x1 (no im2col)."""
+
+    def __init__(self):
+        super().__init__()
+        self.strided = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.pointwise = torch.nn.Conv2d(16, 32, 1)
+
+    def forward(self, x):
+        return self.pointwise(torch.nn.functional.silu(self.strided(x)))
+
+
+class Convolution3d(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(8, 16, 3, padding=(1, 1, 2), dilation=(1, 1, 2))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+CONV_CASES = {
+    "conv2d": (Convolutions2d, (1, 8, 11, 13), 2, 1),  # module, input shape, GEMMs, im2col kernels
+    "conv3d": (Convolution3d, (1, 8, 3, 6, 10), 1, 1),
+}
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8-weight"])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_convolutions_become_im2col_gemms_that_match_torch(tmp_path, case, mode):
+    """The rewrite's arithmetic on any CPU: a bf16 / int8-weight model's convolutions rewritten for
+    an AVX512-BF16 target, the result built for the host, where its matmuls take TVM's generic
+    path. (int8 weights: per-channel rounding costs about as much cosine as bf16's.)"""
+    from autotune.passes.conv_gemm import convolutions_as_gemm
+    from autotune.passes.quantize import quantize
+
+    make, shape, gemms, gathers = CONV_CASES[case]
+    torch.manual_seed(0)
+    module, x = make().eval(), torch.randn(*shape)
+    quantized, _ = quantize(from_torch(module, {"x": x}), mode, resolve_target("x86"))
+    as_gemm, count = convolutions_as_gemm(quantized, resolve_target("x86-avx512-bf16").tvm_target())
+    assert count == gemms and "R.nn.conv" not in as_gemm.mod["main"].script()
+    assert sum(name.startswith("im2col") for name in prim_funcs(as_gemm.mod)) == gathers
+    report = build(as_gemm, "x86", tmp_path / "g", settings=BuildSettings(shipped_log=False))
+    out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float32)
+    with torch.no_grad():
+        assert compare(out, module(x).numpy())["cosine"] >= MIN_COSINE
+
+
+@pytest.mark.skipif("avx512_bf16" not in hardware.cpu_flags(), reason="CPU has no AVX512-BF16 to run the engine on")
+def test_bf16_convolutions_run_on_the_engine_and_match_torch(tmp_path):
+    torch.manual_seed(0)
+    module, x = Convolutions2d().eval(), torch.randn(1, 8, 11, 13)
+    settings = BuildSettings(quantize="bf16", shipped_log=False)
+    details: dict = {}
+    report = build(from_torch(module, {"x": x}), "x86", tmp_path / "e", settings=settings, details=details)
+    assert sum(name.startswith("gemm_bf16") for name in prim_funcs(details["scheduled"])) == 2
     out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float32)
     with torch.no_grad():
         assert compare(out, module(x).numpy())["cosine"] >= MIN_COSINE

@@ -43,6 +43,21 @@ def test_single_frame_causal_conv_becomes_conv2d_and_matches_torch(tmp_path):
     assert (16, 8, 3, 3) in shapes and (16, 8, 3, 3, 3) not in shapes
 
 
+def test_causal_padding_is_dropped_behind_bf16_casts(tmp_path):
+    """Mixed precision casts the padded input (conv3d(astype(pad(x)))): the taps still go."""
+    from autotune.support.fidelity import compare
+    from autotune.support.settings import BuildSettings
+
+    module, inputs, ref = _causal_conv(frames=1)
+    prepared, _ = prepare_model(from_torch(module, inputs), resolve_target("x86-avx2"), "bf16")
+    text = prepared.mod["main"].script()
+    assert "R.nn.conv2d" in text and "R.nn.conv3d" not in text
+    settings = BuildSettings(quantize="bf16", shipped_log=False)
+    report = build(from_torch(module, inputs), "x86-avx2", tmp_path / "conv.so", settings=settings)
+    out = autotune.load(report.paths.library)(**{k: v.numpy() for k, v in inputs.items()})
+    assert compare(np.asarray(out, dtype=np.float32), ref)["cosine"] >= 0.9999  # bf16 rounding
+
+
 def test_multi_frame_causal_conv_is_left_alone():
     module, inputs, _ = _causal_conv(frames=3)
     func, count = drop_causal_padding(from_torch(module, inputs).mod["main"])

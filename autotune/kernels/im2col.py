@@ -1,0 +1,53 @@
+"""im2col for CPU convolutions computed as GEMMs: the rows a matrix-engine GEMM reads.
+
+    A[b, o_1.., t_1.., c] = X[b, o_1*s_1 + t_1*d_1 - p_1, .., c]    (0 where that is padding)
+
+X is channels-last (N, *spatial, C); A has one row per output position (b, o_1, ..) and, in a
+row, the kernel taps (t_1, ..) by input channel, channels innermost: reshaped to
+(N * positions, taps * C) it is the GEMM's left operand, whose k groups (bf16 pairs) are
+consecutive channels of one tap, and the convolution is A @ W as (taps * C, C_out).
+
+The copy runs along channels (contiguous in X and in A), so it vectorises; it is marked opaque so
+that FuseOps does not pull the producer of X (an activation) into it, which would recompute it
+once per tap.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tvm
+from tvm import te
+
+
+def output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int, dilation: int) -> int:
+    return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def make_primfunc(
+    x_shape: tuple[int, ...], kernel: tuple[int, ...], strides: tuple[int, ...], pad_before: tuple[int, ...],
+    dilation: tuple[int, ...], out_spatial: tuple[int, ...], dtype: str,
+) -> tvm.tirx.PrimFunc:
+    """X (N, *spatial, C) -> A (N, *out_spatial, *kernel, C)."""
+    n, *spatial, c = x_shape
+    dims = len(spatial)
+    if not (len(kernel) == len(strides) == len(pad_before) == len(dilation) == len(out_spatial) == dims):
+        raise ValueError(f"im2col: {dims} spatial dims but kernel {kernel}, strides {strides}, padding {pad_before}, "
+                         f"dilation {dilation}, output {out_spatial}")
+    X = te.placeholder(tuple(x_shape), dtype, name="X")
+
+    def gather(b, *axes):
+        outs, taps, ch = axes[:dims], axes[dims : 2 * dims], axes[-1]
+        index = [o * s + t * d - p for o, t, s, d, p in zip(outs, taps, strides, dilation, pad_before)]
+        inside = tvm.tirx.all(*[tvm.tirx.all(i >= 0, i < size) for i, size in zip(index, spatial)])
+        clamped = [tvm.tirx.Max(tvm.tirx.Min(i, size - 1), 0) for i, size in zip(index, spatial)]
+        return tvm.tirx.if_then_else(inside, X[(b, *clamped, ch)], tvm.tirx.const(0, dtype))
+
+    A = te.compute((n, *out_spatial, *kernel, c), gather, name="im2col")
+    func = te.create_prim_func([X, A]).without_attr("global_symbol")
+    return func.with_attr("op_pattern", 8)  # opaque: see the module docstring
+
+
+def kernel_name(x_shape, kernel, strides, out_spatial) -> str:
+    shape = "x".join(str(s) for s in x_shape)
+    return f"im2col_{shape}_k{'x'.join(map(str, kernel))}_s{'x'.join(map(str, strides))}_o{math.prod(out_spatial)}"
