@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -17,6 +18,7 @@ from autotune.support.errors import ImportFailed
 from autotune.support.ir import num_input, static_shape
 from autotune.support.signature import TensorSpec, specs_from_relax_type
 
+from .calibration import linear_input_ranges
 from .converter_fixes import CUSTOM_CONVERT_MAP, safe_take_modes
 
 
@@ -28,6 +30,9 @@ class ImportedModel:
     outputs: list[TensorSpec]
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    # Models imported from torch: runs the module once on its example inputs and returns each
+    # linear's input range per channel, by weight name (frontend/calibration.py), for SmoothQuant.
+    calibration: Callable[[], dict[str, np.ndarray]] | None = field(default=None, repr=False, compare=False)
 
     def weight_bytes(self) -> int:
         return int(sum(w.nbytes for w in self.weights.values()))
@@ -127,6 +132,7 @@ def from_torch(module, example_inputs: dict, source: str | None = None) -> Impor
             f"{len(example_inputs)} example inputs were given"
         )
     imported.inputs = [TensorSpec(n, s.shape, s.dtype) for n, s in zip(example_inputs, imported.inputs)]
+    imported.calibration = lambda: linear_input_ranges(module, example_inputs)
     return imported
 
 

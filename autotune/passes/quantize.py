@@ -23,6 +23,8 @@ Modes (`MODES`, each a small handler class in the style of gpt-fast's quantizati
     w8a8         int8 weights (per output channel) and per-token dynamic int8 activations for the
                  linears: `matmul(int8, int8, out_dtype=int32)`, then rescale by both scales; on
                  x86 CPUs with AVX512-VNNI or AMX-INT8 the matmul runs on that engine.
+                 Linears whose inputs have outlier channels are smoothed first (SmoothQuant,
+                 passes/smooth_quant.py; needs a model imported from torch to measure them).
                  Convolutions are left in float32 (per-token scales do not map onto them).
     fp8          float8_e4m3fn weights with a per-output-channel float32 scale for linears and
                  convolutions; cast inside the kernel, float32 accumulation (weight-only: 4x less
@@ -43,6 +45,8 @@ from autotune.support import ir
 from autotune.support.cuda_library import sm_version
 from autotune.support.errors import InputError
 from autotune.support.targets import TargetPreset, list_presets, resolve_target
+
+from . import smooth_quant
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
@@ -231,7 +235,7 @@ class _QuantRewriter(PyExprMutator):
         super().visit_var_binding_(binding)
 
     def _rewrite(self, call, x, entry, out_var):
-        site, q, scale = entry
+        site, q, scale, smooth = entry
         bb = self.builder_
         s = self.scheme
         in_dtype = str(x.ty.dtype)
@@ -247,6 +251,8 @@ class _QuantRewriter(PyExprMutator):
         if s.act_int8:
             # per-token (last-axis) symmetric dynamic quantisation of the activations
             xf = x if in_dtype == "float32" else bb.emit(relax.op.astype(x, "float32"))
+            if smooth is not None:  # SmoothQuant: x / s (the weight was quantized as W * s)
+                xf = bb.emit(relax.op.multiply(xf, smooth))
             amax = bb.emit(relax.op.max(relax.op.abs(xf), axis=-1, keepdims=True))
             sx = bb.emit(
                 relax.op.divide(relax.op.maximum(amax, relax.const(1e-8, "float32")), relax.const(INT8_MAX, "float32"))
@@ -293,6 +299,7 @@ def _quantize_weights(imported: ImportedModel, scheme: _Scheme, linears: bool, c
     new_params = list(func.params[:num_input])
     new_weights: dict[str, np.ndarray] = {}
     entries = {}
+    smoothing = _Smoothing(imported) if scheme.act_int8 else None
     for param in func.params[num_input:]:
         name = param.name
         site = found.get(name)
@@ -300,18 +307,24 @@ def _quantize_weights(imported: ImportedModel, scheme: _Scheme, linears: bool, c
             new_params.append(param)
             new_weights[name] = imported.weights[name]
             continue
-        q, scale = _quantize_array(imported.weights[name], site.out_axis, scheme.weight_dtype)
+        w, inv_s = smoothing.apply(site, imported.weights[name]) if smoothing else (imported.weights[name], None)
+        q, scale = _quantize_array(w, site.out_axis, scheme.weight_dtype)
         if site.kind == "linear_nt":
             q = np.ascontiguousarray(q.T)  # stored [in, out]: the matmul reads it without a transpose
         q_name, s_name = f"{name}_q", f"{name}_scale"
-        if q_name in existing or s_name in existing:
-            raise InputError(f"cannot quantize {name}: the model already has a weight named {q_name} or {s_name}")
+        if {q_name, s_name, f"{name}_smooth"} & existing:
+            raise InputError(f"cannot quantize {name}: the model already has a weight named {q_name}, {s_name} or {name}_smooth")
         q_var = relax.Var(q_name, relax.TensorType(list(q.shape), scheme.weight_dtype))
         s_var = relax.Var(s_name, relax.TensorType([scale.shape[0]], "float32"))
         new_params += [q_var, s_var]
         new_weights[q_name] = q
         new_weights[s_name] = scale
-        entries[param] = (site, q_var, s_var)
+        smooth = None
+        if inv_s is not None:
+            smooth = relax.Var(f"{name}_smooth", relax.TensorType([inv_s.shape[0]], "float32"))
+            new_params.append(smooth)
+            new_weights[smooth.name] = inv_s
+        entries[param] = (site, q_var, s_var, smooth)
 
     rewriter = _QuantRewriter(imported.mod, entries, scheme)
     body = rewriter.visit_with_new_scope(func.body)
@@ -333,7 +346,48 @@ def _quantize_weights(imported: ImportedModel, scheme: _Scheme, linears: bool, c
     }
     if not found:
         info["note"] = "no " + ("linear" if not convs else "linear or convolution") + " weights found: nothing was quantized"
+    if smoothing is not None:
+        info["smoothing"] = smoothing.report()
+        if smoothing.smoothed:
+            out.notes.append(f"SmoothQuant: {len(smoothing.smoothed)} of {len(smoothing.ratios)} linears had outlier "
+                             f"input channels (max/median range >= {smooth_quant.OUTLIER_RATIO:g}) and were smoothed")
     return out, info
+
+
+class _Smoothing:
+    """SmoothQuant for w8a8's linears (passes/smooth_quant.py), where the activations have outliers."""
+
+    def __init__(self, imported: ImportedModel):
+        self.ranges = imported.calibration() if imported.calibration is not None else None
+        self.ratios: dict[str, float] = {}  # weight name -> its input's outlier ratio
+        self.smoothed: list[str] = []
+
+    def apply(self, site: _Site, w: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(the weight to quantize, 1 / s for the activations, or None where nothing is smoothed)."""
+        x_range = None if self.ranges is None else self.ranges.get(site.name)
+        in_axis = 1 - site.out_axis
+        if site.kind == "conv" or x_range is None or x_range.shape != (w.shape[in_axis],):
+            return w, None
+        self.ratios[site.name] = ratio = smooth_quant.outlier_ratio(x_range)
+        if ratio < smooth_quant.OUTLIER_RATIO:
+            return w, None
+        s = smooth_quant.smoothing_factors(x_range, np.abs(w).max(axis=site.out_axis))
+        self.smoothed.append(site.name)
+        shape = [1, 1]
+        shape[in_axis] = -1
+        return (w * s.reshape(shape)).astype(w.dtype), (1.0 / s).astype(np.float32)
+
+    def report(self) -> dict | str:
+        if self.ranges is None:
+            return "no activation statistics (the model was not imported from torch): no linear smoothed"
+        worst = max(self.ratios, key=self.ratios.get, default=None)
+        return {
+            "linears_smoothed": len(self.smoothed),
+            "linears_measured": len(self.ratios),
+            "threshold": f"max/median input channel range >= {smooth_quant.OUTLIER_RATIO:g}, alpha {smooth_quant.ALPHA:g}",
+            "worst_outlier_ratio": round(self.ratios[worst], 2) if worst else None,
+            "worst_layer": worst,
+        }
 
 
 # ---------------------------------------------------------------------------------------------

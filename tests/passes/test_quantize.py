@@ -237,3 +237,63 @@ def test_a_quantized_build_without_records_prints_the_command_that_tunes_them(tm
     assert (tune.command, tune.model) == ("tune", "tiny-image-encoder")
     assert (tune.quantize, tune.target, tune.log) == ("w8a8", "x86", str(tmp_path / "logs"))
     assert tune.trials == 32 * int(said.group(1))
+
+
+def _outlier_linear():
+    """A linear whose input has three channels 50x the others, as transformer activations have."""
+    import torch
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48).eval()
+    x = torch.randn(1, 32, 64)
+    x[..., :3] *= 50
+    return linear, x
+
+
+def _smoothquant_reference(linear, x: np.ndarray) -> np.ndarray:
+    """SmoothQuant then w8a8 in float64: s = sqrt(max|x_j| / max|W_:,j|), x / s and W * s
+    quantized (per token, per output channel), int32-exact products, rescaled."""
+    w = linear.weight.detach().double().numpy()  # (out, in)
+    s = np.sqrt(np.abs(x).reshape(-1, 64).max(0) / np.abs(w).max(0))
+    xs, ws = x / s, w * s
+    sw = np.abs(ws).max(1) / 127
+    wq = np.clip(np.rint(ws / sw[:, None]), -127, 127)
+    sx = np.maximum(np.abs(xs).max(-1, keepdims=True), 1e-8) / 127
+    xq = np.clip(np.rint(xs / sx), -127, 127)
+    return (xq @ wq.T) * sx * sw + linear.bias.detach().double().numpy()
+
+
+def test_smoothquant_takes_the_outliers_into_the_weights(tmp_path):
+    """w8a8 measures each linear's input channels on the torch module: with outliers it smooths,
+    equals SmoothQuant's arithmetic (done in float64, to float32 rounding of the scales: 1e-4 of
+    max |y|), and is closer to float32 torch than the same build without smoothing."""
+    import torch
+
+    from autotune.frontend.importer import from_torch
+
+    linear, x = _outlier_linear()
+    _, info = quantize(from_torch(linear, {"x": x}), "w8a8", "x86")
+    assert info["smoothing"]["linears_smoothed"] == 1 and info["smoothing"]["worst_outlier_ratio"] >= 8
+    settings = BuildSettings(quantize="w8a8", shipped_log=False)
+    smoothed = build_module.build(from_torch(linear, {"x": x}), "x86", tmp_path / "s", settings=settings)
+    plain_model = from_torch(linear, {"x": x})
+    plain_model.calibration = None  # as an ONNX import: no statistics, no smoothing
+    plain = build_module.build(plain_model, "x86", tmp_path / "p", settings=settings)
+    out_s = np.asarray(autotune.load(smoothed.paths.library)(x.numpy()), dtype=np.float64)
+    out_p = np.asarray(autotune.load(plain.paths.library)(x.numpy()), dtype=np.float64)
+    with torch.no_grad():
+        ref = linear(x).double().numpy()
+    assert np.abs(out_s - _smoothquant_reference(linear, x.double().numpy())).max() <= 1e-4 * np.abs(ref).max()
+    err_s, err_p = compare(out_s, ref), compare(out_p, ref)
+    assert err_s["max_abs"] < 0.5 * err_p["max_abs"], (err_s, err_p)
+    assert err_s["cosine"] >= 0.9999
+
+
+def test_w8a8_without_outliers_is_not_smoothed():
+    from autotune.frontend.importer import from_torch
+
+    linear, x = _outlier_linear()
+    x[..., :3] /= 50
+    quantized, info = quantize(from_torch(linear, {"x": x}), "w8a8", "x86")
+    assert info["smoothing"]["linears_smoothed"] == 0 and info["smoothing"]["worst_outlier_ratio"] < 8
+    assert not any(name.endswith("_smooth") for name in quantized.weights)
