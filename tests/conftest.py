@@ -120,3 +120,44 @@ def tuned_mlp(tmp_path_factory, mlp_block):
 def real_log(tuned_mlp):
     """A real tuning log: the tuned MLP block's."""
     return tuned_mlp[1]
+
+
+# vdpbf16ps's arithmetic in FMAs (bf16 pairs widened by a shift), under the same name and
+# signature as kernels/gemm_cpu.py's import: a kernel scheduled with it runs on any x86-64 CPU.
+# It checks the kernels' packing, tiling and tensorization where the CPU lacks AVX512-BF16; the
+# instruction itself is checked only where the CPU has it.
+DPBF16_EMULATION_LLVM = """
+define <16 x float> @autotune_dpbf16ps(<16 x float> %c, i32 %a, <16 x i32> %b) {
+  %alo = shl i32 %a, 16
+  %ahi = and i32 %a, -65536
+  %alo_f = bitcast i32 %alo to float
+  %ahi_f = bitcast i32 %ahi to float
+  %alo1 = insertelement <16 x float> poison, float %alo_f, i64 0
+  %alo16 = shufflevector <16 x float> %alo1, <16 x float> poison, <16 x i32> zeroinitializer
+  %ahi1 = insertelement <16 x float> poison, float %ahi_f, i64 0
+  %ahi16 = shufflevector <16 x float> %ahi1, <16 x float> poison, <16 x i32> zeroinitializer
+  %blo = shl <16 x i32> %b, splat (i32 16)
+  %bhi = and <16 x i32> %b, splat (i32 -65536)
+  %blo_f = bitcast <16 x i32> %blo to <16 x float>
+  %bhi_f = bitcast <16 x i32> %bhi to <16 x float>
+  %s = call <16 x float> @llvm.fma.v16f32(<16 x float> %alo16, <16 x float> %blo_f, <16 x float> %c)
+  %r = call <16 x float> @llvm.fma.v16f32(<16 x float> %ahi16, <16 x float> %bhi_f, <16 x float> %s)
+  ret <16 x float> %r
+}
+declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)
+"""
+
+
+@pytest.fixture
+def dpbf16_target(monkeypatch):
+    """(target, emulated): a target on which kernels using vdpbf16ps run here: AVX512-BF16 where
+    the CPU has it, else the host with the instruction emulated."""
+    import tvm
+
+    from autotune.kernels import gemm_cpu
+    from autotune.support import hardware
+
+    if "avx512_bf16" in hardware.cpu_flags():
+        return tvm.target.Target({"kind": "llvm", "mcpu": "cooperlake", "num-cores": 2}), False
+    monkeypatch.setattr(gemm_cpu, "DPBF16_LLVM", DPBF16_EMULATION_LLVM)
+    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2}), True

@@ -18,6 +18,13 @@ O(tokens x head_dim).
 Tail handling: Lq and Lk need not be multiples of the tiles; padded keys are masked to -inf,
 padded query rows are not stored.
 
+bf16 on AVX512-BF16 (`engine="avx512bf16"`, every CPU with AMX has it too): both GEMMs run on
+`vdpbf16ps` (gemm_cpu's intrinsic: 16 lanes x one pair of bf16 per instruction, float32
+accumulators). Their right operands are packed pair-interleaved once per head, the keys as
+KTp[b, kt, d // 2, j, d % 2] and the values as Vp[b, kt, j // 2, dv, j % 2]; P is rounded to bf16
+(what torch's bf16 SDPA multiplies V by too) and the row sum adds the rounded values, so the
+normalisation matches the product.
+
 Numerics: all accumulation in fp32 (fp16/bf16 inputs are widened on load); exp is a vectorisable
 exp2 polynomial (Cephes, rel. error ~2e-7) with exp(-inf) = 0 exactly; a row whose scores are all
 -inf gives 0 (what torch's SDPA decomposition produces), not NaN.
@@ -37,6 +44,8 @@ from dataclasses import dataclass
 
 import tvm
 from tvm.script import tirx as T
+
+from autotune.kernels import gemm_cpu
 
 LOG2E = 1.4426950408889634
 RULE_NAME = "autotune_attention"  # MetaSchedule looks up s_tir.meta_schedule.<target key>.<name>
@@ -90,6 +99,11 @@ def choose_tiles(lq: int, lk: int, d: int, dv: int, lanes: int) -> CpuTiles:
     return CpuTiles(tq=64, tk=tk, lanes=lanes)
 
 
+def dot_engine_fits(dtype: str, d: int, dv: int, tiles: CpuTiles) -> bool:
+    """Whether a problem can take the vdpbf16ps kernel: bf16, head_dims in pairs and whole 16-lane vectors."""
+    return dtype == "bfloat16" and d % 2 == 0 and dv % 16 == 0 and tiles.lanes == 16 and tiles.tk % 16 == 0
+
+
 def _exp2(t):
     """2**t for float32 t <= 0, vectorisable: t = n + f, 2**n from the exponent bits, 2**f by a
     degree-6 polynomial on [-0.5, 0.5] (Cephes exp2f). t <= -127 (and -inf) gives exactly 0."""
@@ -108,13 +122,16 @@ def _exp2(t):
 
 
 def make_primfunc(
-    bh: int, lq: int, lk: int, d: int, dv: int, scale: float, dtype: str, tiles: CpuTiles, k_layout: str = "kt"
+    bh: int, lq: int, lk: int, d: int, dv: int, scale: float, dtype: str, tiles: CpuTiles, k_layout: str = "kt",
+    engine: str | None = None,
 ):
     """The unscheduled flash-attention PrimFunc for one static problem.
 
     k_layout: "kt" takes the keys transposed, KT (BH, D, Lk) (what the importers materialise when
     nothing can be peeled); "k" takes them as K (BH, Lk, D) (the layout torch passes to SDPA):
     either way they are packed once per head into contiguous key tiles.
+    engine: "avx512bf16" puts both GEMMs of a bf16 kernel on `vdpbf16ps` (`dot_engine` says when
+    a problem can take it); None widens bf16 to float32 on load.
 
     Structure (t = head x query tile, a parallel loop; kt = key tile, serial):
         kt_pack                         keys packed per key tile (contiguous tiles, zero-padded)
@@ -130,6 +147,10 @@ def make_primfunc(
     realizes directly in the key loop's body, TVM 0.27's copy-on-write (ScheduleState::Replace
     checks uniqueness on loops and blocks only) mutates the *unscheduled* PrimFunc in place when
     the second one is scheduled, which corrupts MetaSchedule's workload (replays then fail).
+    With engine="avx512bf16" the "qk" and "pv" blocks bind only their tile's own indices and name
+    the head, query tile and key tile in their bodies: tensorize's blockize in TVM 0.27 drops the
+    enclosing scope block's variables from an inner binding (vb = ob became 0), which silently
+    addressed head 0 and wrote outside the register tile.
     """
     if scale <= 0:
         raise ValueError(f"attention scale must be positive (got {scale}); fold a negative scale into Q")
@@ -138,6 +159,10 @@ def make_primfunc(
     TQ, TK, W = tiles.tq, tiles.tk, tiles.lanes
     K_SHAPE = (bh, d, lk) if k_layout == "kt" else (bh, lk, d)
     KT_LAYOUT = k_layout == "kt"
+    DOT = engine is not None
+    if DOT and not dot_engine_fits(dtype, d, dv, tiles):
+        raise ValueError(f"the {engine} attention needs bf16, even head_dim, 16-lane tiles and dv % 16 == 0 "
+                         f"(got {dtype}, d {d}, dv {dv}, {tiles})")
     if TK % W:
         raise ValueError(f"key tile {TK} is not a multiple of the vector width {W}")
     NQ, NK = -(-lq // TQ), -(-lk // TK)
@@ -151,27 +176,43 @@ def make_primfunc(
     f32 = T.float32
     INFO = {"bh": bh, "lq": lq, "lk": lk, "d": d, "dv": dv, "tq": TQ, "tk": TK, "lanes": W,
             "pad_q": int(PAD_Q), "pad_k": int(PAD_K), "scale": float(scale), "k_transposed": int(KT_LAYOUT)}
+    if DOT:  # (only then: the attribute is part of every recorded workload's hash)
+        INFO["bf16_dot"] = 1
+    in_t = dtype if DOT else acc_t  # what the packed operands hold
+    p_t = dtype if DOT else acc_t  # P: rounded to bf16 for the dot product
 
     def load(x):
         return x if dtype == acc_t else T.Cast(acc_t, x)
 
+    def keep(x):  # an input value as the packs hold it
+        return x if DOT else load(x)
+
+    def zero():
+        return T.Cast(in_t, f32(0.0)) if DOT else f32(0.0)
+
     def q_val(Q, vb, vi, vk):
         if PAD_Q:
-            return T.if_then_else(vi < LQ, load(Q[vb, T.min(vi, LQ - 1), vk]), f32(0.0))
-        return load(Q[vb, vi, vk])
+            return T.if_then_else(vi < LQ, keep(Q[vb, T.min(vi, LQ - 1), vk]), zero())
+        return keep(Q[vb, vi, vk])
 
     def k_at(K, vb, vk, vj):  # key vj, feature vk, in either layout
         return K[vb, vk, vj] if KT_LAYOUT else K[vb, vj, vk]
 
     def kt_val(K, vb, vk, vj):
         if PAD_K:
-            return T.if_then_else(vj < LK, load(k_at(K, vb, vk, T.min(vj, LK - 1))), f32(0.0))
-        return load(k_at(K, vb, vk, vj))
+            return T.if_then_else(vj < LK, keep(k_at(K, vb, vk, T.min(vj, LK - 1))), zero())
+        return keep(k_at(K, vb, vk, vj))
 
     def v_val(V, vb, vj, vk):
         if PAD_K:
-            return T.if_then_else(vj < LK, load(V[vb, T.min(vj, LK - 1), vk]), f32(0.0))
-        return load(V[vb, vj, vk])
+            return T.if_then_else(vj < LK, keep(V[vb, T.min(vj, LK - 1), vk]), zero())
+        return keep(V[vb, vj, vk])
+
+    def rounded_p(x):
+        return T.Cast(p_t, x) if DOT else x
+
+    def p_val(P, vb, vi, vj):
+        return load(P[vb, vi, vj]) if DOT else P[vb, vi, vj]
 
     def masked(S, vb, vi, vj):  # padded keys score -inf
         if PAD_K:
@@ -192,11 +233,11 @@ def make_primfunc(
         O: T.Buffer((BH, LQ, DV), dtype),
     ):
         T.func_attr({"tirx.noalias": True, KERNEL_ATTR: INFO})
-        Qp = T.sblock_alloc_buffer((BH, LQP, D) if PAD_Q else (1,), acc_t)
-        KTp = T.sblock_alloc_buffer((BH, NK, D, TK), acc_t)
-        Vp = T.sblock_alloc_buffer((BH, LKP, DV) if PAD_K else (1,), acc_t)
+        Qp = T.sblock_alloc_buffer((BH, LQP, D) if PAD_Q else (1,), in_t)
+        KTp = T.sblock_alloc_buffer((BH, NK, D // 2, TK, 2) if DOT else (BH, NK, D, TK), in_t)
+        Vp = T.sblock_alloc_buffer((BH, NK, TK // 2, DV, 2) if DOT else ((BH, LKP, DV) if PAD_K else (1,)), in_t)
         S = T.sblock_alloc_buffer((BH, LQP, LKP), acc_t)
-        P = T.sblock_alloc_buffer((BH, LQP, LKP), acc_t)
+        P = T.sblock_alloc_buffer((BH, LQP, LKP), p_t)
         tmax_w = T.sblock_alloc_buffer((BH, LQP, NK, W), acc_t)
         tmax = T.sblock_alloc_buffer((BH, LQP, NK), acc_t)
         mnew = T.sblock_alloc_buffer((BH, LQP, NK), acc_t)
@@ -215,17 +256,27 @@ def make_primfunc(
                     Qp[vb, vi, vk] = q_val(Q, vb, vi, vk)
         # Keys are packed tile by tile (KTp[b, kt, d, j], contiguous per key tile): read in
         # place, the rows of a key tile are Lk floats apart and alias in the L1 cache.
-        for b, kt, k, j in T.grid(BH, NK, D, TK):
-            with T.sblock("kt_pack"):
-                vb, vkt, vk, vj = T.axis.remap("SSSS", [b, kt, k, j])
-                KTp[vb, vkt, vk, vj] = kt_val(KT, vb, vk, vkt * TK + vj)
-        if PAD_K:
-            for b, j, k in T.grid(BH, LKP, DV):
-                with T.sblock("v_pad"):
-                    vb, vj, vk = T.axis.remap("SSS", [b, j, k])
-                    Vp[vb, vj, vk] = v_val(V, vb, vj, vk)
+        if DOT:  # pairs of head_dim (keys) and of keys (values) side by side, as vdpbf16ps reads them
+            for b, kt, k, j, e in T.grid(BH, NK, D // 2, TK, 2):
+                with T.sblock("kt_pack"):
+                    vb, vkt, vk, vj, ve = T.axis.remap("SSSSS", [b, kt, k, j, e])
+                    KTp[vb, vkt, vk, vj, ve] = kt_val(KT, vb, vk * 2 + ve, vkt * TK + vj)
+            for b, kt, j, k, e in T.grid(BH, NK, TK // 2, DV, 2):
+                with T.sblock("v_pack"):
+                    vb, vkt, vj, vk, ve = T.axis.remap("SSSSS", [b, kt, j, k, e])
+                    Vp[vb, vkt, vj, vk, ve] = v_val(V, vb, vkt * TK + vj * 2 + ve, vk)
+        else:
+            for b, kt, k, j in T.grid(BH, NK, D, TK):
+                with T.sblock("kt_pack"):
+                    vb, vkt, vk, vj = T.axis.remap("SSSS", [b, kt, k, j])
+                    KTp[vb, vkt, vk, vj] = kt_val(KT, vb, vk, vkt * TK + vj)
+            if PAD_K:
+                for b, j, k in T.grid(BH, LKP, DV):
+                    with T.sblock("v_pad"):
+                        vb, vj, vk = T.axis.remap("SSS", [b, j, k])
+                        Vp[vb, vj, vk] = v_val(V, vb, vj, vk)
         Qs = T.meta_var(Qp if PAD_Q else Q)
-        Vs = T.meta_var(Vp if PAD_K else V)
+        Vs = T.meta_var(Vp if (PAD_K or DOT) else V)
         for t in T.parallel(BH * NQ):
             for kt in range(NK):
                 for _s in range(1):  # a loop between kt and the block: see make_primfunc doc
@@ -233,16 +284,24 @@ def make_primfunc(
                         ob = T.axis.spatial(BH, t // NQ)
                         oq = T.axis.spatial(NQ, t % NQ)
                         okt = T.axis.spatial(NK, kt)
-                        for qi, kj, k in T.grid(TQ, TK, D):
-                            with T.sblock("qk"):
-                                vb = T.axis.spatial(BH, ob)
-                                vi = T.axis.spatial(LQP, oq * TQ + qi)
-                                vkt = T.axis.spatial(NK, okt)
-                                vkj = T.axis.spatial(TK, kj)
-                                vk = T.axis.reduce(D, k)
-                                with T.init():
-                                    S[vb, vi, vkt * TK + vkj] = f32(0.0)
-                                S[vb, vi, vkt * TK + vkj] = S[vb, vi, vkt * TK + vkj] + load(Qs[vb, vi, vk]) * KTp[vb, vkt, vk, vkj]
+                        if DOT:  # the tile's own indices only (see dot_gemm_blocks)
+                            for qi, kj, k in T.grid(TQ, TK, D):
+                                with T.sblock("qk"):
+                                    vi, vkj, vk = T.axis.remap("SSR", [qi, kj, k])
+                                    with T.init():
+                                        S[ob, oq * TQ + vi, okt * TK + vkj] = f32(0.0)
+                                    S[ob, oq * TQ + vi, okt * TK + vkj] = S[ob, oq * TQ + vi, okt * TK + vkj] + load(Qs[ob, oq * TQ + vi, vk]) * load(KTp[ob, okt, vk // 2, vkj, vk % 2])
+                        else:
+                            for qi, kj, k in T.grid(TQ, TK, D):
+                                with T.sblock("qk"):
+                                    vb = T.axis.spatial(BH, ob)
+                                    vi = T.axis.spatial(LQP, oq * TQ + qi)
+                                    vkt = T.axis.spatial(NK, okt)
+                                    vkj = T.axis.spatial(TK, kj)
+                                    vk = T.axis.reduce(D, k)
+                                    with T.init():
+                                        S[vb, vi, vkt * TK + vkj] = f32(0.0)
+                                    S[vb, vi, vkt * TK + vkj] = S[vb, vi, vkt * TK + vkj] + load(Qs[vb, vi, vk]) * KTp[vb, vkt, vk, vkj]
                         for qi, jo, w in T.grid(TQ, JO, W):
                             with T.sblock("tile_max_w"):
                                 vb = T.axis.spatial(BH, ob)
@@ -280,7 +339,7 @@ def make_primfunc(
                                 vi = T.axis.spatial(LQP, oq * TQ + qi)
                                 vkt = T.axis.spatial(NK, okt)
                                 vkj = T.axis.spatial(TK, kj)
-                                P[vb, vi, vkt * TK + vkj] = _exp2((masked(S, vb, vi, vkt * TK + vkj) - safe(mnew[vb, vi, vkt])) * f32(C))
+                                P[vb, vi, vkt * TK + vkj] = rounded_p(_exp2((masked(S, vb, vi, vkt * TK + vkj) - safe(mnew[vb, vi, vkt])) * f32(C)))
                         for qi, jo, w in T.grid(TQ, JO, W):
                             with T.sblock("tile_sum_w"):
                                 vb = T.axis.spatial(BH, ob)
@@ -290,7 +349,7 @@ def make_primfunc(
                                 vjo = T.axis.reduce(JO, jo)
                                 with T.init():
                                     lsum_w[vb, vi, vkt, vw] = f32(0.0)
-                                lsum_w[vb, vi, vkt, vw] = lsum_w[vb, vi, vkt, vw] + P[vb, vi, vkt * TK + vjo * W + vw]
+                                lsum_w[vb, vi, vkt, vw] = lsum_w[vb, vi, vkt, vw] + p_val(P, vb, vi, vkt * TK + vjo * W + vw)
                         for qi, w in T.grid(TQ, W):
                             with T.sblock("tile_sum"):
                                 vb = T.axis.spatial(BH, ob)
@@ -324,16 +383,24 @@ def make_primfunc(
                                 with T.init():
                                     m[vb, vi] = f32(NEG)
                                 m[vb, vi] = T.max(m[vb, vi], tmax[vb, vi, vkt])
-                        for qi, k, kj in T.grid(TQ, DV, TK):
-                            with T.sblock("pv"):
-                                vb = T.axis.spatial(BH, ob)
-                                vi = T.axis.spatial(LQP, oq * TQ + qi)
-                                vkt = T.axis.spatial(NK, okt)
-                                vk = T.axis.spatial(DV, k)
-                                vkj = T.axis.reduce(TK, kj)
-                                with T.init():
-                                    PV[vb, vi, vkt, vk] = f32(0.0)
-                                PV[vb, vi, vkt, vk] = PV[vb, vi, vkt, vk] + P[vb, vi, vkt * TK + vkj] * load(Vs[vb, vkt * TK + vkj, vk])
+                        if DOT:
+                            for qi, k, kj in T.grid(TQ, DV, TK):
+                                with T.sblock("pv"):
+                                    vi, vk, vkj = T.axis.remap("SSR", [qi, k, kj])
+                                    with T.init():
+                                        PV[ob, oq * TQ + vi, okt, vk] = f32(0.0)
+                                    PV[ob, oq * TQ + vi, okt, vk] = PV[ob, oq * TQ + vi, okt, vk] + load(P[ob, oq * TQ + vi, okt * TK + vkj]) * load(Vs[ob, okt, vkj // 2, vk, vkj % 2])
+                        else:
+                            for qi, k, kj in T.grid(TQ, DV, TK):
+                                with T.sblock("pv"):
+                                    vb = T.axis.spatial(BH, ob)
+                                    vi = T.axis.spatial(LQP, oq * TQ + qi)
+                                    vkt = T.axis.spatial(NK, okt)
+                                    vk = T.axis.spatial(DV, k)
+                                    vkj = T.axis.reduce(TK, kj)
+                                    with T.init():
+                                        PV[vb, vi, vkt, vk] = f32(0.0)
+                                    PV[vb, vi, vkt, vk] = PV[vb, vi, vkt, vk] + P[vb, vi, vkt * TK + vkj] * load(Vs[vb, vkt * TK + vkj, vk])
                         for qi, k in T.grid(TQ, DV):
                             with T.sblock("update_acc"):
                                 vb = T.axis.spatial(BH, ob)
@@ -378,8 +445,11 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
     return max(f for f in range(1, min(n, cap) + 1) if n % f == 0)
 
 
-def default_knobs(tiles: CpuTiles, d: int, dv: int) -> CpuKnobs:
+def default_knobs(tiles: CpuTiles, d: int, dv: int, dot: bool = False) -> CpuKnobs:
     lanes = tiles.lanes
+    if dot:  # vdpbf16ps tiles: at most 7 rows x 2 vectors of accumulators
+        rows = _largest_divisor_at_most(tiles.tq, 7)
+        return CpuKnobs(rows, _largest_divisor_at_most(tiles.tk // lanes, 2), rows, _largest_divisor_at_most(dv // lanes, 2))
     qk_vecs = _largest_divisor_at_most(tiles.tk // lanes, 2)
     qk_rows = _largest_divisor_at_most(tiles.tq, 16 // qk_vecs)
     dv_vecs = max(1, dv // lanes) if dv % lanes == 0 else 0
@@ -429,39 +499,48 @@ def apply_schedule(sch, knobs: CpuKnobs | None = None, sample: bool = False):
     info = _kernel_info(sch)
     W = info["lanes"]
     tq, tk, d, dv = info["tq"], info["tk"], info["d"], info["dv"]
-    knobs = knobs or default_knobs(CpuTiles(tq, tk, W), d, dv)
+    dot = bool(info.get("bf16_dot", 0))
+    knobs = knobs or default_knobs(CpuTiles(tq, tk, W), d, dv, dot)
 
-    # Padding copies (only where a length is not a multiple of its tile).
-    for name, padded in (("q_pad", info["pad_q"]), ("v_pad", info["pad_k"])):
+    # Padding copies (only where a length is not a multiple of its tile) and the key/value packs.
+    for name, padded in (("q_pad", info["pad_q"]), ("v_pad", info["pad_k"] and not dot)):
         if not padded:
             continue
         b, x, y = sch.get_loops(sch.get_sblock(name))
         sch.parallel(sch.fuse(b, x))
         _vectorize_tail(sch, y, W)
-    b, kt, k, j = sch.get_loops(sch.get_sblock("kt_pack"))
-    sch.parallel(sch.fuse(b, kt))
-    _vectorize_tail(sch, j, W)
-
+    if dot:
+        for name in ("kt_pack", "v_pack"):
+            b, kt, _, y, e = sch.get_loops(sch.get_sblock(name))
+            sch.parallel(sch.fuse(b, kt))
+            _vectorize_tail(sch, sch.fuse(y, e), 2 * W)
+    else:
+        b, kt, k, j = sch.get_loops(sch.get_sblock("kt_pack"))
+        sch.parallel(sch.fuse(b, kt))
+        _vectorize_tail(sch, j, W)
 
     # Q.K^T: register tile (rows x vecs*W) accumulated over head_dim, then stored to the S tile.
     qk = sch.get_sblock("qk")
     qi, kj, k = sch.get_loops(qk)[-3:]
-    if sample:
-        rows = _sample(sch, _divisors(tq, 2, 16))
-        cols = _sample(sch, [v * W for v in _divisors(tk // W, 1, 4)])
+    if dot:
+        _dot_tile(sch, qk, qi, kj, k, tq, tk // W, knobs.qk_rows, knobs.qk_vecs, W, sample, import_llvm=True)
     else:
-        rows, cols = knobs.qk_rows, knobs.qk_vecs * W
-    qi_o, qi_i = sch.split(qi, factors=[None, rows])
-    kj_o, kj_i = sch.split(kj, factors=[None, cols])
-    sch.reorder(qi_o, kj_o, k, qi_i, kj_i)
-    wb = sch.cache_write(qk, 0, "global")
-    sch.reverse_compute_at(wb, kj_o)
-    sch.unroll(qi_i)
-    sch.vectorize(kj_i)
-    sch.decompose_reduction(qk, k)  # init loops inherit unroll / vectorize
-    wl = sch.get_loops(wb)
-    sch.unroll(wl[-2])
-    sch.vectorize(wl[-1])
+        if sample:
+            rows = _sample(sch, _divisors(tq, 2, 16))
+            cols = _sample(sch, [v * W for v in _divisors(tk // W, 1, 4)])
+        else:
+            rows, cols = knobs.qk_rows, knobs.qk_vecs * W
+        qi_o, qi_i = sch.split(qi, factors=[None, rows])
+        kj_o, kj_i = sch.split(kj, factors=[None, cols])
+        sch.reorder(qi_o, kj_o, k, qi_i, kj_i)
+        wb = sch.cache_write(qk, 0, "global")
+        sch.reverse_compute_at(wb, kj_o)
+        sch.unroll(qi_i)
+        sch.vectorize(kj_i)
+        sch.decompose_reduction(qk, k)  # init loops inherit unroll / vectorize
+        wl = sch.get_loops(wb)
+        sch.unroll(wl[-2])
+        sch.vectorize(wl[-1])
 
     # Row max / row sum over a key tile: W-wide partial reductions (vectorised), then W -> 1.
     for name in ("tile_max_w", "tile_sum_w"):
@@ -480,7 +559,13 @@ def apply_schedule(sch, knobs: CpuKnobs | None = None, sample: bool = False):
     pv = sch.get_sblock("pv")
     qi, k, kj = sch.get_loops(pv)[-3:]
     upd = sch.get_sblock("update_acc")
-    if dv % W == 0:
+    if dot:
+        k_o = _dot_tile(sch, pv, qi, k, kj, tq, dv // W, knobs.pv_rows, knobs.pv_vecs, W, sample)
+        sch.reverse_compute_at(upd, k_o)
+        ul = sch.get_loops(upd)
+        sch.unroll(ul[-2])
+        sch.vectorize(ul[-1])
+    elif dv % W == 0:
         if sample:
             rows = _sample(sch, _divisors(tq, 2, 16))
             cols = _sample(sch, [v * W for v in _divisors(dv // W, 1, 8)])
@@ -504,9 +589,36 @@ def apply_schedule(sch, knobs: CpuKnobs | None = None, sample: bool = False):
     return sch
 
 
+def _dot_tile(sch, block, rows_loop, cols_loop, red_loop, total_rows, vectors, rows, vecs, W, sample, import_llvm=False):
+    """One of the two GEMMs on vdpbf16ps: a register tile of `rows` x `vecs` 16-lane accumulators
+    (at most 14: the tile stays in registers) over the reduction in pairs, stored once. Returns the
+    loop the stored tile sits under."""
+    if sample:
+        rows = _sample(sch, _divisors(total_rows, 2, 7))
+        vecs = _sample(sch, _divisors(vectors, 1, 2))
+    r_o, r_i = sch.split(rows_loop, factors=[None, rows])
+    c_o, c_v, c_l = sch.split(cols_loop, factors=[None, vecs, W])
+    pair, half = sch.split(red_loop, factors=[None, 2])
+    sch.reorder(r_o, c_o, pair, r_i, c_v, c_l, half)
+    if import_llvm:
+        sch.annotate(r_o, "pragma_import_llvm", gemm_cpu.DPBF16_LLVM)
+    wb = sch.cache_write(block, 0, "global")
+    sch.reverse_compute_at(wb, c_o)
+    init = sch.decompose_reduction(block, pair)
+    sch.tensorize(c_l, gemm_cpu.DPBF16_INTRIN)
+    sch.unroll(r_i)
+    sch.unroll(c_v)
+    init_loops, wb_loops = sch.get_loops(init), sch.get_loops(wb)
+    for loop in (init_loops[-3], init_loops[-2], wb_loops[-2]):
+        sch.unroll(loop)
+    sch.vectorize(init_loops[-1])
+    sch.vectorize(wb_loops[-1])
+    return c_o
+
+
 def compile_standalone(
     bh: int, lq: int, lk: int, d: int, dv: int, target, scale: float | None = None, dtype: str = "float32",
-    tiles: CpuTiles | None = None, knobs: CpuKnobs | None = None, k_layout: str = "kt",
+    tiles: CpuTiles | None = None, knobs: CpuKnobs | None = None, k_layout: str = "kt", engine: str | None = None,
 ):
     """The kernel alone, scheduled (default knobs) and compiled: `lib["main"](q, kt, v, out)`.
 
@@ -515,7 +627,7 @@ def compile_standalone(
 
     scale = d**-0.5 if scale is None else scale
     tiles = tiles or choose_tiles(lq, lk, d, dv, vector_lanes(target))
-    func = make_primfunc(bh, lq, lk, d, dv, scale, dtype, tiles, k_layout=k_layout).with_attr("global_symbol", "main")
+    func = make_primfunc(bh, lq, lk, d, dv, scale, dtype, tiles, k_layout=k_layout, engine=engine).with_attr("global_symbol", "main")
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     apply_schedule(sch, knobs)
     return tvm.compile(sch.mod, target=target)

@@ -204,7 +204,7 @@ def is_gemm_kernel(func) -> bool:
 # ---------------------------------------------------------------- tensor intrinsics
 
 # vdpbf16ps through LLVM IR: TVM has no type for <32 x bfloat>. Inlined (TVM marks imports alwaysinline).
-_DPBF16_LLVM = """
+DPBF16_LLVM = """
 declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
 define <16 x float> @autotune_dpbf16ps(<16 x float> %c, i32 %a, <16 x i32> %b) {
   %a1 = insertelement <16 x i32> poison, i32 %a, i64 0
@@ -405,7 +405,7 @@ def _schedule_avx512(sch, gemm, outer, rows, n_loop, k_loop, total_rows, n, isa,
         task = tile = sch.fuse(*outer, no, mo)
         sch.parallel(task)
     if PRECISION[isa] == BF16:
-        sch.annotate(task, "pragma_import_llvm", _DPBF16_LLVM)
+        sch.annotate(task, "pragma_import_llvm", DPBF16_LLVM)
     acc = sch.cache_write(gemm, 0, "global")  # the register tile: under 1 KiB, so on the stack
     sch.reverse_compute_at(acc, tile)
     sch.decompose_reduction(gemm, kp)

@@ -263,6 +263,88 @@ def test_metaschedule_design_space_is_the_custom_rule():
         assert max_abs_diff(run_kernel(lib, q, kt, v, 32), ref_attention(q, kt, v, 0.3)) < 1e-5
 
 
+# --- bf16 on vdpbf16ps -----------------------------------------------------------------------------
+
+# bf16 inputs and output, P rounded to bf16: against float64 attention on the same bf16 inputs,
+# an output element is off by bf16 rounding (2^-9 relative) plus P's (measured: max 2.5e-3 on
+# values of about 1, cosine 0.999998).
+BF16_ATOL, BF16_MIN_COSINE = 1e-2, 0.9999
+
+
+def _bf16_operands(bh, lq, lk, d, dv, layout, seed=0):
+    import ml_dtypes
+
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal(s).astype(ml_dtypes.bfloat16) for s in ((bh, lq, d), (bh, lk, d), (bh, lk, dv)))
+    k_in = k if layout == "k" else np.ascontiguousarray(k.transpose(0, 2, 1))
+    return q, k_in, v, ref_attention(q, np.ascontiguousarray(k.transpose(0, 2, 1)), v, d**-0.5)
+
+
+def _run_bf16(lib, q, k_in, v, dv):
+    out = tvm.runtime.empty((q.shape[0], q.shape[1], dv), "bfloat16")
+    lib["main"](*(tvm.runtime.tensor(x) for x in (q, k_in, v)), out)
+    return out.numpy().astype(np.float64)
+
+
+@pytest.mark.parametrize(
+    "bh, lq, lk, d, layout",
+    [
+        (2, 64, 64, 32, "k"),  # aligned: one query tile, one key tile
+        (2, 100, 70, 64, "kt"),  # ragged: padded queries and keys, transposed keys
+        (3, 37, 257, 128, "k"),  # the image cross-attention's 257 keys at head_dim 128
+    ],
+)
+def test_bf16_attention_on_vdpbf16ps_matches_numpy(dpbf16_target, bh, lq, lk, d, layout):
+    """Both GEMMs tensorized on vdpbf16ps (emulated in FMAs where the CPU lacks AVX512-BF16)."""
+    target, emulated = dpbf16_target
+    tiles = kc.choose_tiles(lq, lk, d, d, 16)
+    lib = kc.compile_standalone(bh, lq, lk, d, d, target, None, "bfloat16", tiles, None, layout, engine="avx512bf16")
+    if not emulated:
+        assert "vdpbf16ps" in lib.mod.inspect_source("asm")
+    q, k_in, v, ref = _bf16_operands(bh, lq, lk, d, d, layout)
+    out = _run_bf16(lib, q, k_in, v, d)
+    assert np.abs(out - ref).max() < BF16_ATOL
+    assert float((out * ref).sum() / np.linalg.norm(out) / np.linalg.norm(ref)) >= BF16_MIN_COSINE
+
+
+def test_bf16_dot_design_space_replays_every_decision(dpbf16_target):
+    """The rule's sampled register tiles (rows and vectors of both GEMMs) each replay and compute right."""
+    import itertools
+
+    target, _ = dpbf16_target
+    tiles = kc.CpuTiles(32, 32, 16)
+    func = kc.make_primfunc(2, 64, 40, 32, 32, 32**-0.5, "bfloat16", tiles, k_layout="k", engine="avx512bf16")
+    func = func.with_attr("global_symbol", "main")
+    sampled = s_tir.Schedule(tvm.IRModule({"main": func}), seed=1)
+    kc.apply_schedule(sampled, sample=True)
+    trace = sampled.trace
+    decisions = [inst for inst in trace.insts if inst.kind.name == "SampleCategorical"]
+    assert len(decisions) == 4
+    q, k_in, v, ref = _bf16_operands(2, 64, 40, 32, 32, "k")
+    for picks in itertools.product(*[(0, len(inst.attrs[0]) - 1) for inst in decisions]):
+        for inst, pick in zip(decisions, picks):
+            trace = trace.with_decision(inst, pick, remove_postproc=True)
+        replayed = s_tir.Schedule(tvm.IRModule({"main": func}))
+        trace.apply_to_schedule(replayed, remove_postproc=True)
+        out = _run_bf16(tvm.compile(replayed.mod, target=target), q, k_in, v, 32)
+        assert np.abs(out - ref).max() < BF16_ATOL, picks
+
+
+def test_bf16_attention_takes_vdpbf16ps_where_the_target_has_it():
+    from autotune.passes.quantize import quantize
+    from autotune.support.targets import resolve_target
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.forward = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+    inputs = {name: torch.randn(1, 2, 48, 32) for name in "qkv"}
+    for preset, engine in (("x86-avx512-bf16", True), ("x86-avx512", False)):
+        bf16, _ = quantize(from_torch(module, inputs), "bf16", preset)
+        fused = fuse_attention(bf16.mod, resolve_target(preset).tvm_target())
+        names = [n for n, f in prim_funcs(fused).items() if is_attention_kernel(f)]
+        assert len(names) == 1 and names[0].endswith("_vdpbf16ps") == engine, (preset, names)
+
+
 @pytest.mark.slow
 # --- 32,760 tokens ---------------------------------------------------------------------------------
 
