@@ -13,6 +13,9 @@ Contenders, all fp32 on `--threads` (default 2) threads:
                  (its custom rule: register-tile sizes as sampled decisions).
   torch-sdpa     torch.nn.functional.scaled_dot_product_attention (its CPU flash kernel).
   onnxruntime    the same module exported with the dynamo exporter (opset 18), ORT CPU EP.
+On a CPU with AVX512-BF16, at bf16 (inputs rounded to bf16, bf16 output):
+  tvm-kernel-bf16   the kernel alone with both GEMMs on vdpbf16ps, default schedule.
+  torch-sdpa-bf16   torch's SDPA on bf16 tensors.
 Rounds are interleaved (round r runs every contender once, in turn), so load from other
 processes on this shared machine hits all of them alike; a pause between calls lets the thread
 pools that spin after a call (ORT, OpenMP, TVM) go idle before the next contender runs.
@@ -64,6 +67,7 @@ from autotune.passes.attention import (  # noqa: E402
     schedule_attention,
 )
 from autotune.passes.pipeline import finalize_passes, fuse_for_target
+from autotune.support import hardware  # noqa: E402
 from autotune.support.ir import prim_funcs  # noqa: E402
 from autotune.support.tvm_compat import import_tensor_intrin_fast  # noqa: E402,F401
 
@@ -171,6 +175,18 @@ def bench_shape(tokens: int, workdir: Path) -> dict:
 
     contenders["torch-sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v)
 
+    if "avx512_bf16" in hardware.cpu_flags():  # bf16: the vdpbf16ps kernel against torch's bf16 SDPA
+        import ml_dtypes
+
+        t16 = kc.choose_tiles(tokens, tokens, d, d, 16)
+        kernel16 = kc.compile_standalone(h, tokens, tokens, d, d, tgt, None, "bfloat16", t16, engine="avx512bf16")["main"]
+        bq, bkt, bv = (tvm.runtime.tensor(np.ascontiguousarray(x).astype(ml_dtypes.bfloat16))
+                       for x in (q.numpy()[0], k.numpy()[0].transpose(0, 2, 1), v.numpy()[0]))
+        bout = tvm.runtime.empty((h, tokens, d), "bfloat16")
+        contenders["tvm-kernel-bf16"] = lambda: kernel16(bq, bkt, bv, bout)
+        qb, kb, vb = (x.to(torch.bfloat16) for x in (q, k, v))
+        contenders["torch-sdpa-bf16"] = lambda: F.scaled_dot_product_attention(qb, kb, vb)
+
     onnx_path = workdir / f"sdpa_{tokens}.onnx"
     torch.onnx.export(SDPA().eval(), (q, k, v), str(onnx_path), dynamo=True, opset_version=18, input_names=["q", "k", "v"])
     sess = ort_session(onnx_path)
@@ -185,6 +201,10 @@ def bench_shape(tokens: int, workdir: Path) -> dict:
             out = out.numpy()
         elif name == "tvm-kernel":
             out = kout.numpy()[None]
+        elif name == "tvm-kernel-bf16":
+            out = bout.numpy().astype(np.float32)[None]
+        elif name == "torch-sdpa-bf16":
+            out = out.float().numpy()
         elif name == "onnxruntime":
             out = out[0]
         else:
@@ -228,7 +248,7 @@ def write(report: dict) -> None:
         f"`python tools/bench_attention.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
         "",
         f"{report['machine']}; {ARGS.threads} threads everywhere (TVM_NUM_THREADS, torch.set_num_threads, ORT "
-        f"intra_op_num_threads); fp32; {ARGS.rounds} interleaved rounds, {ARGS.pause} s pause between calls; median (min) ms. Ratio = median / "
+        f"intra_op_num_threads); fp32 (bf16 rows: bf16 inputs and output, on CPUs with AVX512-BF16); {ARGS.rounds} interleaved rounds, {ARGS.pause} s pause between calls; median (min) ms. Ratio = median / "
         "median of torch SDPA (< 1: faster than torch). The machine is shared: load average per shape below.",
         "",
     ]

@@ -23,7 +23,8 @@ machine hit all alike: a call, repeated for at least `MIN_ROUND_MS` (sub-millise
 many calls: one preempted thread, a scheduler quantum of several ms, would otherwise be a round's
 whole figure), its median call the round's time. The median over rounds is reported with the ratio to torch eager at
 the same precision, GFLOP/s, the fraction of this machine's GEMM peak at the row's precision
-measured in the same run (torch's float32 and bfloat16 2048³ matmuls, `torch._int_mm` for int8;
+measured in the same run (torch's float32 and bfloat16 2048³ matmuls, `torch._int_mm` for int8,
+smaller where torch is too slow at a precision on this CPU, and never a ceiling below SGEMM's;
 plus a copy bandwidth probe), and fidelity against float32 torch eager.
 """
 
@@ -309,17 +310,28 @@ def _median_seconds(call: Callable[[], object], repeat: int) -> float:
     return statistics.median(times)
 
 
-def _gemm_gflops(dtype: torch.dtype, size: int, repeat: int) -> float:
-    """GFLOP/s of torch's matmul on two size x size matrices of `dtype`."""
+PROBE_CALL_SECONDS = 0.5  # a GEMM probe's matrices shrink until one call takes about this long
+
+
+def _gemm_call(dtype: torch.dtype, size: int) -> Callable[[], object]:
+    """torch's matmul on two size x size matrices: `torch.mm` (float), `torch._int_mm` (int8 -> int32)."""
+    if dtype == torch.int8:
+        a, b = (torch.randint(-127, 128, (size, size), dtype=torch.int8) for _ in range(2))
+        return lambda: torch._int_mm(a, b)
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    return 2 * size**3 / _median_seconds(lambda: torch.mm(a, b), repeat) / 1e9
+    return lambda: torch.mm(a, b)
 
 
-def _int8_gemm_gops(size: int, repeat: int) -> float:
-    """GOP/s of torch's int8 x int8 -> int32 matmul (`torch._int_mm`) on two size x size matrices."""
-    a = torch.randint(-127, 128, (size, size), dtype=torch.int8)
-    b = torch.randint(-127, 128, (size, size), dtype=torch.int8)
-    return 2 * size**3 / _median_seconds(lambda: torch._int_mm(a, b), repeat) / 1e9
+def _gemm_rate(dtype: torch.dtype, size: int, repeat: int) -> tuple[float, int]:
+    """(GFLOP/s or GOP/s, the size measured) of torch's `dtype` GEMM at `size`³, or smaller where
+    this CPU runs it so slowly (torch's fallback kernels without bf16 / int8 instructions: 0.3
+    GFLOP/s measured for bf16 on a Zen 3) that a 2048³ call would take a minute."""
+    small = 256
+    estimate = _median_seconds(_gemm_call(dtype, small), 1) * (size / small) ** 3
+    while size > small and estimate > PROBE_CALL_SECONDS:
+        size //= 2
+        estimate /= 8
+    return 2 * size**3 / _median_seconds(_gemm_call(dtype, size), repeat) / 1e9, size
 
 
 def _copy_gbs(repeat: int) -> float:
@@ -332,18 +344,24 @@ def _copy_gbs(repeat: int) -> float:
 def measure_peak(threads: int, size: int = 2048, repeat: int = 5) -> dict:
     """GEMM FLOP/s of torch's kernels in float32 (SGEMM), bfloat16 and int8, and copy bandwidth, measured now."""
     torch.set_num_threads(threads)
+    sgemm, sgemm_size = _gemm_rate(torch.float32, size, repeat)
+    bf16, bf16_size = _gemm_rate(torch.bfloat16, size, repeat)
+    int8, int8_size = _gemm_rate(torch.int8, size, repeat)
     return {
-        "sgemm_gflops": _gemm_gflops(torch.float32, size, repeat),
-        "bf16_gemm_gflops": _gemm_gflops(torch.bfloat16, size, repeat),
-        "int8_gemm_gops": _int8_gemm_gops(size, repeat),
+        "sgemm_gflops": sgemm,
+        "bf16_gemm_gflops": bf16,
+        "int8_gemm_gops": int8,
         "copy_gbs": _copy_gbs(repeat),
-        "sgemm_size": size,
+        "sgemm_size": sgemm_size,
+        "bf16_gemm_size": bf16_size,
+        "int8_gemm_size": int8_size,
     }
 
 
 def peak_gflops(peak: dict, precision: str) -> float:
-    """The GEMM peak a row at `precision` is measured against."""
-    return peak[PEAK_KEYS[precision]]
+    """The GEMM peak a row at `precision` is measured against: never below the SGEMM peak (a CPU
+    without bf16 / int8 matrix instructions can still compute them in float32)."""
+    return max(peak[PEAK_KEYS[precision]], peak["sgemm_gflops"])
 
 
 # ---------------------------------------------------------------- the run
@@ -567,17 +585,24 @@ def write_chart(rows: list[Row], path: Path) -> None:
     img.save(path)
 
 
+def _size_note(peak: dict, key: str) -> str:
+    """' (at N³)' where a probe ran smaller than the SGEMM's size (too slow on this CPU)."""
+    size = peak.get(key, peak["sgemm_size"])
+    return "" if size == peak["sgemm_size"] else f" (at {size}³: too slow on this CPU for {peak['sgemm_size']}³)"
+
+
 def write_results(rows: list[Row], peak: dict, out_dir: Path, command: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "bench.md"
     side_by_side = len({r.precision for r in rows}) > 1
     md.write_text(
         f"# autotune bench\n\nCommand: `{command}`\n\nMachine peak measured in the same run (torch matmul, "
-        f"{peak['sgemm_size']}³): SGEMM {peak['sgemm_gflops']:.1f} GFLOP/s, bf16 GEMM {peak['bf16_gemm_gflops']:.1f} GFLOP/s, "
-        f"int8 GEMM (`torch._int_mm`) {peak['int8_gemm_gops']:.1f} GOP/s; "
+        f"{peak['sgemm_size']}³): SGEMM {peak['sgemm_gflops']:.1f} GFLOP/s, bf16 GEMM {peak['bf16_gemm_gflops']:.1f} GFLOP/s"
+        f"{_size_note(peak, 'bf16_gemm_size')}, int8 GEMM (`torch._int_mm`) {peak['int8_gemm_gops']:.1f} GOP/s"
+        f"{_size_note(peak, 'int8_gemm_size')}; "
         f"copy bandwidth {peak['copy_gbs']:.1f} GB/s. Every engine takes the same float32 inputs and returns float32; "
         "a row's ratio is to torch eager at its precision, its % of peak to the GEMM peak at its precision "
-        "(`--quantize` rows: the SGEMM peak), its fidelity to float32 torch eager.\n\n"
+        "(`--quantize` rows, and precisions whose peak is below SGEMM's: the SGEMM peak), its fidelity to float32 torch eager.\n\n"
         + (format_precisions_side_by_side(rows) + "\n\n" if side_by_side else "")
         + format_markdown(rows)
         + "\n\nEach TVM build profiled kernel by kernel (`CompiledModule.profile`), its largest kernel:\n\n"

@@ -130,7 +130,7 @@ def make_primfunc(
     k_layout: "kt" takes the keys transposed, KT (BH, D, Lk) (what the importers materialise when
     nothing can be peeled); "k" takes them as K (BH, Lk, D) (the layout torch passes to SDPA):
     either way they are packed once per head into contiguous key tiles.
-    engine: "avx512bf16" puts both GEMMs of a bf16 kernel on `vdpbf16ps` (`dot_engine` says when
+    engine: "avx512bf16" puts both GEMMs of a bf16 kernel on `vdpbf16ps` (`dot_engine_fits` says when
     a problem can take it); None widens bf16 to float32 on load.
 
     Structure (t = head x query tile, a parallel loop; kt = key tile, serial):
@@ -284,7 +284,7 @@ def make_primfunc(
                         ob = T.axis.spatial(BH, t // NQ)
                         oq = T.axis.spatial(NQ, t % NQ)
                         okt = T.axis.spatial(NK, kt)
-                        if DOT:  # the tile's own indices only (see dot_gemm_blocks)
+                        if DOT:  # the tile's own indices only (see the docstring: blockize)
                             for qi, kj, k in T.grid(TQ, TK, D):
                                 with T.sblock("qk"):
                                     vi, vkj, vk = T.axis.remap("SSR", [qi, kj, k])

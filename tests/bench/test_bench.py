@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -111,9 +113,35 @@ def test_largest_kernel_against_the_peak_of_its_precision(bench):
     assert all(peak[key] > 0 for key in keys.values())
     for precision in PRECISIONS:
         kernel = by_key[("TVM untuned", precision)].largest_kernel
-        gemm_peak = peak[keys[precision]]
+        gemm_peak = max(peak[keys[precision]], peak["sgemm_gflops"])  # never below float32's (harness.peak_gflops)
         assert kernel["gflop"] > 0 and kernel["peak_fraction"] == pytest.approx(kernel["gflops"] / gemm_peak)
         assert by_key[("torch eager", precision)].largest_kernel is None  # only TVM builds are profiled
+
+
+def test_peak_probes_shrink_where_torch_is_slow(monkeypatch):
+    """A GEMM probe that would take minutes at 2048³ (torch's bf16 / int8 fallbacks on CPUs without
+    those instructions) runs smaller, so that the bench starts in seconds; the size is reported."""
+    import time
+
+    import torch
+
+    from autotune.bench import harness
+
+    real = harness._gemm_call
+
+    def slow_int8(dtype, size):  # int8 at 1 GOP/s, whatever torch does here
+        if dtype != torch.int8:
+            return real(dtype, size)
+        return lambda: time.sleep(2 * size**3 / 1e9)
+
+    monkeypatch.setattr(harness, "_gemm_call", slow_int8)
+    started = time.time()
+    peak = harness.measure_peak(threads=2, size=1024, repeat=1)
+    assert peak["int8_gemm_size"] < 1024 and peak["int8_gemm_gops"] == pytest.approx(1.0, rel=0.2)
+    assert time.time() - started < 20
+    assert harness.peak_gflops(peak, "int8") == peak["sgemm_gflops"]  # 1 GOP/s is no ceiling
+    md = write_results([], peak, Path(tempfile.mkdtemp()), "autotune bench --test").read_text()
+    assert f"(at {peak['int8_gemm_size']}³: too slow on this CPU for 1024³)" in md
 
 
 def test_results_files(bench, tmp_path):

@@ -86,8 +86,19 @@ def test_block_is_one_set_of_tuning_tasks_whose_records_serve_every_layer(three_
     assert 0 < len(block_tasks) <= len(block_keys)
     assert all(int(t.weight) >= 3 for t in block_tasks)
     assert all(int(t.weight) < 3 for t, k in zip(tasks, keys) if k not in block_keys)
-    # the shipped log's records for the block serve all three layers: one block library, 3 weight files
-    assert report.units["block"].tuned_kernels == report.units["block"].kernels
+
+
+def test_shipped_records_serve_every_layer_of_the_block(three_layers):
+    """One block library, 3 weight files: the shipped log's records for the block tune all three."""
+    from autotune.support.package_data import shipped_log_dir
+    from autotune.support.targets import resolve_target
+    from autotune.tuning.log import read_log, schedule_isa
+
+    host = resolve_target("x86").tvm_target()
+    if read_log(shipped_log_dir("x86"), host)[0].records == 0:
+        pytest.skip(f"the shipped x86 log has no records for this CPU's vector ISA ({schedule_isa(host).vector})")
+    report = three_layers[2]
+    assert report.units["block"].tuned_kernels == report.units["block"].kernels > 0
 
 
 def test_checkpoint_errors_are_plain(tmp_path, three_layers):
