@@ -117,16 +117,20 @@ def test_records_apply_whatever_the_core_count(tmp_path):
     from autotune.tuning.log import read_log
     from autotune.tuning.tune import tune
 
+    from autotune.support import hardware
+
     torch.manual_seed(0)
     imported = from_torch(Scale().eval(), {"x": torch.randn(2, 4), "s": torch.tensor(2.0)})
-    two = {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2}
+    # tuned (and so run) at this CPU's vector width; the same width under another CPU name, and the other width
+    avx512, avx2 = ("skylake-avx512", "icelake-server"), ("haswell", "znver2")
+    (cpu, same_width), (other_width, _) = (avx512, avx2) if "avx512f" in hardware.cpu_flags() else (avx2, avx512)
+    two = {"kind": "llvm", "mcpu": cpu, "num-cores": 2}
     tune(imported, json.dumps(two), tmp_path, TuneSettings(trials=8, trials_per_iter=8, shipped_log=False), progress=False)
     written = read_log(tmp_path, resolve_target(json.dumps(two)).tvm_target())[0].records
     assert written > 0
-    for other in ({**two, "num-cores": 1}, {**two, "mcpu": "icelake-server"}):
+    for other in ({**two, "num-cores": 1}, {**two, "mcpu": same_width}):
         assert read_log(tmp_path, resolve_target(json.dumps(other)).tvm_target())[0].records == written, other
-    avx2 = {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}  # another vector width: not applied
-    report = read_log(tmp_path, resolve_target(json.dumps(avx2)).tvm_target())[0]
+    report = read_log(tmp_path, resolve_target(json.dumps({**two, "mcpu": other_width})).tvm_target())[0]
     assert report.records == 0 and all("another target" in p.reason for p in report.problems)
 
 

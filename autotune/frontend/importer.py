@@ -7,6 +7,7 @@ model can be compiled), the weights themselves, and the input/output specs.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,9 @@ class ImportedModel:
     # Models imported from torch: runs the module once on its example inputs and returns each
     # linear's input range per channel, by weight name (frontend/calibration.py), for SmoothQuant.
     calibration: Callable[[], dict[str, np.ndarray]] | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self):  # pickling keeps the model, not the torch module behind `calibration`
+        return {**self.__dict__, "calibration": None}
 
     def weight_bytes(self) -> int:
         return int(sum(w.nbytes for w in self.weights.values()))
@@ -132,7 +136,8 @@ def from_torch(module, example_inputs: dict, source: str | None = None) -> Impor
             f"{len(example_inputs)} example inputs were given"
         )
     imported.inputs = [TensorSpec(n, s.shape, s.dtype) for n, s in zip(example_inputs, imported.inputs)]
-    imported.calibration = lambda: linear_input_ranges(module, example_inputs)
+    # Once per import: a block-wise build converts every layer's weights through the same model.
+    imported.calibration = functools.cache(lambda: linear_input_ranges(module, example_inputs))
     return imported
 
 

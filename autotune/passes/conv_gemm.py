@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 import tvm
 from tvm import relax
@@ -120,12 +121,6 @@ def convolutions_as_gemm(imported: ImportedModel, target: tvm.target.Target) -> 
     if not rewriter.count:
         return imported, 0
     log.info("matrix engine: %d convolutions as im2col GEMMs", rewriter.count)
-    moved = ImportedModel(
-        mod=mod,
-        weights=imported.weights,
-        inputs=imported.inputs,
-        outputs=imported.outputs,
-        source=imported.source,
-        notes=imported.notes + [f"{rewriter.count} convolutions computed as GEMMs over im2col rows (bf16)"],
-    )
+    note = f"{rewriter.count} convolutions computed as GEMMs over im2col rows (bf16)"
+    moved = replace(imported, mod=mod, notes=imported.notes + [note])
     return moved, rewriter.count  # the weight reshapes are lifted with use_matrix_engine's packing

@@ -23,6 +23,7 @@ padded with zeros and sliced off again.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import tvm
 from tvm import relax
@@ -134,14 +135,7 @@ def use_matrix_engine(imported: ImportedModel, target: tvm.target.Target) -> tup
         return imported, None
     said = ", ".join(f"{count} matmuls on {engine}" for engine, count in rewriter.count.items())
     log.info("matrix engine: %s", said)
-    moved = ImportedModel(
-        mod=mod,
-        weights=imported.weights,
-        inputs=imported.inputs,
-        outputs=imported.outputs,
-        source=imported.source,
-        notes=imported.notes + [f"matrix engine: {said}, their weights packed at build time"],
-    )
+    moved = replace(imported, mod=mod, notes=imported.notes + [f"matrix engine: {said}, their weights packed at build time"])
     return precompute_weight_transforms(moved), dict(rewriter.count)
 
 
@@ -169,12 +163,7 @@ def convolutions_in_float32(imported: ImportedModel) -> tuple[ImportedModel, int
     if count == 0:
         return imported, 0
     log.info("bf16: %d convolutions in float32 (no bf16 matrix engine for them on this target)", count)
-    moved = ImportedModel(
-        mod=relax.transform.Normalize()(ir.replace_main(imported.mod, main)),
-        weights=imported.weights,
-        inputs=imported.inputs,
-        outputs=imported.outputs,
-        source=imported.source,
-        notes=imported.notes + [f"bf16: {count} convolutions computed in float32 on bf16-rounded inputs"],
-    )
+    mod = relax.transform.Normalize()(ir.replace_main(imported.mod, main))
+    note = f"bf16: {count} convolutions computed in float32 on bf16-rounded inputs"
+    moved = replace(imported, mod=mod, notes=imported.notes + [note])
     return precompute_weight_transforms(moved), count

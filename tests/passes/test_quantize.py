@@ -297,3 +297,18 @@ def test_w8a8_without_outliers_is_not_smoothed():
     quantized, info = quantize(from_torch(linear, {"x": x}), "w8a8", "x86")
     assert info["smoothing"]["linears_smoothed"] == 0 and info["smoothing"]["worst_outlier_ratio"] < 8
     assert not any(name.endswith("_smooth") for name in quantized.weights)
+
+
+def test_a_pickled_model_leaves_its_calibration_behind():
+    """Models travel pickled to fresh processes (builds, tests): the torch module behind
+    `calibration` does not; the copy is an import without statistics."""
+    import pickle
+
+    from autotune.frontend.importer import from_torch
+
+    linear, x = _outlier_linear()
+    imported = from_torch(linear, {"x": x})
+    copy = pickle.loads(pickle.dumps(imported))
+    assert copy.calibration is None and set(copy.weights) == set(imported.weights)
+    assert quantize(copy, "w8a8", "x86")[1]["smoothing"].startswith("no activation statistics")
+    assert imported.calibration()["p_weight"].shape == (64,)
