@@ -114,10 +114,9 @@ def test_fp8_is_offered_on_every_gpu_from_sm89_on():
 
 def test_records_apply_whatever_the_core_count(tmp_path):
     """A log tuned with 2 cores applies under `taskset` to 1 core (and on another CPU name of the same ISA)."""
+    from autotune.support import hardware
     from autotune.tuning.log import read_log
     from autotune.tuning.tune import tune
-
-    from autotune.support import hardware
 
     torch.manual_seed(0)
     imported = from_torch(Scale().eval(), {"x": torch.randn(2, 4), "s": torch.tensor(2.0)})
