@@ -178,8 +178,7 @@ def make_primfunc(
             "pad_q": int(PAD_Q), "pad_k": int(PAD_K), "scale": float(scale), "k_transposed": int(KT_LAYOUT)}
     if DOT:  # (only then: the attribute is part of every recorded workload's hash)
         INFO["bf16_dot"] = 1
-    in_t = dtype if DOT else acc_t  # what the packed operands hold
-    p_t = dtype if DOT else acc_t  # P: rounded to bf16 for the dot product
+    in_t = dtype if DOT else acc_t  # what the packed operands and P hold (P rounded to bf16 for the dot product)
 
     def load(x):
         return x if dtype == acc_t else T.Cast(acc_t, x)
@@ -209,7 +208,7 @@ def make_primfunc(
         return keep(V[vb, vj, vk])
 
     def rounded_p(x):
-        return T.Cast(p_t, x) if DOT else x
+        return T.Cast(in_t, x) if DOT else x
 
     def p_val(P, vb, vi, vj):
         return load(P[vb, vi, vj]) if DOT else P[vb, vi, vj]
@@ -237,7 +236,7 @@ def make_primfunc(
         KTp = T.sblock_alloc_buffer((BH, NK, D // 2, TK, 2) if DOT else (BH, NK, D, TK), in_t)
         Vp = T.sblock_alloc_buffer((BH, NK, TK // 2, DV, 2) if DOT else ((BH, LKP, DV) if PAD_K else (1,)), in_t)
         S = T.sblock_alloc_buffer((BH, LQP, LKP), acc_t)
-        P = T.sblock_alloc_buffer((BH, LQP, LKP), p_t)
+        P = T.sblock_alloc_buffer((BH, LQP, LKP), in_t)
         tmax_w = T.sblock_alloc_buffer((BH, LQP, NK, W), acc_t)
         tmax = T.sblock_alloc_buffer((BH, LQP, NK), acc_t)
         mnew = T.sblock_alloc_buffer((BH, LQP, NK), acc_t)

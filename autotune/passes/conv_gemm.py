@@ -32,6 +32,8 @@ from autotune.frontend.importer import ImportedModel
 from autotune.kernels import gemm_cpu, im2col
 from autotune.support import ir
 
+from .matrix_engine import engine_precision
+
 log = logging.getLogger(__name__)
 
 MAX_IM2COL_BYTES = 1 << 30
@@ -51,7 +53,7 @@ class ConvGemmRewriter:
 
     def __call__(self, call: relax.Call, _matches) -> relax.Expr:
         x, w = call.args
-        if self.isa is None or w not in self.weight_vars or not _engine_precision(call):
+        if self.isa is None or w not in self.weight_vars or engine_precision(call) not in (gemm_cpu.BF16, "int8-weight"):
             return call
         x_shape, w_shape, y_shape = ir.static_shape(x.ty), ir.static_shape(w.ty), ir.static_shape(call.ty)
         if x_shape is None or w_shape is None or y_shape is None:
@@ -101,14 +103,6 @@ class ConvGemmRewriter:
         mod = self.builder.get()
         mod[mod.get_global_var("main")] = main
         return relax.transform.Normalize()(mod)
-
-
-def _engine_precision(call: relax.Call) -> bool:
-    """bf16 x bf16 -> float32, or float32/bf16 x int8 weights -> float32."""
-    x, w = call.args
-    if str(call.attrs.out_dtype) != "float32":
-        return False
-    return (ir.tensor_dtype(x), ir.tensor_dtype(w)) == ("bfloat16", "bfloat16") or (ir.tensor_dtype(x) in ("float32", "bfloat16") and ir.tensor_dtype(w) == "int8")
 
 
 def convolutions_as_gemm(imported: ImportedModel, target: tvm.target.Target) -> tuple[ImportedModel, int]:

@@ -51,7 +51,7 @@ class MatrixEngineRewriter:
 
     def __call__(self, call: relax.Call, _matches) -> relax.Expr:
         x, w = call.args
-        precision = _precision(call)
+        precision = engine_precision(call)
         if precision is None or w not in self.weight_vars:
             return call
         x_shape, w_shape = ir.static_shape(x.ty), ir.static_shape(w.ty)
@@ -102,9 +102,10 @@ class MatrixEngineRewriter:
         return relax.transform.Normalize()(mod)
 
 
-def _precision(call: relax.Call) -> str | None:
-    """"bfloat16" for bf16 x bf16 -> float32, "int8" for int8 x int8 -> int32, "int8-weight" for
-    float32/bf16 x int8 -> float32, else None."""
+def engine_precision(call: relax.Call) -> str | None:
+    """A matmul's (or convolution's) precision on the engines: "bfloat16" for bf16 x bf16 ->
+    float32, "int8" for int8 x int8 -> int32, "int8-weight" for float32/bf16 x int8 -> float32,
+    else None."""
     x, w = call.args
     out = str(call.attrs.out_dtype)
     if _is_bf16(x) and _is_bf16(w) and out == "float32":
