@@ -26,9 +26,12 @@ def output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after:
 
 def make_primfunc(
     x_shape: tuple[int, ...], kernel: tuple[int, ...], strides: tuple[int, ...], pad_before: tuple[int, ...],
-    dilation: tuple[int, ...], out_spatial: tuple[int, ...], dtype: str,
+    dilation: tuple[int, ...], out_spatial: tuple[int, ...], dtype: str, box: tuple[int, ...] | None = None,
 ) -> tvm.tirx.PrimFunc:
-    """X (N, *spatial, C) -> A (N, *out_spatial, *kernel, C)."""
+    """X (N, *spatial, C) -> A (N, *out_spatial, *kernel, C); with `box` (sizes along N and the
+    output's spatial axes), one chunk of it: A (*box, *kernel, C) from output position `first` on,
+    `first` an int32 tensor (1 + spatial dims) and the kernel's second argument. Its indices are
+    clamped into X whatever `first` holds (tuning measures the kernel on random inputs)."""
     n, *spatial, c = x_shape
     dims = len(spatial)
     if not (len(kernel) == len(strides) == len(pad_before) == len(dilation) == len(out_spatial) == dims):
@@ -36,18 +39,30 @@ def make_primfunc(
                          f"dilation {dilation}, output {out_spatial}")
     X = te.placeholder(tuple(x_shape), dtype, name="X")
 
-    def gather(b, *axes):
-        outs, taps, ch = axes[:dims], axes[dims : 2 * dims], axes[-1]
+    def gather(b, outs, taps, ch):
         index = [o * s + t * d - p for o, t, s, d, p in zip(outs, taps, strides, dilation, pad_before)]
         inside = tvm.tirx.all(*[tvm.tirx.all(i >= 0, i < size) for i, size in zip(index, spatial)])
         clamped = [tvm.tirx.Max(tvm.tirx.Min(i, size - 1), 0) for i, size in zip(index, spatial)]
         return tvm.tirx.if_then_else(inside, X[(b, *clamped, ch)], tvm.tirx.const(0, dtype))
 
-    A = te.compute((n, *out_spatial, *kernel, c), gather, name="im2col")
-    func = te.create_prim_func([X, A]).without_attr("global_symbol")
+    if box is None:
+        A = te.compute((n, *out_spatial, *kernel, c), lambda b, *axes: gather(b, axes[:dims], axes[dims:-1], axes[-1]),
+                       name="im2col")
+        args = [X, A]
+    else:
+        first = te.placeholder((dims + 1,), "int32", name="first")
+
+        def chunk(b, *axes):
+            batch = tvm.tirx.Max(tvm.tirx.Min(first[0] + b, n - 1), 0)
+            return gather(batch, [first[1 + i] + o for i, o in enumerate(axes[:dims])], axes[dims:-1], axes[-1])
+
+        A = te.compute((*box, *kernel, c), chunk, name="im2col")
+        args = [X, first, A]
+    func = te.create_prim_func(args).without_attr("global_symbol")
     return func.with_attr("op_pattern", 8)  # opaque: see the module docstring
 
 
-def kernel_name(x_shape, kernel, strides, out_spatial) -> str:
+def kernel_name(x_shape, kernel, strides, out_spatial, box=None) -> str:
     shape = "x".join(str(s) for s in x_shape)
-    return f"im2col_{shape}_k{'x'.join(map(str, kernel))}_s{'x'.join(map(str, strides))}_o{math.prod(out_spatial)}"
+    chunk = f"_chunk{'x'.join(map(str, box))}" if box is not None else ""
+    return f"im2col_{shape}_k{'x'.join(map(str, kernel))}_s{'x'.join(map(str, strides))}_o{math.prod(out_spatial)}{chunk}"

@@ -12,18 +12,22 @@ TVM has no bf16 convolution schedule for CPUs (its generic kernel widens every l
 this the convolutions compute in float32 (`convolutions_in_float32`, which takes what is left).
 
 Taken: conv1d/2d/3d, channels-first layouts, one group, static shapes, output channels and
-reduction length the engine takes (`gemm_cpu.isa_for_shape`), and an im2col buffer of at most
-MAX_IM2COL_BYTES: A is taps times the input (9x for 3x3), so at full 480p the largest VAE layers
-stay on the float32 path rather than allocate gigabytes. A 1x1 convolution with unit strides and
-no padding needs no im2col: its rows are the channels-last input itself.
+reduction length the engine takes (`gemm_cpu.isa_for_shape`). A is taps times the input (27x for
+3x3x3): at full 480p the VAE's last layers would need gigabytes, so an im2col over
+MAX_IM2COL_BYTES is cut into chunks of output rows (boxes along one axis), each gathered and
+multiplied in turn by one kernel per chunk size (memory planning reuses their buffers), the
+products concatenated. A 1x1 convolution with unit strides and no padding needs no im2col: its
+rows are the channels-last input itself.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import replace
 
+import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
@@ -36,7 +40,7 @@ from .matrix_engine import engine_precision
 
 log = logging.getLogger(__name__)
 
-MAX_IM2COL_BYTES = 1 << 30
+MAX_IM2COL_BYTES = 1 << 30  # one im2col buffer; a larger convolution is gathered and multiplied in chunks
 _LAYOUTS = {1: ("NCW", "OIW"), 2: ("NCHW", "OIHW"), 3: ("NCDHW", "OIDHW")}
 
 
@@ -47,6 +51,7 @@ class ConvGemmRewriter:
         self.mod = mod
         self.isa = gemm_cpu.target_isa(target, gemm_cpu.BF16)
         self.count = 0
+        self.chunked = 0  # of them, computed in row chunks
         self.kernels: dict[tuple, relax.GlobalVar] = {}
         self.builder = relax.BlockBuilder(mod)
         self.weight_vars = ir.weight_only_vars(mod["main"])
@@ -70,31 +75,41 @@ class ConvGemmRewriter:
         rows, k = n * math.prod(out_spatial), c_in * math.prod(kernel)
         if gemm_cpu.isa_for_shape(self.isa, rows, c_out, k) is None:
             return call
-        if rows * k * 2 > MAX_IM2COL_BYTES:
-            return call
         strides, dilation = [int(v) for v in a.strides], [int(v) for v in a.dilation]
         padding = [int(v) for v in a.padding]  # all befores, then all afters
         self.count += 1
         x = relax.op.astype(x, "bfloat16") if ir.tensor_dtype(x) != "bfloat16" else x
         channels_last = relax.op.permute_dims(x, [0, *range(2, dims + 2), 1])
-        if all(s == 1 for s in kernel) and all(s == 1 for s in strides) and not any(padding):
-            rows_of = channels_last
-        else:
-            gather = self._im2col((n, *spatial, c_in), tuple(kernel), tuple(strides), tuple(padding[:dims]),
-                                  tuple(dilation), tuple(out_spatial))
-            rows_of = relax.call_tir(gather, [channels_last], relax.TensorType([n, *out_spatial, *kernel, c_in], "bfloat16"))
-        lhs = relax.op.reshape(rows_of, [rows, k])
         # W (O, I, *taps) -> (*taps, I, O) -> (taps * I, O): the k order of A's rows
         rhs = relax.op.reshape(relax.op.permute_dims(w, [*range(2, dims + 2), 1, 0]), [k, c_out])
-        y = relax.op.matmul(lhs, rhs, out_dtype="float32")
+        geometry = ((n, *spatial, c_in), tuple(kernel), tuple(strides), tuple(padding[:dims]), tuple(dilation),
+                    tuple(out_spatial))
+        if all(s == 1 for s in kernel) and all(s == 1 for s in strides) and not any(padding):
+            y = relax.op.matmul(relax.op.reshape(channels_last, [rows, k]), rhs, out_dtype="float32")
+        elif rows * k * 2 <= MAX_IM2COL_BYTES:
+            a_rows = relax.call_tir(self._im2col(geometry), [channels_last],
+                                    relax.TensorType([n, *out_spatial, *kernel, c_in], "bfloat16"))
+            y = relax.op.matmul(relax.op.reshape(a_rows, [rows, k]), rhs, out_dtype="float32")
+        else:
+            self.chunked += 1
+            parts = []
+            for starts, sizes in output_chunks((n, *out_spatial), k, MAX_IM2COL_BYTES):
+                first = relax.const(np.array(starts, dtype="int32"))
+                a_rows = relax.call_tir(self._im2col(geometry, tuple(sizes)), [channels_last, first],
+                                        relax.TensorType([*sizes, *kernel, c_in], "bfloat16"))
+                parts.append(relax.op.matmul(relax.op.reshape(a_rows, [math.prod(sizes), k]), rhs, out_dtype="float32"))
+            y = relax.op.concat(parts, axis=0)
         y = relax.op.reshape(y, [n, *out_spatial, c_out])
         return relax.op.permute_dims(y, [0, dims + 1, *range(1, dims + 1)])
 
-    def _im2col(self, x_shape, kernel, strides, pad_before, dilation, out_spatial) -> relax.GlobalVar:
-        key = (x_shape, kernel, strides, pad_before, dilation, out_spatial)
+    def _im2col(self, geometry: tuple, box: tuple[int, ...] | None = None) -> relax.GlobalVar:
+        """geometry: (channels-last input shape, kernel, strides, padding before, dilation, output
+        spatial shape); box: a chunk's sizes (see `im2col.make_primfunc`)."""
+        key = (*geometry, box)
         if key not in self.kernels:
-            func = im2col.make_primfunc(x_shape, kernel, strides, pad_before, dilation, out_spatial, "bfloat16")
-            self.kernels[key] = self.builder.add_func(func, im2col.kernel_name(x_shape, kernel, strides, out_spatial))
+            x_shape, kernel, strides, _, _, out_spatial = geometry
+            func = im2col.make_primfunc(*geometry, "bfloat16", box=box)
+            self.kernels[key] = self.builder.add_func(func, im2col.kernel_name(x_shape, kernel, strides, out_spatial, box))
         return self.kernels[key]
 
     def rewrite(self) -> tvm.IRModule:
@@ -103,6 +118,24 @@ class ConvGemmRewriter:
         mod = self.builder.get()
         mod[mod.get_global_var("main")] = main
         return relax.transform.Normalize()(mod)
+
+
+def output_chunks(out_shape: tuple[int, ...], k: int, limit: int) -> list[tuple[list[int], list[int]]]:
+    """(starts, sizes) of boxes of the output (batch, *spatial) whose im2col rows (k bf16 each) take
+    about `limit` bytes at most, in row-major order: one axis is cut into equal ranges, the axes
+    before it into single indices, the axes after it left whole."""
+    row_bytes = k * 2
+    axis = next((a for a in range(len(out_shape)) if math.prod(out_shape[a + 1:]) * row_bytes <= limit), len(out_shape) - 1)
+    after = math.prod(out_shape[axis + 1:])
+    count = -(-out_shape[axis] // max(1, limit // (after * row_bytes)))
+    size = -(-out_shape[axis] // count)
+    boxes = []
+    for lead in itertools.product(*[range(e) for e in out_shape[:axis]]):
+        for first in range(0, out_shape[axis], size):
+            starts = [*lead, first, *[0] * (len(out_shape) - axis - 1)]
+            sizes = [1] * axis + [min(size, out_shape[axis] - first), *out_shape[axis + 1:]]
+            boxes.append((starts, sizes))
+    return boxes
 
 
 def convolutions_as_gemm(imported: ImportedModel, target: tvm.target.Target) -> tuple[ImportedModel, int]:
@@ -116,5 +149,7 @@ def convolutions_as_gemm(imported: ImportedModel, target: tvm.target.Target) -> 
         return imported, 0
     log.info("matrix engine: %d convolutions as im2col GEMMs", rewriter.count)
     note = f"{rewriter.count} convolutions computed as GEMMs over im2col rows (bf16)"
+    if rewriter.chunked:
+        note += f", {rewriter.chunked} of them in chunks of output rows (a whole im2col would exceed {MAX_IM2COL_BYTES / 2**20:g} MiB)"
     moved = replace(imported, mod=mod, notes=imported.notes + [note])
     return moved, rewriter.count  # the weight reshapes are lifted with use_matrix_engine's packing

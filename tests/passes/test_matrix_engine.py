@@ -184,6 +184,44 @@ def test_convolutions_become_im2col_gemms_that_match_torch(tmp_path, case, mode)
         assert compare(out, module(x).numpy())["cosine"] >= MIN_COSINE
 
 
+@pytest.mark.parametrize("case, limit, chunks", [("conv2d", 3000, 3), ("conv3d", 8640, 9)])
+def test_large_im2col_is_cut_into_chunks_that_match_torch(tmp_path, monkeypatch, case, limit, chunks):
+    """An im2col over the size limit, gathered and multiplied in chunks of output rows, the products
+    concatenated: the limits here cut the strided conv2d into 3 chunks of 2 output rows, the dilated
+    conv3d into one chunk per (frame, 2 rows); one gather kernel, told where its chunk starts,
+    serves all chunks of a convolution."""
+    from autotune.passes import conv_gemm
+    from autotune.passes.quantize import quantize
+
+    monkeypatch.setattr(conv_gemm, "MAX_IM2COL_BYTES", limit)
+    make, shape, gemms, _ = CONV_CASES[case]
+    torch.manual_seed(0)
+    module, x = make().eval(), torch.randn(*shape)
+    quantized, _ = quantize(from_torch(module, {"x": x}), "bf16", resolve_target("x86"))
+    as_gemm, count = conv_gemm.convolutions_as_gemm(quantized, resolve_target("x86-avx512-bf16").tvm_target())
+    script = as_gemm.mod["main"].script()
+    assert count == gemms and "chunks of output rows" in as_gemm.notes[-1]
+    assert script.count("R.matmul(") == chunks + gemms - 1 and script.count("R.call_tir(im2col") == chunks
+    assert sum(name.startswith("im2col") for name in prim_funcs(as_gemm.mod)) == 1
+    report = build(as_gemm, "x86", tmp_path / "c", settings=BuildSettings(shipped_log=False))
+    out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float32)
+    with torch.no_grad():
+        assert compare(out, module(x).numpy())["cosine"] >= MIN_COSINE
+
+
+def test_output_chunks_tile_the_output_once_within_the_limit():
+    from autotune.passes.conv_gemm import output_chunks
+
+    for shape, k, limit in [((1, 4, 480, 832), 3456, 256 << 20), ((2, 6, 7), 72, 3000), ((1, 3, 6, 10), 216, 1000)]:
+        seen = np.zeros(shape, dtype=int)
+        boxes = output_chunks(shape, k, limit)
+        for starts, sizes in boxes:
+            seen[tuple(slice(a, a + n) for a, n in zip(starts, sizes))] += 1
+            assert int(np.prod(sizes)) * k * 2 <= max(limit, k * 2)
+        assert (seen == 1).all() and len(boxes) > 1
+    assert len(output_chunks((1, 4, 480, 832), 3456, 256 << 20)) == 4 * 11  # a frame in 11 slabs of <= 44 rows
+
+
 @pytest.mark.skipif("avx512_bf16" not in hardware.cpu_flags(), reason="CPU has no AVX512-BF16 to run the engine on")
 def test_bf16_convolutions_run_on_the_engine_and_match_torch(tmp_path):
     torch.manual_seed(0)
