@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,6 +147,54 @@ define <16 x float> @autotune_dpbf16ps(<16 x float> %c, i32 %a, <16 x i32> %b) {
 }
 declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)
 """
+
+
+def _emulated_amx_instruction(name: str, *operands):
+    from tvm.script import tirx as T
+
+    return T.call_extern("void", f"autotune_amx_{name}", *operands)
+
+
+@pytest.fixture(scope="session")
+def amx_emulation_library(tmp_path_factory):
+    """tests/kernels/amx_emulation.c compiled and loaded into this process (RTLD_GLOBAL, so that
+    kernels calling its functions resolve them): the path, or a skip without a C compiler."""
+    import ctypes
+    import shutil
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler (cc/gcc) to build the AMX emulation with")
+    source = Path(__file__).parent / "kernels" / "amx_emulation.c"
+    library = tmp_path_factory.mktemp("amx_emulation") / "libamx_emulation.so"
+    subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+    return library
+
+
+@pytest.fixture
+def amx_target(request):
+    """(target, emulated): a target on which AMX kernels run here: `x86-amx` where the CPU has
+    AMX-BF16 and AMX-INT8 (tile permission requested), else the host with gemm_cpu's tile
+    intrinsics re-registered to call the C emulation (tests/kernels/amx_emulation.c)."""
+    import tvm
+
+    from autotune.kernels import gemm_cpu
+    from autotune.support import hardware
+    from autotune.support.targets import resolve_target
+
+    if not hardware.missing_cpu_flags(["amx_tile", "amx_bf16", "amx_int8"]):
+        hardware.request_amx_permission()
+        yield resolve_target("x86-amx").tvm_target(), False
+        return
+    request.getfixturevalue("amx_emulation_library")
+    gemm_cpu.AMX_INSTRUCTION = _emulated_amx_instruction
+    gemm_cpu.register_intrinsics()
+    try:
+        yield tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2}), True
+    finally:
+        gemm_cpu.AMX_INSTRUCTION = gemm_cpu.amx_instruction
+        gemm_cpu.register_intrinsics()
 
 
 @pytest.fixture

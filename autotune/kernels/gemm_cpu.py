@@ -274,13 +274,29 @@ def _vnni_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         )
 
 
+# The AMX instructions the tile intrinsics call, as (instruction, *operands) -> TIR call. The tests
+# swap it for calls into a C emulation (tests/kernels/amx_emulation.c) where the CPU has no AMX and
+# re-register the intrinsics: the kernels' tiling, packing and tensorization then run on any x86-64.
+def amx_instruction(name: str, *operands):
+    return T.call_llvm_intrin("void", f"llvm.x86.{name}", *operands)
+
+
+AMX_INSTRUCTION = amx_instruction
+
+
 def _amx_intrin(kt: int, precision: str):
     """C[32, 32] += A[32, kt] x Bp[kt/g, 32, g] in tiles: C in tmm0-3 (2 x 2), A in tmm4-5, B in
-    tmm6-7; C is loaded and stored once per call, kept in tiles across kt."""
+    tmm6-7; C is loaded and stored once per call, kept in tiles across kt.
+
+    A and B tiles are addressed through byte views of their data: TVM's bf16 legalization then
+    sees raw use of the buffer, and a local bf16 buffer (the int8-weight kernel's converted panel)
+    keeps its bf16 storage. Through address_of(B[...]) the panel was promoted to float32 storage
+    that the tile loads read as bf16 pairs: wrong products (found by the tests' AMX emulation)."""
     a_dtype, b_dtype, acc = DTYPES[precision]
     g, step = (2, 32) if precision == BF16 else (4, 64)  # k per 32-bit lane, k per 64-byte tile row
     elem = 4 // g  # bytes per element
-    product = "llvm.x86.tdpbf16ps" if precision == BF16 else "llvm.x86.tdpbusd"
+    product = "tdpbf16ps" if precision == BF16 else "tdpbusd"
+    tile = AMX_INSTRUCTION  # as registered now
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -307,6 +323,9 @@ def _amx_intrin(kt: int, precision: str):
         with T.sblock("root"):
             T.reads(C[0:32, 0:32], A[0:32, 0:kt], B[0 : kt // g, 0:32, 0:g])
             T.writes(C[0:32, 0:32])
+            # A and B addressed as bytes (see the docstring)
+            a_bytes = T.decl_buffer((32 * sa * elem,), "uint8", data=A.data, elem_offset=A.elem_offset * elem)
+            b_bytes = T.decl_buffer((kt // g * sb0 * elem,), "uint8", data=B.data, elem_offset=B.elem_offset * elem)
             # Tile configuration: palette 1, 8 tiles of 16 rows x 64 bytes.
             cfg = T.alloc_buffer((64,), "uint8", align=64)
             for i in range(64):
@@ -315,26 +334,25 @@ def _amx_intrin(kt: int, precision: str):
             for t in T.unroll(8):
                 cfg[16 + 2 * t] = T.uint8(64)
                 cfg[48 + t] = T.uint8(16)
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
+            T.evaluate(tile("ldtilecfg", T.address_of(cfg[0])))
             for m in T.unroll(2):
                 for n in T.unroll(2):
-                    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.uint8(m * 2 + n),
-                                                  T.address_of(C[m * 16, n * 16]), T.int64(sc * 4)))
+                    T.evaluate(tile("tileloadd64", T.uint8(m * 2 + n), T.address_of(C[m * 16, n * 16]),
+                                    T.int64(sc * 4)))
             for ks in T.unroll(kt // step):
                 for m in T.unroll(2):
-                    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.uint8(4 + m),
-                                                  T.address_of(A[m * 16, ks * step]), T.int64(sa * elem)))
+                    T.evaluate(tile("tileloadd64", T.uint8(4 + m), T.address_of(a_bytes[(m * 16 * sa + ks * step) * elem]),
+                                        T.int64(sa * elem)))
                 for n in T.unroll(2):
-                    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.uint8(6 + n),
-                                                  T.address_of(B[ks * 16, n * 16, 0]), T.int64(sb0 * elem)))
+                    T.evaluate(tile("tileloadd64", T.uint8(6 + n), T.address_of(b_bytes[(ks * 16 * sb0 + n * 16 * sb1) * elem]),
+                                        T.int64(sb0 * elem)))
                 for m in T.unroll(2):
                     for n in T.unroll(2):
-                        T.evaluate(T.call_llvm_intrin("void", product, T.uint8(m * 2 + n),
-                                                      T.uint8(4 + m), T.uint8(6 + n)))
+                        T.evaluate(tile(product, T.uint8(m * 2 + n), T.uint8(4 + m), T.uint8(6 + n)))
             for m in T.unroll(2):
                 for n in T.unroll(2):
-                    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.uint8(m * 2 + n),
-                                                  T.address_of(C[m * 16, n * 16]), T.int64(sc * 4)))
+                    T.evaluate(tile("tilestored64", T.uint8(m * 2 + n), T.address_of(C[m * 16, n * 16]),
+                                    T.int64(sc * 4)))
 
     return desc, impl
 

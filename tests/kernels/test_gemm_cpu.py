@@ -1,7 +1,8 @@
 """The matrix-engine GEMMs against numpy: AVX512-BF16 and AMX-BF16 (bf16 inputs, float32
 accumulation, to float32 rounding; bf16 or int8 weights), AVX512-VNNI and AMX-INT8 (uint8 x int8 ->
 int32, exactly), on aligned and ragged shapes, and the MetaSchedule design space replayed with
-every decision it can sample."""
+every decision it can sample. Where the CPU lacks AVX512-BF16 or AMX, those instructions are
+emulated (conftest's dpbf16_target, amx_target), so the kernels' code runs on any x86-64."""
 
 from __future__ import annotations
 
@@ -98,29 +99,38 @@ def test_vnni_int8_gemm_equals_numpy_exactly(m, n, k):
     np.testing.assert_array_equal(_run(lib, a, b, (m, n)), ref)
 
 
-def test_amx_int8_gemm_compiles_to_tile_instructions_and_equals_numpy_where_the_cpu_has_amx():
+def test_amx_kernels_compile_to_tile_instructions():
     target = resolve_target("x86-amx").tvm_target()
-    lib = gemm.compile_standalone(64, 64, 256, gemm.AMX_INT8, target)
-    asm = lib.mod.inspect_source("asm")
-    assert "tdpbusd" in asm and "ldtilecfg" in asm and "tilestored" in asm
-    if hardware.missing_cpu_flags(["amx_tile", "amx_int8"]):
-        pytest.skip(f"CPU has no AMX-INT8 to run the kernel on ({hardware.cpu_model()}): codegen checked only")
-    hardware.request_amx_permission()
-    a, b, ref = _int8_operands(64, 64, 256)
-    np.testing.assert_array_equal(_run(lib, a, b, (64, 64)), ref)
+    for isa, product in ((gemm.AMX, "tdpbf16ps"), (gemm.AMX_W8, "tdpbf16ps"), (gemm.AMX_INT8, "tdpbusd")):
+        asm = gemm.compile_standalone(64, 64, 256, isa, target).mod.inspect_source("asm")
+        assert product in asm and "ldtilecfg" in asm and "tilestored" in asm, isa
 
 
+@pytest.mark.parametrize(
+    "m, n, k",
+    [
+        (64, 64, 256),  # aligned: 2 x 2 row and column blocks of 32
+        (96, 160, 64),  # one k tile; 5 column blocks
+        (32, 32, 5120),  # a reduction long enough to be split into partial products
+    ],
+)
+def test_amx_int8_gemm_equals_numpy_exactly(amx_target, m, n, k):
+    """On the CPU's AMX-INT8, or through the C emulation of the tile instructions (conftest.amx_target)."""
+    target, _ = amx_target
+    a, b, ref = _int8_operands(m, n, k)
+    lib = gemm.compile_standalone(m, n, k, gemm.AMX_INT8, target)
+    np.testing.assert_array_equal(_run(lib, a, b, (m, n)), ref)
+
+
+@pytest.mark.parametrize("m, n, k", [(64, 64, 128), (96, 160, 64), (32, 32, 5120)])
 @pytest.mark.parametrize("isa", [gemm.AMX, gemm.AMX_W8])
-def test_amx_gemm_compiles_to_tile_instructions_and_matches_numpy_where_the_cpu_has_amx(isa):
-    target = resolve_target("x86-amx").tvm_target()
-    lib = gemm.compile_standalone(64, 64, 128, isa, target)
-    asm = lib.mod.inspect_source("asm")
-    assert "tdpbf16ps" in asm and "ldtilecfg" in asm and "tilestored" in asm
-    if hardware.missing_cpu_flags(["amx_tile", "amx_bf16"]):
-        pytest.skip(f"CPU has no AMX-BF16 to run the kernel on ({hardware.cpu_model()}): codegen checked only")
-    hardware.request_amx_permission()
-    a, b, ref = _operands(64, 64, 128, int8_weights=isa == gemm.AMX_W8)
-    _assert_close(_run(lib, a, b, (64, 64)), ref)
+def test_amx_bf16_gemm_matches_numpy(amx_target, isa, m, n, k):
+    """bf16 weights, or int8 weights converted to bf16 in the kernel; on the CPU's AMX-BF16 or
+    through the C emulation."""
+    target, _ = amx_target
+    a, b, ref = _operands(m, n, k, int8_weights=isa == gemm.AMX_W8)
+    lib = gemm.compile_standalone(m, n, k, isa, target)
+    _assert_close(_run(lib, a, b, (m, n)), ref)
 
 
 def test_shapes_each_engine_takes():
@@ -176,6 +186,28 @@ def test_every_sampled_register_tile_replays_and_computes_the_product(isa, needs
         lib = tvm.compile(replayed.mod, target=tvm.target.Target(target))
         out = _run(lib, a, b, (m, n))
         if isa == gemm.VNNI:
+            np.testing.assert_array_equal(out, ref)
+        else:
+            _assert_close(out, ref)
+
+
+@pytest.mark.parametrize("isa", [gemm.AMX, gemm.AMX_W8, gemm.AMX_INT8])
+def test_every_sampled_amx_column_blocking_replays_and_computes_the_product(amx_target, isa):
+    """The AMX kernels' one decision (32-column blocks per task), every choice replayed and run."""
+    target, _ = amx_target
+    m, n, k = 64, 256, 128
+    func = gemm.make_primfunc(m, n, k, isa).with_attr("global_symbol", "main")
+    sampled = s_tir.Schedule(tvm.IRModule({"main": func}), seed=1)
+    gemm.apply_schedule(sampled, sample=True)
+    trace = sampled.trace
+    (decision,) = [inst for inst in trace.insts if inst.kind.name == "SampleCategorical"]
+    assert len(decision.attrs[0]) == 4  # 1, 2, 4 or 8 blocks of the 8
+    a, b, ref = _int8_operands(m, n, k) if isa == gemm.AMX_INT8 else _operands(m, n, k, int8_weights=isa == gemm.AMX_W8)
+    for pick in range(len(decision.attrs[0])):
+        replayed = s_tir.Schedule(tvm.IRModule({"main": func}))
+        trace.with_decision(decision, pick, remove_postproc=True).apply_to_schedule(replayed, remove_postproc=True)
+        out = _run(tvm.compile(replayed.mod, target=target), a, b, (m, n))
+        if isa == gemm.AMX_INT8:
             np.testing.assert_array_equal(out, ref)
         else:
             _assert_close(out, ref)
