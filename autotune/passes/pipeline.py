@@ -24,6 +24,8 @@ fused module) silently misses every record. Both call the phases below, and noth
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -52,6 +54,9 @@ def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None) ->
         from .quantize import quantize
 
         quantized, info = quantize(imported, quantize_mode, preset)
+        if "note" in info:  # nothing to quantize (w8a8 on a VAE): the float32 build, notes aside
+            unchanged = precompute_weight_transforms(drop_causal_padding_in(replace(imported, notes=quantized.notes)))
+            return unchanged, {**info, "weight_bytes_after": unchanged.weight_bytes()}
         quantized = drop_causal_padding_in(quantized)
         target = preset.tvm_target()
         if quantize_mode in ("bf16", "int8-weight", "w8a8") and target.kind.name == "llvm":

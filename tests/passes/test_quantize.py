@@ -198,6 +198,22 @@ def test_vae_decoder_mode_psnr(mode, vae, tmp_path):
         assert metadata["passes"][0]["conv_layers"] >= 30 and after < 0.3 * before
 
 
+def test_w8a8_on_a_model_without_linears_is_the_float32_build(vae):
+    """The VAE has convolutions only: w8a8 (linears) quantizes nothing, and its build is the
+    float32 one, kernel for kernel and weight for weight."""
+    import tvm_ffi
+
+    from autotune.passes.pipeline import prepare_model
+
+    source, _ = vae
+    preset = resolve_target("x86")
+    w8a8, info = prepare_model(source.imported, preset, "w8a8")
+    fp32, _ = prepare_model(source.imported, preset, None)
+    assert info["layers"] == 0 and "nothing was quantized" in info["note"]
+    assert tvm_ffi.structural_equal(w8a8.mod, fp32.mod)
+    assert w8a8.weights.keys() == fp32.weights.keys() and info["weight_bytes_after"] == fp32.weight_bytes()
+
+
 # -- fp8 (CUDA sm_90): compiles for Hopper; numerics checked on the CPU through LLVM's fp8 emulation
 
 
