@@ -37,6 +37,8 @@ for untuned builds.
 
 from __future__ import annotations
 
+import functools
+
 import tvm
 from tvm import te
 from tvm.s_tir import TensorIntrin
@@ -284,7 +286,8 @@ def amx_instruction(name: str, *operands):
 AMX_INSTRUCTION = amx_instruction
 
 
-def _amx_intrin(kt: int, precision: str):
+@functools.cache  # parsing takes ~0.1 s each; the tests switch between two instruction sets
+def _amx_intrin(kt: int, precision: str, tile=amx_instruction):
     """C[32, 32] += A[32, kt] x Bp[kt/g, 32, g] in tiles: C in tmm0-3 (2 x 2), A in tmm4-5, B in
     tmm6-7; C is loaded and stored once per call, kept in tiles across kt.
 
@@ -296,7 +299,6 @@ def _amx_intrin(kt: int, precision: str):
     g, step = (2, 32) if precision == BF16 else (4, 64)  # k per 32-bit lane, k per 64-byte tile row
     elem = 4 // g  # bytes per element
     product = "tdpbf16ps" if precision == BF16 else "tdpbusd"
-    tile = AMX_INSTRUCTION  # as registered now
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -342,10 +344,10 @@ def _amx_intrin(kt: int, precision: str):
             for ks in T.unroll(kt // step):
                 for m in T.unroll(2):
                     T.evaluate(tile("tileloadd64", T.uint8(4 + m), T.address_of(a_bytes[(m * 16 * sa + ks * step) * elem]),
-                                        T.int64(sa * elem)))
+                                    T.int64(sa * elem)))
                 for n in T.unroll(2):
                     T.evaluate(tile("tileloadd64", T.uint8(6 + n), T.address_of(b_bytes[(ks * 16 * sb0 + n * 16 * sb1) * elem]),
-                                        T.int64(sb0 * elem)))
+                                    T.int64(sb0 * elem)))
                 for m in T.unroll(2):
                     for n in T.unroll(2):
                         T.evaluate(tile(product, T.uint8(m * 2 + n), T.uint8(4 + m), T.uint8(6 + n)))
@@ -366,7 +368,7 @@ def register_intrinsics() -> None:
     TensorIntrin.register(VNNI_INTRIN, _dot_desc(*DTYPES[INT8], 4), _vnni_impl, override=True)
     for precision, kts in AMX_KT.items():  # (the int8-weight variants use the bf16 intrinsics)
         for kt in kts:
-            TensorIntrin.register(amx_intrin_name(kt, precision), *_amx_intrin(kt, precision), override=True)
+            TensorIntrin.register(amx_intrin_name(kt, precision), *_amx_intrin(kt, precision, AMX_INSTRUCTION), override=True)
 
 
 # ---------------------------------------------------------------- schedules

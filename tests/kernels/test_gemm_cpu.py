@@ -106,14 +106,14 @@ def test_amx_kernels_compile_to_tile_instructions():
         assert product in asm and "ldtilecfg" in asm and "tilestored" in asm, isa
 
 
-@pytest.mark.parametrize(
-    "m, n, k",
-    [
-        (64, 64, 256),  # aligned: 2 x 2 row and column blocks of 32
-        (96, 160, 64),  # one k tile; 5 column blocks
-        (32, 32, 5120),  # a reduction long enough to be split into partial products
-    ],
-)
+# (the column-block choices on an aligned 64 x 256 x 128 product: the replay test below)
+AMX_SHAPES = [
+    (96, 160, 64),  # 3 row blocks, 5 column blocks, one k tile
+    (32, 32, 5120),  # a reduction long enough to be split into partial products
+]
+
+
+@pytest.mark.parametrize("m, n, k", AMX_SHAPES)
 def test_amx_int8_gemm_equals_numpy_exactly(amx_target, m, n, k):
     """On the CPU's AMX-INT8, or through the C emulation of the tile instructions (conftest.amx_target)."""
     target, _ = amx_target
@@ -122,7 +122,7 @@ def test_amx_int8_gemm_equals_numpy_exactly(amx_target, m, n, k):
     np.testing.assert_array_equal(_run(lib, a, b, (m, n)), ref)
 
 
-@pytest.mark.parametrize("m, n, k", [(64, 64, 128), (96, 160, 64), (32, 32, 5120)])
+@pytest.mark.parametrize("m, n, k", AMX_SHAPES)
 @pytest.mark.parametrize("isa", [gemm.AMX, gemm.AMX_W8])
 def test_amx_bf16_gemm_matches_numpy(amx_target, isa, m, n, k):
     """bf16 weights, or int8 weights converted to bf16 in the kernel; on the CPU's AMX-BF16 or
