@@ -149,6 +149,13 @@ declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)
 """
 
 
+def _host_target():
+    """This CPU as an LLVM target, 2 cores: where the emulated instructions run."""
+    import tvm
+
+    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
+
+
 def _emulated_amx_instruction(name: str, *operands):
     from tvm.script import tirx as T
 
@@ -177,8 +184,6 @@ def amx_target(request):
     """(target, emulated): a target on which AMX kernels run here: `x86-amx` where the CPU has
     AMX-BF16 and AMX-INT8 (tile permission requested), else the host with gemm_cpu's tile
     intrinsics re-registered to call the C emulation (tests/kernels/amx_emulation.c)."""
-    import tvm
-
     from autotune.kernels import gemm_cpu
     from autotune.support import hardware
     from autotune.support.targets import resolve_target
@@ -191,7 +196,7 @@ def amx_target(request):
     gemm_cpu.AMX_INSTRUCTION = _emulated_amx_instruction
     gemm_cpu.register_intrinsics()
     try:
-        yield tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2}), True
+        yield _host_target(), True
     finally:
         gemm_cpu.AMX_INSTRUCTION = gemm_cpu.amx_instruction
         gemm_cpu.register_intrinsics()
@@ -209,4 +214,4 @@ def dpbf16_target(monkeypatch):
     if "avx512_bf16" in hardware.cpu_flags():
         return tvm.target.Target({"kind": "llvm", "mcpu": "cooperlake", "num-cores": 2}), False
     monkeypatch.setattr(gemm_cpu, "DPBF16_LLVM", DPBF16_EMULATION_LLVM)
-    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2}), True
+    return _host_target(), True

@@ -287,9 +287,10 @@ AMX_INSTRUCTION = amx_instruction
 
 
 @functools.cache  # parsing takes ~0.1 s each; the tests switch between two instruction sets
-def _amx_intrin(kt: int, precision: str, tile=amx_instruction):
+def _amx_intrin(kt: int, precision: str, tile):
     """C[32, 32] += A[32, kt] x Bp[kt/g, 32, g] in tiles: C in tmm0-3 (2 x 2), A in tmm4-5, B in
-    tmm6-7; C is loaded and stored once per call, kept in tiles across kt.
+    tmm6-7; C is loaded and stored once per call, kept in tiles across kt. `tile` makes the calls
+    of the AMX instructions (AMX_INSTRUCTION).
 
     A and B tiles are addressed through byte views of their data: TVM's bf16 legalization then
     sees raw use of the buffer, and a local bf16 buffer (the int8-weight kernel's converted panel)
