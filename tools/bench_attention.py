@@ -15,6 +15,7 @@ Contenders, all fp32 on `--threads` (default 2) threads:
   onnxruntime    the same module exported with the dynamo exporter (opset 18), ORT CPU EP.
 On a CPU with AVX512-BF16, at bf16 (inputs rounded to bf16, bf16 output):
   tvm-kernel-bf16   the kernel alone with both GEMMs on vdpbf16ps, default schedule.
+  tvm-kernel-amx    (a CPU with AMX-BF16) the kernel alone with both GEMMs on AMX tiles.
   torch-sdpa-bf16   torch's SDPA on bf16 tensors.
 Rounds are interleaved (round r runs every contender once, in turn), so load from other
 processes on this shared machine hits all of them alike; a pause between calls lets the thread
@@ -69,6 +70,7 @@ from autotune.passes.attention import (  # noqa: E402
 from autotune.passes.pipeline import finalize_passes, fuse_for_target
 from autotune.support import hardware  # noqa: E402
 from autotune.support.ir import prim_funcs  # noqa: E402
+from autotune.support.targets import resolve_target  # noqa: E402
 from autotune.support.tvm_compat import import_tensor_intrin_fast  # noqa: E402,F401
 
 
@@ -104,7 +106,6 @@ def tune_kernel(imported, trials: int, work_dir: str):
     from tvm.s_tir import meta_schedule as ms
 
     from autotune.support.settings import TuneSettings
-    from autotune.support.targets import resolve_target
     from autotune.tuning.tune import make_builder, make_runner
 
     preset = resolve_target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": ARGS.threads})
@@ -184,6 +185,13 @@ def bench_shape(tokens: int, workdir: Path) -> dict:
                        for x in (q.numpy()[0], k.numpy()[0].transpose(0, 2, 1), v.numpy()[0]))
         bout = tvm.runtime.empty((h, tokens, d), "bfloat16")
         contenders["tvm-kernel-bf16"] = lambda: kernel16(bq, bkt, bv, bout)
+        if not hardware.missing_cpu_flags(["amx_tile", "amx_bf16"]):  # both GEMMs on AMX tiles
+            hardware.request_amx_permission()
+            amx = resolve_target("x86-amx").tvm_target()
+            kernel_amx = kc.compile_standalone(h, tokens, tokens, d, d, amx, None, "bfloat16",
+                                               kc.choose_amx_tiles(tokens, tokens), engine="amx")["main"]
+            aout = tvm.runtime.empty((h, tokens, d), "bfloat16")
+            contenders["tvm-kernel-amx"] = lambda: kernel_amx(bq, bkt, bv, aout)
         qb, kb, vb = (x.to(torch.bfloat16) for x in (q, k, v))
         contenders["torch-sdpa-bf16"] = lambda: F.scaled_dot_product_attention(qb, kb, vb)
 
@@ -201,8 +209,8 @@ def bench_shape(tokens: int, workdir: Path) -> dict:
             out = out.numpy()
         elif name == "tvm-kernel":
             out = kout.numpy()[None]
-        elif name == "tvm-kernel-bf16":
-            out = bout.numpy().astype(np.float32)[None]
+        elif name in ("tvm-kernel-bf16", "tvm-kernel-amx"):
+            out = (bout if name == "tvm-kernel-bf16" else aout).numpy().astype(np.float32)[None]
         elif name == "torch-sdpa-bf16":
             out = out.float().numpy()
         elif name == "onnxruntime":

@@ -25,6 +25,12 @@ KTp[b, kt, d // 2, j, d % 2] and the values as Vp[b, kt, j // 2, dv, j % 2]; P i
 (what torch's bf16 SDPA multiplies V by too) and the row sum adds the rounded values, so the
 normalisation matches the product.
 
+bf16 on AMX-BF16 (`engine="amx"`): the same packs are the pair-interleaved B operands that AMX
+tiles read (16 pairs = one 64-byte tile row), so both GEMMs run on gemm_cpu's 32 x 32 x KT tile
+intrinsic (`tdpbf16ps`): S = Q.K^T per 32 x 32 block over the whole head_dim, PV = P.V per
+32 x 32 block over the key tile. It needs 32-row query tiles, key tiles and head_dims the
+intrinsic has a KT for (`amx_engine_fits`, `choose_amx_tiles`); the softmax stays on AVX-512.
+
 Numerics: all accumulation in fp32 (fp16/bf16 inputs are widened on load); exp is a vectorisable
 exp2 polynomial (Cephes, rel. error ~2e-7) with exp(-inf) = 0 exactly; a row whose scores are all
 -inf gives 0 (what torch's SDPA decomposition produces), not NaN.
@@ -104,6 +110,20 @@ def dot_engine_fits(dtype: str, d: int, dv: int, tiles: CpuTiles) -> bool:
     return dtype == "bfloat16" and d % 2 == 0 and dv % 16 == 0 and tiles.lanes == 16 and tiles.tk % 16 == 0
 
 
+def choose_amx_tiles(lq: int, lk: int) -> CpuTiles:
+    """Tiles for the AMX kernel: 32 or 64 query rows and keys (the tile intrinsic's 32 x 32 blocks;
+    64 when the sequence is longer than one block), AVX-512 lanes for the softmax."""
+    return CpuTiles(tq=32 if lq <= 32 else 64, tk=32 if lk <= 32 else 64, lanes=16)
+
+
+def amx_engine_fits(dtype: str, d: int, dv: int, tiles: CpuTiles) -> bool:
+    """Whether a problem can take the AMX kernel: bf16, head_dim a KT of the tile intrinsic, dv whole
+    32-column blocks, tiles of 32-row blocks."""
+    kts = gemm_cpu.AMX_KT[gemm_cpu.BF16]
+    return (dtype == "bfloat16" and d in kts and dv % 32 == 0 and tiles.tq % 32 == 0 and tiles.tk in kts
+            and tiles.lanes == 16)
+
+
 def _exp2(t):
     """2**t for float32 t <= 0, vectorisable: t = n + f, 2**n from the exponent bits, 2**f by a
     degree-6 polynomial on [-0.5, 0.5] (Cephes exp2f). t <= -127 (and -inf) gives exactly 0."""
@@ -131,7 +151,7 @@ def make_primfunc(
     nothing can be peeled); "k" takes them as K (BH, Lk, D) (the layout torch passes to SDPA):
     either way they are packed once per head into contiguous key tiles.
     engine: "avx512bf16" puts both GEMMs of a bf16 kernel on `vdpbf16ps` (`dot_engine_fits` says when
-    a problem can take it); None widens bf16 to float32 on load.
+    a problem can take it), "amx" on AMX tiles (`amx_engine_fits`); None widens bf16 to float32 on load.
 
     Structure (t = head x query tile, a parallel loop; kt = key tile, serial):
         kt_pack                         keys packed per key tile (contiguous tiles, zero-padded)
@@ -147,7 +167,7 @@ def make_primfunc(
     realizes directly in the key loop's body, TVM 0.27's copy-on-write (ScheduleState::Replace
     checks uniqueness on loops and blocks only) mutates the *unscheduled* PrimFunc in place when
     the second one is scheduled, which corrupts MetaSchedule's workload (replays then fail).
-    With engine="avx512bf16" the "qk" and "pv" blocks bind only their tile's own indices and name
+    With an engine the "qk" and "pv" blocks bind only their tile's own indices and name
     the head, query tile and key tile in their bodies: tensorize's blockize in TVM 0.27 drops the
     enclosing scope block's variables from an inner binding (vb = ob became 0), which silently
     addressed head 0 and wrote outside the register tile.
@@ -159,10 +179,16 @@ def make_primfunc(
     TQ, TK, W = tiles.tq, tiles.tk, tiles.lanes
     K_SHAPE = (bh, d, lk) if k_layout == "kt" else (bh, lk, d)
     KT_LAYOUT = k_layout == "kt"
+    if engine not in (None, gemm_cpu.AVX512, gemm_cpu.AMX):
+        raise ValueError(f"attention engine must be None, {gemm_cpu.AVX512!r} or {gemm_cpu.AMX!r}, not {engine!r}")
     DOT = engine is not None
-    if DOT and not dot_engine_fits(dtype, d, dv, tiles):
+    AMX = engine == gemm_cpu.AMX
+    if engine == gemm_cpu.AVX512 and not dot_engine_fits(dtype, d, dv, tiles):
         raise ValueError(f"the {engine} attention needs bf16, even head_dim, 16-lane tiles and dv % 16 == 0 "
                          f"(got {dtype}, d {d}, dv {dv}, {tiles})")
+    if AMX and not amx_engine_fits(dtype, d, dv, tiles):
+        raise ValueError(f"the AMX attention needs bf16, head_dim in {gemm_cpu.AMX_KT[gemm_cpu.BF16]}, dv % 32 == 0 "
+                         f"and tiles from choose_amx_tiles (got {dtype}, d {d}, dv {dv}, {tiles})")
     if TK % W:
         raise ValueError(f"key tile {TK} is not a multiple of the vector width {W}")
     NQ, NK = -(-lq // TQ), -(-lk // TK)
@@ -178,6 +204,8 @@ def make_primfunc(
             "pad_q": int(PAD_Q), "pad_k": int(PAD_K), "scale": float(scale), "k_transposed": int(KT_LAYOUT)}
     if DOT:  # (only then: the attribute is part of every recorded workload's hash)
         INFO["bf16_dot"] = 1
+    if AMX:
+        INFO["amx"] = 1
     in_t = dtype if DOT else acc_t  # what the packed operands and P hold (P rounded to bf16 for the dot product)
 
     def load(x):
@@ -213,6 +241,9 @@ def make_primfunc(
     def p_val(P, vb, vi, vj):
         return load(P[vb, vi, vj]) if DOT else P[vb, vi, vj]
 
+    def pv_val(PV, vb, vi, vkt, vk):  # the P.V tile's element in either layout
+        return PV[vb, vkt, vi, vk] if AMX else PV[vb, vi, vkt, vk]
+
     def masked(S, vb, vi, vj):  # padded keys score -inf
         if PAD_K:
             return T.Select(vj < LK, S[vb, vi, vj], f32(NEG))
@@ -243,7 +274,8 @@ def make_primfunc(
         alpha = T.sblock_alloc_buffer((BH, LQP, NK), acc_t)
         lsum_w = T.sblock_alloc_buffer((BH, LQP, NK, W), acc_t)
         lsum = T.sblock_alloc_buffer((BH, LQP, NK), acc_t)
-        PV = T.sblock_alloc_buffer((BH, LQP, NK, DV), acc_t)
+        # (AMX: the key tile leads, so that a 32 x 32 block of PV is a plain 2-D region for the tile intrinsic)
+        PV = T.sblock_alloc_buffer((BH, NK, LQP, DV) if AMX else (BH, LQP, NK, DV), acc_t)
         m = T.sblock_alloc_buffer((BH, LQP), acc_t)
         l = T.sblock_alloc_buffer((BH, LQP), acc_t)
         acc = T.sblock_alloc_buffer((BH, LQP, DV), acc_t)
@@ -382,7 +414,14 @@ def make_primfunc(
                                 with T.init():
                                     m[vb, vi] = f32(NEG)
                                 m[vb, vi] = T.max(m[vb, vi], tmax[vb, vi, vkt])
-                        if DOT:
+                        if AMX:
+                            for qi, k, kj in T.grid(TQ, DV, TK):
+                                with T.sblock("pv"):
+                                    vi, vk, vkj = T.axis.remap("SSR", [qi, k, kj])
+                                    with T.init():
+                                        PV[ob, okt, oq * TQ + vi, vk] = f32(0.0)
+                                    PV[ob, okt, oq * TQ + vi, vk] = PV[ob, okt, oq * TQ + vi, vk] + load(P[ob, oq * TQ + vi, okt * TK + vkj]) * load(Vs[ob, okt, vkj // 2, vk, vkj % 2])
+                        elif DOT:
                             for qi, k, kj in T.grid(TQ, DV, TK):
                                 with T.sblock("pv"):
                                     vi, vk, vkj = T.axis.remap("SSR", [qi, k, kj])
@@ -408,7 +447,7 @@ def make_primfunc(
                                 vkt = T.axis.reduce(NK, okt)
                                 with T.init():
                                     acc[vb, vi, vk] = f32(0.0)
-                                acc[vb, vi, vk] = acc[vb, vi, vk] * alpha[vb, vi, vkt] + PV[vb, vi, vkt, vk]
+                                acc[vb, vi, vk] = acc[vb, vi, vk] * alpha[vb, vi, vkt] + pv_val(PV, vb, vi, vkt, vk)
             for qi in range(TQ):
                 with T.sblock("inv_l"):
                     vb = T.axis.spatial(BH, t // NQ)
@@ -499,6 +538,7 @@ def apply_schedule(sch, knobs: CpuKnobs | None = None, sample: bool = False):
     W = info["lanes"]
     tq, tk, d, dv = info["tq"], info["tk"], info["d"], info["dv"]
     dot = bool(info.get("bf16_dot", 0))
+    amx = bool(info.get("amx", 0))
     knobs = knobs or default_knobs(CpuTiles(tq, tk, W), d, dv, dot)
 
     # Padding copies (only where a length is not a multiple of its tile) and the key/value packs.
@@ -521,7 +561,9 @@ def apply_schedule(sch, knobs: CpuKnobs | None = None, sample: bool = False):
     # Q.K^T: register tile (rows x vecs*W) accumulated over head_dim, then stored to the S tile.
     qk = sch.get_sblock("qk")
     qi, kj, k = sch.get_loops(qk)[-3:]
-    if dot:
+    if amx:
+        _amx_tile(sch, qk, qi, kj, k, d, W)
+    elif dot:
         _dot_tile(sch, qk, qi, kj, k, tq, tk // W, knobs.qk_rows, knobs.qk_vecs, W, sample, import_llvm=True)
     else:
         if sample:
@@ -558,7 +600,9 @@ def apply_schedule(sch, knobs: CpuKnobs | None = None, sample: bool = False):
     pv = sch.get_sblock("pv")
     qi, k, kj = sch.get_loops(pv)[-3:]
     upd = sch.get_sblock("update_acc")
-    if dot:
+    if amx:
+        _amx_tile(sch, pv, qi, k, kj, tk, W, consumer=upd)
+    elif dot:
         k_o = _dot_tile(sch, pv, qi, k, kj, tq, dv // W, knobs.pv_rows, knobs.pv_vecs, W, sample)
         sch.reverse_compute_at(upd, k_o)
         ul = sch.get_loops(upd)
@@ -613,6 +657,21 @@ def _dot_tile(sch, block, rows_loop, cols_loop, red_loop, total_rows, vectors, r
     sch.vectorize(init_loops[-1])
     sch.vectorize(wb_loops[-1])
     return c_o
+
+
+def _amx_tile(sch, block, rows_loop, cols_loop, red_loop, kt, W, consumer=None):
+    """One of the two GEMMs on AMX: 32 x 32 blocks of the tile, each the tile intrinsic over the whole
+    reduction (`kt` long) on a zeroed block; `consumer` (a block reading the tile) is fused in per
+    block. (Before tensorize: after it, TVM 0.27's reverse_compute_at trips over the replaced block.)"""
+    r_o, r_i = sch.split(rows_loop, factors=[None, 32])
+    c_o, c_i = sch.split(cols_loop, factors=[None, 32])
+    sch.reorder(r_o, c_o, r_i, c_i, red_loop)
+    init = sch.decompose_reduction(block, r_i)
+    _vectorize_tail(sch, sch.get_loops(init)[-1], W)
+    if consumer is not None:
+        sch.reverse_compute_at(consumer, c_o)
+        _vectorize_tail(sch, sch.get_loops(consumer)[-1], W)
+    sch.tensorize(r_i, gemm_cpu.amx_intrin_name(kt, gemm_cpu.BF16))
 
 
 def compile_standalone(

@@ -425,15 +425,20 @@ def _cpu_kernel(m: AttentionMatch, scale: float, target):
     from autotune.kernels import attention_cpu as kc
     from autotune.kernels import gemm_cpu
 
-    lanes = kc.vector_lanes(target)
-    tiles = kc.choose_tiles(m.lq, m.lk, m.d, m.dv, lanes)
+    tiles = kc.choose_tiles(m.lq, m.lk, m.d, m.dv, kc.vector_lanes(target))
     layout = "kt" if m.k_is_kt else "k"
-    # bf16 on a CPU with AVX512-BF16 (AMX CPUs have it too): both GEMMs on vdpbf16ps
-    engine = gemm_cpu.AVX512 if gemm_cpu.target_isa(target, gemm_cpu.BF16) and kc.dot_engine_fits(m.dtype, m.d, m.dv, tiles) else None
+    # bf16 on a CPU with a bf16 engine: both GEMMs on AMX tiles where the shapes fit them, else on
+    # AVX512-BF16's vdpbf16ps (every AMX CPU has it too)
+    isa, engine = gemm_cpu.target_isa(target, gemm_cpu.BF16), None
+    amx_tiles = kc.choose_amx_tiles(m.lq, m.lk)
+    if isa == gemm_cpu.AMX and kc.amx_engine_fits(m.dtype, m.d, m.dv, amx_tiles):
+        engine, tiles = gemm_cpu.AMX, amx_tiles
+    elif isa is not None and kc.dot_engine_fits(m.dtype, m.d, m.dv, tiles):
+        engine = gemm_cpu.AVX512
     func = kc.make_primfunc(m.bh, m.lq, m.lk, m.d, m.dv, scale, m.dtype, tiles, k_layout=layout, engine=engine)
     func = kc.annotate_for_metaschedule(func)
     name = f"{FUNC_PREFIX}_cpu_{m.bh}x{m.lq}x{m.lk}x{m.d}x{m.dv}_{m.dtype}_{layout}_s{scale:.6g}".replace(".", "p").replace("-", "m")
-    name += "_vdpbf16ps" if engine else ""
+    name += {gemm_cpu.AVX512: "_vdpbf16ps", gemm_cpu.AMX: "_amx", None: ""}[engine]
     return name, func.with_attr("op_pattern", 8)  # kOpaque: FuseOps leaves it alone
 
 

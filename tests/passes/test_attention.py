@@ -307,6 +307,46 @@ def test_bf16_attention_on_vdpbf16ps_matches_numpy(dpbf16_target, bh, lq, lk, d,
     assert float((out * ref).sum() / np.linalg.norm(out) / np.linalg.norm(ref)) >= BF16_MIN_COSINE
 
 
+@pytest.mark.parametrize(
+    "bh, lq, lk, d, layout",
+    [
+        (2, 64, 64, 32, "k"),  # aligned: one 64-row query tile, one key tile of two 32-key blocks
+        (2, 100, 70, 64, "kt"),  # ragged: padded queries and keys, transposed keys
+        (3, 37, 257, 128, "k"),  # the image cross-attention's 257 keys at head_dim 128
+    ],
+)
+def test_bf16_attention_on_amx_tiles_matches_numpy(amx_target, bh, lq, lk, d, layout):
+    """Both GEMMs on AMX tiles (tdpbf16ps; emulated in C where the CPU lacks AMX)."""
+    target, emulated = amx_target
+    tiles = kc.choose_amx_tiles(lq, lk)
+    lib = kc.compile_standalone(bh, lq, lk, d, d, target, None, "bfloat16", tiles, None, layout, engine="amx")
+    instruction = r"autotune_amx_tdpbf16ps" if emulated else r"^\s*tdpbf16ps\s"  # the emulation's function, or AMX's
+    assert re.search(instruction, lib.mod.inspect_source("asm"), re.M)
+    q, k_in, v, ref = _bf16_operands(bh, lq, lk, d, d, layout)
+    out = _run_bf16(lib, q, k_in, v, d)
+    assert np.abs(out - ref).max() < BF16_ATOL
+    assert float((out * ref).sum() / np.linalg.norm(out) / np.linalg.norm(ref)) >= BF16_MIN_COSINE
+
+
+def test_amx_attention_design_space_passes_metaschedule_and_computes(amx_target):
+    """What tuning does with the AMX kernel: post-order-apply hands it to our rule, the schedule
+    passes MetaSchedule's CPU postprocessors and still computes right."""
+    target, _ = amx_target
+    tiles = kc.choose_amx_tiles(100, 70)
+    func = kc.annotate_for_metaschedule(
+        kc.make_primfunc(2, 100, 70, 64, 64, 64**-0.5, "bfloat16", tiles, k_layout="kt", engine="amx")
+    ).with_attr("global_symbol", "main")
+    ctx = ms.TuneContext(mod=tvm.IRModule({"main": func}), target=target, space_generator="post-order-apply",
+                         search_strategy="replay-trace", task_name="attention", rand_state=7, num_threads=1)
+    (space,) = ctx.generate_design_space()
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    space.trace.apply_to_schedule(sch, remove_postproc=True)
+    assert all(p.apply(sch) for p in ctx.space_generator.postprocs)
+    q, k_in, v, ref = _bf16_operands(2, 100, 70, 64, 64, "kt")
+    out = _run_bf16(tvm.compile(sch.mod, target=target), q, k_in, v, 64)
+    assert np.abs(out - ref).max() < BF16_ATOL
+
+
 def test_bf16_dot_design_space_replays_every_decision(dpbf16_target):
     """The rule's sampled register tiles (rows and vectors of both GEMMs) each replay and compute right."""
     import itertools
@@ -330,7 +370,7 @@ def test_bf16_dot_design_space_replays_every_decision(dpbf16_target):
         assert np.abs(out - ref).max() < BF16_ATOL, picks
 
 
-def test_bf16_attention_takes_vdpbf16ps_where_the_target_has_it():
+def test_bf16_attention_takes_the_engine_the_target_has():
     from autotune.passes.quantize import quantize
     from autotune.support.targets import resolve_target
 
@@ -338,11 +378,11 @@ def test_bf16_attention_takes_vdpbf16ps_where_the_target_has_it():
     module = torch.nn.Module()
     module.forward = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
     inputs = {name: torch.randn(1, 2, 48, 32) for name in "qkv"}
-    for preset, engine in (("x86-avx512-bf16", True), ("x86-avx512", False)):
+    for preset, suffix in (("x86-amx", "_amx"), ("x86-avx512-bf16", "_vdpbf16ps"), ("x86-avx512", "_bfloat16_kt_s1")):
         bf16, _ = quantize(from_torch(module, inputs), "bf16", preset)
         fused = fuse_attention(bf16.mod, resolve_target(preset).tvm_target())
         names = [n for n, f in prim_funcs(fused).items() if is_attention_kernel(f)]
-        assert len(names) == 1 and names[0].endswith("_vdpbf16ps") == engine, (preset, names)
+        assert len(names) == 1 and names[0].endswith(suffix), (preset, names)
 
 
 @pytest.mark.slow

@@ -96,6 +96,34 @@ def test_attention_stays_fused_at_bf16_and_matches_torch_sdpa(tmp_path):
     assert compare(out, ref)["cosine"] >= MIN_COSINE
 
 
+def test_bf16_block_on_amx_tiles_matches_torch(tmp_path, monkeypatch, amx_target, dpbf16_target):
+    """A DiT-shaped block built at bf16 for AMX: its linears and both GEMMs of its attention on AMX
+    tiles, run (tile instructions emulated in C where the CPU lacks AMX; the loader's CPU check is
+    then told the emulation stands in for it) and compared with torch."""
+    from autotune.runtime import module as runtime_module
+
+    target, emulated = amx_target
+    if emulated:
+        target = {"kind": "llvm", "mcpu": str(target.attrs["mcpu"]), "mattr": ["+amx-tile", "+amx-bf16"], "num-cores": 2}
+        monkeypatch.setattr(runtime_module, "missing_cpu_flags", lambda flags: [])
+        monkeypatch.setattr(runtime_module, "request_amx_permission", lambda: None)
+    else:
+        target = "x86-amx"
+    torch.manual_seed(0)
+    module = AttentionBlock(dim=64, heads=2).eval()  # head_dim 32: one AMX k step
+    x = torch.randn(1, 40, 64)  # 40 tokens: padded to 64 query rows, keys masked
+    details: dict = {}
+    report = build(from_torch(module, {"x": x}), target, tmp_path / "amx", details=details,
+                   settings=BuildSettings(quantize="bf16", shipped_log=False))
+    names = list(prim_funcs(details["scheduled"]))
+    assert sum(name.startswith("gemm_bf16_amx_") for name in names) == 4, names  # qkv, proj, the MLP's two
+    assert sum(name.endswith("_amx") and "attention" in name for name in names) == 1, names
+    out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float32)
+    with torch.no_grad():
+        ref = module(x).numpy()
+    assert compare(out, ref)["cosine"] >= MIN_COSINE
+
+
 def test_precision_flag_is_the_bf16_mode_and_excludes_quantize(capsys):
     from autotune.cli.main import build_parser
 
