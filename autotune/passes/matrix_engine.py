@@ -6,10 +6,13 @@
       -> call_tir(gemm, [bf16(x), pack(W)])          int8 weights, converted to bf16 in the kernel
     matmul(x: int8 (..., m, k), W: int8 (k, n), out_dtype=int32)          (w8a8)
       -> call_tir(gemm, [uint8(x + 128), pack(W)]) - 128 * sum_k W[k, :]    pack(W)[k // 4, n, k % 4]
+    matmul(x: uint8 (..., m, k), W: int8 (k, n), out_dtype=int32)         (w8a8, already shifted)
+      -> call_tir(gemm, [x, pack(W)])
 
 The int8 engines multiply unsigned by signed bytes, so signed activations are shifted by 128
-(fused into the kernel that quantizes them) and the shift is taken back out with the weight's
-column sums, an exact int32 correction. `W` is any expression of the weights alone (a parameter,
+and the shift is taken back out with the weight's column sums, an exact int32 correction. w8a8's
+quantizer (passes/quantize.py) does both itself where it knows the engine takes the matmul: its
+kernel writes the shifted uint8 activations and the graph subtracts the correction. `W` is any expression of the weights alone (a parameter,
 or its transpose), so the packing and the column sums are weight-only work: LiftTransformParams
 lifts them and the build runs them once, shipping packed weights. The kernel
 (`kernels/gemm_cpu.py`) is a MetaSchedule task with its own design space.
@@ -73,7 +76,8 @@ class MatrixEngineRewriter:
         self.count[engine] = self.count.get(engine, 0) + 1
         g = kernel.group(isa)
         flat = relax.op.reshape(x, [rows, k]) if lead else x
-        if precision == kernel.INT8:
+        shift = precision == kernel.INT8 and ir.tensor_dtype(x) == "int8"  # (uint8: the quantizer shifted it)
+        if shift:
             flat = relax.op.astype(relax.op.add(relax.op.astype(flat, "int32"), relax.const(128, "int32")), "uint8")
         padded = kernel.padded_rows(isa, rows)
         if padded != rows:
@@ -83,9 +87,9 @@ class MatrixEngineRewriter:
         out = relax.call_tir(self._kernel(padded, n, k, isa), [flat, packed], relax.TensorType([padded, n], acc))
         if padded != rows:
             out = relax.op.strided_slice(out, axes=[0], begin=[0], end=[rows])
-        if precision == kernel.INT8:
-            shift = relax.op.multiply(relax.op.sum(relax.op.astype(w, "int32"), axis=[0]), relax.const(128, "int32"))
-            out = relax.op.subtract(out, shift)
+        if shift:
+            correction = relax.op.multiply(relax.op.sum(relax.op.astype(w, "int32"), axis=[0]), relax.const(128, "int32"))
+            out = relax.op.subtract(out, correction)
         return relax.op.reshape(out, [*x_shape[:-1], n]) if lead else out
 
     def _kernel(self, rows: int, n: int, k: int, isa: str) -> relax.GlobalVar:
@@ -104,13 +108,13 @@ class MatrixEngineRewriter:
 
 def engine_precision(call: relax.Call) -> str | None:
     """A matmul's (or convolution's) precision on the engines: "bfloat16" for bf16 x bf16 ->
-    float32, "int8" for int8 x int8 -> int32, "int8-weight" for float32/bf16 x int8 -> float32,
+    float32, "int8" for int8 (or shifted uint8) x int8 -> int32, "int8-weight" for float32/bf16 x int8 -> float32,
     else None."""
     x, w = call.args
     out = str(call.attrs.out_dtype)
     if _is_bf16(x) and _is_bf16(w) and out == "float32":
         return kernel.BF16
-    if ir.tensor_dtype(x) == "int8" and ir.tensor_dtype(w) == "int8" and out == "int32":
+    if ir.tensor_dtype(x) in ("int8", "uint8") and ir.tensor_dtype(w) == "int8" and out == "int32":
         return kernel.INT8
     if ir.tensor_dtype(x) in ("float32", "bfloat16") and ir.tensor_dtype(w) == "int8" and out == "float32":
         return "int8-weight"

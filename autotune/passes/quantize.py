@@ -21,8 +21,11 @@ Modes (`MODES`, each a small handler class in the style of gpt-fast's quantizati
                  linears run on that engine instead (passes/matrix_engine.py): activations
                  rounded to bf16, the int8 weights converted to bf16 inside the kernel.
     w8a8         int8 weights (per output channel) and per-token dynamic int8 activations for the
-                 linears: `matmul(int8, int8, out_dtype=int32)`, then rescale by both scales; on
-                 x86 CPUs with AVX512-VNNI or AMX-INT8 the matmul runs on that engine.
+                 linears: one kernel per linear quantizes its activations (kernels/token_quant.py:
+                 row maximum, scale and int8 values in one pass), `matmul(int8, int8,
+                 out_dtype=int32)`, then rescale by both scales (the matmul kernel's epilogue); on
+                 x86 CPUs with AVX512-VNNI or AMX-INT8 the matmul runs on that engine, and the
+                 quantizer writes the uint8 (+128) activations it multiplies.
                  Linears whose inputs have outlier channels are smoothed first (SmoothQuant,
                  passes/smooth_quant.py; needs a model imported from torch to measure them).
                  Convolutions are left in float32 (per-token scales do not map onto them).
@@ -33,6 +36,7 @@ Modes (`MODES`, each a small handler class in the style of gpt-fast's quantizati
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +45,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from autotune.frontend.importer import ImportedModel
+from autotune.kernels import gemm_cpu, token_quant
 from autotune.support import ir
 from autotune.support.cuda_library import sm_version
 from autotune.support.errors import InputError
@@ -201,11 +206,13 @@ def _emit(builder, expr, final_var=None):
 class _QuantRewriter(PyExprMutator):
     """Replaces each linear/conv on a quantized weight by its quantized form (see _rewrite)."""
 
-    def __init__(self, mod, sites: dict, scheme: _Scheme):
+    def __init__(self, mod, sites: dict, scheme: _Scheme, target=None):
         super().__init__(mod)
         self.sites = sites  # old weight Var -> (_Site, q Var, scale Var)
         self.scheme = scheme
         self.transposed = {}  # permute_dims(W) var -> old weight var (dropped: q is stored transposed)
+        self.int8_engine = gemm_cpu.target_isa(target, gemm_cpu.INT8) if target is not None else None
+        self.quant_kernels: dict[tuple, relax.GlobalVar] = {}
 
     def _site_of(self, arg):
         if not isinstance(arg, relax.Var):
@@ -248,8 +255,24 @@ class _QuantRewriter(PyExprMutator):
             ys = relax.op.multiply(y, relax.op.reshape(scale, [1, site.shape[0]] + [1] * (ndim - 2)))
             return self._finish(ys, call, out_var)
         # `q` is stored [in, out] (pre-transposed for "linear_nt"): no transpose kernel at run time.
-        if s.act_int8:
-            # per-token (last-axis) symmetric dynamic quantisation of the activations
+        if s.act_int8 and ir.static_shape(x.ty) is not None:
+            # per-token (last-axis) symmetric dynamic quantisation of the activations: one kernel
+            # (kernels/token_quant.py); shifted to uint8 where the int8 engine will take the matmul
+            shape = list(ir.static_shape(x.ty))
+            shifted = self._on_int8_engine(shape, q)
+            quant = bb.emit(relax.call_tir(
+                self._token_quant(tuple(shape), in_dtype, smooth is not None, shifted),
+                [x] + ([smooth] if smooth is not None else []),
+                [relax.TensorType(shape, "uint8" if shifted else "int8"), relax.TensorType(shape[:-1] + [1], "float32")],
+            ))
+            xq, sx = bb.emit(relax.TupleGetItem(quant, 0)), bb.emit(relax.TupleGetItem(quant, 1))
+            acc = bb.emit(relax.op.matmul(xq, q, out_dtype="int32"))
+            if shifted:  # (x + 128) . W - 128 * column sums of W: exact; the sums are weight-only work
+                shift = relax.op.multiply(relax.op.sum(relax.op.astype(q, "int32"), axis=[0]), relax.const(128, "int32"))
+                acc = bb.emit(relax.op.subtract(acc, shift))
+            y = relax.op.multiply(relax.op.multiply(relax.op.astype(acc, "float32"), sx), scale)
+            return self._finish(y, call, out_var)
+        if s.act_int8:  # dynamic shapes: the same arithmetic in Relax ops (three kernels)
             xf = x if in_dtype == "float32" else bb.emit(relax.op.astype(x, "float32"))
             if smooth is not None:  # SmoothQuant: x / s (the weight was quantized as W * s)
                 xf = bb.emit(relax.op.multiply(xf, smooth))
@@ -266,6 +289,20 @@ class _QuantRewriter(PyExprMutator):
         xc = x if in_dtype == s.compute_dtype else bb.emit(relax.op.astype(x, s.compute_dtype))
         y = bb.emit(relax.op.matmul(xc, q, out_dtype="float32"))
         return self._finish(relax.op.multiply(y, scale), call, out_var)
+
+    def _on_int8_engine(self, x_shape: list[int], q) -> bool:
+        """Whether passes/matrix_engine.py will put matmul(x, q) on the target's int8 engine (its test)."""
+        if self.int8_engine is None or len(x_shape) < 2:
+            return False
+        k, n = ir.static_shape(q.ty)
+        return gemm_cpu.isa_for_shape(self.int8_engine, math.prod(x_shape[:-1]), n, k) is not None
+
+    def _token_quant(self, shape: tuple, in_dtype: str, smooth: bool, shifted: bool) -> relax.GlobalVar:
+        key = (shape, in_dtype, smooth, shifted)
+        if key not in self.quant_kernels:
+            self.quant_kernels[key] = self.builder_.add_func(
+                token_quant.make_primfunc(shape, in_dtype, smooth, shifted), token_quant.kernel_name(*key))
+        return self.quant_kernels[key]
 
     def _finish(self, expr, call, out_var):
         want = str(call.ty.dtype)
@@ -292,7 +329,7 @@ def _quantize_array(w: np.ndarray, out_axis: int, dtype: str) -> tuple[np.ndarra
     return q, scale
 
 
-def _quantize_weights(imported: ImportedModel, scheme: _Scheme, linears: bool, convs: bool) -> tuple[ImportedModel, dict]:
+def _quantize_weights(imported: ImportedModel, scheme: _Scheme, linears: bool, convs: bool, target=None) -> tuple[ImportedModel, dict]:
     func, num_input = _main_and_inputs(imported.mod)
     found, skipped = _find_sites(func, num_input, linears=linears, convs=convs)
     existing = set(imported.weights)
@@ -326,10 +363,10 @@ def _quantize_weights(imported: ImportedModel, scheme: _Scheme, linears: bool, c
             new_weights[smooth.name] = inv_s
         entries[param] = (site, q_var, s_var, smooth)
 
-    rewriter = _QuantRewriter(imported.mod, entries, scheme)
+    rewriter = _QuantRewriter(imported.mod, entries, scheme, target)
     body = rewriter.visit_with_new_scope(func.body)
     new_func = relax.Function(new_params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
-    mod = ir.replace_main(imported.mod, new_func)
+    mod = ir.replace_main(rewriter.builder_.get(), new_func)  # (the builder's module holds the kernels added)
     # A weight we meant to replace that is still referenced would make the module ill-formed.
     if not relax.analysis.check_well_formed(mod):
         relax.analysis.well_formed(mod)  # raises with the offending node
@@ -537,7 +574,7 @@ class QuantMode:
     def supports(self, preset: TargetPreset) -> str | None:
         return None
 
-    def apply(self, imported: ImportedModel) -> tuple[ImportedModel, dict]:
+    def apply(self, imported: ImportedModel, preset: TargetPreset) -> tuple[ImportedModel, dict]:
         raise NotImplementedError
 
 
@@ -560,7 +597,7 @@ class Fp16(QuantMode):
     name = "fp16"
     description = "float16 weights and compute, float32 accumulation; softmax/norm statistics float32"
 
-    def apply(self, imported):
+    def apply(self, imported, preset):
         return _mixed_precision(imported, "float16")
 
 
@@ -575,7 +612,7 @@ class Bf16(QuantMode):
             return f"bfloat16 needs CUDA sm_80 or newer, {preset.name} is sm_{arch}"
         return None
 
-    def apply(self, imported):
+    def apply(self, imported, preset):
         return _mixed_precision(imported, "bfloat16")
 
 
@@ -585,7 +622,7 @@ class Int8Weight(QuantMode):
     description = ("int8 per-output-channel weights for linears and convolutions; linears compute on the "
                    "CPU's bf16 engine (AVX512-BF16 / AMX-BF16) where there is one, else float32")
 
-    def apply(self, imported):
+    def apply(self, imported, preset):
         return _quantize_weights(imported, _Scheme("int8", "float32"), linears=True, convs=True)
 
 
@@ -605,8 +642,9 @@ class W8A8(QuantMode):
             return "TVM 0.27 cannot lower the int8 x int8 matmul schedules MetaSchedule makes for aarch64; use int8-weight"
         return None
 
-    def apply(self, imported):
-        return _quantize_weights(imported, _Scheme("int8", "float32", act_int8=True), linears=True, convs=False)
+    def apply(self, imported, preset):
+        return _quantize_weights(imported, _Scheme("int8", "float32", act_int8=True), linears=True, convs=False,
+                                 target=preset.tvm_target())
 
 
 @register
@@ -623,7 +661,7 @@ class Fp8(QuantMode):
             return f"fp8 (e4m3) needs an NVIDIA GPU of CUDA sm_89 or sm_90 (Ada, Hopper) or newer; {preset.name} is {where}"
         return None
 
-    def apply(self, imported):
+    def apply(self, imported, preset):
         return _quantize_weights(imported, _Scheme("float8_e4m3fn", "float32"), linears=True, convs=True)
 
 
@@ -658,7 +696,7 @@ def quantize(imported: ImportedModel, mode: str, preset: str | dict | TargetPres
             + (f" Targets that can run it: {', '.join(targets)}." if targets else "")
         )
     before = imported.weight_bytes()
-    out, info = handler.apply(imported)
+    out, info = handler.apply(imported, preset)
     out.notes.append(f"quantized: {mode}" + (f" ({info['note']})" if "note" in info else ""))
     return out, {"mode": mode, "weight_bytes_before": before, "weight_bytes_after": out.weight_bytes(), **info}
 

@@ -96,19 +96,25 @@ def test_attention_stays_fused_at_bf16_and_matches_torch_sdpa(tmp_path):
     assert compare(out, ref)["cosine"] >= MIN_COSINE
 
 
+def _amx_build_target(amx_target, monkeypatch):
+    """The target to build AMX artifacts for: `x86-amx` on an AMX CPU; else this CPU with the AMX
+    features named (the passes then choose AMX kernels, whose tile instructions the amx_target
+    fixture emulates) and the loader's CPU check told the emulation stands in for them."""
+    from autotune.runtime import module as runtime_module
+
+    target, emulated = amx_target
+    if not emulated:
+        return "x86-amx"
+    monkeypatch.setattr(runtime_module, "missing_cpu_flags", lambda flags: [])
+    monkeypatch.setattr(runtime_module, "request_amx_permission", lambda: None)
+    return {"kind": "llvm", "mcpu": str(target.attrs["mcpu"]), "mattr": ["+amx-tile", "+amx-bf16", "+amx-int8"], "num-cores": 2}
+
+
 def test_bf16_block_on_amx_tiles_matches_torch(tmp_path, monkeypatch, amx_target, dpbf16_target):
     """A DiT-shaped block built at bf16 for AMX: its linears and both GEMMs of its attention on AMX
     tiles, run (tile instructions emulated in C where the CPU lacks AMX; the loader's CPU check is
     then told the emulation stands in for it) and compared with torch."""
-    from autotune.runtime import module as runtime_module
-
-    target, emulated = amx_target
-    if emulated:
-        target = {"kind": "llvm", "mcpu": str(target.attrs["mcpu"]), "mattr": ["+amx-tile", "+amx-bf16"], "num-cores": 2}
-        monkeypatch.setattr(runtime_module, "missing_cpu_flags", lambda flags: [])
-        monkeypatch.setattr(runtime_module, "request_amx_permission", lambda: None)
-    else:
-        target = "x86-amx"
+    target = _amx_build_target(amx_target, monkeypatch)
     torch.manual_seed(0)
     module = AttentionBlock(dim=64, heads=2).eval()  # head_dim 32: one AMX k step
     x = torch.randn(1, 40, 64)  # 40 tokens: padded to 64 query rows, keys masked
@@ -296,6 +302,27 @@ def test_w8a8_linear_runs_on_vnni_and_equals_the_fake_quantized_reference(tmp_pa
 
     plain, info = prepare_model(from_torch(linear, {"x": x}), resolve_target("x86-avx512"), "w8a8")
     assert "matrix_engine" not in info and not _engine_kernels(plain.mod), "no VNNI: the generic int8 matmul stays"
+
+
+def test_w8a8_linear_on_amx_int8_equals_the_fake_quantized_reference(tmp_path, monkeypatch, amx_target):
+    """w8a8 on AMX-INT8 tiles (emulated where the CPU lacks AMX): the quantizer writes the shifted
+    uint8 activations, the graph takes the shift back out; exact int32 products, so equal to w8a8's
+    arithmetic in float64 within 1e-6 of max |y| (float32 rounding of the rescale)."""
+    target = _amx_build_target(amx_target, monkeypatch)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 64).eval()  # k 128: two AMX-INT8 tile rows; 64 columns: two blocks
+    x = torch.randn(1, 40, 128)  # 40 rows: padded to 64
+    details: dict = {}
+    report = build(from_torch(linear, {"x": x}), target, tmp_path / "w", details=details,
+                   settings=BuildSettings(quantize="w8a8", shipped_log=False))
+    meta = json.loads(report.paths.metadata.read_text())
+    assert meta["passes"][0]["matrix_engine"] == {"AMX-INT8": 1}
+    names = list(prim_funcs(details["scheduled"]))
+    assert any(n.startswith("token_quant_u8_") for n in names) and any(n.startswith("gemm_int8_amxint8") for n in names), names
+    out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float64)[0]
+    ref = _fake_quantized_linear(x.double().numpy()[0], linear)
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    assert err < 1e-6, f"max error {err:.2e} of max |y| against the fake-quantized reference"
 
 
 @pytest.mark.skipif("avx512_bf16" not in hardware.cpu_flags(), reason="CPU has no AVX512-BF16 to run the engine on")

@@ -160,6 +160,10 @@ def test_quantized_weights_are_read_only_by_fused_matmul_kernels(mode, transform
             assert "multiply" in name  # the per-channel scale is the kernel's epilogue
         else:
             assert 'T.Cast("int32"' in script or "int32" in script
+    if mode == "w8a8":  # each linear's activations quantized by one kernel, no abs / max / divide kernels
+        calls = fused["main"].script().count("token_quant_i8_")
+        assert calls == info["linear_layers"], calls
+        assert not [n for n in funcs if "abs" in n or "round" in n], sorted(funcs)
 
 
 def test_fallback_schedules_the_quantized_matmuls(transformer):

@@ -1,0 +1,83 @@
+"""Per-token dynamic int8 quantization of activations (w8a8), one kernel per linear.
+
+    SX[..., 0] = max(max_k |x[..., k]|, 1e-8) / 127                 x = X * S (SmoothQuant) or X
+    XQ[..., k] = clip(round(x[..., k] / SX[..., 0]), -127, 127)      int8, or + 128 as uint8 (`shifted`)
+
+One pass per row computes its absolute maximum and quantizes it (the row stays in cache); written
+as Relax ops it was three kernels and three intermediate tensors per linear (abs-max, the scale,
+the division), which cost more than the int8 matmul saved on small models. The arithmetic is the
+same operation for operation (a divide by the scale, round half to even), so the result is
+bit-identical to that form. `shifted` gives what the int8 matrix engines multiply (unsigned
+activations x signed weights): the caller subtracts 128 x the weight's column sums from the int32
+product. Marked opaque so that FuseOps keeps it whole.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import te
+
+INT8_MAX = 127.0
+MIN_SCALE = 1e-8  # the scale of an all-zero row (its values quantize to 0)
+ATTR = "autotune.token_quant"  # on the kernel: its shape and variant
+
+
+def make_primfunc(shape: tuple[int, ...], in_dtype: str = "float32", smooth: bool = False,
+                  shifted: bool = False) -> tvm.tirx.PrimFunc:
+    """X (*lead, k) [, S (k,)] -> XQ (*lead, k) int8 (uint8 when `shifted`), SX (*lead, 1) float32."""
+    *lead, k = shape
+    X = te.placeholder(tuple(shape), in_dtype, name="X")
+    S = te.placeholder((k,), "float32", name="S") if smooth else None
+
+    def value(*index):
+        v = X(*index) if in_dtype == "float32" else X(*index).astype("float32")
+        return v * S[index[-1]] if smooth else v
+
+    r = te.reduce_axis((0, k), name="k")
+    amax = te.compute((*lead, 1), lambda *i: te.max(te.abs(value(*i[:-1], r)), axis=r), name="amax")
+    SX = te.compute((*lead, 1), lambda *i: te.max(amax(*i), te.const(MIN_SCALE, "float32")) / te.const(INT8_MAX, "float32"),
+                    name="scale")
+
+    def quantized(*i):
+        q = te.min(te.max(te.round(value(*i) / SX(*i[:-1], 0)), te.const(-INT8_MAX, "float32")),
+                   te.const(INT8_MAX, "float32"))
+        return (q + te.const(128.0, "float32")).astype("uint8") if shifted else q.astype("int8")
+
+    XQ = te.compute(tuple(shape), quantized, name="quantize")
+    func = te.create_prim_func([X, *([S] if smooth else []), XQ, SX]).without_attr("global_symbol")
+    info = {"shape": [int(s) for s in shape], "smooth": int(smooth), "shifted": int(shifted)}
+    return func.with_attr(ATTR, info).with_attr("op_pattern", 8)  # opaque: FuseOps leaves it whole
+
+
+def kernel_name(shape: tuple[int, ...], in_dtype: str, smooth: bool, shifted: bool) -> str:
+    dims = "x".join(str(s) for s in shape)
+    return f"token_quant_{'u8' if shifted else 'i8'}_{dims}" + ("_smooth" if smooth else "") + (
+        "" if in_dtype == "float32" else f"_{in_dtype}")
+
+
+PARALLEL_MIN_ELEMENTS = 1 << 16  # below this a parallel launch costs more than it saves (2-core measurements)
+
+
+def is_token_quant_kernel(func) -> bool:
+    return isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and ATTR in func.attrs
+
+
+def apply_schedule(sch, lanes: int = 8) -> None:
+    """The default schedule (untuned builds): one row at a time (rows in parallel when there is
+    enough work), its maximum as `lanes` partial maxima in a vector then reduced, the division
+    vectorised. `lanes`: float32 lanes of the target's vectors."""
+    shape = [int(s) for s in sch.mod["main"].attrs[ATTR]["shape"]]
+    k = shape[-1]
+    width = max(w for w in range(1, lanes + 1) if k % w == 0 and (w & (w - 1)) == 0)
+    *_, reduction = sch.get_loops(sch.get_sblock("amax"))
+    _, partial = sch.split(reduction, [None, width])
+    partials = sch.rfactor(partial, 0)  # "amax_rf": `width` partial maxima per row, then "amax" of them
+    *lead, _, step, lane = sch.get_loops(partials)
+    row = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+    sch.vectorize(lane)
+    for name in ("amax", "scale", "quantize"):  # (outputs among them: consumers move to the row)
+        sch.reverse_compute_at(sch.get_sblock(name), row)
+    _, vector = sch.split(sch.get_loops(sch.get_sblock("quantize"))[-1], [None, width])
+    sch.vectorize(vector)
+    if k * (sch.get(row).extent) >= PARALLEL_MIN_ELEMENTS:
+        sch.parallel(row)
