@@ -178,6 +178,7 @@ def build(
     paths = ArtifactPaths.for_library(output)
     passes: list[dict] = []
     weights_before = imported.weight_bytes()
+    said_before = len(imported.notes)
     imported, info = prepare_model(imported, preset, settings.quantize)
     if info:
         passes.append(info)
@@ -188,6 +189,7 @@ def build(
         )
     except Exception as exc:
         raise BuildFailed(f"compiling {imported.source} for {preset.name} failed: {type(exc).__name__}: {exc}") from exc
+    notes = imported.notes[said_before:] + notes  # what the quantization and the engines did, first
     notes += export(executable, paths, preset)
     tensor_cores = None
     if preset.family == "cuda":

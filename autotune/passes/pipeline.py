@@ -31,6 +31,7 @@ import tvm
 from tvm import relax
 
 from autotune.frontend.importer import ImportedModel
+from autotune.kernels import gemm_cpu
 
 from .attention import fuse_attention  # also registers the attention schedule rule
 from .causal_padding import drop_causal_padding_in
@@ -70,8 +71,24 @@ def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None) ->
             if convs:
                 info = {**info, "convolutions_in_float32": convs}
             info["weight_bytes_after"] = quantized.weight_bytes()
+            missing = _missing_engine(quantize_mode, target, preset)
+            if missing:
+                quantized = replace(quantized, notes=quantized.notes + [missing])
         return quantized, info
     return precompute_weight_transforms(drop_causal_padding_in(imported)), None
+
+
+def _missing_engine(mode: str, target: tvm.target.Target, preset) -> str | None:
+    """What a user should know when the CPU target has no matrix engine for `mode`'s matmuls."""
+    precision = gemm_cpu.INT8 if mode == "w8a8" else gemm_cpu.BF16
+    if gemm_cpu.target_isa(target, precision) is not None:
+        return None
+    wanted = "AMX-INT8 or AVX512-VNNI" if mode == "w8a8" else "AMX-BF16 or AVX512-BF16"
+    gain = "its int8 weights are 4x smaller than float32" if mode == "int8-weight" else "it shrinks the weights"
+    why = (f"autotune has no matrix-engine kernels for {preset.name} (ARM) yet" if preset.family == "arm"
+           else f"target {preset.name} has no {wanted} matrix engine")
+    return (f"{mode}: {why}, so its matmuls run on generic kernels, about as fast as float32 or slower; {gain}. "
+            f"For its speed, build for an x86 CPU with {wanted}.")
 
 
 def _module_pass(name: str, function):

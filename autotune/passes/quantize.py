@@ -255,40 +255,46 @@ class _QuantRewriter(PyExprMutator):
             ys = relax.op.multiply(y, relax.op.reshape(scale, [1, site.shape[0]] + [1] * (ndim - 2)))
             return self._finish(ys, call, out_var)
         # `q` is stored [in, out] (pre-transposed for "linear_nt"): no transpose kernel at run time.
-        if s.act_int8 and ir.static_shape(x.ty) is not None:
-            # per-token (last-axis) symmetric dynamic quantisation of the activations: one kernel
-            # (kernels/token_quant.py); shifted to uint8 where the int8 engine will take the matmul
-            shape = list(ir.static_shape(x.ty))
-            shifted = self._on_int8_engine(shape, q)
-            quant = bb.emit(relax.call_tir(
-                self._token_quant(tuple(shape), in_dtype, smooth is not None, shifted),
-                [x] + ([smooth] if smooth is not None else []),
-                [relax.TensorType(shape, "uint8" if shifted else "int8"), relax.TensorType(shape[:-1] + [1], "float32")],
-            ))
-            xq, sx = bb.emit(relax.TupleGetItem(quant, 0)), bb.emit(relax.TupleGetItem(quant, 1))
+        if s.act_int8:
+            xq, sx, shifted = self._quantize_activations(x, q, smooth)
             acc = bb.emit(relax.op.matmul(xq, q, out_dtype="int32"))
             if shifted:  # (x + 128) . W - 128 * column sums of W: exact; the sums are weight-only work
                 shift = relax.op.multiply(relax.op.sum(relax.op.astype(q, "int32"), axis=[0]), relax.const(128, "int32"))
                 acc = bb.emit(relax.op.subtract(acc, shift))
             y = relax.op.multiply(relax.op.multiply(relax.op.astype(acc, "float32"), sx), scale)
             return self._finish(y, call, out_var)
-        if s.act_int8:  # dynamic shapes: the same arithmetic in Relax ops (three kernels)
-            xf = x if in_dtype == "float32" else bb.emit(relax.op.astype(x, "float32"))
-            if smooth is not None:  # SmoothQuant: x / s (the weight was quantized as W * s)
-                xf = bb.emit(relax.op.multiply(xf, smooth))
-            amax = bb.emit(relax.op.max(relax.op.abs(xf), axis=-1, keepdims=True))
-            sx = bb.emit(
-                relax.op.divide(relax.op.maximum(amax, relax.const(1e-8, "float32")), relax.const(INT8_MAX, "float32"))
-            )
-            xq = relax.op.round(relax.op.divide(xf, sx))
-            xq = bb.emit(relax.op.astype(relax.op.clip(xq, -INT8_MAX, INT8_MAX), "int8"))
-            acc = bb.emit(relax.op.matmul(xq, q, out_dtype="int32"))
-            y = relax.op.multiply(relax.op.multiply(relax.op.astype(acc, "float32"), sx), scale)
-            return self._finish(y, call, out_var)
         # matmul(x, int8/fp8 W, out_dtype=float32): the cast happens inside the reduction.
         xc = x if in_dtype == s.compute_dtype else bb.emit(relax.op.astype(x, s.compute_dtype))
         y = bb.emit(relax.op.matmul(xc, q, out_dtype="float32"))
         return self._finish(relax.op.multiply(y, scale), call, out_var)
+
+    def _quantize_activations(self, x, q, smooth) -> tuple:
+        """Per-token (last-axis) symmetric dynamic quantization of x: (values, scales, shifted).
+
+        One kernel (kernels/token_quant.py), whose values are the engines' uint8 (+128: `shifted`)
+        where the int8 engine takes matmul(x, q); the same arithmetic in Relax ops (three kernels)
+        where x's shape is not static."""
+        bb = self.builder_
+        in_dtype = str(x.ty.dtype)
+        shape = ir.static_shape(x.ty)
+        if shape is not None:
+            shape = list(shape)
+            shifted = self._on_int8_engine(shape, q)
+            quant = bb.emit(relax.call_tir(
+                self._token_quant(tuple(shape), in_dtype, smooth is not None, shifted),
+                [x] + ([smooth] if smooth is not None else []),
+                [relax.TensorType(shape, "uint8" if shifted else "int8"), relax.TensorType(shape[:-1] + [1], "float32")],
+            ))
+            return bb.emit(relax.TupleGetItem(quant, 0)), bb.emit(relax.TupleGetItem(quant, 1)), shifted
+        xf = x if in_dtype == "float32" else bb.emit(relax.op.astype(x, "float32"))
+        if smooth is not None:  # SmoothQuant: x / s (the weight was quantized as W * s)
+            xf = bb.emit(relax.op.multiply(xf, smooth))
+        amax = bb.emit(relax.op.max(relax.op.abs(xf), axis=-1, keepdims=True))
+        sx = bb.emit(
+            relax.op.divide(relax.op.maximum(amax, relax.const(1e-8, "float32")), relax.const(INT8_MAX, "float32"))
+        )
+        xq = relax.op.round(relax.op.divide(xf, sx))
+        return bb.emit(relax.op.astype(relax.op.clip(xq, -INT8_MAX, INT8_MAX), "int8")), sx, False
 
     def _on_int8_engine(self, x_shape: list[int], q) -> bool:
         """Whether passes/matrix_engine.py will put matmul(x, q) on the target's int8 engine (its test)."""

@@ -332,3 +332,24 @@ def test_a_pickled_model_leaves_its_calibration_behind():
     assert copy.calibration is None and set(copy.weights) == set(imported.weights)
     assert quantize(copy, "w8a8", "x86")[1]["smoothing"].startswith("no activation statistics")
     assert imported.calibration()["p_weight"].shape == (64,)
+
+
+def test_a_mode_without_its_matrix_engine_says_so():
+    """bf16 / int8-weight / w8a8 on a CPU target without the engine their speed needs: a build note
+    that says what runs instead and which CPUs have the engine; none where the engine is there."""
+    import torch
+
+    from autotune.frontend.importer import from_torch
+    from autotune.passes.pipeline import prepare_model
+
+    torch.manual_seed(0)
+    imported = from_torch(torch.nn.Linear(64, 64).eval(), {"x": torch.randn(1, 8, 64)})
+    cases = [("w8a8", "x86-avx2", "AMX-INT8 or AVX512-VNNI"), ("bf16", "x86-avx512", "AMX-BF16 or AVX512-BF16"),
+             ("int8-weight", "aarch64-dotprod", "(ARM)"), ("w8a8", "x86-avx512-vnni", None), ("bf16", "x86-amx", None)]
+    for mode, preset, said in cases:
+        prepared, _ = prepare_model(imported, resolve_target(preset), mode)
+        notes = [n for n in prepared.notes if "generic kernels" in n]
+        if said is None:
+            assert not notes, (mode, preset, notes)
+        else:
+            assert len(notes) == 1 and said in notes[0] and notes[0].startswith(mode), (mode, preset, notes)
