@@ -53,6 +53,8 @@ def run(args) -> int:
     print(untuned.summary())
     steps(f"tune {args.trials} trials for {args.target} into {args.log}")
     report = tune(source.tune_units(), args.target, args.log, settings)
+    for warning in report.warnings():
+        print(f"warning: {warning}")
     print(report.summary())
     steps("build with the tuning logs (this run's and the shipped one)")
     tuned = build_one(source, args.target, args.output, args.log, BuildSettings())

@@ -66,7 +66,7 @@ def run(args) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: every record measured so far is in {args.log}; run the same command to resume")
         return 130
-    for problem in report.log_problems:
-        print(f"warning: {problem}")
+    for warning in report.warnings():
+        print(f"warning: {warning}")
     print(report.summary())
     return 0

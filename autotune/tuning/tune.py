@@ -28,6 +28,7 @@ from autotune.support.tvm_compat import (
 )
 
 from .cost_model import make_cost_model
+from .cpu_watch import CpuWatch
 from .log import TuningLog, structure_key
 from .search import FallbackFirstSearch
 
@@ -55,6 +56,7 @@ class TuneReport:
     first_error: str | None = None
     log_problems: list[str] = field(default_factory=list)
     seed_records: int = 0  # records of the shipped log the search started from
+    disturbed: str | None = None  # CpuWatch's warning when other work shared the CPU during measurements
 
     def estimated_latency_ms(self) -> float | None:
         """Sum over tuned tasks of weight × best time (untuned tasks are not counted)."""
@@ -62,6 +64,10 @@ class TuneReport:
         if not tuned:
             return None
         return 1e3 * sum(t.weight * t.best_sec for t in tuned)
+
+    def warnings(self) -> list[str]:
+        """What the user should know about the log and the measurements."""
+        return self.log_problems + ([self.disturbed] if self.disturbed else [])
 
     def summary(self) -> str:
         est = self.estimated_latency_ms()
@@ -246,13 +252,19 @@ def tune(
     callbacks = []
     started = time.time()
     guard = _InterruptGuard(on_first=display.note_stopping)
+    watch = CpuWatch() if settings.rpc is None else None  # (remote measurements: this CPU does not matter)
+
+    def after_batch():
+        if watch is not None:
+            watch.lap()
+        guard.check()
     with display, guard:
         for phase in phases:
             guard.check()
             indices, trials, cap, per_iter = phase()
             if not indices or trials <= 0:
                 continue
-            callback = _ProgressCallback([stats[i] for i in indices], display.update, after_batch=guard.check)
+            callback = _ProgressCallback([stats[i] for i in indices], display.update, after_batch=after_batch)
             callbacks.append(callback)
             # MetaSchedule prints its per-task table to stdout at INFO; keep the console for our
             # progress display, the full log goes to LOG/ms_logs/logs/. The call below creates its
@@ -298,6 +310,7 @@ def tune(
         first_error=first_error,
         log_problems=database.report.problem_summary(),
         seed_records=database.seed_records,
+        disturbed=watch.warning() if watch is not None else None,
     )
     if report.trials > 0 and report.failures == report.trials:
         raise TuningFailed(
