@@ -56,6 +56,7 @@ from . import smooth_quant
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _ASTYPE = tvm.ir.Op.get("relax.astype")
+_RESHAPE = tvm.ir.Op.get("relax.reshape")
 _CONVS = {tvm.ir.Op.get(f"relax.nn.conv{d}d") for d in (1, 2, 3)}
 
 INT8_MAX = 127.0
@@ -195,6 +196,11 @@ def _conv_like(call, x, w):
     )
 
 
+def _same(a, b) -> bool:
+    """Both None, or the same var."""
+    return a is None and b is None or (a is not None and b is not None and a.same_as(b))
+
+
 def _emit(builder, expr, final_var=None):
     """Emit `expr`; as the dataflow block's output when it replaces a non-dataflow var."""
     if final_var is not None and not isinstance(final_var, relax.DataflowVar):
@@ -213,6 +219,15 @@ class _QuantRewriter(PyExprMutator):
         self.transposed = {}  # permute_dims(W) var -> old weight var (dropped: q is stored transposed)
         self.int8_engine = gemm_cpu.target_isa(target, gemm_cpu.INT8) if target is not None else None
         self.quant_kernels: dict[tuple, relax.GlobalVar] = {}
+        self.quantized: list[tuple] = []  # ((source var, shape, smooth, shifted), (values, scales)) of this block
+
+    def visit_dataflow_block_(self, block):
+        self.quantized = []  # (a dataflow block's vars are not visible outside it)
+        return super().visit_dataflow_block_(block)
+
+    def visit_binding_block_(self, block):
+        self.quantized = []
+        return super().visit_binding_block_(block)
 
     def _site_of(self, arg):
         if not isinstance(arg, relax.Var):
@@ -280,12 +295,18 @@ class _QuantRewriter(PyExprMutator):
         if shape is not None:
             shape = list(shape)
             shifted = self._on_int8_engine(shape, q)
+            key = (self._source(x), tuple(shape), smooth, shifted)
+            for known, result in self.quantized:  # q, k and v projections read one activation: quantize it once
+                if key[0].same_as(known[0]) and key[1] == known[1] and _same(key[2], known[2]) and key[3] == known[3]:
+                    return (*result, shifted)
             quant = bb.emit(relax.call_tir(
                 self._token_quant(tuple(shape), in_dtype, smooth is not None, shifted),
                 [x] + ([smooth] if smooth is not None else []),
                 [relax.TensorType(shape, "uint8" if shifted else "int8"), relax.TensorType(shape[:-1] + [1], "float32")],
             ))
-            return bb.emit(relax.TupleGetItem(quant, 0)), bb.emit(relax.TupleGetItem(quant, 1)), shifted
+            result = (bb.emit(relax.TupleGetItem(quant, 0)), bb.emit(relax.TupleGetItem(quant, 1)))
+            self.quantized.append((key, result))
+            return (*result, shifted)
         xf = x if in_dtype == "float32" else bb.emit(relax.op.astype(x, "float32"))
         if smooth is not None:  # SmoothQuant: x / s (the weight was quantized as W * s)
             xf = bb.emit(relax.op.multiply(xf, smooth))
@@ -295,6 +316,14 @@ class _QuantRewriter(PyExprMutator):
         )
         xq = relax.op.round(relax.op.divide(xf, sx))
         return bb.emit(relax.op.astype(relax.op.clip(xq, -INT8_MAX, INT8_MAX), "int8")), sx, False
+
+    def _source(self, x):
+        """The var x reshapes (each linear reshapes its input to rows itself), or x."""
+        value = self.lookup_binding(x)
+        while isinstance(value, relax.Call) and value.op.same_as(_RESHAPE) and isinstance(value.args[0], relax.Var):
+            x = value.args[0]
+            value = self.lookup_binding(x)
+        return x
 
     def _on_int8_engine(self, x_shape: list[int], q) -> bool:
         """Whether passes/matrix_engine.py will put matmul(x, q) on the target's int8 engine (its test)."""
