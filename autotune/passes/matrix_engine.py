@@ -12,9 +12,10 @@
 The int8 engines multiply unsigned by signed bytes, so signed activations are shifted by 128
 and the shift is taken back out with the weight's column sums, an exact int32 correction. w8a8's
 quantizer (passes/quantize.py) does both itself where it knows the engine takes the matmul: its
-kernel writes the shifted uint8 activations and the graph subtracts the correction. `W` is any expression of the weights alone (a parameter,
-or its transpose), so the packing and the column sums are weight-only work: LiftTransformParams
-lifts them and the build runs them once, shipping packed weights. The kernel
+kernel writes the shifted uint8 activations and the graph subtracts the correction. `W` is any
+expression of the weights alone (a parameter, or its transpose), so the packing and the column
+sums are weight-only work: LiftTransformParams lifts them and the build runs them once, shipping
+packed weights. The kernel
 (`kernels/gemm_cpu.py`) is a MetaSchedule task with its own design space.
 
 Shapes an engine cannot take are left to the generic path, never computed wrong: n not a multiple
@@ -108,8 +109,8 @@ class MatrixEngineRewriter:
 
 def engine_precision(call: relax.Call) -> str | None:
     """A matmul's (or convolution's) precision on the engines: "bfloat16" for bf16 x bf16 ->
-    float32, "int8" for int8 (or shifted uint8) x int8 -> int32, "int8-weight" for float32/bf16 x int8 -> float32,
-    else None."""
+    float32, "int8" for int8 (or shifted uint8) x int8 -> int32, "int8-weight" for float32/bf16 x
+    int8 -> float32, else None."""
     x, w = call.args
     out = str(call.attrs.out_dtype)
     if _is_bf16(x) and _is_bf16(w) and out == "float32":

@@ -364,7 +364,11 @@ def _quantize_array(w: np.ndarray, out_axis: int, dtype: str) -> tuple[np.ndarra
     return q, scale
 
 
-def _quantize_weights(imported: ImportedModel, scheme: _Scheme, linears: bool, convs: bool, target=None) -> tuple[ImportedModel, dict]:
+def _quantize_weights(
+    imported: ImportedModel, scheme: _Scheme, linears: bool, convs: bool, target=None
+) -> tuple[ImportedModel, dict]:
+    """Quantize the weights of the linears (and convolutions) `scheme` covers and rewrite their
+    uses; `target` (w8a8) says which matmuls the int8 engine takes."""
     func, num_input = _main_and_inputs(imported.mod)
     found, skipped = _find_sites(func, num_input, linears=linears, convs=convs)
     existing = set(imported.weights)

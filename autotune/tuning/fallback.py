@@ -2,10 +2,10 @@
 
 Hand-written kernels (fused attention, matrix-engine GEMMs, w8a8's activation quantizer) take
 their own default schedule; every other kernel one sample of MetaSchedule's design space
-(multi-level tiling, parallel, vectorise, unroll) with the postprocessors applied, seeded so builds are reproducible. Either
-way a traced `Schedule`: the build applies it to untuned kernels (build/fallback.py), and the
-search measures it beside its own candidates (search.py), so that a kernel's record is never
-one that measured slower than what the build would have used without it.
+(multi-level tiling, parallel, vectorise, unroll) with the postprocessors applied, seeded so
+builds are reproducible. Either way a traced `Schedule`: the build applies it to untuned kernels
+(build/fallback.py), and the search measures it beside its own candidates (search.py), so that a
+kernel's record is never one that measured slower than what the build would have used without it.
 """
 
 from __future__ import annotations

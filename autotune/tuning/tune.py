@@ -258,6 +258,7 @@ def tune(
         if watch is not None:
             watch.lap()
         guard.check()
+
     with display, guard:
         for phase in phases:
             guard.check()
