@@ -20,6 +20,7 @@ from tvm import te
 INT8_MAX = 127.0
 MIN_SCALE = 1e-8  # the scale of an all-zero row (its values quantize to 0)
 ATTR = "autotune.token_quant"  # on the kernel: its shape and variant
+PARALLEL_MIN_ELEMENTS = 1 << 16  # below this a parallel launch costs more than it saves (2-core measurements)
 
 
 def make_primfunc(shape: tuple[int, ...], in_dtype: str = "float32", smooth: bool = False,
@@ -53,9 +54,6 @@ def kernel_name(shape: tuple[int, ...], in_dtype: str, smooth: bool, shifted: bo
     dims = "x".join(str(s) for s in shape)
     return f"token_quant_{'u8' if shifted else 'i8'}_{dims}" + ("_smooth" if smooth else "") + (
         "" if in_dtype == "float32" else f"_{in_dtype}")
-
-
-PARALLEL_MIN_ELEMENTS = 1 << 16  # below this a parallel launch costs more than it saves (2-core measurements)
 
 
 def is_token_quant_kernel(func) -> bool:

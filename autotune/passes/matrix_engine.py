@@ -27,6 +27,7 @@ padded with zeros and sliced off again.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import replace
 
 import tvm
@@ -59,17 +60,11 @@ class MatrixEngineRewriter:
         if precision is None or w not in self.weight_vars:
             return call
         x_shape, w_shape = ir.static_shape(x.ty), ir.static_shape(w.ty)
-        if x_shape is None or w_shape is None or len(w_shape) != 2 or len(x_shape) < 2:
-            return call
-        k, n = w_shape
-        lead, m = tuple(x_shape[:-2]), x_shape[-2]
-        rows = m
-        for size in lead:
-            rows *= size
-        engine_isa = self.isas[kernel.BF16 if precision == "int8-weight" else precision]
-        isa = kernel.isa_for_shape(engine_isa, rows, n, k)
+        isa = isa_for_shapes(self.isas[kernel.BF16 if precision == "int8-weight" else precision], x_shape, w_shape)
         if isa is None:
             return call
+        k, n = w_shape
+        lead, rows = tuple(x_shape[:-2]), math.prod(x_shape[:-1])
         if precision == "int8-weight":
             isa = kernel.INT8_WEIGHTS[isa]
             x = relax.op.astype(x, "bfloat16") if ir.tensor_dtype(x) != "bfloat16" else x
@@ -89,8 +84,7 @@ class MatrixEngineRewriter:
         if padded != rows:
             out = relax.op.strided_slice(out, axes=[0], begin=[0], end=[rows])
         if shift:
-            correction = relax.op.multiply(relax.op.sum(relax.op.astype(w, "int32"), axis=[0]), relax.const(128, "int32"))
-            out = relax.op.subtract(out, correction)
+            out = relax.op.subtract(out, unsigned_shift_correction(w))
         return relax.op.reshape(out, [*x_shape[:-1], n]) if lead else out
 
     def _kernel(self, rows: int, n: int, k: int, isa: str) -> relax.GlobalVar:
@@ -105,6 +99,21 @@ class MatrixEngineRewriter:
         mod = self.builder.get()
         mod[mod.get_global_var("main")] = main
         return relax.transform.Normalize()(mod)
+
+
+def isa_for_shapes(engine_isa: str | None, x_shape, w_shape) -> str | None:
+    """The ISA a matmul of activations `x_shape` (..., m, k) by a weight `w_shape` (k, n) runs on
+    with `engine_isa`, or None: shapes not static, a weight not 2-D, or a shape the engine cannot
+    take. (w8a8's quantizer asks the same, to write the activations the engine multiplies.)"""
+    if engine_isa is None or x_shape is None or w_shape is None or len(w_shape) != 2 or len(x_shape) < 2:
+        return None
+    k, n = w_shape
+    return kernel.isa_for_shape(engine_isa, math.prod(x_shape[:-1]), n, k)
+
+
+def unsigned_shift_correction(w) -> relax.Expr:
+    """128 x the column sums of the int8 weight w (k, n): what (x + 128) . w adds to x . w (int32)."""
+    return relax.op.multiply(relax.op.sum(relax.op.astype(w, "int32"), axis=[0]), relax.const(128, "int32"))
 
 
 def engine_precision(call: relax.Call) -> str | None:

@@ -36,7 +36,6 @@ Modes (`MODES`, each a small handler class in the style of gpt-fast's quantizati
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +51,7 @@ from autotune.support.errors import InputError
 from autotune.support.targets import TargetPreset, list_presets, resolve_target
 
 from . import smooth_quant
+from .matrix_engine import isa_for_shapes, unsigned_shift_correction
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
@@ -59,7 +59,7 @@ _ASTYPE = tvm.ir.Op.get("relax.astype")
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
 _CONVS = {tvm.ir.Op.get(f"relax.nn.conv{d}d") for d in (1, 2, 3)}
 
-INT8_MAX = 127.0
+INT8_MAX = token_quant.INT8_MAX
 FP8_E4M3_MAX = 448.0
 
 
@@ -274,8 +274,7 @@ class _QuantRewriter(PyExprMutator):
             xq, sx, shifted = self._quantize_activations(x, q, smooth)
             acc = bb.emit(relax.op.matmul(xq, q, out_dtype="int32"))
             if shifted:  # (x + 128) . W - 128 * column sums of W: exact; the sums are weight-only work
-                shift = relax.op.multiply(relax.op.sum(relax.op.astype(q, "int32"), axis=[0]), relax.const(128, "int32"))
-                acc = bb.emit(relax.op.subtract(acc, shift))
+                acc = bb.emit(relax.op.subtract(acc, unsigned_shift_correction(q)))
             y = relax.op.multiply(relax.op.multiply(relax.op.astype(acc, "float32"), sx), scale)
             return self._finish(y, call, out_var)
         # matmul(x, int8/fp8 W, out_dtype=float32): the cast happens inside the reduction.
@@ -312,7 +311,7 @@ class _QuantRewriter(PyExprMutator):
             xf = bb.emit(relax.op.multiply(xf, smooth))
         amax = bb.emit(relax.op.max(relax.op.abs(xf), axis=-1, keepdims=True))
         sx = bb.emit(
-            relax.op.divide(relax.op.maximum(amax, relax.const(1e-8, "float32")), relax.const(INT8_MAX, "float32"))
+            relax.op.divide(relax.op.maximum(amax, relax.const(token_quant.MIN_SCALE, "float32")), relax.const(INT8_MAX, "float32"))
         )
         xq = relax.op.round(relax.op.divide(xf, sx))
         return bb.emit(relax.op.astype(relax.op.clip(xq, -INT8_MAX, INT8_MAX), "int8")), sx, False
@@ -326,11 +325,8 @@ class _QuantRewriter(PyExprMutator):
         return x
 
     def _on_int8_engine(self, x_shape: list[int], q) -> bool:
-        """Whether passes/matrix_engine.py will put matmul(x, q) on the target's int8 engine (its test)."""
-        if self.int8_engine is None or len(x_shape) < 2:
-            return False
-        k, n = ir.static_shape(q.ty)
-        return gemm_cpu.isa_for_shape(self.int8_engine, math.prod(x_shape[:-1]), n, k) is not None
+        """Whether passes/matrix_engine.py will put matmul(x, q) on the target's int8 engine."""
+        return isa_for_shapes(self.int8_engine, x_shape, ir.static_shape(q.ty)) is not None
 
     def _token_quant(self, shape: tuple, in_dtype: str, smooth: bool, shifted: bool) -> relax.GlobalVar:
         key = (shape, in_dtype, smooth, shifted)
