@@ -1,30 +1,41 @@
-"""GEMMs on x86 matrix engines: bf16 (AMX-BF16 tiles, AVX512-BF16) and int8 (AMX-INT8 tiles, VNNI).
+"""GEMMs on x86 matrix engines: bf16 (AMX-BF16 tiles, AVX512-BF16) and int8 (AMX-INT8 tiles,
+VNNI, and AVX2's int16 multiply-add where neither is there).
 
     bf16:          C[m, n] (float32) = sum_k A[m, k] (bf16)  * B[k, n] (bf16)
     int8 weights:  C[m, n] (float32) = sum_k A[m, k] (bf16)  * bf16(B[k, n] (int8))
     int8:          C[m, n] (int32)   = sum_k A[m, k] (uint8) * B[k, n] (int8)
+    int8 on AVX2:  C[m, n] (int32)   = sum_k A[m, k] (int16) * int16(B[k, n] (int8))
 
 B is a weight, shipped packed in the group-interleaved layout every engine reads,
 Bp[k // g, n, k % g] = B[k, n], with g = 4 bytes / element size (bf16 pairs, int8 quads): a row
 of Bp holds, for 16 (AVX-512) or 32 (AMX) consecutive columns, the g values of one k group side
-by side. Accumulation is float32 (bf16) or int32 (int8) throughout. The int8 engines multiply
-unsigned activations by signed weights (`vpdpbusd`, `tdpbusd`): callers holding signed int8
-activations add 128 and subtract 128 * column sums of B (a weight-only term) afterwards.
+by side (AVX2: int8 pairs, g = 2). Accumulation is float32 (bf16) or int32 (int8) throughout. The
+int8 engines multiply unsigned activations by signed weights (`vpdpbusd`, `tdpbusd`): callers
+holding signed int8 activations add 128 and subtract 128 * column sums of B (a weight-only term)
+afterwards.
 
-Four instruction sets, one PrimFunc:
+Five instruction sets, one PrimFunc:
   * AVX512-BF16 (`vdpbf16ps`) and AVX512-VNNI (`vpdpbusd`), on Cooper Lake, Zen 4 and every AMX
     Xeon: an intrinsic computes 16 columns x one k group; the schedule keeps a register tile of MR
     rows x NV vectors of accumulators across the whole reduction (a cache of at most 15 vectors:
     TVM keeps buffers under 1 KiB on the stack, where LLVM promotes them to registers).
   * AMX-BF16 (`tdpbf16ps`) and AMX-INT8 (`tdpbusd`), Sapphire Rapids and later: an intrinsic
     computes a 32 x 32 block over KT of the reduction in 2 x 2 accumulator tiles kept across KT.
+  * AVX2 (`vpmaddwd`, every x86-64 since Haswell / Zen 1), for int8 where there is no VNNI: 8
+    columns x one k pair of int16 products summed into int32, exact (|a|, |b| <= 128). Signed
+    activations come as int16 (the quantizer writes them so); the int8 weight panel a thread works
+    on is widened to int16 once, like the bf16 engines' int8-weight panels. Peak: twice float32
+    FMA's multiply-adds per cycle. (`vpmaddubsw` would take bytes directly but saturates its int16
+    pair sums: not exact for 8-bit activations.) Its register tile holds at most 12 accumulators
+    (AVX2 has 16 vector registers: the tile, a row of B and the broadcast A).
 TVM cannot name LLVM's `<32 x bfloat>` vectors (bf16 is legalised to float32 compute and uint16
 storage), so `vdpbf16ps` is called through a tiny LLVM IR function imported into the kernel
 (`pragma_import_llvm`) that takes the pairs as int32 and bitcasts them.
 
-With int8 weights on the bf16 engines (the `_w8` ISAs) each thread converts a panel of columns
-of B to bf16 once (exact: |q| <= 127 fits bf16's 8 bits) and runs every row block over it, so the
-weight is read from memory as int8 and converted once per panel, not once per row block.
+With int8 weights on the bf16 engines (the `_w8` ISAs) and on AVX2, each thread converts a panel of
+columns of B to bf16 (int16) once (exact: |q| <= 127 fits bf16's 8 bits) and runs every row block
+over it, so the weight is read from memory as int8 and converted once per panel, not once per row
+block.
 
 Long reductions are split (`k_split` partial products, summed by a second block) so that the
 weight panel a thread streams stays in its L2 cache.
@@ -54,24 +65,35 @@ VNNI = "avx512vnni"
 AMX_INT8 = "amxint8"
 AVX512_W8 = "avx512bf16w8"  # AVX512-BF16 with int8 weights
 AMX_W8 = "amxw8"  # AMX-BF16 with int8 weights
+AVX2_INT8 = "avx2int16"  # AVX2 vpmaddwd: int16 activations x int8 weights widened to int16
 BF16, INT8 = "bfloat16", "int8"
-PRECISION = {AVX512: BF16, AMX: BF16, VNNI: INT8, AMX_INT8: INT8, AVX512_W8: BF16, AMX_W8: BF16}
+PRECISION = {AVX512: BF16, AMX: BF16, VNNI: INT8, AMX_INT8: INT8, AVX512_W8: BF16, AMX_W8: BF16, AVX2_INT8: INT8}
 INT8_WEIGHTS = {AVX512: AVX512_W8, AMX: AMX_W8}  # bf16 engine -> its int8-weight variant
 DTYPES = {BF16: ("bfloat16", "bfloat16", "float32"), INT8: ("uint8", "int8", "int32")}  # A, B, accumulator
 MAX_PANEL_K = 2560  # longest reduction one partial product walks (weight panel stays in L2)
-MAX_ACCUMULATORS = 15  # 16-lane vectors in the AVX-512 register tile (stack, < 1 KiB)
+MAX_TILE_ROWS = {AVX2_INT8: 4}  # register-tile rows (others 5); with <= 3 vectors a row: <= 12 accumulators on AVX2
 AMX_KT = {BF16: (32, 64, 128, 256, 512), INT8: (64, 128, 256, 512)}
 ENGINE_NAMES = {
     AVX512: "AVX512-BF16", AMX: "AMX-BF16", VNNI: "AVX512-VNNI", AMX_INT8: "AMX-INT8",
-    AVX512_W8: "AVX512-BF16 (int8 weights)", AMX_W8: "AMX-BF16 (int8 weights)",
+    AVX512_W8: "AVX512-BF16 (int8 weights)", AMX_W8: "AMX-BF16 (int8 weights)", AVX2_INT8: "AVX2 (int16 multiply-add)",
 }
 
 # ---------------------------------------------------------------- which engine, which shapes
 
 
 def group(isa: str) -> int:
-    """k elements per 32-bit lane: bf16 pairs, int8 quads."""
-    return 2 if PRECISION[isa] == BF16 else 4
+    """k elements per 32-bit lane: bf16 pairs, int8 quads (AVX2: int16 pairs)."""
+    return 2 if PRECISION[isa] == BF16 or isa == AVX2_INT8 else 4
+
+
+def lanes(isa: str) -> int:
+    """Output columns of one vector instruction (AVX2: 8 x 32 bits; AVX-512: 16)."""
+    return 8 if isa == AVX2_INT8 else 16
+
+
+def activation_dtype(isa: str) -> str:
+    """The dtype of A the engine multiplies: bf16, uint8 (the unsigned x signed int8 engines), int16 (AVX2)."""
+    return "int16" if isa == AVX2_INT8 else DTYPES[PRECISION[isa]][0]
 
 
 def _is_amx(isa: str) -> bool:
@@ -79,7 +101,11 @@ def _is_amx(isa: str) -> bool:
 
 
 def _converts_weights(isa: str) -> bool:
-    return isa in (AVX512_W8, AMX_W8)
+    return isa in (AVX512_W8, AMX_W8, AVX2_INT8)
+
+
+def _max_tile_rows(isa: str) -> int:
+    return MAX_TILE_ROWS.get(isa, 5)
 
 
 def _amx_k_step(isa: str) -> int:
@@ -99,29 +125,31 @@ def target_isa(target, precision: str = BF16) -> str | None:
         return AVX512 if target_has_features("avx512bf16", target) else None
     if target_has_features("amx-int8", target) and target_has_features("amx-tile", target):
         return AMX_INT8
-    return VNNI if target_has_features("avx512vnni", target) else None
+    if target_has_features("avx512vnni", target):
+        return VNNI
+    return AVX2_INT8 if target_has_features("avx2", target) else None
 
 
 def isa_for_shape(isa: str | None, rows: int, n: int, k: int) -> str | None:
     """The engine a (rows x k) @ (k x n) product can use on `isa`: AMX needs n a multiple of 32 and
-    k of a tile row (rows are padded), AVX-512 whole 16-lane vectors and k groups; None when
-    neither fits."""
+    k of a tile row (rows are padded), AVX-512 whole 16-lane vectors and k groups (AVX2: 8 lanes,
+    k pairs); None when neither fits."""
     if isa is None:
         return None
     if _is_amx(isa) and n % 32 == 0 and k % _amx_k_step(isa) == 0:
         return isa
     vector = {AMX: AVX512, AMX_W8: AVX512_W8, AMX_INT8: VNNI}.get(isa, isa)  # every AMX CPU has the vector engine too
-    if n % 16 == 0 and k % group(vector) == 0:
+    if n % lanes(vector) == 0 and k % group(vector) == 0:
         return vector
     return None
 
 
 def padded_rows(isa: str, rows: int) -> int:
-    """Rows the kernel computes: AMX works on 32-row blocks; AVX-512 needs a register-tile height
-    of at least 3 that divides them (else pads to a multiple of 8)."""
+    """Rows the kernel computes: AMX works on 32-row blocks; the vector engines need a register-tile
+    height of at least 3 that divides them (else pad to a multiple of 8)."""
     if _is_amx(isa):
         return -(-rows // 32) * 32
-    if max(_divisors(rows, 1, 5)) >= 3:
+    if max(_divisors(rows, 1, _max_tile_rows(isa))) >= 3:
         return rows
     return -(-rows // 8) * 8
 
@@ -148,14 +176,15 @@ def make_primfunc(m: int, n: int, k: int, isa: str) -> tvm.tirx.PrimFunc:
     parts = k_split(k, isa)
     kc = k // parts
     g = group(isa)
-    a_dtype, b_dtype, acc = DTYPES[PRECISION[isa]]
+    _, b_dtype, acc = DTYPES[PRECISION[isa]]
     if _converts_weights(isa):
         b_dtype = "int8"
-    A = te.placeholder((m, k), a_dtype, name="A")
+    A = te.placeholder((m, k), activation_dtype(isa), name="A")
     Bp = te.placeholder((k // g, n, g), b_dtype, name="Bp")
     B = Bp
     if _converts_weights(isa):
-        B = te.compute(Bp.shape, lambda kg, j, e: Bp[kg, j, e].astype("bfloat16"), name="convert")
+        wide = activation_dtype(isa)  # bf16, or int16 on AVX2
+        B = te.compute(Bp.shape, lambda kg, j, e: Bp[kg, j, e].astype(wide), name="convert")
 
     def product(i, j, kk):
         return A[i, kk].astype(acc) * B[kk // g, j, kk % g].astype(acc)
@@ -177,7 +206,8 @@ def make_primfunc(m: int, n: int, k: int, isa: str) -> tvm.tirx.PrimFunc:
 
 def kernel_name(m: int, n: int, k: int, isa: str) -> str:
     """gemm_bf16_ / gemm_w8_ (int8 weights on a bf16 engine) / gemm_int8_ + ISA and shape."""
-    kind = "w8" if _converts_weights(isa) else ("bf16" if PRECISION[isa] == BF16 else "int8")
+    kind = "bf16" if PRECISION[isa] == BF16 else "int8"
+    kind = "w8" if kind == BF16 and _converts_weights(isa) else kind
     return f"gemm_{kind}_{isa}_{m}x{n}x{k}"
 
 
@@ -220,18 +250,18 @@ define <16 x float> @autotune_dpbf16ps(<16 x float> %c, i32 %a, <16 x i32> %b) {
 DPBF16_INTRIN = "autotune_avx512bf16_dot_16x2"
 
 
-def _dot_desc(a_dtype: str, b_dtype: str, acc: str, g: int):
-    """C[16] += A[g] x B[1, 16, g]: 16 columns times one k group (the vector engines' dot product)."""
+def _dot_desc(a_dtype: str, b_dtype: str, acc: str, g: int, width: int = 16):
+    """C[width] += A[g] x B[1, width, g]: `width` columns times one k group (the vector engines' dot product)."""
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (g,), a_dtype, offset_factor=1)
-        B = T.match_buffer(b, (1, 16, g), b_dtype, offset_factor=1)
-        C = T.match_buffer(c, (16,), acc, offset_factor=1)
+        B = T.match_buffer(b, (1, width, g), b_dtype, offset_factor=1)
+        C = T.match_buffer(c, (width,), acc, offset_factor=1)
         with T.sblock("root"):
-            T.reads(C[0:16], A[0:g], B[0:1, 0:16, 0:g])
-            T.writes(C[0:16])
-            for j, k in T.grid(16, g):
+            T.reads(C[0:width], A[0:g], B[0:1, 0:width, 0:g])
+            T.writes(C[0:width])
+            for j, k in T.grid(width, g):
                 with T.sblock("update"):
                     vj, vk = T.axis.remap("SR", [j, k])
                     C[vj] = C[vj] + T.Cast(acc, A[vk]) * T.Cast(acc, B[vk // g, vj, vk % g])
@@ -274,6 +304,33 @@ def _vnni_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
             T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
             C.vload([0], "int32x16"), quads, B.vload([0, 0, 0], "int8x64"), dtype="int32x16",
         )
+
+
+MADD_INTRIN = "autotune_avx2_madd_8x2"
+
+
+@T.prim_func(s_tir=True)
+def _madd_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (2,), "int16", offset_factor=1)
+    B = T.match_buffer(b, (1, 8, 2), "int16", offset_factor=1)
+    C = T.match_buffer(c, (8,), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:1, 0:8, 0:2])
+        T.writes(C[0:8])
+        # The A pair broadcast to 8 lanes as one int32, reinterpreted as 16 int16; vpmaddwd sums
+        # each lane's two products into int32.
+        pair = T.reinterpret(A.vload([0], "int16x2"), dtype="int32")
+        pairs = T.reinterpret(T.broadcast(pair, 8), dtype="int16x16")
+        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], "int32x8") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, B.vload([0, 0, 0], "int16x16"), dtype="int32x8",
+        )
+
+
+# The vector engines' intrinsic per ISA (16 columns; AVX2 8)
+def _dot_intrin(isa: str) -> str:
+    if isa == AVX2_INT8:
+        return MADD_INTRIN
+    return DPBF16_INTRIN if PRECISION[isa] == BF16 else VNNI_INTRIN
 
 
 # The AMX instructions the tile intrinsics call, as (instruction, *operands) -> TIR call. The tests
@@ -367,6 +424,7 @@ def amx_intrin_name(kt: int, precision: str = BF16) -> str:
 def register_intrinsics() -> None:
     TensorIntrin.register(DPBF16_INTRIN, _dot_desc(*DTYPES[BF16], 2), _dpbf16_impl, override=True)
     TensorIntrin.register(VNNI_INTRIN, _dot_desc(*DTYPES[INT8], 4), _vnni_impl, override=True)
+    TensorIntrin.register(MADD_INTRIN, _dot_desc("int16", "int16", "int32", 2, width=8), _madd_impl, override=True)
     for precision, kts in AMX_KT.items():  # (the int8-weight variants use the bf16 intrinsics)
         for kt in kts:
             TensorIntrin.register(amx_intrin_name(kt, precision), *_amx_intrin(kt, precision, AMX_INSTRUCTION), override=True)
@@ -375,9 +433,9 @@ def register_intrinsics() -> None:
 # ---------------------------------------------------------------- schedules
 
 
-def default_avx512_tile(rows: int, n: int) -> tuple[int, int]:
-    """(MR rows, NV vectors) of the register tile: the most accumulators (<= 15), then the fewest loads."""
-    pairs = [(mr, nv) for mr in _divisors(rows, 1, 5) for nv in _divisors(n // 16, 1, 3)]
+def default_avx512_tile(rows: int, n: int, isa: str = AVX512) -> tuple[int, int]:
+    """(MR rows, NV vectors) of the register tile: the most accumulators (<= 15; AVX2 12), then the fewest loads."""
+    pairs = [(mr, nv) for mr in _divisors(rows, 1, _max_tile_rows(isa)) for nv in _divisors(n // lanes(isa), 1, 3)]
     return max(pairs, key=lambda p: (p[0] * p[1], -(p[0] + p[1])))
 
 
@@ -402,21 +460,23 @@ def apply_schedule(sch, sample: bool = False) -> None:
     if _is_amx(info["isa"]):
         _schedule_amx(sch, gemm, outer, rows, n_loop, k_loop, info["n"], kc, info["isa"], sample)
     else:
-        _schedule_avx512(sch, gemm, outer, rows, n_loop, k_loop, info["rows"], info["n"], info["isa"], sample)
+        _schedule_vector(sch, gemm, outer, rows, n_loop, k_loop, info["rows"], info["n"], info["isa"], sample)
     if parts > 1:
         _schedule_ksum(sch)
 
 
-def _schedule_avx512(sch, gemm, outer, rows, n_loop, k_loop, total_rows, n, isa, sample):
+def _schedule_vector(sch, gemm, outer, rows, n_loop, k_loop, total_rows, n, isa, sample):
+    """AVX-512 and AVX2: a register tile of MR rows x NV vectors kept across the reduction."""
+    width = lanes(isa)
     if sample:
-        mr = _sample(sch, _divisors(total_rows, 1, 5))
-        nv = _sample(sch, _divisors(n // 16, 1, 3))
+        mr = _sample(sch, _divisors(total_rows, 1, _max_tile_rows(isa)))
+        nv = _sample(sch, _divisors(n // width, 1, 3))
     else:
-        mr, nv = default_avx512_tile(total_rows, n)
-    no, nvl, lanes = sch.split(n_loop, [None, nv, 16])
+        mr, nv = default_avx512_tile(total_rows, n, isa)
+    no, nvl, columns = sch.split(n_loop, [None, nv, width])
     mo, mi = sch.split(rows, [None, mr])
     kp, kl = sch.split(k_loop, [None, group(isa)])
-    sch.reorder(*outer, no, mo, kp, mi, nvl, lanes, kl)
+    sch.reorder(*outer, no, mo, kp, mi, nvl, columns, kl)
     if _converts_weights(isa):
         task = sch.fuse(*outer, no)  # a column panel per task: its row blocks share the converted weights
         tile = mo
@@ -430,7 +490,7 @@ def _schedule_avx512(sch, gemm, outer, rows, n_loop, k_loop, total_rows, n, isa,
     acc = sch.cache_write(gemm, 0, "global")  # the register tile: under 1 KiB, so on the stack
     sch.reverse_compute_at(acc, tile)
     sch.decompose_reduction(gemm, kp)
-    sch.tensorize(lanes, DPBF16_INTRIN if PRECISION[isa] == BF16 else VNNI_INTRIN)
+    sch.tensorize(columns, _dot_intrin(isa))
     sch.unroll(mi)
     sch.unroll(nvl)
     # Unroll the tile's zeroing and write-back too, so that LLVM keeps the tile in registers. (A

@@ -1,15 +1,16 @@
 """Per-token dynamic int8 quantization of activations (w8a8), one kernel per linear.
 
     SX[..., 0] = max(max_k |x[..., k]|, 1e-8) / 127                 x = X * S (SmoothQuant) or X
-    XQ[..., k] = clip(round(x[..., k] / SX[..., 0]), -127, 127)      int8, or + 128 as uint8 (`shifted`)
+    XQ[..., k] = clip(round(x[..., k] / SX[..., 0]), -127, 127)      int8, + 128 as uint8, or int16
 
 One pass per row computes its absolute maximum and quantizes it (the row stays in cache); written
 as Relax ops it was three kernels and three intermediate tensors per linear (abs-max, the scale,
 the division), which cost more than the int8 matmul saved on small models. The arithmetic is the
 same operation for operation (a divide by the scale, round half to even), so the result is
-bit-identical to that form. `shifted` gives what the int8 matrix engines multiply (unsigned
-activations x signed weights): the caller subtracts 128 x the weight's column sums from the int32
-product. Marked opaque so that FuseOps keeps it whole.
+bit-identical to that form. `values` is the dtype the matmul's engine multiplies: uint8 (+128) for
+the engines that take unsigned activations x signed weights (the caller subtracts 128 x the
+weight's column sums from the int32 product), int16 for AVX2's int16 multiply-add, else int8.
+Marked opaque so that FuseOps keeps it whole.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ ATTR = "autotune.token_quant"  # on the kernel: its shape and variant
 PARALLEL_MIN_ELEMENTS = 1 << 16  # below this a parallel launch costs more than it saves (2-core measurements)
 
 
+VALUES = {"int8": "i8", "uint8": "u8", "int16": "i16"}  # values dtype -> kernel name part
+
+
 def make_primfunc(shape: tuple[int, ...], in_dtype: str = "float32", smooth: bool = False,
-                  shifted: bool = False) -> tvm.tirx.PrimFunc:
-    """X (*lead, k) [, S (k,)] -> XQ (*lead, k) int8 (uint8 when `shifted`), SX (*lead, 1) float32."""
+                  values: str = "int8") -> tvm.tirx.PrimFunc:
+    """X (*lead, k) [, S (k,)] -> XQ (*lead, k) `values` (int8, uint8 shifted by 128, int16), SX (*lead, 1) float32."""
     *lead, k = shape
+    shifted = values == "uint8"
     X = te.placeholder(tuple(shape), in_dtype, name="X")
     S = te.placeholder((k,), "float32", name="S") if smooth else None
 
@@ -42,7 +47,7 @@ def make_primfunc(shape: tuple[int, ...], in_dtype: str = "float32", smooth: boo
     def quantized(*i):
         q = te.min(te.max(te.round(value(*i) / SX(*i[:-1], 0)), te.const(-INT8_MAX, "float32")),
                    te.const(INT8_MAX, "float32"))
-        return (q + te.const(128.0, "float32")).astype("uint8") if shifted else q.astype("int8")
+        return (q + te.const(128.0, "float32")).astype("uint8") if shifted else q.astype(values)
 
     XQ = te.compute(tuple(shape), quantized, name="quantize")
     func = te.create_prim_func([X, *([S] if smooth else []), XQ, SX]).without_attr("global_symbol")
@@ -50,9 +55,9 @@ def make_primfunc(shape: tuple[int, ...], in_dtype: str = "float32", smooth: boo
     return func.with_attr(ATTR, info).with_attr("op_pattern", 8)  # opaque: FuseOps leaves it whole
 
 
-def kernel_name(shape: tuple[int, ...], in_dtype: str, smooth: bool, shifted: bool) -> str:
+def kernel_name(shape: tuple[int, ...], in_dtype: str, smooth: bool, values: str) -> str:
     dims = "x".join(str(s) for s in shape)
-    return f"token_quant_{'u8' if shifted else 'i8'}_{dims}" + ("_smooth" if smooth else "") + (
+    return f"token_quant_{VALUES[values]}_{dims}" + ("_smooth" if smooth else "") + (
         "" if in_dtype == "float32" else f"_{in_dtype}")
 
 

@@ -1,4 +1,5 @@
-"""Weight matmuls onto the CPU's matrix engine: bf16 (AMX-BF16, AVX512-BF16) and int8 (AMX-INT8, VNNI).
+"""Weight matmuls onto the CPU's matrix engine: bf16 (AMX-BF16, AVX512-BF16) and int8 (AMX-INT8,
+VNNI, AVX2).
 
     matmul(x: bf16 (..., m, k), W: bf16 (k, n), out_dtype=float32)
       -> call_tir(gemm, [x, pack(W)])                pack(W)[k // 2, n, k % 2] = W[k, n]
@@ -8,11 +9,14 @@
       -> call_tir(gemm, [uint8(x + 128), pack(W)]) - 128 * sum_k W[k, :]    pack(W)[k // 4, n, k % 4]
     matmul(x: uint8 (..., m, k), W: int8 (k, n), out_dtype=int32)         (w8a8, already shifted)
       -> call_tir(gemm, [x, pack(W)])
+    matmul(x: int16 or int8 (..., m, k), W: int8 (k, n), out_dtype=int32)  (w8a8 on AVX2)
+      -> call_tir(gemm, [int16(x), pack(W)])         pack(W)[k // 2, n, k % 2]
 
 The int8 engines multiply unsigned by signed bytes, so signed activations are shifted by 128
 and the shift is taken back out with the weight's column sums, an exact int32 correction. w8a8's
 quantizer (passes/quantize.py) does both itself where it knows the engine takes the matmul: its
-kernel writes the shifted uint8 activations and the graph subtracts the correction. `W` is any
+kernel writes the shifted uint8 activations and the graph subtracts the correction. AVX2 multiplies
+signed int16 by signed int16 (no shift); the quantizer writes its activations as int16. `W` is any
 expression of the weights alone (a parameter, or its transpose), so the packing and the column
 sums are weight-only work: LiftTransformParams lifts them and the build runs them once, shipping
 packed weights. The kernel
@@ -61,7 +65,7 @@ class MatrixEngineRewriter:
             return call
         x_shape, w_shape = ir.static_shape(x.ty), ir.static_shape(w.ty)
         isa = isa_for_shapes(self.isas[kernel.BF16 if precision == "int8-weight" else precision], x_shape, w_shape)
-        if isa is None:
+        if isa is None or (ir.tensor_dtype(x) == "int16" and kernel.activation_dtype(isa) != "int16"):
             return call
         k, n = w_shape
         lead, rows = tuple(x_shape[:-2]), math.prod(x_shape[:-1])
@@ -72,9 +76,11 @@ class MatrixEngineRewriter:
         self.count[engine] = self.count.get(engine, 0) + 1
         g = kernel.group(isa)
         flat = relax.op.reshape(x, [rows, k]) if lead else x
-        shift = precision == kernel.INT8 and ir.tensor_dtype(x) == "int8"  # (uint8: the quantizer shifted it)
-        if shift:
+        shift = precision == kernel.INT8 and ir.tensor_dtype(x) == "int8" and kernel.activation_dtype(isa) == "uint8"
+        if shift:  # (uint8: the quantizer shifted it)
             flat = relax.op.astype(relax.op.add(relax.op.astype(flat, "int32"), relax.const(128, "int32")), "uint8")
+        elif precision == kernel.INT8 and ir.tensor_dtype(x) != kernel.activation_dtype(isa):
+            flat = relax.op.astype(flat, kernel.activation_dtype(isa))  # int8 or uint8 -> AVX2's int16: same values
         padded = kernel.padded_rows(isa, rows)
         if padded != rows:
             flat = relax.op.nn.pad(flat, [0, padded - rows, 0, 0])
@@ -118,13 +124,13 @@ def unsigned_shift_correction(w) -> relax.Expr:
 
 def engine_precision(call: relax.Call) -> str | None:
     """A matmul's (or convolution's) precision on the engines: "bfloat16" for bf16 x bf16 ->
-    float32, "int8" for int8 (or shifted uint8) x int8 -> int32, "int8-weight" for float32/bf16 x
+    float32, "int8" for int8 (or shifted uint8, or int16) x int8 -> int32, "int8-weight" for float32/bf16 x
     int8 -> float32, else None."""
     x, w = call.args
     out = str(call.attrs.out_dtype)
     if _is_bf16(x) and _is_bf16(w) and out == "float32":
         return kernel.BF16
-    if ir.tensor_dtype(x) in ("int8", "uint8") and ir.tensor_dtype(w) == "int8" and out == "int32":
+    if ir.tensor_dtype(x) in ("int8", "uint8", "int16") and ir.tensor_dtype(w) == "int8" and out == "int32":
         return kernel.INT8
     if ir.tensor_dtype(x) in ("float32", "bfloat16") and ir.tensor_dtype(w) == "int8" and out == "float32":
         return "int8-weight"

@@ -24,8 +24,9 @@ Modes (`MODES`, each a small handler class in the style of gpt-fast's quantizati
                  linears: one kernel per linear quantizes its activations (kernels/token_quant.py:
                  row maximum, scale and int8 values in one pass), `matmul(int8, int8,
                  out_dtype=int32)`, then rescale by both scales (the matmul kernel's epilogue); on
-                 x86 CPUs with AVX512-VNNI or AMX-INT8 the matmul runs on that engine, and the
-                 quantizer writes the uint8 (+128) activations it multiplies.
+                 x86 CPUs the matmul runs on the int8 engine (AMX-INT8, AVX512-VNNI, else AVX2's
+                 int16 multiply-add), and the quantizer writes the activations it multiplies
+                 (uint8 + 128; int16 on AVX2).
                  Linears whose inputs have outlier channels are smoothed first (SmoothQuant,
                  passes/smooth_quant.py; needs a model imported from torch to measure them).
                  Convolutions are left in float32 (per-token scales do not map onto them).
@@ -219,7 +220,7 @@ class _QuantRewriter(PyExprMutator):
         self.transposed = {}  # permute_dims(W) var -> old weight var (dropped: q is stored transposed)
         self.int8_engine = gemm_cpu.target_isa(target, gemm_cpu.INT8) if target is not None else None
         self.quant_kernels: dict[tuple, relax.GlobalVar] = {}
-        self.quantized: list[tuple] = []  # ((source var, shape, smooth, shifted), (values, scales)) of this block
+        self.quantized: list[tuple] = []  # ((source var, shape, smooth, values dtype), (values, scales)) of this block
 
     def visit_dataflow_block_(self, block):
         self.quantized = []  # (a dataflow block's vars are not visible outside it)
@@ -271,9 +272,9 @@ class _QuantRewriter(PyExprMutator):
             return self._finish(ys, call, out_var)
         # `q` is stored [in, out] (pre-transposed for "linear_nt"): no transpose kernel at run time.
         if s.act_int8:
-            xq, sx, shifted = self._quantize_activations(x, q, smooth)
+            xq, sx = self._quantize_activations(x, q, smooth)
             acc = bb.emit(relax.op.matmul(xq, q, out_dtype="int32"))
-            if shifted:  # (x + 128) . W - 128 * column sums of W: exact; the sums are weight-only work
+            if ir.tensor_dtype(xq) == "uint8":  # (x + 128) . W - 128 * column sums of W: exact; the sums are weight-only work
                 acc = bb.emit(relax.op.subtract(acc, unsigned_shift_correction(q)))
             y = relax.op.multiply(relax.op.multiply(relax.op.astype(acc, "float32"), sx), scale)
             return self._finish(y, call, out_var)
@@ -283,29 +284,29 @@ class _QuantRewriter(PyExprMutator):
         return self._finish(relax.op.multiply(y, scale), call, out_var)
 
     def _quantize_activations(self, x, q, smooth) -> tuple:
-        """Per-token (last-axis) symmetric dynamic quantization of x: (values, scales, shifted).
+        """Per-token (last-axis) symmetric dynamic quantization of x: (values, scales).
 
-        One kernel (kernels/token_quant.py), whose values are the engines' uint8 (+128: `shifted`)
-        where the int8 engine takes matmul(x, q); the same arithmetic in Relax ops (three kernels)
-        where x's shape is not static."""
+        One kernel (kernels/token_quant.py), whose values are what the int8 engine that takes
+        matmul(x, q) multiplies (uint8 shifted by 128, or AVX2's int16), else int8; the same
+        arithmetic in Relax ops (three kernels) where x's shape is not static."""
         bb = self.builder_
         in_dtype = str(x.ty.dtype)
         shape = ir.static_shape(x.ty)
         if shape is not None:
             shape = list(shape)
-            shifted = self._on_int8_engine(shape, q)
-            key = (self._source(x), tuple(shape), smooth, shifted)
+            values = self._engine_values(shape, q)
+            key = (self._source(x), tuple(shape), smooth, values)
             for known, result in self.quantized:  # q, k and v projections read one activation: quantize it once
                 if key[0].same_as(known[0]) and key[1] == known[1] and _same(key[2], known[2]) and key[3] == known[3]:
-                    return (*result, shifted)
+                    return result
             quant = bb.emit(relax.call_tir(
-                self._token_quant(tuple(shape), in_dtype, smooth is not None, shifted),
+                self._token_quant(tuple(shape), in_dtype, smooth is not None, values),
                 [x] + ([smooth] if smooth is not None else []),
-                [relax.TensorType(shape, "uint8" if shifted else "int8"), relax.TensorType(shape[:-1] + [1], "float32")],
+                [relax.TensorType(shape, values), relax.TensorType(shape[:-1] + [1], "float32")],
             ))
             result = (bb.emit(relax.TupleGetItem(quant, 0)), bb.emit(relax.TupleGetItem(quant, 1)))
             self.quantized.append((key, result))
-            return (*result, shifted)
+            return result
         xf = x if in_dtype == "float32" else bb.emit(relax.op.astype(x, "float32"))
         if smooth is not None:  # SmoothQuant: x / s (the weight was quantized as W * s)
             xf = bb.emit(relax.op.multiply(xf, smooth))
@@ -314,7 +315,7 @@ class _QuantRewriter(PyExprMutator):
             relax.op.divide(relax.op.maximum(amax, relax.const(token_quant.MIN_SCALE, "float32")), relax.const(INT8_MAX, "float32"))
         )
         xq = relax.op.round(relax.op.divide(xf, sx))
-        return bb.emit(relax.op.astype(relax.op.clip(xq, -INT8_MAX, INT8_MAX), "int8")), sx, False
+        return bb.emit(relax.op.astype(relax.op.clip(xq, -INT8_MAX, INT8_MAX), "int8")), sx
 
     def _source(self, x):
         """The var x reshapes (each linear reshapes its input to rows itself), or x."""
@@ -324,15 +325,17 @@ class _QuantRewriter(PyExprMutator):
             value = self.lookup_binding(x)
         return x
 
-    def _on_int8_engine(self, x_shape: list[int], q) -> bool:
-        """Whether passes/matrix_engine.py will put matmul(x, q) on the target's int8 engine."""
-        return isa_for_shapes(self.int8_engine, x_shape, ir.static_shape(q.ty)) is not None
+    def _engine_values(self, x_shape: list[int], q) -> str:
+        """The dtype of the activations the int8 engine that passes/matrix_engine.py puts matmul(x, q)
+        on multiplies (uint8, int16), or int8 where no engine takes it."""
+        isa = isa_for_shapes(self.int8_engine, x_shape, ir.static_shape(q.ty))
+        return "int8" if isa is None else gemm_cpu.activation_dtype(isa)
 
-    def _token_quant(self, shape: tuple, in_dtype: str, smooth: bool, shifted: bool) -> relax.GlobalVar:
-        key = (shape, in_dtype, smooth, shifted)
+    def _token_quant(self, shape: tuple, in_dtype: str, smooth: bool, values: str) -> relax.GlobalVar:
+        key = (shape, in_dtype, smooth, values)
         if key not in self.quant_kernels:
             self.quant_kernels[key] = self.builder_.add_func(
-                token_quant.make_primfunc(shape, in_dtype, smooth, shifted), token_quant.kernel_name(*key))
+                token_quant.make_primfunc(shape, in_dtype, smooth, values), token_quant.kernel_name(*key))
         return self.quant_kernels[key]
 
     def _finish(self, expr, call, out_var):
@@ -665,7 +668,7 @@ class Int8Weight(QuantMode):
 class W8A8(QuantMode):
     name = "w8a8"
     description = ("int8 weights + per-token dynamic int8 activations for linears, int32 accumulation "
-                   "(on AVX512-VNNI / AMX-INT8 where the CPU has them)")
+                   "(on AMX-INT8 / AVX512-VNNI where the CPU has them, else AVX2's int16 multiply-add)")
 
     def supports(self, preset):
         if preset.family == "cuda":

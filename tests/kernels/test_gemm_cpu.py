@@ -1,6 +1,7 @@
 """The matrix-engine GEMMs against numpy: AVX512-BF16 and AMX-BF16 (bf16 inputs, float32
 accumulation, to float32 rounding; bf16 or int8 weights), AVX512-VNNI and AMX-INT8 (uint8 x int8 ->
-int32, exactly), on aligned and ragged shapes, and the MetaSchedule design space replayed with
+int32, exactly), AVX2's int16 multiply-add (int16 x int8 -> int32, exactly), on aligned and ragged
+shapes, and the MetaSchedule design space replayed with
 every decision it can sample. Where the CPU lacks AVX512-BF16, AMX or VNNI, those instructions are
 emulated (conftest's dpbf16_target, amx_target, vnni_target), so the kernels' code runs on any x86-64."""
 
@@ -39,11 +40,20 @@ def _int8_operands(m, n, k, seed=0):
     return a, b, a.astype(np.int64) @ b.astype(np.int64)
 
 
+def _avx2_int8_operands(m, n, k, seed=0):
+    """What w8a8's quantizer gives AVX2: int8 values held as int16 (+-128 too: the extremes' products)."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(-128, 128, (m, k)).astype(np.int16)
+    b = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    a[0, :2], b[:2, 0] = -128, -128  # a pair of 128 x 128 products: 32768 per pair, past int16
+    return a, b, a.astype(np.int64) @ b.astype(np.int64)
+
+
 def _run(lib, a, b, out_shape):
     dev = tvm.cpu()
-    if a.dtype == np.uint8:
+    if a.dtype in (np.uint8, np.int16):
         c = tvm.runtime.tensor(np.full(out_shape, -1, "int32"), dev)
-        packed = gemm.pack_weight(b, 4)
+        packed = gemm.pack_weight(b, 4 if a.dtype == np.uint8 else 2)
     else:
         c = tvm.runtime.tensor(np.full(out_shape, np.nan, "float32"), dev)
         packed = gemm.pack_weight(b)
@@ -90,6 +100,23 @@ def test_vnni_int8_gemm_equals_numpy_exactly(vnni_target, m, n, k):
     a, b, ref = _int8_operands(m, n, k)
     lib = gemm.compile_standalone(m, n, k, gemm.VNNI, target)
     assert ("vpdpbusd" in lib.mod.inspect_source("asm")) != emulated
+    np.testing.assert_array_equal(_run(lib, a, b, (m, n)), ref)
+
+
+@pytest.mark.parametrize(
+    "m, n, k",
+    [
+        (12, 48, 64),  # aligned: 4 rows x 3 vectors register tiles
+        (17, 24, 38),  # ragged: a prime number of rows (1-row tiles), 3 vectors of 8
+        (8, 16, 5200),  # a reduction long enough to be split into partial products
+    ],
+)
+def test_avx2_int8_gemm_equals_numpy_exactly(m, n, k):
+    """int16 x int8 -> int32 on vpmaddwd (every x86-64 CI machine has AVX2), bit for bit."""
+    target = resolve_target("x86-avx2").tvm_target()
+    a, b, ref = _avx2_int8_operands(m, n, k)
+    lib = gemm.compile_standalone(m, n, k, gemm.AVX2_INT8, target)
+    assert "vpmaddwd" in lib.mod.inspect_source("asm")
     np.testing.assert_array_equal(_run(lib, a, b, (m, n)), ref)
 
 
@@ -141,7 +168,11 @@ def test_shapes_each_engine_takes():
     # int8: AMX-INT8 tiles take k in 64s; VNNI quads in 4s
     assert gemm.target_isa(resolve_target("x86-amx").tvm_target(), gemm.INT8) == gemm.AMX_INT8
     assert gemm.target_isa(resolve_target("x86-avx512-vnni").tvm_target(), gemm.INT8) == gemm.VNNI
-    assert gemm.target_isa(resolve_target("x86-avx2").tvm_target(), gemm.INT8) is None
+    assert gemm.target_isa(resolve_target("x86-avx2").tvm_target(), gemm.INT8) == gemm.AVX2_INT8
+    assert gemm.target_isa(resolve_target("x86-avx2").tvm_target(), gemm.BF16) is None
+    assert gemm.isa_for_shape(gemm.AVX2_INT8, 1560, 24, 1536) == gemm.AVX2_INT8  # whole 8-lane vectors
+    assert gemm.isa_for_shape(gemm.AVX2_INT8, 1560, 20, 1536) is None
+    assert gemm.isa_for_shape(gemm.AVX2_INT8, 1560, 32, 15) is None  # odd reduction: no int16 pairs
     assert gemm.isa_for_shape(gemm.AMX_INT8, 1560, 1536, 1536) == gemm.AMX_INT8
     assert gemm.isa_for_shape(gemm.AMX_INT8, 1560, 1536, 1568) == gemm.VNNI  # 1568 = 24.5 tile rows
     assert gemm.isa_for_shape(gemm.VNNI, 1560, 1536, 1538) is None  # not whole quads
@@ -149,11 +180,14 @@ def test_shapes_each_engine_takes():
     assert gemm.isa_for_shape(gemm.AMX_W8, 1560, 48, 1536) == gemm.AVX512_W8  # int8 weights: bf16 engines' shapes
 
 
-@pytest.mark.parametrize("isa", [gemm.AVX512, gemm.AVX512_W8, gemm.VNNI])
+@pytest.mark.parametrize("isa", [gemm.AVX512, gemm.AVX512_W8, gemm.VNNI, gemm.AVX2_INT8])
 def test_every_sampled_register_tile_replays_and_computes_the_product(isa, request):
     """MetaSchedule re-applies a trace with other decisions; each must schedule and be right (on
     any CPU: the instructions emulated where the CPU lacks them)."""
-    target, _ = request.getfixturevalue("vnni_target" if isa == gemm.VNNI else "dpbf16_target")
+    if isa == gemm.AVX2_INT8:
+        target = resolve_target("x86-avx2").tvm_target()
+    else:
+        target, _ = request.getfixturevalue("vnni_target" if isa == gemm.VNNI else "dpbf16_target")
     m, n, k = 12, 96, 64
     func = gemm.make_primfunc(m, n, k, isa).with_attr("global_symbol", "main")
     sampled = s_tir.Schedule(tvm.IRModule({"main": func}), seed=1)
@@ -161,7 +195,11 @@ def test_every_sampled_register_tile_replays_and_computes_the_product(isa, reque
     trace = sampled.trace
     decisions = [inst for inst in trace.insts if inst.kind.name == "SampleCategorical"]
     assert len(decisions) == 2  # register-tile rows and vectors
-    a, b, ref = _int8_operands(m, n, k) if isa == gemm.VNNI else _operands(m, n, k, int8_weights=isa == gemm.AVX512_W8)
+    exact = gemm.PRECISION[isa] == gemm.INT8
+    if isa == gemm.AVX2_INT8:
+        a, b, ref = _avx2_int8_operands(m, n, k)
+    else:
+        a, b, ref = _int8_operands(m, n, k) if exact else _operands(m, n, k, int8_weights=isa == gemm.AVX512_W8)
     choices = [range(len(inst.attrs[0])) for inst in decisions]
     for picks in itertools.product(*choices):
         for inst, pick in zip(decisions, picks):
@@ -170,7 +208,7 @@ def test_every_sampled_register_tile_replays_and_computes_the_product(isa, reque
         trace.apply_to_schedule(replayed, remove_postproc=True)
         lib = tvm.compile(replayed.mod, target=tvm.target.Target(target))
         out = _run(lib, a, b, (m, n))
-        if isa == gemm.VNNI:
+        if exact:
             np.testing.assert_array_equal(out, ref)
         else:
             _assert_close(out, ref)

@@ -17,16 +17,16 @@ from autotune.tuning.fallback import default_schedule
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
 
 
-def reference(x: np.ndarray, smooth: np.ndarray | None, shifted: bool):
+def reference(x: np.ndarray, smooth: np.ndarray | None, values: str):
     """w8a8's quantization in numpy, float32 throughout as the kernel computes it."""
     v = x.astype(np.float32) * smooth if smooth is not None else x.astype(np.float32)
     scale = np.maximum(np.abs(v).max(-1, keepdims=True), np.float32(1e-8)) / np.float32(127)
     q = np.clip(np.rint(v / scale), -127, 127)
-    return (q + 128).astype(np.uint8) if shifted else q.astype(np.int8), scale
+    return (q + 128).astype(np.uint8) if values == "uint8" else q.astype(values), scale
 
 
-def run(lib, x, smooth, shifted):
-    xq = tvm.runtime.empty(x.shape, "uint8" if shifted else "int8")
+def run(lib, x, smooth, values):
+    xq = tvm.runtime.empty(x.shape, values)
     sx = tvm.runtime.empty(x.shape[:-1] + (1,), "float32")
     lib["main"](*[tvm.runtime.tensor(a) for a in (x, *(() if smooth is None else (smooth,)))], xq, sx)
     return xq.numpy(), sx.numpy()
@@ -39,17 +39,18 @@ def operands(shape, smooth: bool, seed: int = 0):
     return x, (rng.uniform(0.2, 5, shape[-1]).astype(np.float32) if smooth else None)
 
 
-@pytest.mark.parametrize("shape, smooth, shifted", [
-    ((48, 32), False, False),  # the tiny transformer's rows
-    ((2, 17, 40), True, True),  # 3-D activations, SmoothQuant's factor, the engines' uint8; 40 = 8 x 5 lanes
-    ((5, 36), False, True),  # k with no power-of-two divisor above 4
+@pytest.mark.parametrize("shape, smooth, values", [
+    ((48, 32), False, "int8"),  # the tiny transformer's rows
+    ((2, 17, 40), True, "uint8"),  # 3-D activations, SmoothQuant's factor, the engines' uint8; 40 = 8 x 5 lanes
+    ((5, 36), False, "uint8"),  # k with no power-of-two divisor above 4
+    ((24, 48), True, "int16"),  # AVX2's int16 values
 ])
-def test_default_schedule_is_bit_exact(shape, smooth, shifted):
-    func = token_quant.make_primfunc(shape, "float32", smooth, shifted).with_attr("global_symbol", "main")
+def test_default_schedule_is_bit_exact(shape, smooth, values):
+    func = token_quant.make_primfunc(shape, "float32", smooth, values).with_attr("global_symbol", "main")
     sch = default_schedule(func, TARGET)
     x, s = operands(shape, smooth)
-    xq, sx = run(tvm.compile(sch.mod, target=TARGET), x, s, shifted)
-    want_q, want_s = reference(x, s, shifted)
+    xq, sx = run(tvm.compile(sch.mod, target=TARGET), x, s, values)
+    want_q, want_s = reference(x, s, values)
     np.testing.assert_array_equal(sx, want_s)
     np.testing.assert_array_equal(xq, want_q)
 
@@ -60,15 +61,15 @@ def test_large_rows_run_in_parallel_and_stay_exact():
     sch = default_schedule(func, TARGET)
     assert "T.parallel" in sch.mod.script()
     x, _ = operands(shape, False, seed=1)
-    xq, sx = run(tvm.compile(sch.mod, target=TARGET), x, None, False)
-    np.testing.assert_array_equal(xq, reference(x, None, False)[0])
+    xq, sx = run(tvm.compile(sch.mod, target=TARGET), x, None, "int8")
+    np.testing.assert_array_equal(xq, reference(x, None, "int8")[0])
 
 
 def test_metaschedule_design_space_compiles_and_is_exact():
     """Tuning searches MetaSchedule's generic space for the kernel: a sample of it is still exact."""
     import_tensor_intrin_fast()  # (what the fallback does too: MetaSchedule's own import takes ~30 s more)
     shape = (48, 64)
-    func = token_quant.make_primfunc(shape, "float32", False, True).with_attr("global_symbol", "main")
+    func = token_quant.make_primfunc(shape, "float32", False, "uint8").with_attr("global_symbol", "main")
     ctx = ms.TuneContext(mod=tvm.IRModule({"main": func}), target=TARGET, space_generator="post-order-apply",
                          search_strategy="replay-trace", task_name="token_quant", rand_state=3, num_threads=1)
     spaces = ctx.generate_design_space()
@@ -77,5 +78,5 @@ def test_metaschedule_design_space_compiles_and_is_exact():
     spaces[-1].trace.apply_to_schedule(sch, remove_postproc=True)
     assert all(p.apply(sch) for p in ctx.space_generator.postprocs)
     x, _ = operands(shape, False, seed=2)
-    xq, _ = run(tvm.compile(sch.mod, target=TARGET), x, None, True)
-    np.testing.assert_array_equal(xq, reference(x, None, True)[0])
+    xq, _ = run(tvm.compile(sch.mod, target=TARGET), x, None, "uint8")
+    np.testing.assert_array_equal(xq, reference(x, None, "uint8")[0])

@@ -300,8 +300,30 @@ def test_w8a8_linear_runs_on_vnni_and_equals_the_fake_quantized_reference(tmp_pa
     err = np.abs(out - ref).max() / np.abs(ref).max()
     assert err < 1e-6, f"max error {err:.2e} of max |y| against the fake-quantized reference"
 
-    plain, info = prepare_model(from_torch(linear, {"x": x}), resolve_target("x86-avx512"), "w8a8")
-    assert "matrix_engine" not in info and not _engine_kernels(plain.mod), "no VNNI: the generic int8 matmul stays"
+
+
+def test_w8a8_linear_runs_on_avx2_and_equals_the_fake_quantized_reference(tmp_path):
+    """Without VNNI the matmul runs on AVX2's int16 multiply-add: the quantizer writes int16
+    activations (no shift), the products are exact, so the artifact equals w8a8's arithmetic in
+    float64 within 1e-6 of max |y| (float32 rounding of the rescale)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 40).eval()  # 40 columns: 5 vectors of 8
+    x = torch.randn(2, 7, 64)  # 14 rows: padded to 16 for the register tile
+    details: dict = {}
+    report = build(from_torch(linear, {"x": x}), "x86-avx2", tmp_path / "w", details=details,
+                   settings=BuildSettings(quantize="w8a8", shipped_log=False))
+    meta = json.loads(report.paths.metadata.read_text())
+    assert meta["passes"][0]["matrix_engine"] == {"AVX2 (int16 multiply-add)": 1}
+    names = list(prim_funcs(details["scheduled"]))
+    assert any(n.startswith("token_quant_i16_") for n in names) and any(n.startswith("gemm_int8_avx2int16") for n in names), names
+    out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float64)
+    ref = np.stack([_fake_quantized_linear(row, linear) for row in x.double().numpy()])
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    assert err < 1e-6, f"max error {err:.2e} of max |y| against the fake-quantized reference"
+
+    no_avx2 = resolve_target('{"kind": "llvm", "mcpu": "x86-64", "num-cores": 2}')
+    plain, info = prepare_model(from_torch(linear, {"x": x}), no_avx2, "w8a8")
+    assert "matrix_engine" not in info and not _engine_kernels(plain.mod), "no AVX2: the generic int8 matmul stays"
 
 
 def test_w8a8_linear_on_amx_int8_equals_the_fake_quantized_reference(tmp_path, monkeypatch, amx_target):
