@@ -140,3 +140,13 @@ def test_trials_go_where_the_flops_are(tuned_mlp):
     trials = {s.name: s.trials for s in report.tasks}
     assert all(trials[names[i]] <= TuneSettings().light_task_trials for i in light)
     assert sum(trials[names[i]] for i in heavy) >= report.trials / 2
+
+
+def test_a_resumed_run_reaches_kernels_without_records_first():
+    """MetaSchedule's scheduler gives one batch per task in list order before it weighs them: the
+    heavy kernels an earlier run never measured go first (each group keeps its order)."""
+    from autotune.tuning.tune import unrecorded_first
+
+    assert unrecorded_first([4, 7, 9, 12], recorded={4, 9}) == [7, 12, 4, 9]
+    assert unrecorded_first([3, 5], recorded=set()) == [3, 5]
+    assert unrecorded_first([], recorded={1}) == []

@@ -232,7 +232,9 @@ def tune(
     records_before = database.report.records
     stats = [TaskStats(t.task_name, float(t.weight)) for t in tasks]
     light, heavy = split_by_flops(tasks, settings.light_task_share)
-    light = [i for i in light if not database.has_records(tasks[i].dispatched[0])]
+    recorded = {i for i, t in enumerate(tasks) if database.has_records(t.dispatched[0])}
+    light = [i for i in light if i not in recorded]
+    heavy = unrecorded_first(heavy, recorded)
     batch = settings.light_task_trials
     first = light[: (settings.trials // 2) // max(1, batch)]  # light kernels take at most half the budget
     rest = light[len(first):]
@@ -329,6 +331,13 @@ def task_flops(task) -> float:
         return float(estimate_tir_flops(task.dispatched[0])) * float(task.weight)
     except Exception:  # a kernel the estimator cannot walk counts as heavy
         return math.inf
+
+
+def unrecorded_first(indices: list[int], recorded: set[int]) -> list[int]:
+    """The tasks without records first, each group in its order: MetaSchedule's scheduler starts
+    with one batch per task in list order, so a resumed run with a small budget reaches the kernels
+    an earlier run never measured before it re-searches the ones it did."""
+    return [i for i in indices if i not in recorded] + [i for i in indices if i in recorded]
 
 
 def split_by_flops(tasks: list, light_share: float) -> tuple[list[int], list[int]]:
