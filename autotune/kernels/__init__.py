@@ -7,7 +7,8 @@ attention_cuda: flash-style attention for CUDA (a scheduled, thread-bound PrimFu
 matmul_cuda:    bf16/fp16 GEMMs on wmma tensor cores: dlight's rule with bf16 intrinsics, and the
                 tensor-core search rules MetaSchedule tunes CUDA with.
 gemm_cpu:       bf16 and int8 GEMMs with a packed weight on x86 matrix engines (AMX tiles, AVX512-BF16
-                and VNNI dot products): tensor intrinsics, a default schedule, a MetaSchedule custom rule.
+                and VNNI dot products, AVX2's int16 multiply-add): tensor intrinsics, a default
+                schedule, a MetaSchedule custom rule.
 im2col:         the rows of a convolution computed as a GEMM.
 token_quant:    w8a8's per-token activation quantizer, one pass per row (a default schedule; tuned
                 by MetaSchedule's generic rules).

@@ -9,7 +9,7 @@ fused module) silently misses every record. Both call the phases below, and noth
                                           quantize (a --quantize mode; bf16, int8-weight
                                           and w8a8 also move weight matmuls, and bf16 /
                                           int8-weight convolutions as im2col GEMMs, onto
-                                          AMX / AVX512-BF16 / VNNI, weights packed) or precompute
+                                          AMX / AVX512-BF16 / VNNI / AVX2, weights packed) or precompute
                                           weight-only work (transposes)
     fuse       the tuning tasks           fuse attention into one kernel; legalize     all; CPU adds fast
                                           (CPU: vectorisable fast math), annotate,     math and marks large
