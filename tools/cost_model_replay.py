@@ -19,12 +19,12 @@ import json
 import time
 from pathlib import Path
 
-import autotune  # noqa: F401  (sets TVM_NUM_THREADS before tvm is imported)
 import numpy as np
 import tvm
 from scipy.stats import spearmanr
 from tvm.s_tir import meta_schedule as ms
 
+import autotune  # noqa: F401  (sets TVM_NUM_THREADS before tvm is imported)
 from autotune.support.targets import resolve_target
 from autotune.support.threads import physical_thread_count
 from autotune.tuning.cost_model import make_cost_model
