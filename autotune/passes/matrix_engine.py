@@ -65,7 +65,8 @@ class MatrixEngineRewriter:
             return call
         x_shape, w_shape = ir.static_shape(x.ty), ir.static_shape(w.ty)
         isa = isa_for_shapes(self.isas[kernel.BF16 if precision == "int8-weight" else precision], x_shape, w_shape)
-        if isa is None or (ir.tensor_dtype(x) == "int16" and kernel.activation_dtype(isa) != "int16"):
+        have = ir.tensor_dtype(x)
+        if isa is None or (have == "int16" and kernel.activation_dtype(isa) != "int16"):
             return call
         k, n = w_shape
         lead, rows = tuple(x_shape[:-2]), math.prod(x_shape[:-1])
@@ -76,11 +77,12 @@ class MatrixEngineRewriter:
         self.count[engine] = self.count.get(engine, 0) + 1
         g = kernel.group(isa)
         flat = relax.op.reshape(x, [rows, k]) if lead else x
-        shift = precision == kernel.INT8 and ir.tensor_dtype(x) == "int8" and kernel.activation_dtype(isa) == "uint8"
+        want = kernel.activation_dtype(isa)
+        shift = precision == kernel.INT8 and have == "int8" and want == "uint8"
         if shift:  # (uint8: the quantizer shifted it)
             flat = relax.op.astype(relax.op.add(relax.op.astype(flat, "int32"), relax.const(128, "int32")), "uint8")
-        elif precision == kernel.INT8 and ir.tensor_dtype(x) != kernel.activation_dtype(isa):
-            flat = relax.op.astype(flat, kernel.activation_dtype(isa))  # int8 or uint8 -> AVX2's int16: same values
+        elif precision == kernel.INT8 and have != want:
+            flat = relax.op.astype(flat, want)  # int8 or uint8 -> AVX2's int16: same values
         padded = kernel.padded_rows(isa, rows)
         if padded != rows:
             flat = relax.op.nn.pad(flat, [0, padded - rows, 0, 0])
