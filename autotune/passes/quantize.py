@@ -17,9 +17,10 @@ Modes (`MODES`, each a small handler class in the style of gpt-fast's quantizati
                  permute_dims(W))` or `matmul(x, W)` with a 2-D weight) and every convolution;
                  the int8 -> float cast is fused into the matmul/conv kernel and the per-channel
                  scale is applied to the kernel's output (an epilogue), so weights stay int8 in
-                 memory: 4x smaller than float32. On x86 CPUs with AVX512-BF16 or AMX-BF16 the
-                 linears run on that engine instead (passes/matrix_engine.py): activations
-                 rounded to bf16, the int8 weights converted to bf16 inside the kernel.
+                 memory: 4x smaller than float32. On x86 CPUs the linears run on the bf16 engine
+                 instead (passes/matrix_engine.py: AMX-BF16, AVX512-BF16, else AVX2 FMA):
+                 activations rounded to bf16, the int8 weights converted inside the kernel (to
+                 bf16; on AVX2 to float32).
     w8a8         int8 weights (per output channel) and per-token dynamic int8 activations for the
                  linears: one kernel per linear quantizes its activations (kernels/token_quant.py:
                  row maximum, scale and int8 values in one pass), `matmul(int8, int8,
@@ -485,21 +486,34 @@ class _HalfToBf16(PyExprMutator):
         new = super().visit_call_(call)
         if not isinstance(new, relax.Call):
             return new
-        if new.op.same_as(_ASTYPE) and str(new.attrs.dtype) == "float16":
-            return relax.op.astype(new.args[0], "bfloat16")
+        if new.op.same_as(_ASTYPE):
+            dtype = "bfloat16" if str(new.attrs.dtype) == "float16" else str(new.attrs.dtype)
+            folded = self._cast_constant(new.args[0], dtype)
+            return relax.op.astype(new.args[0], dtype) if folded is None else folded
         if new.op in _F32_ONLY_NORMS and any(ir.tensor_dtype(a) == "bfloat16" for a in new.args):
             # TOPI's norms take float32/float16 only: run them in float32 between casts.
-            args = [self.builder_.emit(relax.op.astype(a, "float32")) if ir.tensor_dtype(a) == "bfloat16" else a for a in new.args]
+            args = [self._to_float32(a) if ir.tensor_dtype(a) == "bfloat16" else a for a in new.args]
             y = self.builder_.emit(relax.Call(new.op, args, new.attrs))
             return relax.op.astype(y, "bfloat16")
         return new
 
     def visit_constant_(self, const):
-        if str(const.data.dtype) == "float16":
-            import ml_dtypes
-
-            return relax.const(const.data.numpy().astype(np.float32).astype(ml_dtypes.bfloat16), "bfloat16")
+        if str(const.value.dtype) == "float16":
+            return relax.const(const.value.numpy().astype(np.float32).astype(_numpy_dtype("bfloat16")), "bfloat16")
         return super().visit_constant_(const)
+
+    def _to_float32(self, arg) -> relax.Expr:
+        folded = self._cast_constant(arg, "float32")
+        return self.builder_.emit(relax.op.astype(arg, "float32")) if folded is None else folded
+
+    def _cast_constant(self, arg, dtype: str) -> relax.Expr | None:
+        """A cast constant, folded (ToMixedPrecision casts scalars such as RMSNorm's exponent in
+        `x ** 2` to half: left as a cast, fast_math's `x * x` would not see a constant)."""
+        value = self.lookup_binding(arg) if isinstance(arg, relax.Var) else arg
+        if not isinstance(value, tvm.ir.expr.Constant):
+            return None
+        data = value.value.numpy()
+        return relax.const(data.astype(np.float32).astype(_numpy_dtype(dtype)) if dtype == "bfloat16" else data.astype(dtype), dtype)
 
 
 _CLIP = tvm.ir.Op.get("relax.clip")
@@ -658,7 +672,7 @@ class Bf16(QuantMode):
 class Int8Weight(QuantMode):
     name = "int8-weight"
     description = ("int8 per-output-channel weights for linears and convolutions; linears compute on the "
-                   "CPU's bf16 engine (AVX512-BF16 / AMX-BF16) where there is one, else float32")
+                   "CPU's bf16 engine (AMX-BF16, AVX512-BF16, else AVX2 FMA on widened values) where there is one, else float32")
 
     def apply(self, imported, preset):
         return _quantize_weights(imported, _Scheme("int8", "float32"), linears=True, convs=True)
