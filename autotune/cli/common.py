@@ -93,7 +93,8 @@ def add_pass_args(p: argparse.ArgumentParser) -> None:
     precision.add_argument(
         "--precision", dest="quantize", type=_precision_mode, metavar="{fp32,bf16,fp16}",
         help="compute precision (default fp32). bf16 is --quantize bf16: bfloat16 weights and matmuls, on the "
-        "CPU's matrix engine (AMX-BF16 or AVX512-BF16) where the target has one",
+        "CPU's matrix engine (AMX-BF16, AVX512-BF16; on AVX2 CPUs float32 FMA on bf16 widened in the kernel) where the "
+        "target has one",
     )
     precision.add_argument("--quantize", choices=list(MODES), help="; ".join(f"{name}: {cls.description}" for name, cls in MODES.items()))
     g.add_argument("--prune", help="structured pruning of the torch model, kept fractions: e.g. ffn=0.75,heads=0.5")

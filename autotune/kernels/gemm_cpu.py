@@ -66,20 +66,28 @@ AMX_INT8 = "amxint8"
 AVX512_W8 = "avx512bf16w8"  # AVX512-BF16 with int8 weights
 AMX_W8 = "amxw8"  # AMX-BF16 with int8 weights
 AVX2_INT8 = "avx2int16"  # AVX2 vpmaddwd: int16 activations x int8 weights widened to int16
+AVX2_BF16 = "avx2fma"  # AVX2 FMA: bf16 activations x bf16 weights, both widened to float32
+AVX2_W8 = "avx2fmaw8"  # the same with int8 weights
 BF16, INT8 = "bfloat16", "int8"
-PRECISION = {AVX512: BF16, AMX: BF16, VNNI: INT8, AMX_INT8: INT8, AVX512_W8: BF16, AMX_W8: BF16, AVX2_INT8: INT8}
-INT8_WEIGHTS = {AVX512: AVX512_W8, AMX: AMX_W8}  # bf16 engine -> its int8-weight variant
+PRECISION = {
+    AVX512: BF16, AMX: BF16, VNNI: INT8, AMX_INT8: INT8, AVX512_W8: BF16, AMX_W8: BF16, AVX2_INT8: INT8,
+    AVX2_BF16: BF16, AVX2_W8: BF16,
+}
+INT8_WEIGHTS = {AVX512: AVX512_W8, AMX: AMX_W8, AVX2_BF16: AVX2_W8}  # bf16 engine -> its int8-weight variant
+AVX2 = (AVX2_INT8, AVX2_BF16, AVX2_W8)
+FMA = (AVX2_BF16, AVX2_W8)  # float32 FMA on widened panels
 DTYPES = {BF16: ("bfloat16", "bfloat16", "float32"), INT8: ("uint8", "int8", "int32")}  # A, B, accumulator
 MAX_PANEL_K = 2560  # longest reduction one partial product walks (weight panel stays in L2)
 # Register-tile bounds (rows, vectors a row): AVX-512 up to 5 x 3; AVX2 up to 4 rows x 5 vectors,
 # its default tile at most 12 accumulators (measured on a Zen 3, 1560 rows: 4 x 3 for 1536 columns,
 # 3 x 4 for 8960, whose 1120 vectors 3 does not divide: 268 GOP/s against 195 for 4 x 2).
-MAX_TILE = {AVX2_INT8: (4, 5)}
-MAX_DEFAULT_ACCUMULATORS = {AVX2_INT8: 12}
+MAX_TILE = {isa: (4, 5) for isa in AVX2}
+MAX_DEFAULT_ACCUMULATORS = {isa: 12 for isa in AVX2}
 AMX_KT = {BF16: (32, 64, 128, 256, 512), INT8: (64, 128, 256, 512)}
 ENGINE_NAMES = {
     AVX512: "AVX512-BF16", AMX: "AMX-BF16", VNNI: "AVX512-VNNI", AMX_INT8: "AMX-INT8",
     AVX512_W8: "AVX512-BF16 (int8 weights)", AMX_W8: "AMX-BF16 (int8 weights)", AVX2_INT8: "AVX2 (int16 multiply-add)",
+    AVX2_BF16: "AVX2 FMA (bf16 widened to float32)", AVX2_W8: "AVX2 FMA (int8 weights widened to float32)",
 }
 
 # ---------------------------------------------------------------- which engine, which shapes
@@ -92,7 +100,7 @@ def group(isa: str) -> int:
 
 def lanes(isa: str) -> int:
     """Output columns of one vector instruction (AVX2: 8 x 32 bits; AVX-512: 16)."""
-    return 8 if isa == AVX2_INT8 else 16
+    return 8 if isa in AVX2 else 16
 
 
 def activation_dtype(isa: str) -> str:
@@ -105,7 +113,12 @@ def _is_amx(isa: str) -> bool:
 
 
 def _converts_weights(isa: str) -> bool:
-    return isa in (AVX512_W8, AMX_W8, AVX2_INT8)
+    return isa in (AVX512_W8, AMX_W8, AVX2_INT8, AVX2_BF16, AVX2_W8)
+
+
+def weight_dtype(isa: str) -> str:
+    """The dtype the packed weight ships in: int8 for the int8 engines and the int8-weight variants."""
+    return "int8" if PRECISION[isa] == INT8 or isa in (AVX512_W8, AMX_W8, AVX2_W8) else "bfloat16"
 
 
 def _max_tile(isa: str) -> tuple[int, int]:
@@ -126,7 +139,9 @@ def target_isa(target, precision: str = BF16) -> str | None:
     if precision == BF16:
         if target_has_features("amx-bf16", target) and target_has_features("amx-tile", target):
             return AMX
-        return AVX512 if target_has_features("avx512bf16", target) else None
+        if target_has_features("avx512bf16", target):
+            return AVX512
+        return AVX2_BF16 if target_has_features("avx2", target) and target_has_features("fma", target) else None
     if target_has_features("amx-int8", target) and target_has_features("amx-tile", target):
         return AMX_INT8
     if target_has_features("avx512vnni", target):
@@ -180,17 +195,19 @@ def make_primfunc(m: int, n: int, k: int, isa: str) -> tvm.tirx.PrimFunc:
     parts = k_split(k, isa)
     kc = k // parts
     g = group(isa)
-    _, b_dtype, acc = DTYPES[PRECISION[isa]]
-    if _converts_weights(isa):
-        b_dtype = "int8"
+    acc = DTYPES[PRECISION[isa]][2]
     A = te.placeholder((m, k), activation_dtype(isa), name="A")
-    Bp = te.placeholder((k // g, n, g), b_dtype, name="Bp")
+    Bp = te.placeholder((k // g, n, g), weight_dtype(isa), name="Bp")
     B = Bp
-    if _converts_weights(isa):
+    if isa in FMA:  # a float32 panel with the k pair split out, Bf[k // 2, k % 2, n]: FMA rows
+        B = te.compute((k // g, g, n), lambda kg, e, j: Bp[kg, j, e].astype("float32"), name="convert")
+    elif _converts_weights(isa):
         wide = activation_dtype(isa)  # bf16, or int16 on AVX2
         B = te.compute(Bp.shape, lambda kg, j, e: Bp[kg, j, e].astype(wide), name="convert")
 
     def product(i, j, kk):
+        if isa in FMA:
+            return A[i, kk].astype(acc) * B[kk // g, kk % g, j]
         return A[i, kk].astype(acc) * B[kk // g, j, kk % g].astype(acc)
 
     if parts == 1:
@@ -210,8 +227,7 @@ def make_primfunc(m: int, n: int, k: int, isa: str) -> tvm.tirx.PrimFunc:
 
 def kernel_name(m: int, n: int, k: int, isa: str) -> str:
     """gemm_bf16_ / gemm_w8_ (int8 weights on a bf16 engine) / gemm_int8_ + ISA and shape."""
-    kind = "bf16" if PRECISION[isa] == BF16 else "int8"
-    kind = "w8" if kind == BF16 and _converts_weights(isa) else kind
+    kind = "int8" if PRECISION[isa] == INT8 else "w8" if weight_dtype(isa) == "int8" else "bf16"
     return f"gemm_{kind}_{isa}_{m}x{n}x{k}"
 
 
@@ -330,10 +346,55 @@ def _madd_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         )
 
 
+FMA_INTRIN = "autotune_avx2_fma_8x2"
+
+
+@T.prim_func(s_tir=True)
+def _fma_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (2,), "bfloat16", offset_factor=1)
+    B = T.match_buffer(b, (1, 2, 8), "float32", offset_factor=1)
+    C = T.match_buffer(c, (8,), "float32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:1, 0:2, 0:8])
+        T.writes(C[0:8])
+        for j, k in T.grid(8, 2):
+            with T.sblock("update"):
+                vj, vk = T.axis.remap("SR", [j, k])
+                C[vj] = C[vj] + T.Cast("float32", A[vk]) * B[vk // 2, vk % 2, vj]
+
+
+@T.prim_func(s_tir=True)
+def _fma_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    sb0 = T.int32()
+    sb1 = T.int32()
+    A = T.match_buffer(a, (2,), "bfloat16", offset_factor=1)
+    B = T.match_buffer(b, (1, 2, 8), "float32", offset_factor=1, strides=[sb0, sb1, 1])
+    C = T.match_buffer(c, (8,), "float32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:1, 0:2, 0:8])
+        T.writes(C[0:8])
+        # Each of the pair broadcast to 8 lanes, times its row of the float32 panel.
+        C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.fma.v8f32"),
+            T.broadcast(T.Cast("float32", A[1]), 8),
+            B.vload([0, 1, 0], "float32x8"),
+            T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.fma.v8f32"),
+                T.broadcast(T.Cast("float32", A[0]), 8),
+                B.vload([0, 0, 0], "float32x8"),
+                C.vload([0], "float32x8"),
+                dtype="float32x8",
+            ),
+            dtype="float32x8",
+        )
+
+
 # The vector engines' intrinsic per ISA (16 columns; AVX2 8)
 def _dot_intrin(isa: str) -> str:
     if isa == AVX2_INT8:
         return MADD_INTRIN
+    if isa in FMA:
+        return FMA_INTRIN
     return DPBF16_INTRIN if PRECISION[isa] == BF16 else VNNI_INTRIN
 
 
@@ -429,6 +490,7 @@ def register_intrinsics() -> None:
     TensorIntrin.register(DPBF16_INTRIN, _dot_desc(*DTYPES[BF16], 2), _dpbf16_impl, override=True)
     TensorIntrin.register(VNNI_INTRIN, _dot_desc(*DTYPES[INT8], 4), _vnni_impl, override=True)
     TensorIntrin.register(MADD_INTRIN, _dot_desc("int16", "int16", "int32", 2, width=8), _madd_impl, override=True)
+    TensorIntrin.register(FMA_INTRIN, _fma_desc, _fma_impl, override=True)
     for precision, kts in AMX_KT.items():  # (the int8-weight variants use the bf16 intrinsics)
         for kt in kts:
             TensorIntrin.register(amx_intrin_name(kt, precision), *_amx_intrin(kt, precision, AMX_INSTRUCTION), override=True)
@@ -444,7 +506,7 @@ def default_avx512_tile(rows: int, n: int, isa: str = AVX512) -> tuple[int, int]
     limit = MAX_DEFAULT_ACCUMULATORS.get(isa, max_rows * max_vectors)
     pairs = [(mr, nv) for mr in _divisors(rows, 1, max_rows) for nv in _divisors(n // lanes(isa), 1, max_vectors)
              if mr * nv <= limit]
-    return max(pairs, key=lambda p: (p[0] * p[1], -(p[0] + p[1]), p[0] if isa == AVX2_INT8 else -p[0]))
+    return max(pairs, key=lambda p: (p[0] * p[1], -(p[0] + p[1]), p[0] if isa in AVX2 else -p[0]))
 
 
 def default_amx_knobs(n: int, kc: int, precision: str = BF16) -> tuple[int, int]:
@@ -494,7 +556,7 @@ def _schedule_vector(sch, gemm, outer, rows, n_loop, k_loop, total_rows, n, isa,
     else:
         task = tile = sch.fuse(*outer, no, mo)
         sch.parallel(task)
-    if PRECISION[isa] == BF16:
+    if _dot_intrin(isa) == DPBF16_INTRIN:
         sch.annotate(task, "pragma_import_llvm", DPBF16_LLVM)
     acc = sch.cache_write(gemm, 0, "global")  # the register tile: under 1 KiB, so on the stack
     sch.reverse_compute_at(acc, tile)
@@ -531,11 +593,16 @@ def _schedule_amx(sch, gemm, outer, rows, n_loop, k_loop, n, kc, isa, sample):
 
 
 def _convert_panel_at(sch, task) -> None:
-    """Convert the int8 weight panel a task reads to bf16 once, at the start of the task."""
+    """Convert the weight panel a task reads (int8 to bf16 or int16, bf16 or int8 to float32) once, at
+    the start of the task."""
     convert = sch.get_sblock("convert")
     sch.compute_at(convert, task)
-    *_, columns, pair = sch.get_loops(convert)
-    sch.vectorize(sch.fuse(columns, pair))
+    *_, outer, inner = sch.get_loops(convert)
+    if _info(sch.mod["main"])["isa"] in FMA:  # (k pair, columns): a vector of columns per k
+        sch.unroll(outer)
+        sch.vectorize(inner)
+    else:  # (columns, k group): contiguous
+        sch.vectorize(sch.fuse(outer, inner))
 
 
 def _schedule_ksum(sch) -> None:

@@ -433,7 +433,7 @@ def _cpu_kernel(m: AttentionMatch, scale: float, target):
     amx_tiles = kc.choose_amx_tiles(m.lq, m.lk)
     if isa == gemm_cpu.AMX and kc.amx_engine_fits(m.dtype, m.d, m.dv, amx_tiles):
         engine, tiles = gemm_cpu.AMX, amx_tiles
-    elif isa is not None and kc.dot_engine_fits(m.dtype, m.d, m.dv, tiles):
+    elif isa in (gemm_cpu.AMX, gemm_cpu.AVX512) and kc.dot_engine_fits(m.dtype, m.d, m.dv, tiles):
         engine = gemm_cpu.AVX512
     func = kc.make_primfunc(m.bh, m.lq, m.lk, m.d, m.dv, scale, m.dtype, tiles, k_layout=layout, engine=engine)
     func = kc.annotate_for_metaschedule(func)

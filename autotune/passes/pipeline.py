@@ -83,7 +83,7 @@ def _missing_engine(mode: str, target: tvm.target.Target, preset) -> str | None:
     precision = gemm_cpu.INT8 if mode == "w8a8" else gemm_cpu.BF16
     if gemm_cpu.target_isa(target, precision) is not None:
         return None
-    wanted = "AMX-INT8, AVX512-VNNI or AVX2" if mode == "w8a8" else "AMX-BF16 or AVX512-BF16"
+    wanted = "AMX-INT8, AVX512-VNNI or AVX2" if mode == "w8a8" else "AMX-BF16, AVX512-BF16 or AVX2 with FMA"
     gain = "its int8 weights are 4x smaller than float32" if mode == "int8-weight" else "it shrinks the weights"
     why = (f"autotune has no matrix-engine kernels for {preset.name} (ARM) yet" if preset.family == "arm"
            else f"target {preset.name} has no {wanted} matrix engine")

@@ -1,7 +1,8 @@
 """The matrix-engine GEMMs against numpy: AVX512-BF16 and AMX-BF16 (bf16 inputs, float32
 accumulation, to float32 rounding; bf16 or int8 weights), AVX512-VNNI and AMX-INT8 (uint8 x int8 ->
-int32, exactly), AVX2's int16 multiply-add (int16 x int8 -> int32, exactly), on aligned and ragged
-shapes, and the MetaSchedule design space replayed with
+int32, exactly), AVX2's int16 multiply-add (int16 x int8 -> int32, exactly), AVX2 FMA on bf16 (or
+int8 weights) widened to float32, on aligned and ragged shapes, and the MetaSchedule design space
+replayed with
 every decision it can sample. Where the CPU lacks AVX512-BF16, AMX or VNNI, those instructions are
 emulated (conftest's dpbf16_target, amx_target, vnni_target), so the kernels' code runs on any x86-64."""
 
@@ -120,6 +121,25 @@ def test_avx2_int8_gemm_equals_numpy_exactly(m, n, k):
     np.testing.assert_array_equal(_run(lib, a, b, (m, n)), ref)
 
 
+@pytest.mark.parametrize(
+    "m, n, k",
+    [
+        (12, 48, 64),  # aligned: 4 rows x 3 vectors register tiles
+        (17, 24, 38),  # ragged: a prime number of rows (1-row tiles), 3 vectors of 8
+        (8, 16, 5200),  # a reduction long enough to be split into partial products
+    ],
+)
+@pytest.mark.parametrize("isa", [gemm.AVX2_BF16, gemm.AVX2_W8])
+def test_avx2_fma_bf16_gemm_matches_numpy(m, n, k, isa):
+    """bf16 activations times bf16 (or int8) weights, widened to float32 for vfmadd (every x86-64
+    CI machine has AVX2 and FMA): products exact in float32, only the summation order differs."""
+    target = resolve_target("x86-avx2").tvm_target()
+    a, b, ref = _operands(m, n, k, int8_weights=isa == gemm.AVX2_W8)
+    lib = gemm.compile_standalone(m, n, k, isa, target)
+    assert "vfmadd" in lib.mod.inspect_source("asm")
+    _assert_close(_run(lib, a, b, (m, n)), ref)
+
+
 def test_amx_kernels_compile_to_tile_instructions():
     target = resolve_target("x86-amx").tvm_target()
     for isa, product in ((gemm.AMX, "tdpbf16ps"), (gemm.AMX_W8, "tdpbf16ps"), (gemm.AMX_INT8, "tdpbusd")):
@@ -164,12 +184,14 @@ def test_shapes_each_engine_takes():
     assert gemm.k_split(8960, gemm.AVX512) == 4 and gemm.k_split(1536, gemm.AVX512) == 1
     assert gemm.target_isa(resolve_target("x86-amx").tvm_target()) == gemm.AMX
     assert gemm.target_isa(resolve_target("x86-avx512-bf16").tvm_target()) == gemm.AVX512
-    assert gemm.target_isa(resolve_target("x86-avx512").tvm_target()) is None
+    assert gemm.target_isa(resolve_target("x86-avx512").tvm_target()) == gemm.AVX2_BF16  # no bf16 arithmetic: FMA
     # int8: AMX-INT8 tiles take k in 64s; VNNI quads in 4s
     assert gemm.target_isa(resolve_target("x86-amx").tvm_target(), gemm.INT8) == gemm.AMX_INT8
     assert gemm.target_isa(resolve_target("x86-avx512-vnni").tvm_target(), gemm.INT8) == gemm.VNNI
     assert gemm.target_isa(resolve_target("x86-avx2").tvm_target(), gemm.INT8) == gemm.AVX2_INT8
-    assert gemm.target_isa(resolve_target("x86-avx2").tvm_target(), gemm.BF16) is None
+    assert gemm.target_isa(resolve_target("x86-avx2").tvm_target(), gemm.BF16) == gemm.AVX2_BF16
+    assert gemm.target_isa(resolve_target('{"kind": "llvm", "mcpu": "x86-64"}').tvm_target(), gemm.BF16) is None
+    assert gemm.isa_for_shape(gemm.AVX2_BF16, 1560, 24, 1536) == gemm.AVX2_BF16
     assert gemm.isa_for_shape(gemm.AVX2_INT8, 1560, 24, 1536) == gemm.AVX2_INT8  # whole 8-lane vectors
     assert gemm.isa_for_shape(gemm.AVX2_INT8, 1560, 20, 1536) is None
     assert gemm.isa_for_shape(gemm.AVX2_INT8, 1560, 32, 15) is None  # odd reduction: no int16 pairs
@@ -180,11 +202,11 @@ def test_shapes_each_engine_takes():
     assert gemm.isa_for_shape(gemm.AMX_W8, 1560, 48, 1536) == gemm.AVX512_W8  # int8 weights: bf16 engines' shapes
 
 
-@pytest.mark.parametrize("isa", [gemm.AVX512, gemm.AVX512_W8, gemm.VNNI, gemm.AVX2_INT8])
+@pytest.mark.parametrize("isa", [gemm.AVX512, gemm.AVX512_W8, gemm.VNNI, gemm.AVX2_INT8, gemm.AVX2_BF16, gemm.AVX2_W8])
 def test_every_sampled_register_tile_replays_and_computes_the_product(isa, request):
     """MetaSchedule re-applies a trace with other decisions; each must schedule and be right (on
     any CPU: the instructions emulated where the CPU lacks them)."""
-    if isa == gemm.AVX2_INT8:
+    if isa in gemm.AVX2:
         target = resolve_target("x86-avx2").tvm_target()
     else:
         target, _ = request.getfixturevalue("vnni_target" if isa == gemm.VNNI else "dpbf16_target")
@@ -199,7 +221,7 @@ def test_every_sampled_register_tile_replays_and_computes_the_product(isa, reque
     if isa == gemm.AVX2_INT8:
         a, b, ref = _avx2_int8_operands(m, n, k)
     else:
-        a, b, ref = _int8_operands(m, n, k) if exact else _operands(m, n, k, int8_weights=isa == gemm.AVX512_W8)
+        a, b, ref = _int8_operands(m, n, k) if exact else _operands(m, n, k, int8_weights=isa in (gemm.AVX512_W8, gemm.AVX2_W8))
     choices = [range(len(inst.attrs[0])) for inst in decisions]
     for picks in itertools.product(*choices):
         for inst, pick in zip(decisions, picks):

@@ -24,6 +24,8 @@ from autotune.support.ir import prim_funcs
 from autotune.support.settings import BuildSettings
 from autotune.support.targets import resolve_target
 
+PRE_AVX2 = resolve_target('{"kind": "llvm", "mcpu": "x86-64", "num-cores": 2}')  # no engine at all
+
 # bf16 keeps 8 bits of mantissa: against the float32 model, outputs of these tiny blocks agree to
 # a cosine of 0.9999 (measured: 0.99998-0.999995); against torch's own bf16 run, to the same.
 MIN_COSINE = 0.9999
@@ -65,14 +67,30 @@ def test_bf16_weight_matmuls_move_onto_the_engine_with_packed_weights(projection
     up = module.up.weight.detach().numpy().T  # (k, n)
     np.testing.assert_array_equal(packed[0][:, :, 1].astype(np.float32), up[1::2].astype(packed[0].dtype).astype(np.float32))
 
-    plain, _ = prepare_model(from_torch(module, inputs), resolve_target("x86-avx512"), "bf16")
-    assert not _engine_kernels(plain.mod), "a target without AVX512-BF16 or AMX keeps the generic matmuls"
+    plain, _ = prepare_model(from_torch(module, inputs), PRE_AVX2, "bf16")
+    assert not _engine_kernels(plain.mod), "a target without AVX2, AVX512-BF16 or AMX keeps the generic matmuls"
 
 
 @pytest.mark.skipif("avx512_bf16" not in hardware.cpu_flags(), reason="CPU has no AVX512-BF16 to run the engine on")
 def test_bf16_artifact_matches_torch(tmp_path, projections):
     module, inputs = projections
     report = build(from_torch(module, inputs), "x86", tmp_path / "p", settings=BuildSettings(quantize="bf16", shipped_log=False))
+    out = np.asarray(autotune.load(report.paths.library)(inputs["x"].numpy()), dtype=np.float32)
+    with torch.no_grad():
+        ref = module(inputs["x"]).numpy()
+        ref_bf16 = copy.deepcopy(module).to(torch.bfloat16)(inputs["x"].to(torch.bfloat16)).float().numpy()
+    assert compare(out, ref)["cosine"] >= MIN_COSINE
+    assert compare(out, ref_bf16)["cosine"] >= MIN_COSINE
+
+
+def test_bf16_on_avx2_widens_to_float32_fma_and_matches_torch(tmp_path, projections):
+    """Without bf16 arithmetic (AVX2: every CI machine) both linears run on the FMA engine (8-lane
+    vectors take 24 columns too), weights shipped bf16 and packed; within bf16's cosine of torch."""
+    module, inputs = projections
+    report = build(from_torch(module, inputs), "x86-avx2", tmp_path / "p", settings=BuildSettings(quantize="bf16", shipped_log=False))
+    meta = json.loads(report.paths.metadata.read_text())
+    assert meta["passes"][0]["matrix_engine"] == {"AVX2 FMA (bf16 widened to float32)": 2}
+    assert sum(name.startswith("gemm_bf16_avx2fma_") for name in meta["kernels"]["flops"]) == 2
     out = np.asarray(autotune.load(report.paths.library)(inputs["x"].numpy()), dtype=np.float32)
     with torch.no_grad():
         ref = module(inputs["x"]).numpy()
@@ -153,17 +171,17 @@ class ConvBlock(torch.nn.Module):
 
 
 def test_bf16_convolutions_compute_in_float32_without_an_engine(tmp_path):
-    """Without a bf16 matrix engine (AVX2) the convolution reads bf16-rounded inputs and float32
-    weights cast once at build (TVM's generic bf16 convolution widens every load)."""
+    """Without a bf16 matrix engine (x86-64 before AVX2) the convolution reads bf16-rounded inputs
+    and float32 weights cast once at build (TVM's generic bf16 convolution widens every load)."""
     torch.manual_seed(0)
     module, x = ConvBlock().eval(), torch.randn(1, 8, 12, 12)
-    prepared, info = prepare_model(from_torch(module, {"x": x}), resolve_target("x86-avx2"), "bf16")
+    prepared, info = prepare_model(from_torch(module, {"x": x}), PRE_AVX2, "bf16")
     convs = [b.value for blk in prepared.mod["main"].body.blocks for b in blk.bindings
              if isinstance(b.value, tvm.relax.Call) and b.value.op.name == "relax.nn.conv2d"]
     assert [str(a.ty.dtype) for c in convs for a in c.args] == ["float32", "float32"]
     assert info["convolutions_in_float32"] == 1 and "convolutions_as_gemm" not in info
     assert any(w.shape == (16, 8, 3, 3) and w.dtype == np.float32 for w in prepared.weights.values())
-    report = build(from_torch(module, {"x": x}), "x86-avx2", tmp_path / "c", settings=BuildSettings(quantize="bf16", shipped_log=False))
+    report = build(from_torch(module, {"x": x}), PRE_AVX2, tmp_path / "c", settings=BuildSettings(quantize="bf16", shipped_log=False))
     out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float32)
     with torch.no_grad():
         assert compare(out, module(x).numpy())["cosine"] >= MIN_COSINE
@@ -256,14 +274,21 @@ def test_output_chunks_tile_the_output_once_within_the_limit():
     assert len(output_chunks((1, 4, 480, 832), 3456, 256 << 20)) == 4 * 11  # a frame in 11 slabs of <= 44 rows
 
 
-@pytest.mark.skipif("avx512_bf16" not in hardware.cpu_flags(), reason="CPU has no AVX512-BF16 to run the engine on")
-def test_bf16_convolutions_run_on_the_engine_and_match_torch(tmp_path):
+BF16_ENGINES = [
+    pytest.param("x86", "avx512bf16", marks=pytest.mark.skipif(
+        "avx512_bf16" not in hardware.cpu_flags(), reason="CPU has no AVX512-BF16 to run the engine on")),
+    pytest.param("x86-avx2", "avx2fma"),
+]
+
+
+@pytest.mark.parametrize("target, isa", BF16_ENGINES)
+def test_bf16_convolutions_run_on_the_engine_and_match_torch(tmp_path, target, isa):
     torch.manual_seed(0)
     module, x = Convolutions2d().eval(), torch.randn(1, 8, 11, 13)
     settings = BuildSettings(quantize="bf16", shipped_log=False)
     details: dict = {}
-    report = build(from_torch(module, {"x": x}), "x86", tmp_path / "e", settings=settings, details=details)
-    assert sum(name.startswith("gemm_bf16") for name in prim_funcs(details["scheduled"])) == 2
+    report = build(from_torch(module, {"x": x}), target, tmp_path / "e", settings=settings, details=details)
+    assert sum(name.startswith(f"gemm_bf16_{isa}") for name in prim_funcs(details["scheduled"])) == 2
     out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float32)
     with torch.no_grad():
         assert compare(out, module(x).numpy())["cosine"] >= MIN_COSINE
@@ -347,18 +372,22 @@ def test_w8a8_linear_on_amx_int8_equals_the_fake_quantized_reference(tmp_path, m
     assert err < 1e-6, f"max error {err:.2e} of max |y| against the fake-quantized reference"
 
 
-@pytest.mark.skipif("avx512_bf16" not in hardware.cpu_flags(), reason="CPU has no AVX512-BF16 to run the engine on")
-def test_int8_weight_linear_runs_on_the_bf16_engine_and_equals_its_reference(tmp_path):
-    """int8-weight on a bf16 engine: int8 weights converted to bf16 in the kernel (exact), activations
-    rounded to bf16, float32 accumulation: equal to that arithmetic in float64 within 1e-5 of max |y|
-    (the float32 summation order)."""
+@pytest.mark.parametrize("target, isa", [
+    pytest.param("x86-avx512-bf16", gemm.AVX512_W8, marks=pytest.mark.skipif(
+        "avx512_bf16" not in hardware.cpu_flags(), reason="CPU has no AVX512-BF16 to run the engine on")),
+    pytest.param("x86-avx2", gemm.AVX2_W8),
+])
+def test_int8_weight_linear_runs_on_the_bf16_engine_and_equals_its_reference(tmp_path, target, isa):
+    """int8-weight on a bf16 engine: int8 weights converted in the kernel (exact: to bf16, or to
+    float32 on AVX2), activations rounded to bf16, float32 accumulation: equal to that arithmetic in
+    float64 within 1e-5 of max |y| (the float32 summation order)."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48).eval()
     x = torch.randn(1, 7, 64)
-    report = build(from_torch(linear, {"x": x}), "x86-avx512-bf16", tmp_path / "w", settings=BuildSettings(quantize="int8-weight", shipped_log=False))
+    report = build(from_torch(linear, {"x": x}), target, tmp_path / "w", settings=BuildSettings(quantize="int8-weight", shipped_log=False))
     meta = json.loads(report.paths.metadata.read_text())
-    assert meta["passes"][0]["matrix_engine"] == {"AVX512-BF16 (int8 weights)": 1}
-    assert any(name.startswith("gemm_w8_avx512bf16w8") for name in meta["kernels"]["flops"])
+    assert meta["passes"][0]["matrix_engine"] == {gemm.ENGINE_NAMES[isa]: 1}
+    assert any(name.startswith(f"gemm_w8_{isa}_") for name in meta["kernels"]["flops"])
     assert meta["weight_bytes"]["after"] < 64 * 48 * 2, "the weight ships as int8 (bf16 would be 6 KiB)"
     out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float64)[0]
     wq, sw = _int8_weights(linear)
