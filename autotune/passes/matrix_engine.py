@@ -11,6 +11,8 @@ VNNI, AVX2).
       -> call_tir(gemm, [x, pack(W)])
     matmul(x: int16 or int8 (..., m, k), W: int8 (k, n), out_dtype=int32)  (w8a8 on AVX2)
       -> call_tir(gemm, [int16(x), pack(W)])         pack(W)[k // 2, n, k % 2]
+    bf16 and int8-weight on AVX2 (no bf16 arithmetic): as above with A = float32(x); int8-weight's
+      float32 activations are not rounded to bf16 there (the FMA multiplies float32 anyway)
 
 The int8 engines multiply unsigned by signed bytes, so signed activations are shifted by 128
 and the shift is taken back out with the weight's column sums, an exact int32 correction. w8a8's
@@ -72,17 +74,20 @@ class MatrixEngineRewriter:
         lead, rows = tuple(x_shape[:-2]), math.prod(x_shape[:-1])
         if precision == "int8-weight":
             isa = kernel.INT8_WEIGHTS[isa]
-            x = relax.op.astype(x, "bfloat16") if ir.tensor_dtype(x) != "bfloat16" else x
+        want = kernel.activation_dtype(isa)
+        if precision == "int8-weight" and want == "bfloat16" and have != "bfloat16":
+            x = relax.op.astype(x, "bfloat16")
         engine = kernel.ENGINE_NAMES[isa]
         self.count[engine] = self.count.get(engine, 0) + 1
         g = kernel.group(isa)
         flat = relax.op.reshape(x, [rows, k]) if lead else x
-        want = kernel.activation_dtype(isa)
         shift = precision == kernel.INT8 and have == "int8" and want == "uint8"
         if shift:  # (uint8: the quantizer shifted it)
             flat = relax.op.astype(relax.op.add(relax.op.astype(flat, "int32"), relax.const(128, "int32")), "uint8")
         elif precision == kernel.INT8 and have != want:
             flat = relax.op.astype(flat, want)  # int8 or uint8 -> AVX2's int16: same values
+        elif want == "float32" and have != want:  # AVX2 FMA: bf16 values widened (fused into their producer)
+            flat = relax.op.astype(flat, want)
         padded = kernel.padded_rows(isa, rows)
         if padded != rows:
             flat = relax.op.nn.pad(flat, [0, padded - rows, 0, 0])

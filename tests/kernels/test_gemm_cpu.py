@@ -131,13 +131,14 @@ def test_avx2_int8_gemm_equals_numpy_exactly(m, n, k):
 )
 @pytest.mark.parametrize("isa", [gemm.AVX2_BF16, gemm.AVX2_W8])
 def test_avx2_fma_bf16_gemm_matches_numpy(m, n, k, isa):
-    """bf16 activations times bf16 (or int8) weights, widened to float32 for vfmadd (every x86-64
-    CI machine has AVX2 and FMA): products exact in float32, only the summation order differs."""
+    """bf16 activations (given as float32) times bf16 (or int8) weights widened to float32 in the
+    kernel, on vfmadd (every x86-64 CI machine has AVX2 and FMA): products exact in float32, only
+    the summation order differs."""
     target = resolve_target("x86-avx2").tvm_target()
     a, b, ref = _operands(m, n, k, int8_weights=isa == gemm.AVX2_W8)
     lib = gemm.compile_standalone(m, n, k, isa, target)
     assert "vfmadd" in lib.mod.inspect_source("asm")
-    _assert_close(_run(lib, a, b, (m, n)), ref)
+    _assert_close(_run(lib, a.astype(np.float32), b, (m, n)), ref)
 
 
 def test_amx_kernels_compile_to_tile_instructions():
@@ -222,6 +223,8 @@ def test_every_sampled_register_tile_replays_and_computes_the_product(isa, reque
         a, b, ref = _avx2_int8_operands(m, n, k)
     else:
         a, b, ref = _int8_operands(m, n, k) if exact else _operands(m, n, k, int8_weights=isa in (gemm.AVX512_W8, gemm.AVX2_W8))
+    if isa in gemm.FMA:
+        a = a.astype(np.float32)  # the bf16 values, widened by their producer
     choices = [range(len(inst.attrs[0])) for inst in decisions]
     for picks in itertools.product(*choices):
         for inst, pick in zip(decisions, picks):
