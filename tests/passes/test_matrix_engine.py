@@ -25,6 +25,11 @@ from autotune.support.settings import BuildSettings
 from autotune.support.targets import resolve_target
 
 PRE_AVX2 = resolve_target('{"kind": "llvm", "mcpu": "x86-64", "num-cores": 2}')  # no engine at all
+BF16_ENGINES = [  # (build target, the engine its bf16 matmuls take)
+    pytest.param("x86-avx512-bf16", gemm.AVX512, marks=pytest.mark.skipif(
+        "avx512_bf16" not in hardware.cpu_flags(), reason="CPU has no AVX512-BF16 to run the engine on")),
+    pytest.param("x86-avx2", gemm.AVX2_BF16),
+]
 
 # bf16 keeps 8 bits of mantissa: against the float32 model, outputs of these tiny blocks agree to
 # a cosine of 0.9999 (measured: 0.99998-0.999995); against torch's own bf16 run, to the same.
@@ -71,26 +76,15 @@ def test_bf16_weight_matmuls_move_onto_the_engine_with_packed_weights(projection
     assert not _engine_kernels(plain.mod), "a target without AVX2, AVX512-BF16 or AMX keeps the generic matmuls"
 
 
-@pytest.mark.skipif("avx512_bf16" not in hardware.cpu_flags(), reason="CPU has no AVX512-BF16 to run the engine on")
-def test_bf16_artifact_matches_torch(tmp_path, projections):
+@pytest.mark.parametrize("target, isa", BF16_ENGINES)
+def test_bf16_artifact_matches_torch(tmp_path, projections, target, isa):
+    """On AVX512-BF16 the 64 -> 48 linear takes the engine; without bf16 arithmetic (AVX2: every CI
+    machine) both linears run on the FMA engine (8-lane vectors take 24 columns too). Within bf16's
+    cosine of float32 torch and of torch's own bf16 run."""
     module, inputs = projections
-    report = build(from_torch(module, inputs), "x86", tmp_path / "p", settings=BuildSettings(quantize="bf16", shipped_log=False))
-    out = np.asarray(autotune.load(report.paths.library)(inputs["x"].numpy()), dtype=np.float32)
-    with torch.no_grad():
-        ref = module(inputs["x"]).numpy()
-        ref_bf16 = copy.deepcopy(module).to(torch.bfloat16)(inputs["x"].to(torch.bfloat16)).float().numpy()
-    assert compare(out, ref)["cosine"] >= MIN_COSINE
-    assert compare(out, ref_bf16)["cosine"] >= MIN_COSINE
-
-
-def test_bf16_on_avx2_widens_to_float32_fma_and_matches_torch(tmp_path, projections):
-    """Without bf16 arithmetic (AVX2: every CI machine) both linears run on the FMA engine (8-lane
-    vectors take 24 columns too), weights shipped bf16 and packed; within bf16's cosine of torch."""
-    module, inputs = projections
-    report = build(from_torch(module, inputs), "x86-avx2", tmp_path / "p", settings=BuildSettings(quantize="bf16", shipped_log=False))
+    report = build(from_torch(module, inputs), target, tmp_path / "p", settings=BuildSettings(quantize="bf16", shipped_log=False))
     meta = json.loads(report.paths.metadata.read_text())
-    assert meta["passes"][0]["matrix_engine"] == {"AVX2 FMA (bf16 widened to float32)": 2}
-    assert sum(name.startswith("gemm_bf16_avx2fma_") for name in meta["kernels"]["flops"]) == 2
+    assert sum(name.startswith(f"gemm_bf16_{isa}_") for name in meta["kernels"]["flops"]) == (2 if isa == gemm.AVX2_BF16 else 1)
     out = np.asarray(autotune.load(report.paths.library)(inputs["x"].numpy()), dtype=np.float32)
     with torch.no_grad():
         ref = module(inputs["x"]).numpy()
@@ -272,13 +266,6 @@ def test_output_chunks_tile_the_output_once_within_the_limit():
             assert int(np.prod(sizes)) * k * 2 <= max(limit, k * 2)
         assert (seen == 1).all() and len(boxes) > 1
     assert len(output_chunks((1, 4, 480, 832), 3456, 256 << 20)) == 4 * 11  # a frame in 11 slabs of <= 44 rows
-
-
-BF16_ENGINES = [
-    pytest.param("x86", "avx512bf16", marks=pytest.mark.skipif(
-        "avx512_bf16" not in hardware.cpu_flags(), reason="CPU has no AVX512-BF16 to run the engine on")),
-    pytest.param("x86-avx2", "avx2fma"),
-]
 
 
 @pytest.mark.parametrize("target, isa", BF16_ENGINES)
