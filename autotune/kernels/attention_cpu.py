@@ -52,12 +52,12 @@ import tvm
 from tvm.script import tirx as T
 
 from autotune.kernels import gemm_cpu
+from autotune.support import tvm_compat
+from autotune.support.ir import ATTENTION_ATTR as KERNEL_ATTR
 
 LOG2E = 1.4426950408889634
 RULE_NAME = "autotune_attention"  # MetaSchedule looks up s_tir.meta_schedule.<target key>.<name>
-from autotune.support.ir import (
-    ATTENTION_ATTR as KERNEL_ATTR,  # the kernel's shape and tiles
-)
+# KERNEL_ATTR on a kernel: its shape and tiles
 
 
 @dataclass(frozen=True)
@@ -255,7 +255,7 @@ def make_primfunc(
     def safe(mx):  # the running max, 0 while it is still -inf (keeps exp(-inf - -inf) out)
         return T.Select(mx == f32(NEG), f32(0.0), mx)
 
-    @T.prim_func(private=True, s_tir=True)
+    @tvm_compat.prim_func(private=True, s_tir=True)
     def attention(
         Q: T.Buffer((BH, LQ, D), dtype),
         KT: T.Buffer(K_SHAPE, dtype),

@@ -23,6 +23,7 @@ import math
 
 from tvm.script import tirx as T
 
+from autotune.support import tvm_compat
 from autotune.support.cuda_library import register_device_source
 from autotune.support.ir import ATTENTION_ATTR
 
@@ -183,7 +184,7 @@ def make_primfunc(d: int, dtype: str, scale: float):
     symbol, nbytes = device_symbol(d, dtype), smem_bytes(d)
     scale_log2 = float(scale) * math.log2(math.e)
 
-    @T.prim_func(private=True, s_tir=True)
+    @tvm_compat.prim_func(private=True, s_tir=True)
     def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_o: T.handle, var_lse: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         batch_size, qo_len, kv_len = T.int32(), T.int32(), T.int32()

@@ -62,6 +62,7 @@ from tvm import te
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from autotune.support import tvm_compat
 from autotune.support.ir import FLOPS_ATTR, GEMM_ATTR
 
 # The names below are part of every recorded workload and trace: changing one orphans the shipped records.
@@ -283,7 +284,7 @@ DPBF16_INTRIN = "autotune_avx512bf16_dot_16x2"
 def _dot_desc(a_dtype: str, b_dtype: str, acc: str, g: int, width: int = 16):
     """C[width] += A[g] x B[1, width, g]: `width` columns times one k group (the vector engines' dot product)."""
 
-    @T.prim_func(s_tir=True)
+    @tvm_compat.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (g,), a_dtype, offset_factor=1)
         B = T.match_buffer(b, (1, width, g), b_dtype, offset_factor=1)
@@ -299,7 +300,7 @@ def _dot_desc(a_dtype: str, b_dtype: str, acc: str, g: int, width: int = 16):
     return desc
 
 
-@T.prim_func(s_tir=True)
+@tvm_compat.prim_func(s_tir=True)
 def _dpbf16_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
     A = T.match_buffer(a, (2,), "bfloat16", offset_factor=1)
     B = T.match_buffer(b, (1, 16, 2), "bfloat16", offset_factor=1)
@@ -318,7 +319,7 @@ def _dpbf16_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
 VNNI_INTRIN = "autotune_avx512vnni_dot_16x4"
 
 
-@T.prim_func(s_tir=True)
+@tvm_compat.prim_func(s_tir=True)
 def _vnni_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
     A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
     B = T.match_buffer(b, (1, 16, 4), "int8", offset_factor=1)
@@ -339,7 +340,7 @@ def _vnni_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
 MADD_INTRIN = "autotune_avx2_madd_8x2"
 
 
-@T.prim_func(s_tir=True)
+@tvm_compat.prim_func(s_tir=True)
 def _madd_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
     A = T.match_buffer(a, (2,), "int16", offset_factor=1)
     B = T.match_buffer(b, (1, 8, 2), "int16", offset_factor=1)
@@ -359,7 +360,7 @@ def _madd_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
 FMA_INTRIN = "autotune_avx2_fma_8x2"
 
 
-@T.prim_func(s_tir=True)
+@tvm_compat.prim_func(s_tir=True)
 def _fma_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
     A = T.match_buffer(a, (2,), "float32", offset_factor=1)
     B = T.match_buffer(b, (1, 2, 8), "float32", offset_factor=1)
@@ -373,7 +374,7 @@ def _fma_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
                 C[vj] = C[vj] + A[vk] * B[vk // 2, vk % 2, vj]
 
 
-@T.prim_func(s_tir=True)
+@tvm_compat.prim_func(s_tir=True)
 def _fma_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
     sb0 = T.int32()
     sb1 = T.int32()
@@ -433,7 +434,7 @@ def _amx_intrin(kt: int, precision: str, tile):
     elem = 4 // g  # bytes per element
     product = "tdpbf16ps" if precision == BF16 else "tdpbusd"
 
-    @T.prim_func(s_tir=True)
+    @tvm_compat.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (32, kt), a_dtype, offset_factor=1)
         B = T.match_buffer(b, (kt // g, 32, g), b_dtype, offset_factor=1)
@@ -446,7 +447,7 @@ def _amx_intrin(kt: int, precision: str, tile):
                     vi, vj, vk = T.axis.remap("SSR", [i, j, k])
                     C[vi, vj] = C[vi, vj] + T.Cast(acc, A[vi, vk]) * T.Cast(acc, B[vk // g, vj, vk % g])
 
-    @T.prim_func(s_tir=True)
+    @tvm_compat.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         sa = T.int32()
         sb0 = T.int32()
@@ -607,7 +608,10 @@ def _convert_panel_at(sch, task) -> None:
     the start of the task."""
     convert = sch.get_sblock("convert")
     sch.compute_at(convert, task)
-    *_, outer, inner = sch.get_loops(convert)
+    *_, k_groups, outer, inner = sch.get_loops(convert)
+    # A loop, not straight-line code: under the task's auto-unroll a short K (a VAE convolution's
+    # 288) would unroll the whole panel, seconds of LLVM time per kernel for no speed.
+    sch.annotate(k_groups, "pragma_auto_unroll_max_step", 0)
     if _info(sch.mod["main"])["isa"] in FMA:  # (k pair, columns): a vector of columns per k
         sch.unroll(outer)
         sch.vectorize(inner)

@@ -2,6 +2,7 @@
 (tests/test_tvm_compat.py): an upgrade that moves one breaks here, loudly, not somewhere deep.
 
     import_tensor_intrin_fast   tvm.s_tir.tensor_intrin imported with a fast inspect.stack
+    prim_func                   @T.prim_func with the same fast inspect.stack
     tuning_record_json          meta_schedule._ffi_api.TuningRecordAsJSON (as_json raises on IndexMap)
     xgb_model_class             XGBModel._cls, the class behind MetaSchedule's derived XGBModel
     xgb_training_callback       xgb_model._get_custom_call_back, TVM's early-stopping callback
@@ -76,6 +77,20 @@ def dlight_wmma_tensorization(func, target, intrin_group):
         return MatmulTensorization().apply(func, target, False)
     finally:
         cuda_intrin.get_wmma_intrin_group = original
+
+
+def prim_func(**options):
+    """`@T.prim_func(**options)`, parsed under fast_tvmscript: autotune's kernels and intrinsics
+    (gemm_cpu's took ~5 s to import with torch loaded, in every process that builds). Write it
+    `@tvm_compat.prim_func(...)`: the parser reads the options off an attribute named prim_func."""
+    from tvm.script import tirx as T
+
+    def parse(func):
+        with fast_tvmscript():
+            return T.prim_func(**options)(func)
+
+    parse.dispatch_token = "tirx"  # what the parser reads off the decorator it finds in the source
+    return parse
 
 
 def import_tensor_intrin_fast() -> None:

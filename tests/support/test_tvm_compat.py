@@ -8,7 +8,9 @@ import sys
 import time
 
 import tvm
+import tvm_ffi
 from tvm import te
+from tvm.script import tirx as T
 
 from autotune.support import tvm_compat
 
@@ -142,3 +144,31 @@ def test_dlight_wmma_tensorization_uses_the_given_intrinsic_group():
     assert asked and sch is not None
     script = sch.mod.script()
     assert "wmma.matrix_a" in script and "tvm_mma_sync" in script and "bfloat16" in script
+
+
+def _scale(n: int, dtype: str, fast: bool):
+    """b = 2a as TVMScript, a closure whose buffer shapes come from the enclosing function (string
+    annotations under PEP 563, which TVMScript resolves through the caller's frames)."""
+    if fast:
+
+        @tvm_compat.prim_func(s_tir=True)
+        def scale(a: T.Buffer((n,), dtype), b: T.Buffer((n,), dtype)) -> None:
+            for i in range(n):
+                b[i] = a[i] * T.Cast(dtype, 2)
+
+    else:
+
+        @T.prim_func(s_tir=True)
+        def scale(a: T.Buffer((n,), dtype), b: T.Buffer((n,), dtype)) -> None:
+            for i in range(n):
+                b[i] = a[i] * T.Cast(dtype, 2)
+
+    return scale
+
+
+def test_prim_func_parses_like_tvmscript_and_restores_inspect():
+    stack = inspect.stack
+    fast = _scale(48, "float16", fast=True)
+    assert inspect.stack is stack, "inspect.stack must be restored"
+    assert tvm_ffi.structural_equal(fast, _scale(48, "float16", fast=False))
+    assert "float16" in fast.script() and "48" in fast.script()
