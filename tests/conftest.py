@@ -117,6 +117,24 @@ def tuned_mlp(tmp_path_factory, mlp_block):
     return imported, log, report
 
 
+# The i2v pipeline's tiny artifacts: 64x64, 9 frames (3 latent frames: the VAE's causal-conv cache
+# path from the 3rd latent frame on).
+TINY_PIPELINE = {"model": "wan-i2v-tiny", "height": 64, "width": 64, "frames": 9}
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_artifacts(tmp_path_factory):
+    """The four wan-i2v-tiny artifacts (TINY_PIPELINE), built once, untuned, for x86 (~1 min on a
+    loaded 2-core machine): the pipeline tests run them, the component tests check each encoder
+    and the decoder against torch."""
+    from autotune.i2v.pipeline import build_pipeline_artifacts
+
+    p = TINY_PIPELINE
+    out = tmp_path_factory.mktemp("pipeline") / f"{p['model']}-x86"
+    build_pipeline_artifacts(p["model"], "x86", out, height=p["height"], width=p["width"], frames=p["frames"], quiet=True)
+    return out
+
+
 @pytest.fixture(scope="session")
 def real_log(tuned_mlp):
     """A real tuning log: the tuned MLP block's."""

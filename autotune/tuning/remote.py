@@ -91,7 +91,10 @@ def wait_forever(handle) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        handle.terminate()
+        try:
+            handle.terminate()
+        except ConnectionError:  # the child is already gone (a signal to the whole process group)
+            pass
 
 
 def tracker_summary(tracker: str | tuple[str, int], timeout_s: float = 10.0) -> dict:

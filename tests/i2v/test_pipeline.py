@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_PIPELINE
 from PIL import Image
 
 import autotune  # noqa: F401  (before tvm)
@@ -26,25 +27,20 @@ from autotune.i2v.feature_cache import FeatureCache
 from autotune.i2v.pipeline import (
     COMPONENTS,
     Pipeline,
-    build_pipeline_artifacts,
     check_artifacts,
     load_text_embeds,
 )
 from autotune.i2v.step_cache import StepCache
 from autotune.support.errors import ArtifactError, InputError
 
-MODEL = "wan-i2v-tiny"
-H = W = 64
-FRAMES = 9
+MODEL, H, W, FRAMES = (TINY_PIPELINE[key] for key in ("model", "height", "width", "frames"))
 PSNR_VS_TORCH_DB = 50.0  # measured 92-94 dB
 PSNR_STEP_CACHE_DB = 40.0  # measured 52.8 dB (threshold 0.2, 10 steps, 4 skipped)
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline") / f"{MODEL}-x86"
-    build_pipeline_artifacts(MODEL, "x86", out, height=H, width=W, frames=FRAMES, quiet=True)
-    return out
+def artifacts(tiny_pipeline_artifacts):
+    return tiny_pipeline_artifacts
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from conftest import max_abs_diff
+from conftest import TINY_PIPELINE, max_abs_diff
 
 import autotune
-from autotune.build.compile import build
 from autotune.frontend.sources import load_source
 from autotune.support.errors import InputError
 from autotune.support.resources import available_bytes
@@ -14,20 +13,15 @@ from autotune.support.resources import available_bytes
 TOL = 1e-4  # fp32
 
 
-@pytest.mark.parametrize(
-    "component, size",
-    [  # the transformer: tests/build/test_blockwise.py (block-wise), tests/frontend/test_prune.py (whole, pruned)
-        ("image_encoder", {}),
-        ("vae_encoder", {}),
-        # the VAE decoder: tests/i2v/test_pipeline.py compiles it at 9 frames (3 latent frames: TVM
-        # 0.27's select.int(-1) read out of bounds from the 3rd latent frame on, the causal-conv cache
-        # path, until converter_fixes normalised it) and compares the decoded frames with torch eager
-    ],
-)
-def test_component_compiled_matches_torch(tmp_path, component, size):
-    source = load_source("wan-i2v-tiny", component, **size)
-    report = build(source.imported, "x86", tmp_path / f"{component}.so")
-    outs = autotune.load(report.paths.library)(**source.example_inputs)
+@pytest.mark.parametrize("component", ["image_encoder", "vae_encoder", "vae_decoder"])
+def test_component_compiled_matches_torch(tiny_pipeline_artifacts, component):
+    """The pipeline's artifacts (conftest.TINY_PIPELINE: 9 frames, so the VAE decoder's causal-conv
+    cache path from the 3rd latent frame on, where TVM 0.27's select.int(-1) read out of bounds until
+    converter_fixes normalised it). The transformer: tests/build/test_blockwise.py (block-wise),
+    tests/frontend/test_prune.py (whole, pruned)."""
+    p = TINY_PIPELINE
+    source = load_source(p["model"], component, height=p["height"], width=p["width"], frames=p["frames"])
+    outs = autotune.load(tiny_pipeline_artifacts / f"{component}.so")(**source.example_inputs)
     outs = outs if isinstance(outs, tuple) else (outs,)
     for out, ref in zip(outs, source.reference_outputs()):
         assert out.shape == ref.shape
