@@ -53,11 +53,12 @@ from tvm.script import tirx as T
 
 from autotune.kernels import gemm_cpu
 from autotune.support import tvm_compat
+
+# KERNEL_ATTR on a kernel: its shape and tiles
 from autotune.support.ir import ATTENTION_ATTR as KERNEL_ATTR
 
 LOG2E = 1.4426950408889634
 RULE_NAME = "autotune_attention"  # MetaSchedule looks up s_tir.meta_schedule.<target key>.<name>
-# KERNEL_ATTR on a kernel: its shape and tiles
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,17 @@ def test_avx2_fma_bf16_gemm_matches_numpy(m, n, k, isa):
     _assert_close(_run(lib, a.astype(np.float32), b, (m, n)), ref)
 
 
+def test_a_short_reductions_weight_panel_converts_in_a_loop():
+    """A VAE convolution's K = 288 is under the task's auto-unroll limit: unrolled, the panel's
+    conversion was 288 copies of the int8 -> float32 widening in the LLVM IR (17k lines, 2.4 s of
+    LLVM per kernel); as a loop it is one (1.5k lines)."""
+    target = resolve_target("x86-avx2").tvm_target()
+    for isa in (gemm.AVX2_W8, gemm.AVX2_BF16):
+        ir = gemm.compile_standalone(16, 32, 288, isa, target).mod.inspect_source("ll")
+        assert ir.count("\n") < 4000, isa
+    assert ir.count(" shl ") < 64  # bf16 widening: a shift per vector of the loop body
+
+
 def test_amx_kernels_compile_to_tile_instructions():
     target = resolve_target("x86-amx").tvm_target()
     for isa, product in ((gemm.AMX, "tdpbf16ps"), (gemm.AMX_W8, "tdpbf16ps"), (gemm.AMX_INT8, "tdpbusd")):
