@@ -76,15 +76,16 @@ AMX_W8 = "amxw8"  # AMX-BF16 with int8 weights
 AVX2_INT8 = "avx2int16"  # AVX2 vpmaddwd: int16 activations x int8 weights widened to int16
 AVX2_BF16 = "avx2fma"  # AVX2 FMA: bf16 activations x bf16 weights, both widened to float32
 AVX2_W8 = "avx2fmaw8"  # the same with int8 weights
-BF16, INT8 = "bfloat16", "int8"
+AVX2_F32 = "avx2fmaf32"  # the same with float32 activations and weights
+BF16, INT8, F32 = "bfloat16", "int8", "float32"
 PRECISION = {
     AVX512: BF16, AMX: BF16, VNNI: INT8, AMX_INT8: INT8, AVX512_W8: BF16, AMX_W8: BF16, AVX2_INT8: INT8,
-    AVX2_BF16: BF16, AVX2_W8: BF16,
+    AVX2_BF16: BF16, AVX2_W8: BF16, AVX2_F32: F32,
 }
 INT8_WEIGHTS = {AVX512: AVX512_W8, AMX: AMX_W8, AVX2_BF16: AVX2_W8}  # bf16 engine -> its int8-weight variant
-AVX2 = (AVX2_INT8, AVX2_BF16, AVX2_W8)
-FMA = (AVX2_BF16, AVX2_W8)  # float32 FMA on widened panels
-DTYPES = {BF16: ("bfloat16", "bfloat16", "float32"), INT8: ("uint8", "int8", "int32")}  # A, B, accumulator
+AVX2 = (AVX2_INT8, AVX2_BF16, AVX2_W8, AVX2_F32)
+FMA = (AVX2_BF16, AVX2_W8, AVX2_F32)  # float32 FMA on widened (or, float32, re-laid) panels
+DTYPES = {BF16: ("bfloat16", "bfloat16", "float32"), INT8: ("uint8", "int8", "int32"), F32: ("float32",) * 3}  # A, B, accumulator
 MAX_PANEL_K = 2560  # longest reduction one partial product walks (weight panel stays in L2)
 # Register-tile bounds (rows, vectors a row): AVX-512 up to 5 x 3; AVX2 up to 4 rows x 5 vectors,
 # its default tile at most 12 accumulators (measured on a Zen 3, 1560 rows: 4 x 3 for 1536 columns,
@@ -96,14 +97,21 @@ ENGINE_NAMES = {
     AVX512: "AVX512-BF16", AMX: "AMX-BF16", VNNI: "AVX512-VNNI", AMX_INT8: "AMX-INT8",
     AVX512_W8: "AVX512-BF16 (int8 weights)", AMX_W8: "AMX-BF16 (int8 weights)", AVX2_INT8: "AVX2 (int16 multiply-add)",
     AVX2_BF16: "AVX2 FMA (bf16 widened to float32)", AVX2_W8: "AVX2 FMA (int8 weights widened to float32)",
+    AVX2_F32: "AVX2 FMA (float32)",
 }
+# float32 takes the engine only on AVX2-only CPUs, and a matmul only from this much arithmetic
+# (convolutions at any size: conv_gemm): below it, MetaSchedule's own float32 GEMM schedule fuses
+# the bias and activation into the matmul and costs no weight-panel copy, which matters more than
+# the FMA tiling when a product is small (the tiny models' 32-wide linears: ~1 MFLOP).
+MIN_F32_FLOPS = 1 << 24
 
 # ---------------------------------------------------------------- which engine, which shapes
 
 
 def group(isa: str) -> int:
-    """k elements per 32-bit lane: bf16 pairs, int8 quads (AVX2: int16 pairs)."""
-    return 2 if PRECISION[isa] == BF16 or isa == AVX2_INT8 else 4
+    """k elements per 32-bit lane: bf16 pairs, int8 quads (AVX2: int16 pairs; float32: pairs, as the
+    FMA engine's bf16)."""
+    return 4 if PRECISION[isa] == INT8 and isa != AVX2_INT8 else 2
 
 
 def lanes(isa: str) -> int:
@@ -124,12 +132,15 @@ def _is_amx(isa: str) -> bool:
 
 
 def _converts_weights(isa: str) -> bool:
-    return isa in (AVX512_W8, AMX_W8, AVX2_INT8, AVX2_BF16, AVX2_W8)
+    return isa in (AVX512_W8, AMX_W8, AVX2_INT8, *FMA)
 
 
 def weight_dtype(isa: str) -> str:
-    """The dtype the packed weight ships in: int8 for the int8 engines and the int8-weight variants."""
-    return "int8" if PRECISION[isa] == INT8 or isa in (AVX512_W8, AMX_W8, AVX2_W8) else "bfloat16"
+    """The dtype the packed weight ships in: int8 for the int8 engines and the int8-weight variants,
+    float32 for float32, else bf16."""
+    if PRECISION[isa] == INT8 or isa in (AVX512_W8, AMX_W8, AVX2_W8):
+        return "int8"
+    return "float32" if PRECISION[isa] == F32 else "bfloat16"
 
 
 def _max_tile(isa: str) -> tuple[int, int]:
@@ -142,11 +153,16 @@ def _amx_k_step(isa: str) -> int:
 
 
 def target_isa(target, precision: str = BF16) -> str | None:
-    """The best matrix engine the (LLVM) target has for `precision` ("bfloat16" or "int8"), or None."""
+    """The best matrix engine the (LLVM) target has for `precision` ("bfloat16", "int8" or
+    "float32"), or None. Float32 has one only on CPUs with AVX2 and FMA but not AVX-512: with
+    AVX-512, MetaSchedule's own float32 schedules (and the shipped log's records for them) keep it."""
     from tvm.target.codegen import target_has_features
 
     if target is None or target.kind.name != "llvm":
         return None
+    if precision == F32:
+        fma = target_has_features("avx2", target) and target_has_features("fma", target)
+        return AVX2_F32 if fma and not target_has_features("avx512f", target) else None
     if precision == BF16:
         if target_has_features("amx-bf16", target) and target_has_features("amx-tile", target):
             return AMX
@@ -237,8 +253,8 @@ def make_primfunc(m: int, n: int, k: int, isa: str) -> tvm.tirx.PrimFunc:
 
 
 def kernel_name(m: int, n: int, k: int, isa: str) -> str:
-    """gemm_bf16_ / gemm_w8_ (int8 weights on a bf16 engine) / gemm_int8_ + ISA and shape."""
-    kind = "int8" if PRECISION[isa] == INT8 else "w8" if weight_dtype(isa) == "int8" else "bf16"
+    """gemm_bf16_ / gemm_w8_ (int8 weights on a bf16 engine) / gemm_int8_ / gemm_f32_ + ISA and shape."""
+    kind = {INT8: "int8", F32: "f32"}.get(PRECISION[isa]) or ("w8" if weight_dtype(isa) == "int8" else "bf16")
     return f"gemm_{kind}_{isa}_{m}x{n}x{k}"
 
 

@@ -62,6 +62,14 @@ def make_primfunc(
     return func.with_attr("op_pattern", 8)  # opaque: see the module docstring
 
 
+def is_im2col_call(expr) -> bool:
+    """Whether a Relax expression calls an im2col kernel (by the name `kernel_name` gives it)."""
+    from tvm import relax
+
+    return (isinstance(expr, relax.Call) and expr.op.same_as(tvm.ir.Op.get("relax.call_tir"))
+            and expr.args[0].name_hint.startswith("im2col_"))
+
+
 def kernel_name(x_shape, kernel, strides, out_spatial, box=None) -> str:
     shape = "x".join(str(s) for s in x_shape)
     chunk = f"_chunk{'x'.join(map(str, box))}" if box is not None else ""

@@ -1,7 +1,7 @@
-"""Weight matmuls onto the CPU's matrix engine: bf16 (AMX-BF16, AVX512-BF16) and int8 (AMX-INT8,
-VNNI, AVX2).
+"""Weight matmuls onto the CPU's matrix engine: bf16 (AMX-BF16, AVX512-BF16), int8 (AMX-INT8,
+VNNI, AVX2), and float32 on AVX2-only CPUs (FMA).
 
-    matmul(x: bf16 (..., m, k), W: bf16 (k, n), out_dtype=float32)
+    matmul(x: bf16 (..., m, k), W: bf16 (k, n), out_dtype=float32)      (x float32: rounded to bf16 first)
       -> call_tir(gemm, [x, pack(W)])                pack(W)[k // 2, n, k % 2] = W[k, n]
     matmul(x: float32 or bf16, W: int8 (k, n), out_dtype=float32)        (int8-weight)
       -> call_tir(gemm, [bf16(x), pack(W)])          int8 weights, converted to bf16 in the kernel
@@ -13,6 +13,9 @@ VNNI, AVX2).
       -> call_tir(gemm, [int16(x), pack(W)])         pack(W)[k // 2, n, k % 2]
     bf16 and int8-weight on AVX2 (no bf16 arithmetic): as above with A = float32(x); int8-weight's
       float32 activations are not rounded to bf16 there (the FMA multiplies float32 anyway)
+    matmul(x: float32, W: float32 (k, n)), AVX2 without AVX-512, 2mnk >= MIN_F32_FLOPS or x    (float32)
+           the im2col rows of a convolution (conv_gemm)
+      -> call_tir(gemm, [x, pack(W)])                pack(W)[k // 2, n, k % 2], as bf16's
 
 The int8 engines multiply unsigned by signed bytes, so signed activations are shifted by 128
 and the shift is taken back out with the weight's column sums, an exact int32 correction. w8a8's
@@ -42,6 +45,7 @@ from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from autotune.frontend.importer import ImportedModel
 from autotune.kernels import gemm_cpu as kernel
+from autotune.kernels import im2col
 from autotune.support import ir
 
 from .weight_transforms import precompute_weight_transforms
@@ -54,11 +58,12 @@ class MatrixEngineRewriter:
 
     def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
         self.mod = mod
-        self.isas = {precision: kernel.target_isa(target, precision) for precision in (kernel.BF16, kernel.INT8)}
+        self.isas = {precision: kernel.target_isa(target, precision) for precision in (kernel.BF16, kernel.INT8, kernel.F32)}
         self.count: dict[str, int] = {}  # engine name -> matmuls
         self.kernels: dict[tuple, relax.GlobalVar] = {}
         self.builder = relax.BlockBuilder(mod)  # holds the kernels added
         self.weight_vars = ir.weight_only_vars(mod["main"])
+        self.convolution_rows = im2col_row_vars(mod["main"])
 
     def __call__(self, call: relax.Call, _matches) -> relax.Expr:
         x, w = call.args
@@ -66,6 +71,8 @@ class MatrixEngineRewriter:
         if precision is None or w not in self.weight_vars:
             return call
         x_shape, w_shape = ir.static_shape(x.ty), ir.static_shape(w.ty)
+        if precision == kernel.F32 and x not in self.convolution_rows and not big_enough_for_float32(x_shape, w_shape):
+            return call
         isa = isa_for_shapes(self.isas[kernel.BF16 if precision == "int8-weight" else precision], x_shape, w_shape)
         have = ir.tensor_dtype(x)
         if isa is None or (have == "int16" and kernel.activation_dtype(isa) != "int16"):
@@ -75,7 +82,7 @@ class MatrixEngineRewriter:
         if precision == "int8-weight":
             isa = kernel.INT8_WEIGHTS[isa]
         want = kernel.activation_dtype(isa)
-        if precision == "int8-weight" and want == "bfloat16" and have != "bfloat16":
+        if want == "bfloat16" and have != "bfloat16":  # (float32 activations, bf16 or int8 weights)
             x = relax.op.astype(x, "bfloat16")
         engine = kernel.ENGINE_NAMES[isa]
         self.count[engine] = self.count.get(engine, 0) + 1
@@ -92,7 +99,7 @@ class MatrixEngineRewriter:
         if padded != rows:
             flat = relax.op.nn.pad(flat, [0, padded - rows, 0, 0])
         packed = relax.op.permute_dims(relax.op.reshape(w, [k // g, g, n]), [0, 2, 1])
-        acc = "int32" if precision == kernel.INT8 else "float32"
+        acc = "int32" if precision == kernel.INT8 else "float32"  # (float32: x is already float32)
         out = relax.call_tir(self._kernel(padded, n, k, isa), [flat, packed], relax.TensorType([padded, n], acc))
         if padded != rows:
             out = relax.op.strided_slice(out, axes=[0], begin=[0], end=[rows])
@@ -124,19 +131,41 @@ def isa_for_shapes(engine_isa: str | None, x_shape, w_shape) -> str | None:
     return kernel.isa_for_shape(engine_isa, math.prod(x_shape[:-1]), n, k)
 
 
+def im2col_row_vars(main) -> set:
+    """The variables holding a convolution's im2col rows reshaped for its GEMM (conv_gemm)."""
+    gathered, rows = set(), set()
+    for block in main.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if im2col.is_im2col_call(value):
+                gathered.add(binding.var)
+            elif isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get("relax.reshape")) and value.args[0] in gathered:
+                rows.add(binding.var)
+    return rows
+
+
+def big_enough_for_float32(x_shape, w_shape) -> bool:
+    """Whether a float32 matmul has the arithmetic (`gemm_cpu.MIN_F32_FLOPS`) to take the engine."""
+    if x_shape is None or w_shape is None or len(w_shape) != 2:
+        return False
+    return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1] >= kernel.MIN_F32_FLOPS
+
+
 def unsigned_shift_correction(w) -> relax.Expr:
     """128 x the column sums of the int8 weight w (k, n): what (x + 128) . w adds to x . w (int32)."""
     return relax.op.multiply(relax.op.sum(relax.op.astype(w, "int32"), axis=[0]), relax.const(128, "int32"))
 
 
 def engine_precision(call: relax.Call) -> str | None:
-    """A matmul's (or convolution's) precision on the engines: "bfloat16" for bf16 x bf16 ->
+    """A matmul's (or convolution's) precision on the engines: "bfloat16" for bf16 (or float32) x bf16 ->
     float32, "int8" for int8 (or shifted uint8, or int16) x int8 -> int32, "int8-weight" for float32/bf16 x
-    int8 -> float32, else None."""
+    int8 -> float32, "float32" for float32 x float32 -> float32, else None."""
     x, w = call.args
     out = str(call.attrs.out_dtype)
-    if _is_bf16(x) and _is_bf16(w) and out == "float32":
-        return kernel.BF16
+    if ir.tensor_dtype(x) in ("bfloat16", "float32") and _is_bf16(w) and out == "float32":
+        return kernel.BF16  # (float32 x: conv_gemm's im2col rows for the FMA engine)
+    if ir.tensor_dtype(x) == "float32" and ir.tensor_dtype(w) == "float32" and out in ("float32", "void", ""):
+        return kernel.F32
     if ir.tensor_dtype(x) in ("int8", "uint8", "int16") and ir.tensor_dtype(w) == "int8" and out == "int32":
         return kernel.INT8
     if ir.tensor_dtype(x) in ("float32", "bfloat16") and ir.tensor_dtype(w) == "int8" and out == "float32":
@@ -149,8 +178,8 @@ def _is_bf16(expr) -> bool:
 
 
 def use_matrix_engine(imported: ImportedModel, target: tvm.target.Target) -> tuple[ImportedModel, dict | None]:
-    """Move the bf16, int8-weight and w8a8 weight matmuls onto the target's matrix engines; pack
-    their weights once.
+    """Move the bf16, int8-weight, w8a8 (and, on AVX2-only CPUs, large float32) weight matmuls
+    onto the target's matrix engines; pack their weights once.
 
     Returns (model, {engine name: matmuls}), or the model unchanged and None on targets without
     an engine for them (or without such matmuls). The weight-only work lifted with the packing

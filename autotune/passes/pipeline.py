@@ -5,12 +5,12 @@ hash of each fused PrimFunc, so a build that prepares or fuses differently (or r
 fused module) silently misses every record. Both call the phases below, and nothing else does.
 
     phase      when                       what                                         target kinds
-    prepare    before fusing (weights)    drop causal zero-padding taps; then either   all
-                                          quantize (a --quantize mode; bf16, int8-weight
-                                          and w8a8 also move weight matmuls, and bf16 /
-                                          int8-weight convolutions as im2col GEMMs, onto
-                                          AMX / AVX512-BF16 / VNNI / AVX2, weights packed) or precompute
-                                          weight-only work (transposes)
+    prepare    before fusing (weights)    drop causal zero-padding taps; quantize (a   all
+                                          --quantize mode); move weight matmuls, and
+                                          convolutions as im2col GEMMs, onto the CPU's
+                                          matrix engines (AMX / AVX512-BF16 / VNNI / AVX2;
+                                          float32 on AVX2-only CPUs), weights packed;
+                                          precompute weight-only work (transposes)
     fuse       the tuning tasks           fuse attention into one kernel; legalize     all; CPU adds fast
                                           (CPU: vectorisable fast math), annotate,     math and marks large
                                           fold constants, fuse, FuseTIR, DCE           weights layout-free
@@ -51,23 +51,19 @@ def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None) ->
     A quantization mode rewrites the linears and convolutions itself (its weights are stored
     pre-transposed and its dequantisation must stay inside the kernels), so the causal padding is
     dropped after it, on the quantized weights; otherwise weight transforms are precomputed."""
+    target = preset.tvm_target()
     if quantize_mode:
         from .quantize import quantize
 
         quantized, info = quantize(imported, quantize_mode, preset)
         if "note" in info:  # nothing to quantize (w8a8 on a VAE): the float32 build, notes aside
-            unchanged = precompute_weight_transforms(drop_causal_padding_in(replace(imported, notes=quantized.notes)))
+            unchanged = _prepare_float32(replace(imported, notes=quantized.notes), target)
             return unchanged, {**info, "weight_bytes_after": unchanged.weight_bytes()}
         quantized = drop_causal_padding_in(quantized)
-        target = preset.tvm_target()
         if quantize_mode in ("bf16", "int8-weight", "w8a8") and target.kind.name == "llvm":
-            quantized, conv_gemms = convolutions_as_gemm(quantized, target)
-            quantized, engines = use_matrix_engine(quantized, target)
+            quantized, moved = _onto_matrix_engines(quantized, target)
             quantized, convs = convolutions_in_float32(quantized)
-            if conv_gemms:
-                info = {**info, "convolutions_as_gemm": conv_gemms}
-            if engines:
-                info = {**info, "matrix_engine": engines}
+            info = {**info, **moved}
             if convs:
                 info = {**info, "convolutions_in_float32": convs}
             info["weight_bytes_after"] = quantized.weight_bytes()
@@ -75,7 +71,27 @@ def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None) ->
             if missing:
                 quantized = replace(quantized, notes=quantized.notes + [missing])
         return quantized, info
-    return precompute_weight_transforms(drop_causal_padding_in(imported)), None
+    return _prepare_float32(imported, target), None
+
+
+def _onto_matrix_engines(model: ImportedModel, target: tvm.target.Target) -> tuple[ImportedModel, dict]:
+    """Convolutions as im2col GEMMs, then weight matmuls onto the CPU target's matrix engines (their
+    weight packing precomputed). Returns (model, what moved: convolutions_as_gemm, matrix_engine)."""
+    model, conv_gemms = convolutions_as_gemm(model, target)
+    model, engines = use_matrix_engine(model, target)
+    moved = {"convolutions_as_gemm": conv_gemms} if conv_gemms else {}
+    return model, {**moved, "matrix_engine": engines} if engines else moved
+
+
+def _prepare_float32(model: ImportedModel, target: tvm.target.Target) -> ImportedModel:
+    """The float32 build's phase 1: causal padding dropped, large matmuls and convolutions on the
+    float32 engine where the CPU target has one (AVX2 without AVX-512), weight-only work precomputed."""
+    model = drop_causal_padding_in(model)
+    if target.kind.name == "llvm":
+        model, moved = _onto_matrix_engines(model, target)
+        if "matrix_engine" in moved:  # (its weight packing is precomputed with the transposes)
+            return model
+    return precompute_weight_transforms(model)
 
 
 def _missing_engine(mode: str, target: tvm.target.Target, preset) -> str | None:

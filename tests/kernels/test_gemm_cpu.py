@@ -1,7 +1,7 @@
 """The matrix-engine GEMMs against numpy: AVX512-BF16 and AMX-BF16 (bf16 inputs, float32
 accumulation, to float32 rounding; bf16 or int8 weights), AVX512-VNNI and AMX-INT8 (uint8 x int8 ->
 int32, exactly), AVX2's int16 multiply-add (int16 x int8 -> int32, exactly), AVX2 FMA on bf16 (or
-int8 weights) widened to float32, on aligned and ragged shapes, and the MetaSchedule design space
+int8 weights) widened to float32 and on float32, on aligned and ragged shapes, and the MetaSchedule design space
 replayed with
 every decision it can sample. Where the CPU lacks AVX512-BF16, AMX or VNNI, those instructions are
 emulated (conftest's dpbf16_target, amx_target, vnni_target), so the kernels' code runs on any x86-64."""
@@ -129,13 +129,18 @@ def test_avx2_int8_gemm_equals_numpy_exactly(m, n, k):
         (8, 16, 5200),  # a reduction long enough to be split into partial products
     ],
 )
-@pytest.mark.parametrize("isa", [gemm.AVX2_BF16, gemm.AVX2_W8])
-def test_avx2_fma_bf16_gemm_matches_numpy(m, n, k, isa):
+@pytest.mark.parametrize("isa", [gemm.AVX2_BF16, gemm.AVX2_W8, gemm.AVX2_F32])
+def test_avx2_fma_gemm_matches_numpy(m, n, k, isa):
     """bf16 activations (given as float32) times bf16 (or int8) weights widened to float32 in the
     kernel, on vfmadd (every x86-64 CI machine has AVX2 and FMA): products exact in float32, only
-    the summation order differs."""
+    the summation order differs. Float32 x float32: float32 products, against numpy in float64."""
     target = resolve_target("x86-avx2").tvm_target()
-    a, b, ref = _operands(m, n, k, int8_weights=isa == gemm.AVX2_W8)
+    if isa == gemm.AVX2_F32:
+        rng = np.random.default_rng(0)
+        a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
+        ref = a.astype(np.float64) @ b.astype(np.float64)
+    else:
+        a, b, ref = _operands(m, n, k, int8_weights=isa == gemm.AVX2_W8)
     lib = gemm.compile_standalone(m, n, k, isa, target)
     assert "vfmadd" in lib.mod.inspect_source("asm")
     _assert_close(_run(lib, a.astype(np.float32), b, (m, n)), ref)
@@ -201,6 +206,9 @@ def test_shapes_each_engine_takes():
     assert gemm.target_isa(resolve_target("x86-avx512-vnni").tvm_target(), gemm.INT8) == gemm.VNNI
     assert gemm.target_isa(resolve_target("x86-avx2").tvm_target(), gemm.INT8) == gemm.AVX2_INT8
     assert gemm.target_isa(resolve_target("x86-avx2").tvm_target(), gemm.BF16) == gemm.AVX2_BF16
+    # float32: the FMA engine on AVX2-only CPUs; with AVX-512, MetaSchedule's float32 schedules
+    assert gemm.target_isa(resolve_target("x86-avx2").tvm_target(), gemm.F32) == gemm.AVX2_F32
+    assert gemm.target_isa(resolve_target("x86-avx512").tvm_target(), gemm.F32) is None
     assert gemm.target_isa(resolve_target('{"kind": "llvm", "mcpu": "x86-64"}').tvm_target(), gemm.BF16) is None
     assert gemm.isa_for_shape(gemm.AVX2_BF16, 1560, 24, 1536) == gemm.AVX2_BF16
     assert gemm.isa_for_shape(gemm.AVX2_INT8, 1560, 24, 1536) == gemm.AVX2_INT8  # whole 8-lane vectors

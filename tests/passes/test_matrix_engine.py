@@ -260,12 +260,12 @@ def test_output_chunks_tile_the_output_once_within_the_limit():
 
     for shape, k, limit in [((1, 4, 480, 832), 3456, 256 << 20), ((2, 6, 7), 72, 3000), ((1, 3, 6, 10), 216, 1000)]:
         seen = np.zeros(shape, dtype=int)
-        boxes = output_chunks(shape, k, limit)
+        boxes = output_chunks(shape, k * 2, limit)
         for starts, sizes in boxes:
             seen[tuple(slice(a, a + n) for a, n in zip(starts, sizes))] += 1
             assert int(np.prod(sizes)) * k * 2 <= max(limit, k * 2)
         assert (seen == 1).all() and len(boxes) > 1
-    assert len(output_chunks((1, 4, 480, 832), 3456, 256 << 20)) == 4 * 11  # a frame in 11 slabs of <= 44 rows
+    assert len(output_chunks((1, 4, 480, 832), 3456 * 2, 256 << 20)) == 4 * 11  # a frame in 11 slabs of <= 44 rows
 
 
 @pytest.mark.parametrize("target, isa", BF16_ENGINES)
@@ -279,6 +279,46 @@ def test_bf16_convolutions_run_on_the_engine_and_match_torch(tmp_path, target, i
     out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float32)
     with torch.no_grad():
         assert compare(out, module(x).numpy())["cosine"] >= MIN_COSINE
+
+
+class Float32Layers(torch.nn.Module):
+    """A 3x3 convolution (1024 x 288 x 64: 38 MFLOP), then per-position linears of 64 -> 128 (exactly
+    gemm_cpu.MIN_F32_FLOPS) and 128 -> 24 (6 MFLOP: under it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(32, 64, 3, padding=1)
+        self.up = torch.nn.Linear(64, 128)
+        self.down = torch.nn.Linear(128, 24)
+
+    def forward(self, x):
+        tokens = torch.nn.functional.silu(self.conv(x)).flatten(2).transpose(1, 2).contiguous()  # (1, 1024, 64)
+        return self.down(torch.nn.functional.gelu(self.up(tokens)))
+
+
+def test_float32_on_an_avx2_cpu_runs_large_products_on_the_fma_engine_and_matches_torch(tmp_path):
+    """Float32 without AVX-512: the convolution (as im2col) and the linear of 2^24 flops take the FMA
+    engine (float32 weights packed at build time); the small linear stays on MetaSchedule's schedule.
+    Float32 throughout, so within float32 summation-order error of torch (max |err| / max |ref|
+    < 1e-5). With AVX-512 nothing moves (its float32 schedules keep the shipped records)."""
+    from autotune.kernels.gemm_cpu import MIN_F32_FLOPS
+
+    assert 2 * 1024 * 64 * 128 == MIN_F32_FLOPS
+    torch.manual_seed(0)
+    module, x = Float32Layers().eval(), torch.randn(1, 32, 32, 32)
+    details: dict = {}
+    report = build(from_torch(module, {"x": x}), "x86-avx2", tmp_path / "f", details=details,
+                   settings=BuildSettings(shipped_log=False))
+    names = sorted(name for name in prim_funcs(details["scheduled"]) if name.startswith("gemm_"))
+    assert names == ["gemm_f32_avx2fmaf32_1024x128x64", "gemm_f32_avx2fmaf32_1024x64x288"], names
+    assert any(name.startswith("im2col") for name in prim_funcs(details["scheduled"]))
+    out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float32)
+    with torch.no_grad():
+        ref = module(x).numpy()
+    assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5
+
+    prepared, _ = prepare_model(from_torch(module, {"x": x}), resolve_target("x86-avx512"), None)
+    assert not _engine_kernels(prepared.mod) and "R.nn.conv2d" in prepared.mod["main"].script()
 
 
 def _int8_weights(linear: torch.nn.Linear) -> tuple[np.ndarray, np.ndarray]:
