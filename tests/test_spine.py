@@ -133,8 +133,10 @@ def test_trials_go_where_the_flops_are(tuned_mlp):
     _, tasks = extract_tasks(prepare_model(imported, preset, None)[0], preset.tvm_target())
     light, heavy = split_by_flops(tasks, TuneSettings().light_task_share)
     names = {i: tasks[i].task_name for i in range(len(tasks))}
-    assert light and all("matmul" not in names[i] for i in light)
-    assert sum("matmul" in names[i] for i in heavy) == 2
+    # (an AVX2-only host runs the two matmuls on its float32 FMA kernel: gemm_f32_...)
+    is_matmul = {i: "matmul" in name or name.startswith("gemm_") for i, name in names.items()}
+    assert light and not any(is_matmul[i] for i in light)
+    assert sum(is_matmul[i] for i in heavy) == 2
     total = sum(task_flops(t) for t in tasks)
     assert all(task_flops(tasks[i]) < 0.01 * total for i in light)
     trials = {s.name: s.trials for s in report.tasks}

@@ -327,7 +327,7 @@ def _gemm_rate(dtype: torch.dtype, size: int, repeat: int) -> tuple[float, int]:
     this CPU runs it so slowly (torch's fallback kernels without bf16 / int8 instructions: 0.3
     GFLOP/s measured for bf16 on a Zen 3) that a 2048³ call would take a minute."""
     small = 256
-    estimate = _median_seconds(_gemm_call(dtype, small), 1) * (size / small) ** 3
+    estimate = _median_seconds(_gemm_call(dtype, small), 3) * (size / small) ** 3  # (3: one slow call is noise)
     while size > small and estimate > PROBE_CALL_SECONDS:
         size //= 2
         estimate /= 8

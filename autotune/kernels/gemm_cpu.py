@@ -1,11 +1,12 @@
 """GEMMs on x86 matrix engines: bf16 (AMX-BF16 tiles, AVX512-BF16) and int8 (AMX-INT8 tiles,
-VNNI, and AVX2's int16 multiply-add where neither is there).
+VNNI, and AVX2's int16 multiply-add where neither is there); on AVX2 FMA also float32.
 
     bf16:          C[m, n] (float32) = sum_k A[m, k] (bf16)  * B[k, n] (bf16)
     int8 weights:  C[m, n] (float32) = sum_k A[m, k] (bf16)  * bf16(B[k, n] (int8))
     bf16 on AVX2:  C[m, n] (float32) = sum_k A[m, k] (float32 holding bf16 values) * float32(B[k, n] (bf16 or int8))
     int8:          C[m, n] (int32)   = sum_k A[m, k] (uint8) * B[k, n] (int8)
     int8 on AVX2:  C[m, n] (int32)   = sum_k A[m, k] (int16) * int16(B[k, n] (int8))
+    float32 (AVX2 only): C[m, n] (float32) = sum_k A[m, k] (float32) * B[k, n] (float32)
 
 B is a weight, shipped packed in the group-interleaved layout every engine reads,
 Bp[k // g, n, k % g] = B[k, n], with g = 4 bytes / element size (bf16 pairs, int8 quads): a row
@@ -35,6 +36,9 @@ Six instruction sets, one PrimFunc:
     float32 holding bf16 values (widened by the kernel that produces them: a bf16 A widened in the
     inner loop ran at 120 GFLOP/s against 162 on a Zen 3, 1560 x 1536 x 1536). Same register tiles
     as AVX2 int8. Products of bf16 values are exact in float32: bf16 x bf16 -> float32 as above.
+    The same kernel takes float32 x float32 on AVX2-only CPUs (`AVX2_F32`: the weight ships packed in
+    float32 and the panel is only re-laid), whose float32 GEMMs MetaSchedule's fallback schedules
+    ran 3-15x slower.
 TVM cannot name LLVM's `<32 x bfloat>` vectors (bf16 is legalised to float32 compute and uint16
 storage), so `vdpbf16ps` is called through a tiny LLVM IR function imported into the kernel
 (`pragma_import_llvm`) that takes the pairs as int32 and bitcasts them.
@@ -620,8 +624,8 @@ def _schedule_amx(sch, gemm, outer, rows, n_loop, k_loop, n, kc, isa, sample):
 
 
 def _convert_panel_at(sch, task) -> None:
-    """Convert the weight panel a task reads (int8 to bf16 or int16, bf16 or int8 to float32) once, at
-    the start of the task."""
+    """Convert the weight panel a task reads (int8 to bf16 or int16, bf16 or int8 to float32; float32
+    re-laid) once, at the start of the task."""
     convert = sch.get_sblock("convert")
     sch.compute_at(convert, task)
     *_, k_groups, outer, inner = sch.get_loops(convert)

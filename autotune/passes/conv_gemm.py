@@ -14,10 +14,10 @@ with its weight packed at build time (the weight reshape is weight-only work, li
 packing). TVM has no bf16 convolution schedule for CPUs (its generic kernel widens every load), so
 without this the convolutions compute in float32 (`convolutions_in_float32`, which takes what is
 left). Float32 convolutions without a tuning record run on a sampled fallback schedule of TVM's
-direct loop nest: on AVX2 15x slower than the same arithmetic on the FMA engine (the VAE up-block),
-and 1.3x the whole tiny VAE decoder's, whose convolutions take 0.4-40 MFLOP each: unlike float32
-matmuls (matrix_engine's MIN_F32_FLOPS), every im2col GEMM goes (a 1x1 convolution, a plain
-matmul of the input, follows the matmuls' rule).
+direct loop nest: on AVX2 the VAE up-block's were 15x slower than the same arithmetic on the FMA
+engine, and even the tiny VAE decoder's convolutions (0.4-40 MFLOP each) are faster as GEMMs, so
+unlike float32 matmuls (matrix_engine's MIN_F32_FLOPS) every im2col GEMM takes the engine (a 1x1
+convolution, a plain matmul of its input, follows the matmuls' rule).
 
 Taken: conv1d/2d/3d, channels-first layouts, one group, static shapes, output channels and
 reduction length the engine takes (`gemm_cpu.isa_for_shape`). A is taps times the input (27x for

@@ -99,7 +99,7 @@ class MatrixEngineRewriter:
         if padded != rows:
             flat = relax.op.nn.pad(flat, [0, padded - rows, 0, 0])
         packed = relax.op.permute_dims(relax.op.reshape(w, [k // g, g, n]), [0, 2, 1])
-        acc = "int32" if precision == kernel.INT8 else "float32"  # (float32: x is already float32)
+        acc = "int32" if precision == kernel.INT8 else "float32"
         out = relax.call_tir(self._kernel(padded, n, k, isa), [flat, packed], relax.TensorType([padded, n], acc))
         if padded != rows:
             out = relax.op.strided_slice(out, axes=[0], begin=[0], end=[rows])
