@@ -108,6 +108,18 @@ def test_attention_stays_fused_at_bf16_and_matches_torch_sdpa(tmp_path):
     assert compare(out, ref)["cosine"] >= MIN_COSINE
 
 
+def test_bf16_attention_computes_in_float32_where_the_cpu_has_no_bf16_arithmetic():
+    """On AVX2 TVM would widen every bf16 load in the kernel's inner loops: the attention takes its
+    bf16 values as float32 there (its output cast back to bf16); AVX512-BF16 keeps the bf16 kernel,
+    whose GEMMs run on vdpbf16ps. (Its arithmetic against torch: the test above, on this CPU.)"""
+    module, inputs = AttentionBlock().eval(), {"x": torch.randn(1, 32, 64)}
+    for target, dtype in (("x86-avx2", "float32"), ("x86-avx512-bf16", "bfloat16")):
+        prepared, _ = prepare_model(from_torch(module, inputs), resolve_target(target), "bf16")
+        fused = fuse_for_target(prepared.mod, resolve_target(target).tvm_target())
+        names = [name for name in prim_funcs(fused) if name.startswith("fused_attention")]
+        assert len(names) == 1 and f"_{dtype}_" in names[0], (target, names)
+
+
 def _amx_build_target(amx_target, monkeypatch):
     """The target to build AMX artifacts for: `x86-amx` on an AMX CPU; else this CPU with the AMX
     features named (the passes then choose AMX kernels, whose tile instructions the amx_target
