@@ -88,6 +88,7 @@ PRECISION = {
 }
 INT8_WEIGHTS = {AVX512: AVX512_W8, AMX: AMX_W8, AVX2_BF16: AVX2_W8}  # bf16 engine -> its int8-weight variant
 AVX2 = (AVX2_INT8, AVX2_BF16, AVX2_W8, AVX2_F32)
+BF16_ARITHMETIC = (AMX, AVX512)  # bf16 engines that multiply bf16 itself (AVX2 widens it to float32)
 FMA = (AVX2_BF16, AVX2_W8, AVX2_F32)  # float32 FMA on widened (or, float32, re-laid) panels
 DTYPES = {BF16: ("bfloat16", "bfloat16", "float32"), INT8: ("uint8", "int8", "int32"), F32: ("float32",) * 3}  # A, B, accumulator
 MAX_PANEL_K = 2560  # longest reduction one partial product walks (weight panel stays in L2)

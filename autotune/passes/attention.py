@@ -45,6 +45,14 @@ log = logging.getLogger(__name__)
 
 FUNC_PREFIX = "fused_attention"
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+# module attribute (set in phase 1, read here): the dtype float32 attentions compute in on CPU
+COMPUTE_DTYPE_ATTR = "autotune.attention_compute_dtype"
+
+
+def with_compute_dtype(mod: tvm.IRModule, dtype: str) -> tvm.IRModule:
+    """`mod`, its float32 attentions to be fused into kernels computing in `dtype` ("bfloat16":
+    q, kᵀ, v cast on the way in, float32 accumulation, the output cast back to float32)."""
+    return mod.with_attr(COMPUTE_DTYPE_ATTR, dtype)
 
 
 # --- helpers on Relax expressions ----------------------------------------------------------------
@@ -471,6 +479,8 @@ class _Rewriter(PyExprMutator):
         self.kernels: dict = {}
         self.count = 0
         self.unfused: dict[str, int] = {}  # why an attention was left as it is -> how many
+        attrs = mod.attrs or {}
+        self.compute_dtype = str(attrs[COMPUTE_DTYPE_ATTR]) if COMPUTE_DTYPE_ATTR in attrs else None
 
     def run(self) -> tvm.IRModule:
         for gv, func in list(self.mod_.functions.items()):
@@ -520,6 +530,9 @@ class _Rewriter(PyExprMutator):
         if self.kind == "cpu" and m.dtype == "bfloat16" and _widens_bf16(self.target):
             q3, kt3, v3 = (self._emit(op.astype(t, "float32")) for t in (q3, kt3, v3))
             m = replace(m, dtype="float32")  # the output is cast back below
+        elif self.kind == "cpu" and m.dtype == "float32" and self.compute_dtype == "bfloat16":
+            q3, kt3, v3 = (self._emit(op.astype(t, "bfloat16")) for t in (q3, kt3, v3))
+            m = replace(m, dtype="bfloat16")  # (likewise)
         scale = m.scale
         for s in m.scale_exprs:  # runtime scalars on the scores: fold into Q
             q3 = self._emit(op.multiply(q3, op.astype(op.reshape(self.visit_expr(s), ()), m.dtype)))
