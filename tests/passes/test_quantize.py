@@ -129,20 +129,22 @@ def test_int8_weights_are_a_quarter_of_the_float32_linears(transformer):
 # -- the dequantisation lives inside the matmul/conv kernels --------------------------------------
 
 
-def _kernels_reading(fused, suffix: str) -> dict:
-    """PrimFunc name -> weights (params ending in `suffix`) it reads, from main's call_tir calls."""
-    text = fused["main"].script()
-    readers: dict[str, list] = {}
-    for line in text.splitlines():
+def _calls(fused):
+    """(PrimFunc name, its input arguments) of every call_tir in main, in order."""
+    for line in fused["main"].script().splitlines():
         if "R.call_tir(" not in line:
             continue
-        callee = line.split("R.call_tir(", 1)[1].split(",", 1)[0].strip()
-        args = line.split("(", 2)[2] if line.count("(") >= 2 else ""
-        for token in args.replace(")", ",").split(","):
-            token = token.strip()
-            if token.endswith(suffix):
-                readers.setdefault(callee, []).append(token)
-    return readers
+        callee, rest = line.split("R.call_tir(", 1)[1].split(",", 1)
+        args = rest.split("(", 1)[1].split(")", 1)[0] if "(" in rest else ""
+        yield callee.strip(), [a.strip() for a in args.split(",") if a.strip()]
+
+
+def _kernels_reading(fused, suffix: str) -> dict:
+    """PrimFunc name -> weights (params ending in `suffix`) it reads, from main's call_tir calls."""
+    readers: dict[str, list] = {}
+    for callee, args in _calls(fused):
+        readers.setdefault(callee, []).extend(a for a in args if a.endswith(suffix))
+    return {callee: weights for callee, weights in readers.items() if weights}
 
 
 @pytest.mark.parametrize("mode", ["int8-weight", "w8a8"])
@@ -154,11 +156,9 @@ def test_quantized_weights_are_read_only_by_fused_matmul_kernels(mode, transform
     if mode == "w8a8":  # the uint8 engines (VNNI, AMX-INT8) compute (x + 128).W - 128 * column sums of W:
         # the sums read the weight alone (a real build precomputes them), each sum kernel only weights
         sums = {n: v for n, v in readers.items() if "sum" in n and "matmul" not in n}
-        calls = [line for line in fused["main"].script().splitlines() if any(f"R.call_tir({n}," in line for n in sums)]
+        calls = [(callee, args) for callee, args in _calls(fused) if callee in sums]
         assert len(calls) == sum(len(v) for v in sums.values()), calls
-        for line in calls:
-            args = line.split("R.call_tir(", 1)[1].split("(", 1)[1].split(")", 1)[0]
-            assert all(a.strip().endswith("_q") for a in args.split(",") if a.strip()), line
+        assert all(a.endswith("_q") for _, args in calls for a in args), calls
         readers = {n: v for n, v in readers.items() if n not in sums}
         built, _ = prepare_model(transformer[0].imported, resolve_target("x86"), mode)
         assert not [n for n in prim_funcs(fuse_for_target(built.mod, target)) if "sum" in n and "matmul" not in n]
