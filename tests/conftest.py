@@ -77,6 +77,15 @@ def onnx_attention_block(tmp_path_factory, attention_block):
     return path, inputs, ref
 
 
+@pytest.fixture(autouse=True)
+def quantize_every_layer(monkeypatch):
+    """The suite's models are tiny: under `quantize.SMALL_LAYER` int8-weight and w8a8 would keep
+    every layer float32 and test no quantized kernel. The tests of that bound set it back."""
+    from autotune.passes import quantize
+
+    monkeypatch.setattr(quantize, "SMALL_LAYER", None)
+
+
 def run_fresh(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run Python code in a fresh interpreter (nothing shared with the test process)."""
     return subprocess.run(
@@ -97,6 +106,17 @@ def run_cli(*args: str, timeout: float = 600, cwd=None) -> subprocess.CompletedP
         cwd=cwd,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
+
+
+def im2col_rows(x: np.ndarray, kernel, strides, pad_before, dilation, out_spatial) -> np.ndarray:
+    """numpy im2col of channels-last x (N, *spatial, C): (N, *out_spatial, *kernel, C), zero padding."""
+    pad = [(p, t * d) for p, t, d in zip(pad_before, kernel, dilation)]  # (enough after: unused rows are cut)
+    xp = np.pad(x, [(0, 0), *pad, (0, 0)])
+    rows = np.zeros((x.shape[0], *out_spatial, *kernel, x.shape[-1]), x.dtype)
+    for taps in np.ndindex(*kernel):
+        window = tuple(slice(t * d, t * d + s * (o - 1) + 1, s) for t, d, s, o in zip(taps, dilation, strides, out_spatial))
+        rows[(slice(None), *[slice(None)] * len(kernel), *taps)] = xp[(slice(None), *window)]
+    return rows
 
 
 def max_abs_diff(a, b) -> float:

@@ -10,6 +10,10 @@ consecutive channels of one tap, and the convolution is A @ W as (taps * C, C_ou
 The copy runs along channels (contiguous in X and in A), so it vectorises; it is marked opaque so
 that FuseOps does not pull the producer of X (an activation) into it, which would recompute it
 once per tap.
+
+w8a8 convolutions gather and quantize in one kernel (`make_quant_primfunc`): each row quantized
+to int8 with its own scale, as w8a8 quantizes a linear's tokens, the float rows never written
+(a quarter of the bytes of float32 rows, and one pass instead of two).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import math
 
 import tvm
 from tvm import te
+
+from . import token_quant
 
 
 def output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int, dilation: int) -> int:
@@ -32,6 +38,36 @@ def make_primfunc(
     output's spatial axes), one chunk of it: A (*box, *kernel, C) from output position `first` on,
     `first` an int32 tensor (1 + spatial dims) and the kernel's second argument. Its indices are
     clamped into X whatever `first` holds (tuning measures the kernel on random inputs)."""
+    X, inputs, lead, row = _rows(x_shape, kernel, strides, pad_before, dilation, out_spatial, dtype, box)
+    A = te.compute((*lead, *kernel, x_shape[-1]), row, name="im2col")
+    func = te.create_prim_func([*inputs, A]).without_attr("global_symbol")
+    return func.with_attr("op_pattern", 8)  # opaque: see the module docstring
+
+
+def make_quant_primfunc(
+    x_shape: tuple[int, ...], kernel: tuple[int, ...], strides: tuple[int, ...], pad_before: tuple[int, ...],
+    dilation: tuple[int, ...], out_spatial: tuple[int, ...], dtype: str, values: str, box: tuple[int, ...] | None = None,
+) -> tvm.tirx.PrimFunc:
+    """w8a8's convolutions: the im2col rows quantized per row as w8a8 quantizes a linear's tokens
+    (kernels/token_quant.py, same arithmetic), in one pass that never writes the float rows:
+    X (N, *spatial, C) [, first] -> XQ (N, *out_spatial, *kernel, C) in `values`, SX (N, *out_spatial, 1)
+    float32 (`box`: one chunk, as in `make_primfunc`). A row is one output position's taps by
+    input channels, so a scale covers one position's receptive field."""
+    X, inputs, lead, row = _rows(x_shape, kernel, strides, pad_before, dilation, out_spatial, dtype, box)
+
+    def value(*index):
+        v = row(*index)
+        return v if dtype == "float32" else v.astype("float32")
+
+    XQ, SX = token_quant.quantized_rows(value, tuple(lead), (*kernel, x_shape[-1]), values)
+    func = te.create_prim_func([*inputs, XQ, SX]).without_attr("global_symbol")
+    info = {"shape": [*map(int, lead), *kernel, int(x_shape[-1])], "smooth": 0, "shifted": int(values == "uint8"),
+            "row_axes": len(kernel) + 1}
+    return func.with_attr(token_quant.ATTR, info).with_attr("op_pattern", 8)
+
+
+def _rows(x_shape, kernel, strides, pad_before, dilation, out_spatial, dtype, box):
+    """(X, the kernel's inputs, the row axes' extents, row(*position, *taps, channel) -> the value)."""
     n, *spatial, c = x_shape
     dims = len(spatial)
     if not (len(kernel) == len(strides) == len(pad_before) == len(dilation) == len(out_spatial) == dims):
@@ -46,20 +82,14 @@ def make_primfunc(
         return tvm.tirx.if_then_else(inside, X[(b, *clamped, ch)], tvm.tirx.const(0, dtype))
 
     if box is None:
-        A = te.compute((n, *out_spatial, *kernel, c), lambda b, *axes: gather(b, axes[:dims], axes[dims:-1], axes[-1]),
-                       name="im2col")
-        args = [X, A]
-    else:
-        first = te.placeholder((dims + 1,), "int32", name="first")
+        return X, [X], (n, *out_spatial), lambda b, *axes: gather(b, axes[:dims], axes[dims:-1], axes[-1])
+    first = te.placeholder((dims + 1,), "int32", name="first")
 
-        def chunk(b, *axes):
-            batch = tvm.tirx.Max(tvm.tirx.Min(first[0] + b, n - 1), 0)
-            return gather(batch, [first[1 + i] + o for i, o in enumerate(axes[:dims])], axes[dims:-1], axes[-1])
+    def chunk(b, *axes):
+        batch = tvm.tirx.Max(tvm.tirx.Min(first[0] + b, n - 1), 0)
+        return gather(batch, [first[1 + i] + o for i, o in enumerate(axes[:dims])], axes[dims:-1], axes[-1])
 
-        A = te.compute((*box, *kernel, c), chunk, name="im2col")
-        args = [X, first, A]
-    func = te.create_prim_func(args).without_attr("global_symbol")
-    return func.with_attr("op_pattern", 8)  # opaque: see the module docstring
+    return X, [X, first], tuple(box), chunk
 
 
 def is_im2col_call(expr) -> bool:
@@ -74,3 +104,7 @@ def kernel_name(x_shape, kernel, strides, out_spatial, box=None) -> str:
     shape = "x".join(str(s) for s in x_shape)
     chunk = f"_chunk{'x'.join(map(str, box))}" if box is not None else ""
     return f"im2col_{shape}_k{'x'.join(map(str, kernel))}_s{'x'.join(map(str, strides))}_o{math.prod(out_spatial)}{chunk}"
+
+
+def quant_kernel_name(x_shape, kernel, strides, out_spatial, values: str, box=None) -> str:
+    return "im2col_quant_" + token_quant.VALUES[values] + kernel_name(x_shape, kernel, strides, out_spatial, box)[len("im2col"):]

@@ -15,6 +15,8 @@ Marked opaque so that FuseOps keeps it whole.
 
 from __future__ import annotations
 
+import math
+
 import tvm
 from tvm import te
 
@@ -31,7 +33,6 @@ def make_primfunc(shape: tuple[int, ...], in_dtype: str = "float32", smooth: boo
                   values: str = "int8") -> tvm.tirx.PrimFunc:
     """X (*lead, k) [, S (k,)] -> XQ (*lead, k) `values` (int8, uint8 shifted by 128, int16), SX (*lead, 1) float32."""
     *lead, k = shape
-    shifted = values == "uint8"
     X = te.placeholder(tuple(shape), in_dtype, name="X")
     S = te.placeholder((k,), "float32", name="S") if smooth else None
 
@@ -39,20 +40,27 @@ def make_primfunc(shape: tuple[int, ...], in_dtype: str = "float32", smooth: boo
         v = X(*index) if in_dtype == "float32" else X(*index).astype("float32")
         return v * S[index[-1]] if smooth else v
 
-    r = te.reduce_axis((0, k), name="k")
-    amax = te.compute((*lead, 1), lambda *i: te.max(te.abs(value(*i[:-1], r)), axis=r), name="amax")
+    XQ, SX = quantized_rows(value, tuple(lead), (k,), values)
+    func = te.create_prim_func([X, *([S] if smooth else []), XQ, SX]).without_attr("global_symbol")
+    info = {"shape": [int(s) for s in shape], "smooth": int(smooth), "shifted": int(values == "uint8")}
+    return func.with_attr(ATTR, info).with_attr("op_pattern", 8)  # opaque: FuseOps leaves it whole
+
+
+def quantized_rows(value, lead: tuple[int, ...], row: tuple[int, ...], values: str) -> tuple[te.Tensor, te.Tensor]:
+    """The quantizer's stages over rows given by `value(*lead_index, *row_index)` (float32): XQ
+    (*lead, *row) in `values`, SX (*lead, 1). A row may have several axes (a convolution's
+    im2col row: taps by channels, kernels/im2col.py)."""
+    axes = [te.reduce_axis((0, e), name="k" if len(row) == 1 else f"k{i}") for i, e in enumerate(row)]
+    amax = te.compute((*lead, 1), lambda *i: te.max(te.abs(value(*i[:-1], *axes)), axis=axes), name="amax")
     SX = te.compute((*lead, 1), lambda *i: te.max(amax(*i), te.const(MIN_SCALE, "float32")) / te.const(INT8_MAX, "float32"),
                     name="scale")
 
     def quantized(*i):
-        q = te.min(te.max(te.round(value(*i) / SX(*i[:-1], 0)), te.const(-INT8_MAX, "float32")),
+        q = te.min(te.max(te.round(value(*i) / SX(*i[:len(lead)], 0)), te.const(-INT8_MAX, "float32")),
                    te.const(INT8_MAX, "float32"))
-        return (q + te.const(128.0, "float32")).astype("uint8") if shifted else q.astype(values)
+        return (q + te.const(128.0, "float32")).astype("uint8") if values == "uint8" else q.astype(values)
 
-    XQ = te.compute(tuple(shape), quantized, name="quantize")
-    func = te.create_prim_func([X, *([S] if smooth else []), XQ, SX]).without_attr("global_symbol")
-    info = {"shape": [int(s) for s in shape], "smooth": int(smooth), "shifted": int(shifted)}
-    return func.with_attr(ATTR, info).with_attr("op_pattern", 8)  # opaque: FuseOps leaves it whole
+    return te.compute((*lead, *row), quantized, name="quantize"), SX
 
 
 def kernel_name(shape: tuple[int, ...], in_dtype: str, smooth: bool, values: str) -> str:
@@ -68,11 +76,15 @@ def is_token_quant_kernel(func) -> bool:
 def apply_schedule(sch, lanes: int = 8) -> None:
     """The default schedule (untuned builds): one row at a time (rows in parallel when there is
     enough work), its maximum as `lanes` partial maxima in a vector then reduced, the division
-    vectorised. `lanes`: float32 lanes of the target's vectors."""
-    shape = [int(s) for s in sch.mod["main"].attrs[ATTR]["shape"]]
+    vectorised. `lanes`: float32 lanes of the target's vectors. A row of several axes (an im2col
+    row) is reduced as one: its innermost axis (channels) sets the vector width."""
+    info = sch.mod["main"].attrs[ATTR]
+    shape = [int(s) for s in info["shape"]]
+    row_axes = int(info["row_axes"]) if "row_axes" in info else 1
     k = shape[-1]
     width = max(w for w in range(1, lanes + 1) if k % w == 0 and (w & (w - 1)) == 0)
-    *_, reduction = sch.get_loops(sch.get_sblock("amax"))
+    loops = sch.get_loops(sch.get_sblock("amax"))
+    reduction = sch.fuse(*loops[-row_axes:]) if row_axes > 1 else loops[-1]
     _, partial = sch.split(reduction, [None, width])
     partials = sch.rfactor(partial, 0)  # "amax_rf": `width` partial maxima per row, then "amax" of them
     *lead, _, step, lane = sch.get_loops(partials)
@@ -82,5 +94,5 @@ def apply_schedule(sch, lanes: int = 8) -> None:
         sch.reverse_compute_at(sch.get_sblock(name), row)
     _, vector = sch.split(sch.get_loops(sch.get_sblock("quantize"))[-1], [None, width])
     sch.vectorize(vector)
-    if k * (sch.get(row).extent) >= PARALLEL_MIN_ELEMENTS:
+    if math.prod(shape) >= PARALLEL_MIN_ELEMENTS:
         sch.parallel(row)

@@ -1,5 +1,5 @@
-"""Convolutions onto the CPU's matrix engine, as GEMMs over im2col rows (bf16, int8 weights, and
-float32 on AVX2-only CPUs).
+"""Convolutions onto the CPU's matrix engine, as GEMMs over im2col rows (bf16, int8 weights, w8a8,
+and float32 on AVX2-only CPUs).
 
     conv(x: bf16, W: bf16 weight, out_dtype=float32)               (bf16)
     conv(x: float32 or bf16, W: int8 weight, out_dtype=float32)    (int8-weight; x rounded to bf16
@@ -8,6 +8,9 @@ float32 on AVX2-only CPUs).
       -> A = im2col(channels_last(x))              (N * positions, taps * C_in)
          y = matmul(A, W as (taps * C_in, C_out))  (N * positions, C_out), float32
          -> channels first again
+    the same int8-weight convolution under w8a8 (int8_activations), where the int8 engine takes it
+      -> Aq, sA = im2col_quant(channels_last(x))   int8 rows (uint8 + 128, AVX2 int16), a scale per row
+         y = (matmul(Aq, W, int32) [- 128 * column sums of W]) * sA
 
 The matmul is then `matrix_engine.use_matrix_engine`'s to move onto AMX / AVX512-BF16 / AVX2 FMA,
 with its weight packed at build time (the weight reshape is weight-only work, lifted with the
@@ -41,10 +44,10 @@ from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from autotune.frontend.importer import ImportedModel
-from autotune.kernels import gemm_cpu, im2col
+from autotune.kernels import gemm_cpu, im2col, token_quant
 from autotune.support import ir
 
-from .matrix_engine import engine_precision
+from .matrix_engine import engine_precision, unsigned_shift_correction
 
 log = logging.getLogger(__name__)
 
@@ -54,22 +57,25 @@ _LAYOUTS = {1: ("NCW", "OIW"), 2: ("NCHW", "OIHW"), 3: ("NCDHW", "OIDHW")}
 
 
 class ConvGemmRewriter:
-    """Rewrites one `main`; `count` says how many convolutions became GEMMs."""
+    """Rewrites one `main`; `count` says how many convolutions became GEMMs (`quantized` of them
+    on int8 activations)."""
 
-    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
+    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target, int8_activations: bool = False):
         self.mod = mod
-        self.isas = {precision: gemm_cpu.target_isa(target, precision) for precision in (gemm_cpu.BF16, gemm_cpu.F32)}
+        precisions = (gemm_cpu.BF16, gemm_cpu.F32, gemm_cpu.INT8)
+        self.isas = {precision: gemm_cpu.target_isa(target, precision) for precision in precisions}
+        self.int8_activations = int8_activations
         self.count = 0
         self.chunked = 0  # of them, computed in row chunks
+        self.quantized = 0  # of them, int8 x int8 (w8a8)
         self.kernels: dict[tuple, relax.GlobalVar] = {}
         self.builder = relax.BlockBuilder(mod)
         self.weight_vars = ir.weight_only_vars(mod["main"])
 
     def __call__(self, call: relax.Call, _matches) -> relax.Expr:
         x, w = call.args
-        precision = {"int8-weight": gemm_cpu.BF16}.get(engine_precision(call), engine_precision(call))
-        isa = self.isas.get(precision)
-        if isa is None or w not in self.weight_vars:
+        precision = engine_precision(call)
+        if w not in self.weight_vars or precision is None:
             return call
         x_shape, w_shape, y_shape = ir.static_shape(x.ty), ir.static_shape(w.ty), ir.static_shape(call.ty)
         if x_shape is None or w_shape is None or y_shape is None:
@@ -84,47 +90,95 @@ class ConvGemmRewriter:
         c_out, _, *kernel = w_shape
         out_spatial = y_shape[2:]
         rows, k = n * math.prod(out_spatial), c_in * math.prod(kernel)
-        if gemm_cpu.isa_for_shape(isa, rows, c_out, k) is None:
-            return call
-        # A's dtype: the engine's. The FMA engine multiplies float32, so its im2col widens bf16 values
-        # as it gathers them (a cast of A afterwards was a pass over 27x the input); int8-weight's
-        # float32 activations are not rounded there, as in its matmuls.
-        dtype = "float32" if gemm_cpu.activation_dtype(isa) == "float32" else "bfloat16"
+        # w8a8: int8 x int8 where the int8 engine takes the shape, else int8-weight's bf16 engine
+        int8_isa = None
+        if precision == "int8-weight" and self.int8_activations:
+            int8_isa = gemm_cpu.isa_for_shape(self.isas[gemm_cpu.INT8], rows, c_out, k)
+        values = gemm_cpu.activation_dtype(int8_isa) if int8_isa is not None else None
+        if values is None:
+            isa = self.isas.get({"int8-weight": gemm_cpu.BF16}.get(precision, precision))
+            if isa is None or gemm_cpu.isa_for_shape(isa, rows, c_out, k) is None:
+                return call
+            # A's dtype: the engine's. The FMA engine multiplies float32, so its im2col widens bf16 values
+            # as it gathers them (a cast of A afterwards was a pass over 27x the input); int8-weight's
+            # float32 activations are not rounded there, as in its matmuls.
+            dtype = "float32" if gemm_cpu.activation_dtype(isa) == "float32" else "bfloat16"
+            x = relax.op.astype(x, dtype) if ir.tensor_dtype(x) != dtype else x
+        else:
+            dtype = ir.tensor_dtype(x)  # gathered as it is, quantized as it is gathered
+            self.quantized += 1
         strides, dilation = [int(v) for v in a.strides], [int(v) for v in a.dilation]
         padding = [int(v) for v in a.padding]  # all befores, then all afters
         self.count += 1
-        x = relax.op.astype(x, dtype) if ir.tensor_dtype(x) != dtype else x
         channels_last = relax.op.permute_dims(x, [0, *range(2, dims + 2), 1])
         # W (O, I, *taps) -> (*taps, I, O) -> (taps * I, O): the k order of A's rows
         rhs = relax.op.reshape(relax.op.permute_dims(w, [*range(2, dims + 2), 1, 0]), [k, c_out])
         geometry = ((n, *spatial, c_in), tuple(kernel), tuple(strides), tuple(padding[:dims]), tuple(dilation),
                     tuple(out_spatial), dtype)
+        row_bytes = k * (1 if values else _BYTES[dtype])
         if all(s == 1 for s in kernel) and all(s == 1 for s in strides) and not any(padding):
-            y = relax.op.matmul(relax.op.reshape(channels_last, [rows, k]), rhs, out_dtype="float32")
-        elif rows * k * _BYTES[dtype] <= MAX_IM2COL_BYTES:
-            a_rows = relax.call_tir(self._im2col(geometry), [channels_last],
-                                    relax.TensorType([n, *out_spatial, *kernel, c_in], dtype))
-            y = relax.op.matmul(relax.op.reshape(a_rows, [rows, k]), rhs, out_dtype="float32")
+            y = self._rows_product(relax.op.reshape(channels_last, [rows, k]), rows, k, dtype, rhs, values)
+        elif rows * row_bytes <= MAX_IM2COL_BYTES:
+            y = self._gathered_product(channels_last, geometry, rhs, values)
         else:
             self.chunked += 1
             parts = []
-            for starts, sizes in output_chunks((n, *out_spatial), k * _BYTES[dtype], MAX_IM2COL_BYTES):
+            for starts, sizes in output_chunks((n, *out_spatial), row_bytes, MAX_IM2COL_BYTES):
                 first = relax.const(np.array(starts, dtype="int32"))
-                a_rows = relax.call_tir(self._im2col(geometry, tuple(sizes)), [channels_last, first],
-                                        relax.TensorType([*sizes, *kernel, c_in], dtype))
-                parts.append(relax.op.matmul(relax.op.reshape(a_rows, [math.prod(sizes), k]), rhs, out_dtype="float32"))
+                parts.append(self._gathered_product(channels_last, geometry, rhs, values, tuple(sizes), first))
             y = relax.op.concat(parts, axis=0)
         y = relax.op.reshape(y, [n, *out_spatial, c_out])
         return relax.op.permute_dims(y, [0, dims + 1, *range(1, dims + 1)])
 
-    def _im2col(self, geometry: tuple, box: tuple[int, ...] | None = None) -> relax.GlobalVar:
-        """geometry: (channels-last input shape, kernel, strides, padding before, dilation, output
-        spatial shape, dtype); box: a chunk's sizes (see `im2col.make_primfunc`)."""
-        key = (*geometry, box)
+    def _gathered_product(self, x, geometry: tuple, rhs, values: str | None, box=None, first=None) -> relax.Expr:
+        """im2col(x) @ rhs (float32), for the chunk `box` from output position `first` when given.
+        geometry: (channels-last input shape, kernel, strides, padding before, dilation, output
+        spatial shape, dtype); values: see `_rows_product`."""
+        x_shape, kernel, _, _, _, out_spatial, dtype = geometry
+        lead = list(box) if box is not None else [x_shape[0], *out_spatial]
+        shape, rows, k = [*lead, *kernel, x_shape[-1]], math.prod(lead), math.prod(kernel) * x_shape[-1]
+        inputs = [x] if first is None else [x, first]
+        if values is None:
+            a_rows = relax.call_tir(self._im2col(geometry, box), inputs, relax.TensorType(shape, dtype))
+            return relax.op.matmul(relax.op.reshape(a_rows, [rows, k]), rhs, out_dtype="float32")
+        quant = relax.call_tir(self._im2col(geometry, box, values), inputs,
+                               [relax.TensorType(shape, values), relax.TensorType([*lead, 1], "float32")])
+        return self._int8_product(quant, rows, k, rhs, values)
+
+    def _rows_product(self, a_rows, rows: int, k: int, dtype: str, rhs, values: str | None) -> relax.Expr:
+        """a_rows (rows, k) @ rhs (float32); with `values` (w8a8: the int8 engine's activation
+        dtype) the rows quantized per row first and the int32 product rescaled."""
+        if values is None:
+            return relax.op.matmul(a_rows, rhs, out_dtype="float32")
+        key = ((rows, k), dtype, values)
+        if key not in self.kernels:
+            self.kernels[key] = self.builder.add_func(token_quant.make_primfunc((rows, k), dtype, False, values),
+                                                      token_quant.kernel_name((rows, k), dtype, False, values))
+        quant = relax.call_tir(self.kernels[key], [a_rows],
+                               [relax.TensorType([rows, k], values), relax.TensorType([rows, 1], "float32")])
+        return self._int8_product(quant, rows, k, rhs, values)
+
+    @staticmethod
+    def _int8_product(quant, rows: int, k: int, rhs, values: str) -> relax.Expr:
+        """(quantized rows, their scales) @ rhs, rescaled to float32 (as w8a8's linears)."""
+        acc = relax.op.matmul(relax.op.reshape(relax.TupleGetItem(quant, 0), [rows, k]), rhs, out_dtype="int32")
+        if values == "uint8":  # (x + 128) . W - 128 * column sums of W: exact
+            acc = relax.op.subtract(acc, unsigned_shift_correction(rhs))
+        return relax.op.multiply(relax.op.astype(acc, "float32"), relax.op.reshape(relax.TupleGetItem(quant, 1), [rows, 1]))
+
+    def _im2col(self, geometry: tuple, box: tuple[int, ...] | None = None, values: str | None = None) -> relax.GlobalVar:
+        """The im2col kernel for `geometry` and `box` (a chunk's sizes, see `im2col.make_primfunc`);
+        with `values`, its quantizing variant (`im2col.make_quant_primfunc`)."""
+        key = (*geometry, box, values)
         if key not in self.kernels:
             x_shape, kernel, strides, _, _, out_spatial, _ = geometry
-            func = im2col.make_primfunc(*geometry, box=box)
-            self.kernels[key] = self.builder.add_func(func, im2col.kernel_name(x_shape, kernel, strides, out_spatial, box))
+            if values is None:
+                func = im2col.make_primfunc(*geometry, box=box)
+                name = im2col.kernel_name(x_shape, kernel, strides, out_spatial, box)
+            else:
+                func = im2col.make_quant_primfunc(*geometry, values, box=box)
+                name = im2col.quant_kernel_name(x_shape, kernel, strides, out_spatial, values, box)
+            self.kernels[key] = self.builder.add_func(func, name)
         return self.kernels[key]
 
     def rewrite(self) -> tvm.IRModule:
@@ -152,10 +206,13 @@ def output_chunks(out_shape: tuple[int, ...], row_bytes: int, limit: int) -> lis
     return boxes
 
 
-def convolutions_as_gemm(imported: ImportedModel, target: tvm.target.Target) -> tuple[ImportedModel, int]:
+def convolutions_as_gemm(imported: ImportedModel, target: tvm.target.Target,
+                         int8_activations: bool = False) -> tuple[ImportedModel, int]:
     """Rewrite the convolutions a matrix engine of `target` can take (bf16, int8-weight; float32 on
-    AVX2-only CPUs) into im2col + matmul (run `use_matrix_engine` after it). Returns (model, how many)."""
-    rewriter = ConvGemmRewriter(imported.mod, target)
+    AVX2-only CPUs) into im2col + matmul (run `use_matrix_engine` after it). `int8_activations`
+    (w8a8): int8-weight convolutions whose shape the int8 engine takes multiply int8 rows, quantized
+    per row as they are gathered. Returns (model, how many)."""
+    rewriter = ConvGemmRewriter(imported.mod, target, int8_activations)
     if not any(rewriter.isas.values()):
         return imported, 0
     mod = rewriter.rewrite()
@@ -163,6 +220,8 @@ def convolutions_as_gemm(imported: ImportedModel, target: tvm.target.Target) -> 
         return imported, 0
     log.info("matrix engine: %d convolutions as im2col GEMMs", rewriter.count)
     note = f"{rewriter.count} convolutions computed as GEMMs over im2col rows"
+    if rewriter.quantized:
+        note += f", {rewriter.quantized} of them on int8 rows quantized per output position as they are gathered (w8a8)"
     if rewriter.chunked:
         note += f", {rewriter.chunked} of them in chunks of output rows (a whole im2col would exceed {MAX_IM2COL_BYTES / 2**20:g} MiB)"
     moved = replace(imported, mod=mod, notes=imported.notes + [note])

@@ -62,12 +62,12 @@ def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None) ->
         from .quantize import quantize
 
         quantized, info = quantize(imported, quantize_mode, preset)
-        if "note" in info:  # nothing to quantize (w8a8 on a VAE): the float32 build, notes aside
+        if "note" in info:  # nothing to quantize (no linear or convolution): the float32 build, notes aside
             unchanged = _prepare_float32(replace(imported, notes=quantized.notes), target)
             return unchanged, {**info, "weight_bytes_after": unchanged.weight_bytes()}
         quantized = drop_causal_padding_in(quantized)
         if quantize_mode in ("bf16", "int8-weight", "w8a8") and target.kind.name == "llvm":
-            quantized, moved = _onto_matrix_engines(quantized, target)
+            quantized, moved = _onto_matrix_engines(quantized, target, int8_activations=quantize_mode == "w8a8")
             quantized, convs = convolutions_in_float32(quantized)
             info = {**info, **moved}
             if convs:
@@ -84,10 +84,12 @@ def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None) ->
     return _prepare_float32(imported, target), None
 
 
-def _onto_matrix_engines(model: ImportedModel, target: tvm.target.Target) -> tuple[ImportedModel, dict]:
-    """Convolutions as im2col GEMMs, then weight matmuls onto the CPU target's matrix engines (their
-    weight packing precomputed). Returns (model, what moved: convolutions_as_gemm, matrix_engine)."""
-    model, conv_gemms = convolutions_as_gemm(model, target)
+def _onto_matrix_engines(model: ImportedModel, target: tvm.target.Target,
+                         int8_activations: bool = False) -> tuple[ImportedModel, dict]:
+    """Convolutions as im2col GEMMs (w8a8: on int8 rows), then weight matmuls onto the CPU target's
+    matrix engines (their weight packing precomputed). Returns (model, what moved:
+    convolutions_as_gemm, matrix_engine)."""
+    model, conv_gemms = convolutions_as_gemm(model, target, int8_activations)
     model, engines = use_matrix_engine(model, target)
     moved = {"convolutions_as_gemm": conv_gemms} if conv_gemms else {}
     return model, {**moved, "matrix_engine": engines} if engines else moved

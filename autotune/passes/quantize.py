@@ -30,7 +30,10 @@ Modes (`MODES`, each a small handler class in the style of gpt-fast's quantizati
                  (uint8 + 128; int16 on AVX2).
                  Linears whose inputs have outlier channels are smoothed first (SmoothQuant,
                  passes/smooth_quant.py; needs a model imported from torch to measure them).
-                 Convolutions are left in float32 (per-token scales do not map onto them).
+                 Convolutions get int8 weights as in int8-weight; on x86 CPUs, where the int8
+                 engine takes their shape, they compute as int8 GEMMs over their im2col rows,
+                 each row (an output position's receptive field) quantized with its own scale as
+                 it is gathered (passes/conv_gemm.py), else on the bf16 engine as int8-weight's.
     fp8          float8_e4m3fn weights with a per-output-channel float32 scale for linears and
                  convolutions; cast inside the kernel, float32 accumulation (weight-only: 4x less
                  weight memory and bandwidth; no fp8 tensor-core math). CUDA sm_89 / sm_90 only.
@@ -38,6 +41,7 @@ Modes (`MODES`, each a small handler class in the style of gpt-fast's quantizati
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +67,12 @@ _CONVS = {tvm.ir.Op.get(f"relax.nn.conv{d}d") for d in (1, 2, 3)}
 
 INT8_MAX = token_quant.INT8_MAX
 FP8_E4M3_MAX = 448.0
+# int8-weight and w8a8 keep a layer float32 when it is small on both counts: its weight stays in
+# cache (int8 saves no memory traffic) and its product is too short to repay the quantizer,
+# rescale and cast kernels int8 adds. Measured (Zen 4, the tiny transformer, tuned): quantizing only
+# its largest linears (1 MFLOP, 1K weights) left its build 1.12x (w8a8) / 1.04x (int8-weight) the
+# float32 build's time. Every layer of the bench's 480p workloads and of Wan itself is far above.
+SMALL_LAYER = {"flops": 1 << 21, "weights": 1 << 16}  # below both: kept float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,8 +119,29 @@ def _conv_layouts_ok(call) -> bool:
     )
 
 
-def _find_sites(func: relax.Function, num_input: int, linears: bool = True, convs: bool = True) -> tuple[dict, dict]:
-    """Map weight name -> _Site for weights used only by linears/convs; and reasons for the rest."""
+SMALL_REASON = "too small for int8 to pay"
+
+
+def _product_flops(binding, uses: dict) -> int | None:
+    """FLOPs of one call of the linear or convolution `binding` is (a weight's permute_dims: its
+    matmuls'), None where a shape is not static."""
+    call = binding.value
+    if call.op.same_as(_PERMUTE):
+        counts = [_product_flops(b, uses) for b, _ in uses.get(binding.var, [])]
+        return None if None in counts or not counts else max(counts)
+    x, w, y = ir.static_shape(call.args[0].ty), ir.static_shape(call.args[1].ty), ir.static_shape(call.ty)
+    if x is None or w is None or y is None:
+        return None
+    if call.op.same_as(_MATMUL):  # (..., m, k) @ (k, n)
+        return 2 * math.prod(y) * x[-1]
+    return 2 * math.prod(y) * math.prod(w[1:])  # conv: each output value sums C_in x taps products
+
+
+def _find_sites(func: relax.Function, num_input: int, linears: bool = True, convs: bool = True,
+                small: dict | None = None) -> tuple[dict, dict]:
+    """Map weight name -> _Site for weights used only by linears/convs, but those below both
+    `small` bounds ({"flops": of the largest product a call, "weights": elements}); and reasons
+    for the rest."""
     bindings = _bindings(func)
     uses: dict = {}  # var -> list[(binding, arg index)]
     for b in bindings:
@@ -158,6 +189,11 @@ def _find_sites(func: relax.Function, num_input: int, linears: bool = True, conv
                 kinds.add(None)
         if len(kinds) == 1 and None not in kinds:
             kind = kinds.pop()
+            counts = [_product_flops(use, uses) for use, _ in param_uses]
+            flops = None if None in counts else max(counts)
+            if small and flops is not None and flops < small["flops"] and math.prod(shape) < small["weights"]:
+                skipped[name] = SMALL_REASON
+                continue
             sites[name] = _Site(name, kind, 1 if kind == "linear_nn" else 0, shape)
         elif shape and len(shape) >= 2:
             skipped[name] = "used by something other than a linear/convolution"
@@ -365,12 +401,12 @@ def _quantize_array(w: np.ndarray, out_axis: int, dtype: str) -> tuple[np.ndarra
 
 
 def _quantize_weights(
-    imported: ImportedModel, scheme: _Scheme, linears: bool, convs: bool, target=None
+    imported: ImportedModel, scheme: _Scheme, linears: bool, convs: bool, target=None, small: dict | None = None
 ) -> tuple[ImportedModel, dict]:
     """Quantize the weights of the linears (and convolutions) `scheme` covers and rewrite their
     uses; `target` (w8a8) says which matmuls the int8 engine takes."""
     func, num_input = _main_and_inputs(imported.mod)
-    found, skipped = _find_sites(func, num_input, linears=linears, convs=convs)
+    found, skipped = _find_sites(func, num_input, linears=linears, convs=convs, small=small)
     existing = set(imported.weights)
     new_params = list(func.params[:num_input])
     new_weights: dict[str, np.ndarray] = {}
@@ -420,8 +456,16 @@ def _quantize_weights(
         "compute_dtype": "int8 x int8 -> int32" if scheme.act_int8 else scheme.compute_dtype,
         "kept_float32": sorted(n for n, why in skipped.items() if imported.weights[n].ndim >= 2),
     }
+    small_layers = sum(why == SMALL_REASON for why in skipped.values())
+    said = (f"under {small['flops'] / 1e6:.1f} MFLOP a call with under {small['weights']:,} weights: int8 would cost more "
+            "than it saves" if small_layers else "")
+    if small_layers:
+        info["kept_float32_small"] = small_layers
     if not found:
-        info["note"] = "no " + ("linear" if not convs else "linear or convolution") + " weights found: nothing was quantized"
+        info["note"] = ("no " + ("linear" if not convs else "linear or convolution") + " weights found" if not small_layers
+                        else f"all {small_layers} linears/convolutions are small ({said})") + ": nothing was quantized"
+    elif small_layers:
+        out.notes.append(f"{small_layers} small linears/convolutions kept float32 ({said})")
     if smoothing is not None:
         info["smoothing"] = smoothing.report()
         if smoothing.smoothed:
@@ -675,14 +719,16 @@ class Int8Weight(QuantMode):
                    "CPU's bf16 engine (AMX-BF16, AVX512-BF16, else AVX2 FMA on widened values) where there is one, else float32")
 
     def apply(self, imported, preset):
-        return _quantize_weights(imported, _Scheme("int8", "float32"), linears=True, convs=True)
+        return _quantize_weights(imported, _Scheme("int8", "float32"), linears=True, convs=True,
+                                 small=SMALL_LAYER)
 
 
 @register
 class W8A8(QuantMode):
     name = "w8a8"
-    description = ("int8 weights + per-token dynamic int8 activations for linears, int32 accumulation "
-                   "(on AMX-INT8 / AVX512-VNNI where the CPU has them, else AVX2's int16 multiply-add)")
+    description = ("int8 weights + per-token dynamic int8 activations for linears and convolutions (per output "
+                   "position), int32 accumulation (on AMX-INT8 / AVX512-VNNI where the CPU has them, else AVX2's "
+                   "int16 multiply-add)")
 
     def supports(self, preset):
         if preset.family == "cuda":
@@ -695,8 +741,8 @@ class W8A8(QuantMode):
         return None
 
     def apply(self, imported, preset):
-        return _quantize_weights(imported, _Scheme("int8", "float32", act_int8=True), linears=True, convs=False,
-                                 target=preset.tvm_target())
+        return _quantize_weights(imported, _Scheme("int8", "float32", act_int8=True), linears=True, convs=True,
+                                 target=preset.tvm_target(), small=SMALL_LAYER)
 
 
 @register

@@ -1,16 +1,20 @@
-"""w8a8's per-token activation quantizer (kernels/token_quant.py): bit-exact against numpy, under
-its default schedule and under MetaSchedule's generic design space (what tuning searches)."""
+"""w8a8's per-token activation quantizer (kernels/token_quant.py) and its convolution form, the
+im2col rows quantized as they are gathered (kernels/im2col.py): bit-exact against numpy, under
+the default schedule and under MetaSchedule's generic design space (what tuning searches)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import tvm
+from conftest import im2col_rows
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
 import autotune  # noqa: F401  (sets TVM_NUM_THREADS before tvm is imported)
-from autotune.kernels import token_quant
+from autotune.kernels import im2col, token_quant
 from autotune.support.tvm_compat import import_tensor_intrin_fast
 from autotune.tuning.fallback import default_schedule
 
@@ -80,3 +84,63 @@ def test_metaschedule_design_space_compiles_and_is_exact():
     x, _ = operands(shape, False, seed=2)
     xq, _ = run(tvm.compile(sch.mod, target=TARGET), x, None, "uint8")
     np.testing.assert_array_equal(xq, reference(x, None, "uint8")[0])
+
+
+CONV_GEOMETRIES = [  # (channels-last input, kernel, strides, padding before, dilation, output), values
+    (((1, 3, 6, 10, 16), (3, 3, 3), (1, 1, 1), (2, 1, 1), (1, 1, 1), (3, 6, 10)), "uint8"),  # causal time padding
+    (((2, 9, 11, 24), (3, 3), (2, 2), (1, 1), (1, 1), (5, 6)), "int16"),  # strided, AVX2's values, batch 2
+    (((1, 8, 10, 12), (3, 3), (1, 1), (2, 2), (2, 2), (8, 10)), "int8"),  # dilated; 12 channels: 4-lane vectors
+]
+
+
+@pytest.mark.parametrize("geometry, values", CONV_GEOMETRIES)
+def test_im2col_quantizer_equals_im2col_then_the_token_quantizer(geometry, values):
+    """A w8a8 convolution's rows, quantized while gathered, equal numpy's im2col rows quantized row
+    by row (one scale per output position over its taps x channels), bit for bit; zero padding
+    counts as zeros in a row."""
+    x_shape, *_, out_spatial = geometry
+    func = im2col.make_quant_primfunc(*geometry, "float32", values).with_attr("global_symbol", "main")
+    sch = default_schedule(func, TARGET)
+    x, _ = operands(x_shape, False, seed=4)
+    rows = im2col_rows(x, *geometry[1:])
+    xq = tvm.runtime.empty(rows.shape, values)
+    sx = tvm.runtime.empty((x_shape[0], *out_spatial, 1), "float32")
+    tvm.compile(sch.mod, target=TARGET)["main"](tvm.runtime.tensor(x), xq, sx)
+    flat = rows.reshape(-1, math.prod(rows.shape[1 + len(out_spatial):]))
+    want_q, want_s = reference(flat, None, values)
+    np.testing.assert_array_equal(sx.numpy().reshape(-1, 1), want_s)
+    np.testing.assert_array_equal(xq.numpy().reshape(flat.shape), want_q)
+
+
+def test_im2col_quantizer_chunk_quantizes_the_rows_from_its_first_position():
+    """A chunk of the output (MAX_IM2COL_BYTES exceeded): the rows from `first` on, as in the whole."""
+    geometry = ((1, 3, 6, 10, 16), (3, 3, 3), (1, 1, 1), (2, 1, 1), (1, 1, 1), (3, 6, 10))
+    box, first = (1, 1, 2, 10), np.array([0, 1, 3, 0], dtype="int32")
+    func = im2col.make_quant_primfunc(*geometry, "float32", "uint8", box=box).with_attr("global_symbol", "main")
+    sch = default_schedule(func, TARGET)
+    x, _ = operands(geometry[0], False, seed=5)
+    rows = im2col_rows(x, *geometry[1:])[:, 1:2, 3:5]
+    xq, sx = tvm.runtime.empty(rows.shape, "uint8"), tvm.runtime.empty((*box, 1), "float32")
+    tvm.compile(sch.mod, target=TARGET)["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(first), xq, sx)
+    want_q, want_s = reference(rows.reshape(20, -1), None, "uint8")
+    np.testing.assert_array_equal(sx.numpy().reshape(-1, 1), want_s)
+    np.testing.assert_array_equal(xq.numpy().reshape(20, -1), want_q)
+
+
+def test_im2col_quantizer_design_space_compiles_and_is_exact():
+    """What tuning searches for a w8a8 convolution's quantizer: a sample of MetaSchedule's space is exact."""
+    import_tensor_intrin_fast()
+    geometry, values = CONV_GEOMETRIES[0]
+    func = im2col.make_quant_primfunc(*geometry, "float32", values).with_attr("global_symbol", "main")
+    ctx = ms.TuneContext(mod=tvm.IRModule({"main": func}), target=TARGET, space_generator="post-order-apply",
+                         search_strategy="replay-trace", task_name="im2col_quant", rand_state=3, num_threads=1)
+    spaces = ctx.generate_design_space()
+    assert spaces
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    spaces[-1].trace.apply_to_schedule(sch, remove_postproc=True)
+    assert all(p.apply(sch) for p in ctx.space_generator.postprocs)
+    x, _ = operands(geometry[0], False, seed=6)
+    rows = im2col_rows(x, *geometry[1:])
+    xq, sx = tvm.runtime.empty(rows.shape, values), tvm.runtime.empty((*rows.shape[:4], 1), "float32")
+    tvm.compile(sch.mod, target=TARGET)["main"](tvm.runtime.tensor(x), xq, sx)
+    np.testing.assert_array_equal(xq.numpy().reshape(180, -1), reference(rows.reshape(180, -1), None, values)[0])

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 import tvm
-from conftest import AttentionBlock
+from conftest import AttentionBlock, im2col_rows
 
 import autotune
 from autotune.build.compile import build
@@ -372,6 +373,75 @@ def _fake_quantized_linear(x: np.ndarray, linear: torch.nn.Linear) -> np.ndarray
     sx = np.maximum(np.abs(x).max(-1, keepdims=True), 1e-8) / 127
     xq = np.clip(np.rint(x / sx), -127, 127)
     return (xq @ wq.T) * sx * sw + linear.bias.detach().double().numpy()
+
+
+def _fake_quantized_conv(x: np.ndarray, conv: torch.nn.Module) -> np.ndarray:
+    """w8a8's convolution arithmetic: im2col rows (an output position's taps x channels) quantized
+    per row in float32 as the kernel does, per-output-channel int8 weights, products and rescale in
+    float64. x: (N, C, *spatial)."""
+    w = conv.weight.detach().numpy()
+    c_out, _, *taps = w.shape
+    out = [(s + 2 * p - d * (t - 1) - 1) // st + 1
+           for s, p, d, t, st in zip(x.shape[2:], conv.padding, conv.dilation, taps, conv.stride)]
+    rows = im2col_rows(np.moveaxis(x, 1, -1), taps, conv.stride, conv.padding, conv.dilation, out)
+    rows = rows.reshape(-1, math.prod(taps) * x.shape[1])
+    sx = np.maximum(np.abs(rows).max(-1, keepdims=True), np.float32(1e-8)) / np.float32(127)
+    xq = np.clip(np.rint(rows / sx), -127, 127)
+    wk = np.moveaxis(w, [0, 1], [-1, -2]).reshape(-1, c_out)  # (*taps, C_in, C_out): the rows' k order
+    sw = (np.abs(wk).max(0) / np.float32(127)).astype(np.float32)
+    wq = np.clip(np.rint(wk / sw), -127, 127)
+    y = (xq.astype(np.float64) @ wq) * sx * sw + conv.bias.detach().double().numpy()
+    return np.moveaxis(y.reshape(x.shape[0], *out, c_out), -1, 1)
+
+
+W8A8_CONV_ENGINES = [  # (build target, the int8 engine, the values its rows hold)
+    pytest.param("x86-avx512-vnni", gemm.VNNI, "u8", marks=pytest.mark.skipif(
+        "avx512_vnni" not in hardware.cpu_flags(), reason="CPU has no AVX512-VNNI to run the engine on")),
+    pytest.param("x86-avx2", gemm.AVX2_INT8, "i16"),
+]
+
+
+@pytest.mark.parametrize("target, isa, values", W8A8_CONV_ENGINES)
+def test_w8a8_convolution_runs_on_the_int8_engine_and_equals_the_fake_quantized_reference(tmp_path, target, isa, values):
+    """w8a8 on a convolution (3x3x3, dilated, padded): its im2col rows quantized as they are gathered,
+    an int8 GEMM, exact int32 products, so the artifact equals w8a8's arithmetic within 1e-6 of max
+    |y| (float32 rounding of the rescale)."""
+    torch.manual_seed(0)
+    module, x = Convolution3d().eval(), torch.randn(1, 8, 3, 6, 10)
+    details: dict = {}
+    report = build(from_torch(module, {"x": x}), target, tmp_path / "w", details=details,
+                   settings=BuildSettings(quantize="w8a8", shipped_log=False))
+    meta = json.loads(report.paths.metadata.read_text())
+    assert meta["passes"][0]["conv_layers"] == 1 and meta["passes"][0]["convolutions_as_gemm"] == 1
+    names = list(prim_funcs(details["scheduled"]))
+    assert any(n.startswith(f"im2col_quant_{values}_") for n in names), names
+    assert any(n.startswith(f"gemm_int8_{isa}_") for n in names) and not any("conv" in n for n in names), names
+    out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float64)
+    ref = _fake_quantized_conv(x.numpy(), module.conv)
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    assert err < 1e-6, f"max error {err:.2e} of max |y| against the fake-quantized reference"
+
+
+@pytest.mark.parametrize("target, isa, values", W8A8_CONV_ENGINES)
+def test_w8a8_strided_and_pointwise_convolutions_match_their_fake_quantized_references(tmp_path, target, isa, values):
+    """A strided 3x3 convolution (quantized im2col rows) into a 1x1 (its rows are the input: the
+    token quantizer), SiLU between: each layer's reference takes the previous one's float64
+    output, so a value rounding the other way in float32 may flip one int8 step: within 1e-4 of max |y|."""
+    torch.manual_seed(0)
+    module, x = Convolutions2d().eval(), torch.randn(1, 8, 11, 13)
+    details: dict = {}
+    report = build(from_torch(module, {"x": x}), target, tmp_path / "w", details=details,
+                   settings=BuildSettings(quantize="w8a8", shipped_log=False))
+    names = list(prim_funcs(details["scheduled"]))
+    assert any(n.startswith(f"im2col_quant_{values}_") for n in names), names
+    assert any(n.startswith(f"token_quant_{values}_") for n in names), names
+    assert sum(n.startswith(f"gemm_int8_{isa}_") for n in names) == 2, names
+    out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float64)
+    hidden = _fake_quantized_conv(x.numpy(), module.strided)
+    silu = (hidden / (1 + np.exp(-hidden))).astype(np.float32)
+    ref = _fake_quantized_conv(silu, module.pointwise)
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    assert err < 1e-4, f"max error {err:.2e} of max |y| against the fake-quantized reference"
 
 
 @pytest.mark.skipif("avx512_vnni" not in hardware.cpu_flags(), reason="CPU has no AVX512-VNNI to run the engine on")

@@ -9,7 +9,8 @@ random weights; see tools/results/quantize.md):
                                             w8a8        >= 0.999  (0.99996)
                                             fp16        >= 0.99999 (0.9999996)
                                             bf16        >= 0.9995 (0.99998)
-    VAE decoder frames in [-1, 1], PSNR (peak 2.0):  fp16 >= 50 dB (69), int8-weight >= 40 dB (48)
+    VAE decoder frames in [-1, 1], PSNR (peak 2.0):  fp16 >= 50 dB (69), int8-weight >= 40 dB (48),
+                                                     w8a8 >= 40 dB (45)
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import autotune
 import autotune.build.compile as build_module
 from autotune.frontend.sources import load_source
+from autotune.passes import quantize as quantize_pass
 from autotune.passes.pipeline import fuse_for_target, prepare_model
-from autotune.passes.quantize import MODES, quantize
+from autotune.passes.quantize import MODES, SMALL_LAYER, quantize
 from autotune.support.errors import InputError
 from autotune.support.fidelity import compare, format_fidelity
 from autotune.support.ir import prim_funcs
@@ -31,7 +34,7 @@ from autotune.support.settings import BuildSettings
 from autotune.support.targets import resolve_target
 
 TRANSFORMER_COSINE = {"int8-weight": 0.9995, "w8a8": 0.999, "fp16": 0.99999, "bf16": 0.9995}
-VAE_PSNR_DB = {"fp16": 50.0, "int8-weight": 40.0}
+VAE_PSNR_DB = {"fp16": 50.0, "int8-weight": 40.0, "w8a8": 40.0}
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +108,9 @@ def test_transformer_mode_builds_runs_shrinks_and_is_faithful(mode, transformer,
         conv = sum(w.nbytes for w in imported.weights.values() if w.ndim == 5) if info.get("convolutions_in_float32") else 0
         assert before / 2 + conv / 2 <= after < 0.52 * before + conv / 2
     else:
-        # every linear (32 of them; w8a8 leaves the patch-embedding conv alone) is int8: 4x
-        # smaller, plus one float32 scale per output channel
-        assert info["linear_layers"] == 32
-        assert info["layers"] == 32 + (1 if mode == "int8-weight" else 0)
+        # every linear (32 of them) and the patch-embedding convolution is int8: 4x smaller, plus
+        # one float32 scale per output channel
+        assert info["linear_layers"] == 32 and info["conv_layers"] == 1 and info["layers"] == 33
         # w8a8 on VNNI / AMX-INT8 also ships one int32 column-sum correction per output channel
         channels = sum(w.size for name, w in quantize(imported, mode, "x86")[0].weights.items() if name.endswith("_scale"))
         correction = 4 * channels if "matrix_engine" in info and mode == "w8a8" else 0
@@ -168,7 +170,7 @@ def test_quantized_weights_are_read_only_by_fused_matmul_kernels(mode, transform
         assert "matmul" in name or "conv" in name, f"{name} reads an int8 weight but is no matmul/conv kernel"
         script = funcs[name].script()
         assert '"int8"' in script  # the kernel takes the int8 buffer itself: no float copy of the weight
-        if mode == "int8-weight":
+        if mode == "int8-weight" or "conv" in name:  # (w8a8's convolutions take int8 rows in conv_gemm, on x86 engines)
             assert "multiply" in name  # the per-channel scale is the kernel's epilogue
         else:
             assert 'T.Cast("int32"' in script or "int32" in script
@@ -203,7 +205,7 @@ def test_fallback_schedules_the_quantized_matmuls(transformer):
 # -- VAE decoder frames -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["fp16", "int8-weight"])
+@pytest.mark.parametrize("mode", ["fp16", "int8-weight", "w8a8"])
 def test_vae_decoder_mode_psnr(mode, vae, tmp_path):
     source, reference = vae
     out, metadata = _build_and_run(source, mode, tmp_path)
@@ -216,20 +218,68 @@ def test_vae_decoder_mode_psnr(mode, vae, tmp_path):
         assert metadata["passes"][0]["conv_layers"] >= 30 and after < 0.3 * before
 
 
-def test_w8a8_on_a_model_without_linears_is_the_float32_build(vae):
-    """The VAE has convolutions only: w8a8 (linears) quantizes nothing, and its build is the
-    float32 one, kernel for kernel and weight for weight."""
+class _Elementwise(torch.nn.Module):
+    def forward(self, x):
+        return torch.sin(x) * 2.0 + x
+
+
+def test_a_model_without_linears_or_convolutions_is_the_float32_build():
+    """Nothing for w8a8 to quantize: the note says so, and the build is the float32 one, kernel for
+    kernel and weight for weight."""
     import tvm_ffi
 
-    from autotune.passes.pipeline import prepare_model
+    from autotune.frontend.importer import from_torch
 
-    source, _ = vae
+    imported = from_torch(_Elementwise(), {"x": torch.randn(4, 32)})
     preset = resolve_target("x86")
-    w8a8, info = prepare_model(source.imported, preset, "w8a8")
-    fp32, _ = prepare_model(source.imported, preset, None)
+    w8a8, info = prepare_model(imported, preset, "w8a8")
+    fp32, _ = prepare_model(imported, preset, None)
     assert info["layers"] == 0 and "nothing was quantized" in info["note"]
     assert tvm_ffi.structural_equal(w8a8.mod, fp32.mod)
     assert w8a8.weights.keys() == fp32.weights.keys() and info["weight_bytes_after"] == fp32.weight_bytes()
+
+
+class _ThreeLinears(torch.nn.Module):
+    """A large linear (16 x 256 -> 512: 4.2 MFLOP), a small one after it (16 x 512 -> 16: 0.26 MFLOP,
+    8K weights) and a one-row product with a large weight (512 -> 256: 0.26 MFLOP, 131K weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.large, self.small, self.row = torch.nn.Linear(256, 512), torch.nn.Linear(512, 16), torch.nn.Linear(512, 256)
+
+    def forward(self, x, t):
+        return self.small(self.large(x)), self.row(t)
+
+
+@pytest.mark.parametrize("mode", ["int8-weight", "w8a8"])
+def test_layers_small_in_both_arithmetic_and_weight_stay_float32(mode, monkeypatch):
+    """Under SMALL_LAYER's two bounds a layer is kept float32 (int8's extra kernels would cost more
+    than it saves); a one-row product whose weight is large is quantized (its weight bytes are the cost)."""
+    monkeypatch.setattr(quantize_pass, "SMALL_LAYER", SMALL_LAYER)
+    from autotune.frontend.importer import from_torch
+
+    torch.manual_seed(0)
+    imported = from_torch(_ThreeLinears().eval(), {"x": torch.randn(1, 16, 256), "t": torch.randn(1, 1, 512)})
+    quantized, info = quantize(imported, mode, "x86")
+    assert info["layers"] == 2 and info["kept_float32_small"] == 1
+    assert {n for n in quantized.weights if n.endswith("_q")} == {"p_large_weight_q", "p_row_weight_q"}
+    assert quantized.weights["p_small_weight"].dtype == np.float32
+    assert any("1 small linears/convolutions kept float32" in note for note in quantized.notes)
+
+
+def test_a_model_of_small_layers_only_is_its_float32_build(transformer, monkeypatch):
+    """The tiny transformer's linears are all small (at most 1 MFLOP, 4K weights): its int8 builds
+    are its float32 build, and the note says why (measured: quantizing even its largest linears
+    left it slower than float32)."""
+    import tvm_ffi
+
+    monkeypatch.setattr(quantize_pass, "SMALL_LAYER", SMALL_LAYER)
+    source, _ = transformer
+    preset = resolve_target("x86")
+    w8a8, info = prepare_model(source.imported, preset, "w8a8")
+    fp32, _ = prepare_model(source.imported, preset, None)
+    assert info["layers"] == 0 and "are small" in info["note"] and "nothing was quantized" in info["note"]
+    assert tvm_ffi.structural_equal(w8a8.mod, fp32.mod)
 
 
 # -- fp8 (CUDA sm_90): compiles for Hopper; numerics checked on the CPU through LLVM's fp8 emulation
