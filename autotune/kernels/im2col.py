@@ -38,7 +38,7 @@ def make_primfunc(
     output's spatial axes), one chunk of it: A (*box, *kernel, C) from output position `first` on,
     `first` an int32 tensor (1 + spatial dims) and the kernel's second argument. Its indices are
     clamped into X whatever `first` holds (tuning measures the kernel on random inputs)."""
-    X, inputs, lead, row = _rows(x_shape, kernel, strides, pad_before, dilation, out_spatial, dtype, box)
+    inputs, lead, row = _rows(x_shape, kernel, strides, pad_before, dilation, out_spatial, dtype, box)
     A = te.compute((*lead, *kernel, x_shape[-1]), row, name="im2col")
     func = te.create_prim_func([*inputs, A]).without_attr("global_symbol")
     return func.with_attr("op_pattern", 8)  # opaque: see the module docstring
@@ -53,7 +53,7 @@ def make_quant_primfunc(
     X (N, *spatial, C) [, first] -> XQ (N, *out_spatial, *kernel, C) in `values`, SX (N, *out_spatial, 1)
     float32 (`box`: one chunk, as in `make_primfunc`). A row is one output position's taps by
     input channels, so a scale covers one position's receptive field."""
-    X, inputs, lead, row = _rows(x_shape, kernel, strides, pad_before, dilation, out_spatial, dtype, box)
+    inputs, lead, row = _rows(x_shape, kernel, strides, pad_before, dilation, out_spatial, dtype, box)
 
     def value(*index):
         v = row(*index)
@@ -67,7 +67,7 @@ def make_quant_primfunc(
 
 
 def _rows(x_shape, kernel, strides, pad_before, dilation, out_spatial, dtype, box):
-    """(X, the kernel's inputs, the row axes' extents, row(*position, *taps, channel) -> the value)."""
+    """(the kernel's inputs: X [, first], the row axes' extents, row(*position, *taps, channel) -> the value)."""
     n, *spatial, c = x_shape
     dims = len(spatial)
     if not (len(kernel) == len(strides) == len(pad_before) == len(dilation) == len(out_spatial) == dims):
@@ -82,14 +82,14 @@ def _rows(x_shape, kernel, strides, pad_before, dilation, out_spatial, dtype, bo
         return tvm.tirx.if_then_else(inside, X[(b, *clamped, ch)], tvm.tirx.const(0, dtype))
 
     if box is None:
-        return X, [X], (n, *out_spatial), lambda b, *axes: gather(b, axes[:dims], axes[dims:-1], axes[-1])
+        return [X], (n, *out_spatial), lambda b, *axes: gather(b, axes[:dims], axes[dims:-1], axes[-1])
     first = te.placeholder((dims + 1,), "int32", name="first")
 
     def chunk(b, *axes):
         batch = tvm.tirx.Max(tvm.tirx.Min(first[0] + b, n - 1), 0)
         return gather(batch, [first[1 + i] + o for i, o in enumerate(axes[:dims])], axes[dims:-1], axes[-1])
 
-    return X, [X, first], tuple(box), chunk
+    return [X, first], tuple(box), chunk
 
 
 def is_im2col_call(expr) -> bool:

@@ -34,6 +34,8 @@ Modes (`MODES`, each a small handler class in the style of gpt-fast's quantizati
                  engine takes their shape, they compute as int8 GEMMs over their im2col rows,
                  each row (an output position's receptive field) quantized with its own scale as
                  it is gathered (passes/conv_gemm.py), else on the bf16 engine as int8-weight's.
+    int8-weight and w8a8 keep float32 the layers small in both arithmetic and weight (SMALL_LAYER),
+    where int8's extra kernels cost more than it saves; the notes say how many.
     fp8          float8_e4m3fn weights with a per-output-channel float32 scale for linears and
                  convolutions; cast inside the kernel, float32 accumulation (weight-only: 4x less
                  weight memory and bandwidth; no fp8 tensor-core math). CUDA sm_89 / sm_90 only.
@@ -123,8 +125,8 @@ SMALL_REASON = "too small for int8 to pay"
 
 
 def _product_flops(binding, uses: dict) -> int | None:
-    """FLOPs of one call of the linear or convolution `binding` is (a weight's permute_dims: its
-    matmuls'), None where a shape is not static."""
+    """FLOPs of one call of the linear or convolution that `binding` binds (for a weight's
+    permute_dims: the largest of its matmuls), None where a shape is not static."""
     call = binding.value
     if call.op.same_as(_PERMUTE):
         counts = [_product_flops(b, uses) for b, _ in uses.get(binding.var, [])]

@@ -69,20 +69,26 @@ def test_large_rows_run_in_parallel_and_stay_exact():
     np.testing.assert_array_equal(xq, reference(x, None, "int8")[0])
 
 
-def test_metaschedule_design_space_compiles_and_is_exact():
-    """Tuning searches MetaSchedule's generic space for the kernel: a sample of it is still exact."""
+def design_space_sample(func):
+    """The kernel compiled under a schedule from MetaSchedule's generic design space (what tuning searches)."""
     import_tensor_intrin_fast()  # (what the fallback does too: MetaSchedule's own import takes ~30 s more)
-    shape = (48, 64)
-    func = token_quant.make_primfunc(shape, "float32", False, "uint8").with_attr("global_symbol", "main")
+    func = func.with_attr("global_symbol", "main")
     ctx = ms.TuneContext(mod=tvm.IRModule({"main": func}), target=TARGET, space_generator="post-order-apply",
-                         search_strategy="replay-trace", task_name="token_quant", rand_state=3, num_threads=1)
+                         search_strategy="replay-trace", task_name="quantizer", rand_state=3, num_threads=1)
     spaces = ctx.generate_design_space()
     assert spaces
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     spaces[-1].trace.apply_to_schedule(sch, remove_postproc=True)
     assert all(p.apply(sch) for p in ctx.space_generator.postprocs)
+    return tvm.compile(sch.mod, target=TARGET)
+
+
+def test_metaschedule_design_space_compiles_and_is_exact():
+    """Tuning searches MetaSchedule's generic space for the kernel: a sample of it is still exact."""
+    shape = (48, 64)
+    lib = design_space_sample(token_quant.make_primfunc(shape, "float32", False, "uint8"))
     x, _ = operands(shape, False, seed=2)
-    xq, _ = run(tvm.compile(sch.mod, target=TARGET), x, None, "uint8")
+    xq, _ = run(lib, x, None, "uint8")
     np.testing.assert_array_equal(xq, reference(x, None, "uint8")[0])
 
 
@@ -129,18 +135,10 @@ def test_im2col_quantizer_chunk_quantizes_the_rows_from_its_first_position():
 
 def test_im2col_quantizer_design_space_compiles_and_is_exact():
     """What tuning searches for a w8a8 convolution's quantizer: a sample of MetaSchedule's space is exact."""
-    import_tensor_intrin_fast()
     geometry, values = CONV_GEOMETRIES[0]
-    func = im2col.make_quant_primfunc(*geometry, "float32", values).with_attr("global_symbol", "main")
-    ctx = ms.TuneContext(mod=tvm.IRModule({"main": func}), target=TARGET, space_generator="post-order-apply",
-                         search_strategy="replay-trace", task_name="im2col_quant", rand_state=3, num_threads=1)
-    spaces = ctx.generate_design_space()
-    assert spaces
-    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
-    spaces[-1].trace.apply_to_schedule(sch, remove_postproc=True)
-    assert all(p.apply(sch) for p in ctx.space_generator.postprocs)
+    lib = design_space_sample(im2col.make_quant_primfunc(*geometry, "float32", values))
     x, _ = operands(geometry[0], False, seed=6)
     rows = im2col_rows(x, *geometry[1:])
     xq, sx = tvm.runtime.empty(rows.shape, values), tvm.runtime.empty((*rows.shape[:4], 1), "float32")
-    tvm.compile(sch.mod, target=TARGET)["main"](tvm.runtime.tensor(x), xq, sx)
+    lib["main"](tvm.runtime.tensor(x), xq, sx)
     np.testing.assert_array_equal(xq.numpy().reshape(180, -1), reference(rows.reshape(180, -1), None, values)[0])
