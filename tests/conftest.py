@@ -77,13 +77,16 @@ def onnx_attention_block(tmp_path_factory, attention_block):
     return path, inputs, ref
 
 
-@pytest.fixture(autouse=True)
-def quantize_every_layer(monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def quantize_every_layer():
     """The suite's models are tiny: under `quantize.SMALL_LAYER` int8-weight and w8a8 would keep
-    every layer float32 and test no quantized kernel. The tests of that bound set it back."""
+    every layer float32 and test no quantized kernel (session-wide, so that module fixtures see it
+    too). The tests of that bound set it back."""
     from autotune.passes import quantize
 
-    monkeypatch.setattr(quantize, "SMALL_LAYER", None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quantize, "SMALL_LAYER", None)
+        yield
 
 
 def run_fresh(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
