@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -79,13 +80,16 @@ def cached_fallback():
 
 
 def time_interleaved(calls: dict, rounds: int, inner: int) -> dict:
-    """{label: fn} -> {label: [ms per call, one per round]}, labels interleaved within each round."""
+    """{label: fn} -> {label: [ms per call, one per round]}, labels interleaved within each round
+    in a shuffled order (no label always runs after the same one)."""
     for fn in calls.values():  # warm up
         for _ in range(3):
             fn()
     samples = {k: [] for k in calls}
-    for _ in range(rounds):
-        for label, fn in calls.items():
+    order = list(calls.items())
+    for r in range(rounds):
+        random.Random(r).shuffle(order)
+        for label, fn in order:
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()
@@ -114,7 +118,7 @@ def bench_component(component: str, args, fallback, workdir: Path) -> dict:
     modules = {}
     for mode in ["fp32"] + args.modes:
         started = time.time()
-        settings = BuildSettings(quantize=None if mode == "fp32" else mode)
+        settings = BuildSettings(quantize=None if mode == "fp32" else mode, shipped_log=False)  # untuned, as said
         try:
             report = build_module.build(source.imported, args.target, workdir / f"{component}-{mode}.so", settings=settings)
         except Exception as exc:  # a mode that fails to build is a result, not a crash
@@ -152,8 +156,10 @@ def bench_component(component: str, args, fallback, workdir: Path) -> dict:
         with torch.no_grad():
             source.reference(*torch_inputs)
 
-    calls["torch eager fp32"] = torch_call
+    # torch apart: its OpenMP threads keep spinning a while after it returns, slowing whatever runs
+    # next (a fixed order, torch last, put the fp32 build there every round: 2.1x its time).
     samples = time_interleaved(calls, args.rounds, args.inner)
+    samples.update(time_interleaved({"torch eager fp32": torch_call}, args.rounds, args.inner))
     base = statistics.median(samples["fp32"]) if "fp32" in samples else None
     for label, values in samples.items():
         med = statistics.median(values)
