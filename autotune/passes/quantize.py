@@ -72,7 +72,7 @@ FP8_E4M3_MAX = 448.0
 # int8-weight and w8a8 keep a layer float32 when it is small on both counts: its weight stays in
 # cache (int8 saves no memory traffic) and its product is too short to repay the quantizer,
 # rescale and cast kernels int8 adds. Measured (Zen 4, the tiny transformer, tuned): quantizing only
-# its largest linears (1 MFLOP, 1K weights) left its build 1.12x (w8a8) / 1.04x (int8-weight) the
+# its largest linears (0.3-1 MFLOP, 1-4K weights) left its build 1.12x (w8a8) / 1.04x (int8-weight) the
 # float32 build's time. Every layer of the bench's 480p workloads and of Wan itself is far above.
 SMALL_LAYER = {"flops": 1 << 21, "weights": 1 << 16}  # below both: kept float32
 
