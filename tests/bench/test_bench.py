@@ -127,12 +127,9 @@ def test_peak_probes_shrink_where_torch_is_slow(monkeypatch):
 
     from autotune.bench import harness
 
-    real = harness._gemm_call
-
-    def slow_int8(dtype, size):  # int8 at 1 GOP/s, whatever torch does here
-        if dtype != torch.int8:
-            return real(dtype, size)
-        return lambda: time.sleep(2 * size**3 / 1e9)
+    def slow_int8(dtype, size):  # int8 at 1 GOP/s, the others at 2 TFLOP/s: whatever this host does
+        rate = 1e9 if dtype == torch.int8 else 2e12
+        return lambda: time.sleep(2 * size**3 / rate)
 
     monkeypatch.setattr(harness, "_gemm_call", slow_int8)
     started = time.time()
