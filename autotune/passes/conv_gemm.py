@@ -47,7 +47,7 @@ from autotune.frontend.importer import ImportedModel
 from autotune.kernels import gemm_cpu, im2col, token_quant
 from autotune.support import ir
 
-from .matrix_engine import engine_precision, unsigned_shift_correction
+from .matrix_engine import engine_precision, rescaled_int8_matmul
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +161,8 @@ class ConvGemmRewriter:
     @staticmethod
     def _int8_product(quant, rows: int, k: int, rhs, values: str) -> relax.Expr:
         """(quantized rows, their scales) @ rhs, rescaled to float32 (as w8a8's linears)."""
-        acc = relax.op.matmul(relax.op.reshape(relax.TupleGetItem(quant, 0), [rows, k]), rhs, out_dtype="int32")
-        if values == "uint8":  # (x + 128) . W - 128 * column sums of W: exact
-            acc = relax.op.subtract(acc, unsigned_shift_correction(rhs))
-        return relax.op.multiply(relax.op.astype(acc, "float32"), relax.op.reshape(relax.TupleGetItem(quant, 1), [rows, 1]))
+        return rescaled_int8_matmul(relax.op.reshape(relax.TupleGetItem(quant, 0), [rows, k]), values, rhs,
+                                    relax.op.reshape(relax.TupleGetItem(quant, 1), [rows, 1]))
 
     def _im2col(self, geometry: tuple, box: tuple[int, ...] | None = None, values: str | None = None) -> relax.GlobalVar:
         """The im2col kernel for `geometry` and `box` (a chunk's sizes, see `im2col.make_primfunc`);

@@ -156,6 +156,15 @@ def unsigned_shift_correction(w) -> relax.Expr:
     return relax.op.multiply(relax.op.sum(relax.op.astype(w, "int32"), axis=[0]), relax.const(128, "int32"))
 
 
+def rescaled_int8_matmul(values, values_dtype: str, w, row_scales) -> relax.Expr:
+    """values (rows, k) @ int8 w (k, n) in int32, exact, times the rows' float32 scales: a w8a8
+    product. values_dtype: int8, int16, or uint8 (x + 128, whose shift is taken back out here)."""
+    acc = relax.op.matmul(values, w, out_dtype="int32")
+    if values_dtype == "uint8":  # (x + 128) . W - 128 * column sums of W: exact; the sums are weight-only work
+        acc = relax.op.subtract(acc, unsigned_shift_correction(w))
+    return relax.op.multiply(relax.op.astype(acc, "float32"), row_scales)
+
+
 def engine_precision(call: relax.Call) -> str | None:
     """A matmul's (or convolution's) precision on the engines: "bfloat16" for bf16 (or float32) x bf16 ->
     float32, "int8" for int8 (or shifted uint8, or int16) x int8 -> int32, "int8-weight" for float32/bf16 x

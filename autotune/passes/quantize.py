@@ -59,7 +59,7 @@ from autotune.support.errors import InputError
 from autotune.support.targets import TargetPreset, list_presets, resolve_target
 
 from . import smooth_quant
-from .matrix_engine import isa_for_shapes, unsigned_shift_correction
+from .matrix_engine import isa_for_shapes, rescaled_int8_matmul
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
@@ -312,10 +312,7 @@ class _QuantRewriter(PyExprMutator):
         # `q` is stored [in, out] (pre-transposed for "linear_nt"): no transpose kernel at run time.
         if s.act_int8:
             xq, sx = self._quantize_activations(x, q, smooth)
-            acc = bb.emit(relax.op.matmul(xq, q, out_dtype="int32"))
-            if ir.tensor_dtype(xq) == "uint8":  # (x + 128) . W - 128 * column sums of W: exact; the sums are weight-only work
-                acc = bb.emit(relax.op.subtract(acc, unsigned_shift_correction(q)))
-            y = relax.op.multiply(relax.op.multiply(relax.op.astype(acc, "float32"), sx), scale)
+            y = relax.op.multiply(rescaled_int8_matmul(xq, ir.tensor_dtype(xq), q, sx), scale)
             return self._finish(y, call, out_var)
         # matmul(x, int8/fp8 W, out_dtype=float32): the cast happens inside the reduction.
         xc = x if in_dtype == s.compute_dtype else bb.emit(relax.op.astype(x, s.compute_dtype))
