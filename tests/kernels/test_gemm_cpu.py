@@ -230,13 +230,14 @@ def test_every_sampled_register_tile_replays_and_computes_the_product(isa, reque
         target = resolve_target("x86-avx2").tvm_target()
     else:
         target, _ = request.getfixturevalue("vnni_target" if isa == gemm.VNNI else "dpbf16_target")
-    m, n, k = 12, 96, 64
+    m, n, k = 24, 96, 64
     func = gemm.make_primfunc(m, n, k, isa).with_attr("global_symbol", "main")
     sampled = s_tir.Schedule(tvm.IRModule({"main": func}), seed=1)
     gemm.apply_schedule(sampled, sample=True)
     trace = sampled.trace
     decisions = [inst for inst in trace.insts if inst.kind.name == "SampleCategorical"]
-    assert len(decisions) == 2  # register-tile rows and vectors
+    # register-tile rows and vectors; AVX512-BF16 and VNNI also rows per block (12 or all 24)
+    assert len(decisions) == (3 if isa in (gemm.AVX512, gemm.VNNI) else 2)
     exact = gemm.PRECISION[isa] == gemm.INT8
     if isa == gemm.AVX2_INT8:
         a, b, ref = _avx2_int8_operands(m, n, k)
@@ -256,6 +257,21 @@ def test_every_sampled_register_tile_replays_and_computes_the_product(isa, reque
             np.testing.assert_array_equal(out, ref)
         else:
             _assert_close(out, ref)
+
+
+def test_row_blocks_hold_every_tile_height_and_fit_l2():
+    """Row blocks are drawn apart from the tile height, so each candidate block must be a multiple of
+    every candidate height; the default keeps a block's activation rows within ROW_BLOCK_BYTES and
+    leaves the rows unblocked where the weight has as many columns as A has rows."""
+    for rows in (1560, 6240, 24960, 512, 264, 48, 7, 3):
+        heights = [h for h in range(1, 6) if rows % h == 0]
+        sizes = gemm.row_block_sizes(rows, gemm.VNNI)
+        assert rows in sizes and all(rows % size == 0 and size % h == 0 for size in sizes for h in heights), rows
+    assert gemm.row_block_sizes(1560, gemm.AVX512) == [60, 120, 1560]
+    assert gemm.default_row_block(6240, 384, 1728, gemm.AVX512) == 60  # 60 rows x 1728 x 2 bytes = 207 KB
+    assert gemm.default_row_block(6240, 384, 1728, gemm.VNNI) == 120  # int8: 1 byte a value
+    assert gemm.default_row_block(1560, 8960, 1536, gemm.AVX512) == 1560  # the weight is the larger operand
+    assert gemm.default_row_block(1560, 16, 8192, gemm.AVX512) == 60  # none fits (60 x 16 KB): the smallest
 
 
 @pytest.mark.parametrize("isa", [gemm.AMX, gemm.AMX_W8, gemm.AMX_INT8])
