@@ -12,6 +12,7 @@ import pytest
 import torch
 import tvm
 from conftest import AttentionBlock, im2col_rows
+from tvm import relax
 
 import autotune
 from autotune.build.compile import build
@@ -292,6 +293,57 @@ def test_large_im2col_is_cut_into_chunks_that_match_torch(tmp_path, monkeypatch,
     out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float32)
     with torch.no_grad():
         assert compare(out, module(x).numpy())["cosine"] >= MIN_COSINE
+
+
+class CausalPair(torch.nn.Module):
+    """Two causal 3x3x3 convolutions on one frame with an RMS norm (F.normalize, as the Wan VAE's)
+    and SiLU between them, and a residual: the VAE up-block's pattern, small."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv3d(16, 16, 3, padding=(0, 1, 1))
+        self.conv2 = torch.nn.Conv3d(16, 16, 3, padding=(0, 1, 1))
+
+    def forward(self, x):
+        h = self.conv1(torch.nn.functional.pad(x, (0, 0, 0, 0, 2, 0)))
+        h = torch.nn.functional.silu(torch.nn.functional.normalize(h, dim=1) * 2.0)
+        return self.conv2(torch.nn.functional.pad(h, (0, 0, 0, 0, 2, 0))) + x
+
+
+@pytest.mark.parametrize("mode", ["bf16", "w8a8"])
+def test_a_block_whose_convolutions_are_all_gemms_goes_channels_last(tmp_path, monkeypatch, mode):
+    """Every convolution taken: the model goes channels-last, so the first GEMM's rows reach the
+    second im2col without a transpose on the way (channels-first, one transposes them back and the
+    next im2col's input forth again), and the build still matches torch."""
+    from autotune.passes import conv_gemm
+
+    def transposes_between_the_gemms(main) -> int:
+        """permute_dims on the path from the second im2col's input back to the first GEMM (first
+        operands: the data, not the norm's divisor or a scale)."""
+        value = {b.var: b.value for block in main.body.blocks for b in block.bindings}
+        gathers = [v for v in value.values() if isinstance(v, relax.Call) and "im2col" in str(v.args[0])]
+        var, transposes = gathers[1].args[1][0], 0
+        while not (isinstance(value[var], relax.Call) and "gemm" in str(value[var].args[0])):
+            call = value[var]
+            transposes += call.op.name == "relax.permute_dims"
+            var = call.args[0] if isinstance(call, relax.Call) else call.tuple_value
+        return transposes
+
+    torch.manual_seed(0)
+    module, x = CausalPair().eval(), torch.randn(1, 16, 1, 6, 8)
+    preset = resolve_target("x86-avx512-bf16")
+    last, info = prepare_model(from_torch(module, {"x": x}), preset, mode)
+    assert info["convolutions_as_gemm"] == 2 and any("channels-last from one to the next" in n for n in last.notes)
+    assert transposes_between_the_gemms(last.mod["main"]) == 0
+    monkeypatch.setattr(conv_gemm, "_all_taken", lambda *args: False)
+    first, _ = prepare_model(from_torch(module, {"x": x}), preset, mode)
+    assert transposes_between_the_gemms(first.mod["main"]) == 2  # (the check can fail)
+    monkeypatch.undo()
+    report = build(from_torch(module, {"x": x}), "x86", tmp_path / mode,
+                   settings=BuildSettings(quantize=mode, shipped_log=False))
+    out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float32)
+    with torch.no_grad():
+        assert compare(out, module(x).numpy())["cosine"] >= {"bf16": 0.9995, "w8a8": 0.999}[mode]
 
 
 def test_output_chunks_tile_the_output_once_within_the_limit():
