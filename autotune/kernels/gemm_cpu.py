@@ -96,6 +96,7 @@ PRECISION = {
     AVX2_BF16: BF16, AVX2_W8: BF16, AVX2_F32: F32,
 }
 INT8_WEIGHTS = {AVX512: AVX512_W8, AMX: AMX_W8, AVX2_BF16: AVX2_W8}  # bf16 engine -> its int8-weight variant
+AMX_VECTOR = {AMX: AVX512, AMX_W8: AVX512_W8, AMX_INT8: VNNI}  # every AMX CPU has the vector engine too
 AVX2 = (AVX2_INT8, AVX2_BF16, AVX2_W8, AVX2_F32)
 BF16_ARITHMETIC = (AMX, AVX512)  # bf16 engines that multiply bf16 itself (AVX2 widens it to float32)
 FMA = (AVX2_BF16, AVX2_W8, AVX2_F32)  # float32 FMA on widened (or, float32, re-laid) panels
@@ -109,6 +110,8 @@ MAX_DEFAULT_ACCUMULATORS = {isa: 12 for isa in AVX2}
 AMX_KT = {BF16: (32, 64, 128, 256, 512), INT8: (64, 128, 256, 512)}
 ROW_BLOCK_BYTES = 256 << 10  # the default block of activation rows a task's column panels share (L2)
 MAX_ROW_BLOCKS = 64  # sampled row blocks: at most this many register tiles high, or all rows (unblocked)
+MIN_TASKS = 16  # engines converting their weight panel per task: fewer panels than this get row blocks too,
+MIN_CONVERTING_BLOCK = 64  # of at least this many rows (the panel's conversion under 1/64 of a task's work)
 ENGINE_NAMES = {
     AVX512: "AVX512-BF16", AMX: "AMX-BF16", VNNI: "AVX512-VNNI", AMX_INT8: "AMX-INT8",
     AVX512_W8: "AVX512-BF16 (int8 weights)", AMX_W8: "AMX-BF16 (int8 weights)", AVX2_INT8: "AVX2 (int16 multiply-add)",
@@ -200,10 +203,26 @@ def isa_for_shape(isa: str | None, rows: int, n: int, k: int) -> str | None:
         return None
     if _is_amx(isa) and n % 32 == 0 and k % _amx_k_step(isa) == 0:
         return isa
-    vector = {AMX: AVX512, AMX_W8: AVX512_W8, AMX_INT8: VNNI}.get(isa, isa)  # every AMX CPU has the vector engine too
+    vector = AMX_VECTOR.get(isa, isa)
     if n % lanes(vector) == 0 and k % group(vector) == 0:
         return vector
     return None
+
+
+def padded_columns(isa: str | None, rows: int, n: int, k: int) -> int | None:
+    """The output columns a (rows x k) @ (k x n) product is computed with on `isa`: n itself where
+    the engine takes it, else n rounded up to whole vectors of the vector engine (the weight
+    zero-padded, the extra columns dropped) where at most half the columns computed are padding;
+    None where neither fits."""
+    if isa_for_shape(isa, rows, n, k) is not None:
+        return n
+    if isa is None:
+        return None
+    step = lanes(AMX_VECTOR.get(isa, isa))
+    padded = -(-n // step) * step
+    if 2 * n < padded or isa_for_shape(isa, rows, padded, k) is None:
+        return None
+    return padded
 
 
 def padded_rows(isa: str, rows: int) -> int:
@@ -585,6 +604,19 @@ def default_row_block(rows: int, n: int, kc: int, isa: str) -> int:
     return max(fitting) if fitting else min(sizes)
 
 
+def converting_row_block(rows: int, panels: int, isa: str) -> int:
+    """Rows per task on an engine that converts its weight panel per task (one panel per task, so
+    a weight of one or two panels, e.g. a convolution with 16 output channels, kept one core
+    busy): with fewer than MIN_TASKS panels, the largest candidate block (`row_block_sizes`) of
+    at least MIN_CONVERTING_BLOCK rows that makes MIN_TASKS tasks, else the smallest such block,
+    each task converting its panel; all the rows otherwise."""
+    sizes = [size for size in row_block_sizes(rows, isa) if size >= MIN_CONVERTING_BLOCK]
+    if panels >= MIN_TASKS or not sizes:
+        return rows
+    fitting = [size for size in sizes if size * MIN_TASKS <= rows * panels]
+    return max(fitting) if fitting else min(sizes)
+
+
 def _sample(sch, candidates: list[int]):
     return sch.sample_categorical(candidates, [1.0 / len(candidates)] * len(candidates))
 
@@ -618,6 +650,10 @@ def _schedule_vector(sch, gemm, outer, rows, n_loop, k_loop, total_rows, n, kc, 
     else:
         mr, nv = default_avx512_tile(total_rows, n, isa)
         mc = default_row_block(total_rows, n, kc, isa) if _blocks_rows(isa) else None
+    if _converts_weights(isa):  # sampled: blocks as for the widest tile (fewest panels), or none
+        widest = max(_divisors(n // width, 1, _max_tile(isa)[1])) if sample else nv
+        block = converting_row_block(total_rows, n // (width * widest), isa)
+        mc = None if block == total_rows else _sample(sch, [total_rows, block]) if sample else block
     no, nvl, columns = sch.split(n_loop, [None, nv, width])
     if mc is not None:
         block, rows = sch.split(rows, [None, mc])
@@ -626,7 +662,7 @@ def _schedule_vector(sch, gemm, outer, rows, n_loop, k_loop, total_rows, n, kc, 
     kp, kl = sch.split(k_loop, [None, group(isa)])
     sch.reorder(*outer, no, mo, kp, mi, nvl, columns, kl)
     if _converts_weights(isa):
-        task = sch.fuse(*outer, no)  # a column panel per task: its row blocks share the converted weights
+        task = sch.fuse(*outer, no)  # a column panel (and block of rows) per task: its tiles share the converted weights
         tile = mo
         sch.parallel(task)
         _convert_panel_at(sch, task)

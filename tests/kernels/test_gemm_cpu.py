@@ -9,6 +9,7 @@ emulated (conftest's dpbf16_target, amx_target, vnni_target), so the kernels' co
 from __future__ import annotations
 
 import itertools
+import re
 
 import ml_dtypes
 import numpy as np
@@ -73,6 +74,7 @@ def _assert_close(out, ref):
         (30, 96, 96),  # aligned: 5 rows x 3 vectors register tiles
         (17, 48, 40),  # ragged: a prime number of rows (1-row tiles)
         (8, 32, 5200),  # a reduction long enough to be split into partial products
+        (240, 16, 216),  # one column panel: int8 weights converted per block of rows
     ],
 )
 @pytest.mark.parametrize("isa", [gemm.AVX512, gemm.AVX512_W8])
@@ -127,6 +129,7 @@ def test_avx2_int8_gemm_equals_numpy_exactly(m, n, k):
         (12, 48, 64),  # aligned: 4 rows x 3 vectors register tiles
         (17, 24, 38),  # ragged: a prime number of rows (1-row tiles), 3 vectors of 8
         (8, 16, 5200),  # a reduction long enough to be split into partial products
+        (240, 16, 216),  # two column panels: weights converted per block of rows
     ],
 )
 @pytest.mark.parametrize("isa", [gemm.AVX2_BF16, gemm.AVX2_W8, gemm.AVX2_F32])
@@ -219,6 +222,12 @@ def test_shapes_each_engine_takes():
     assert gemm.isa_for_shape(gemm.VNNI, 1560, 1536, 1538) is None  # not whole quads
     assert gemm.k_split(8960, gemm.VNNI) == 4 and gemm.k_split(8960, gemm.AMX_INT8) == 4
     assert gemm.isa_for_shape(gemm.AMX_W8, 1560, 48, 1536) == gemm.AVX512_W8  # int8 weights: bf16 engines' shapes
+    # too few columns for whole vectors: padded where at most half of them is padding
+    assert gemm.padded_columns(gemm.AVX512, 16384, 8, 216) == 16 and gemm.padded_columns(gemm.AMX, 16384, 8, 216) == 16
+    assert gemm.padded_columns(gemm.AVX512, 16384, 3, 216) is None and gemm.padded_columns(gemm.AVX512, 64, 7, 64) is None
+    assert gemm.padded_columns(gemm.AVX512, 64, 32, 64) == 32 and gemm.padded_columns(gemm.VNNI, 64, 24, 64) == 32
+    assert gemm.padded_columns(gemm.AVX2_INT8, 64, 4, 64) == 8 and gemm.padded_columns(gemm.AVX512, 64, 8, 15) is None
+    assert gemm.padded_columns(None, 64, 8, 64) is None
 
 
 # (AVX2_W8 differs from AVX2_BF16 only in the weight panel's source dtype: its kernel test covers it)
@@ -230,14 +239,16 @@ def test_every_sampled_register_tile_replays_and_computes_the_product(isa, reque
         target = resolve_target("x86-avx2").tvm_target()
     else:
         target, _ = request.getfixturevalue("vnni_target" if isa == gemm.VNNI else "dpbf16_target")
-    m, n, k = 24, 96, 64
+    converts = isa in (gemm.AVX512_W8, gemm.AVX2_INT8, gemm.AVX2_BF16)
+    m, n, k = (128, 16, 64) if converts else (24, 96, 64)  # (one or two column panels: rows in blocks)
     func = gemm.make_primfunc(m, n, k, isa).with_attr("global_symbol", "main")
     sampled = s_tir.Schedule(tvm.IRModule({"main": func}), seed=1)
     gemm.apply_schedule(sampled, sample=True)
     trace = sampled.trace
     decisions = [inst for inst in trace.insts if inst.kind.name == "SampleCategorical"]
-    # register-tile rows and vectors; AVX512-BF16 and VNNI also rows per block (12 or all 24)
-    assert len(decisions) == (3 if isa in (gemm.AVX512, gemm.VNNI) else 2)
+    # register-tile rows and vectors, and rows per block: AVX512-BF16 and VNNI 12 or all 24, the
+    # engines converting their weights 64 or all 128
+    assert len(decisions) == 3
     exact = gemm.PRECISION[isa] == gemm.INT8
     if isa == gemm.AVX2_INT8:
         a, b, ref = _avx2_int8_operands(m, n, k)
@@ -257,6 +268,22 @@ def test_every_sampled_register_tile_replays_and_computes_the_product(isa, reque
             np.testing.assert_array_equal(out, ref)
         else:
             _assert_close(out, ref)
+
+
+def test_engines_converting_weights_block_rows_when_there_are_few_panels():
+    """A weight of one or two column panels is converted per block of rows (so that every core
+    has a task), in blocks of at least MIN_CONVERTING_BLOCK rows; with enough panels, not."""
+    for rows, panels in [(16384, 1), (6240, 8), (240, 1)]:
+        size = gemm.converting_row_block(rows, panels, gemm.AVX512_W8)
+        assert rows % size == 0 and size >= gemm.MIN_CONVERTING_BLOCK and rows // size > 1
+        assert rows // size * panels >= gemm.MIN_TASKS or size == min(
+            s for s in gemm.row_block_sizes(rows, gemm.AVX512_W8) if s >= gemm.MIN_CONVERTING_BLOCK)
+    assert gemm.converting_row_block(1560, 96, gemm.AVX512_W8) == 1560  # enough panels
+    assert gemm.converting_row_block(30, 2, gemm.AVX2_W8) == 30  # too few rows to block
+    sch = s_tir.Schedule(tvm.IRModule({"main": gemm.make_primfunc(16384, 16, 216, gemm.AVX512_W8)}))
+    gemm.apply_schedule(sch)
+    tasks = re.findall(r"T\.parallel\((\d+)[,)]", sch.mod["main"].script())
+    assert tasks == [str(16384 // gemm.converting_row_block(16384, 1, gemm.AVX512_W8))]
 
 
 def test_row_blocks_hold_every_tile_height_and_fit_l2():
