@@ -9,6 +9,9 @@ The result is the same sum without its zero terms (exact up to float summation o
 
 The rewritten convolution reads `W[:, :, first:last]`, a weight-only slice: build-time weight
 precompute (weight_transforms.py) turns it into a weight of its own.
+
+`pads_into_convolutions` (for the convolutions computed as GEMMs, conv_gemm.py) makes any such zero
+padding the convolution's own.
 """
 
 from __future__ import annotations
@@ -79,23 +82,63 @@ def _reduced_conv(conv: relax.Call, pad: relax.Call, cast: relax.Call | None = N
     )
 
 
-def drop_causal_padding(func: relax.Function) -> tuple[relax.Function, int]:
-    """Rewrite every conv3d(pad(x)) (also with a cast between them) whose single output frame sees
-    zero padding. Returns (func, count)."""
+def _rewrite_padded_convs(func: relax.Function, ops: list[str], replacement) -> tuple[relax.Function, int]:
+    """Rewrite each op(pad(x), w) or op(astype(pad(x)), w), op one of `ops`, into
+    `replacement(conv, pad, cast or None)` where that is not None. Returns (func, count)."""
     padded = is_op("relax.nn.pad")(wildcard())
     cast = is_op("relax.astype")(padded)
-    pattern = is_op("relax.nn.conv3d")(padded | cast, wildcard())
+    convolution = is_op(ops[0])
+    for op in ops[1:]:
+        convolution = convolution | is_op(op)
     count = 0
 
     def rewriter(expr, matches):
         nonlocal count
-        new = _reduced_conv(expr, matches[padded], matches.get(cast))
+        new = replacement(expr, matches[padded], matches.get(cast))
         if new is None:
             return expr
         count += 1
         return new
 
-    return rewrite_call(pattern, rewriter, func), count
+    return rewrite_call(convolution(padded | cast, wildcard()), rewriter, func), count
+
+
+def drop_causal_padding(func: relax.Function) -> tuple[relax.Function, int]:
+    """Rewrite every conv3d(pad(x)) (also with a cast between them) whose single output frame sees
+    zero padding. Returns (func, count)."""
+    return _rewrite_padded_convs(func, ["relax.nn.conv3d"], _reduced_conv)
+
+
+def _conv_with_pad(conv: relax.Call, pad: relax.Call, cast: relax.Call | None = None):
+    """conv(pad(x)) -> conv(x) with the zero padding its own (channels-first, spatial axes only)."""
+    attrs, pattrs = conv.attrs, pad.attrs
+    dims = len(conv.args[1].ty.shape) - 2
+    channels_first = ("NCW", "NCHW", "NCDHW")[dims - 1]
+    if attrs.data_layout != channels_first or attrs.out_layout != channels_first:
+        return None
+    if pattrs.pad_mode != "constant" or float(pattrs.pad_value) != 0.0:
+        return None
+    widths = _const_int_list(pattrs.pad_width)  # (before, after) per axis, N C *spatial
+    if any(widths[:4]):
+        return None
+    conv_pad = _const_int_list(attrs.padding)  # all befores, then all afters
+    padding = [conv_pad[i] + widths[4 + 2 * i] for i in range(dims)] + [
+        conv_pad[dims + i] + widths[5 + 2 * i] for i in range(dims)]
+    x = pad.args[0] if cast is None else relax.op.astype(pad.args[0], cast.attrs.dtype)
+    return getattr(relax.op.nn, f"conv{dims}d")(
+        x, conv.args[1], strides=attrs.strides, padding=padding, dilation=attrs.dilation, groups=attrs.groups,
+        data_layout=attrs.data_layout, kernel_layout=attrs.kernel_layout, out_layout=attrs.out_layout,
+        out_dtype=attrs.out_dtype)
+
+
+def pads_into_convolutions(func: relax.Function, only) -> tuple[relax.Function, int]:
+    """conv(pad(x)) -> conv(x) padding by itself, where `only(conv)`: for the convolutions computed
+    as GEMMs, whose im2col gathers zeros where a row reaches into the padding, so the padded copy
+    of x (the Wan VAE's causal padding, `F.pad` before every 3-D convolution) is never written, and
+    a channels-last model needs no transposes around it (ConvertLayout does not carry a layout
+    through nn.pad). Returns (func, count)."""
+    return _rewrite_padded_convs(func, ["relax.nn.conv1d", "relax.nn.conv2d", "relax.nn.conv3d"],
+                                 lambda conv, pad, cast: _conv_with_pad(conv, pad, cast) if only(conv) else None)
 
 
 def drop_causal_padding_in(imported: ImportedModel) -> ImportedModel:

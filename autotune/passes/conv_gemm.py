@@ -23,11 +23,17 @@ unlike float32 matmuls (matrix_engine's MIN_F32_FLOPS) every im2col GEMM takes t
 convolution, a plain matmul of its input, follows the matmuls' rule).
 
 Taken: conv1d/2d/3d, channels-first layouts, one group, static shapes, output channels and
-reduction length the engine takes (`gemm_cpu.isa_for_shape`). Where every convolution of a model
-is taken (a VAE block at bf16 or int8), the model goes channels-last first (`to_channels_last`:
-TVM's ConvertLayout, the layout carried through the norms, activations and adds between the
+reduction length the engine takes (`gemm_cpu.isa_for_shape`); output channels short of whole
+vectors are zero-padded up to them where at most half the columns are padding
+(`gemm_cpu.padded_columns`: the tiny VAE decoder's 8-channel convolutions take 16 columns, its
+3-channel output convolution none). A zero `F.pad` in front of a convolution taken (the Wan VAE's
+causal padding) becomes the convolution's own padding, gathered as zeros by its im2col
+(`causal_padding.pads_into_convolutions`). Where more convolutions are taken than left (a VAE at
+bf16 or int8), the model goes channels-last first (`to_channels_last`: TVM's ConvertLayout, the
+layout carried through the norms, activations, adds and concatenations between the
 convolutions), so that one GEMM's rows feed the next im2col as they are, without the transposes
-back to channels-first and forth again (the VAE up-block at bf16: 0.94x, w8a8 0.88x, on a Zen 4). A is taps times the input (27x for
+back to channels-first and forth again (the VAE up-block at bf16: 0.94x, w8a8 0.88x, on a Zen 4);
+a convolution left runs channels-first between transposes (`_channels_first`). A is taps times the input (27x for
 3x3x3): at full 480p the VAE's last layers would need gigabytes, so an im2col over
 MAX_IM2COL_BYTES is cut into chunks of output rows (boxes along one axis), each gathered and
 multiplied in turn by one kernel per chunk size (memory planning reuses their buffers), the
@@ -51,6 +57,7 @@ from autotune.frontend.importer import ImportedModel
 from autotune.kernels import gemm_cpu, im2col, token_quant
 from autotune.support import ir
 
+from .causal_padding import pads_into_convolutions
 from .matrix_engine import engine_precision, rescaled_int8_matmul
 
 log = logging.getLogger(__name__)
@@ -76,27 +83,35 @@ class ConvGemmRewriter:
         self.count = 0
         self.chunked = 0  # of them, computed in row chunks
         self.quantized = 0  # of them, int8 x int8 (w8a8)
+        self.padded = 0  # of them, with output channels padded to whole vectors
         self.kernels: dict[tuple, relax.GlobalVar] = {}
         self.builder = relax.BlockBuilder(mod)
         self.weight_vars = ir.weight_only_vars(mod["main"])
 
     def __call__(self, call: relax.Call, _matches) -> relax.Expr:
         self.seen += 1
+        gemm = self._as_gemm(call)
+        if gemm is not None:
+            return gemm
+        return call if self.dry_run else _channels_first(call)
+
+    def _as_gemm(self, call: relax.Call) -> relax.Expr | None:
+        """The GEMM `call` becomes (dry run: `call` itself), or None where no engine takes it."""
         x, w = call.args
         precision = engine_precision(call)
         if w not in self.weight_vars or precision is None:
-            return call
+            return None
         x_shape, w_shape, y_shape = ir.static_shape(x.ty), ir.static_shape(w.ty), ir.static_shape(call.ty)
         if x_shape is None or w_shape is None or y_shape is None:
-            return call
+            return None
         dims = len(x_shape) - 2
         a = call.attrs
         layouts = (str(a.data_layout), str(a.kernel_layout))
         last = layouts == CHANNELS_LAST.get(dims)  # (convolutions_as_gemm's ConvertLayout made it so)
         if (layouts != _LAYOUTS.get(dims) and not last) or str(a.out_layout) != str(a.data_layout):
-            return call
+            return None
         if int(a.groups) != 1:
-            return call
+            return None
         if last:
             n, *spatial, c_in = x_shape
             c_out, *kernel, _ = w_shape
@@ -107,14 +122,17 @@ class ConvGemmRewriter:
             out_spatial = y_shape[2:]
         rows, k = n * math.prod(out_spatial), c_in * math.prod(kernel)
         # w8a8: int8 x int8 where the int8 engine takes the shape, else int8-weight's bf16 engine
-        int8_isa = None
+        # columns: c_out, or c_out rounded up to whole vectors (`gemm_cpu.padded_columns`)
+        int8_isa, columns = None, None
         if precision == "int8-weight" and self.int8_activations:
-            int8_isa = gemm_cpu.isa_for_shape(self.isas[gemm_cpu.INT8], rows, c_out, k)
+            columns = gemm_cpu.padded_columns(self.isas[gemm_cpu.INT8], rows, c_out, k)
+            int8_isa = gemm_cpu.isa_for_shape(self.isas[gemm_cpu.INT8], rows, columns, k) if columns else None
         values = gemm_cpu.activation_dtype(int8_isa) if int8_isa is not None else None
         if values is None:
             isa = self.isas.get({"int8-weight": gemm_cpu.BF16}.get(precision, precision))
-            if isa is None or gemm_cpu.isa_for_shape(isa, rows, c_out, k) is None:
-                return call
+            columns = gemm_cpu.padded_columns(isa, rows, c_out, k)
+            if columns is None:
+                return None
             # A's dtype: the engine's. The FMA engine multiplies float32, so its im2col widens bf16 values
             # as it gathers them (a cast of A afterwards was a pass over 27x the input); int8-weight's
             # float32 activations are not rounded there, as in its matmuls.
@@ -133,6 +151,9 @@ class ConvGemmRewriter:
         # W (O, I, *taps) or (O, *taps, I) -> (*taps, I, O) -> (taps * I, O): the k order of A's rows
         to_taps_in_out = [*range(1, dims + 1), dims + 1, 0] if last else [*range(2, dims + 2), 1, 0]
         rhs = relax.op.reshape(relax.op.permute_dims(w, to_taps_in_out), [k, c_out])
+        if columns != c_out:
+            self.padded += 1
+            rhs = relax.op.nn.pad(rhs, [0, 0, 0, columns - c_out])
         geometry = ((n, *spatial, c_in), tuple(kernel), tuple(strides), tuple(padding[:dims]), tuple(dilation),
                     tuple(out_spatial), dtype)
         row_bytes = k * (1 if values else _BYTES[dtype])
@@ -147,6 +168,8 @@ class ConvGemmRewriter:
                 first = relax.const(np.array(starts, dtype="int32"))
                 parts.append(self._gathered_product(channels_last, geometry, rhs, values, tuple(sizes), first))
             y = relax.op.concat(parts, axis=0)
+        if columns != c_out:
+            y = relax.op.strided_slice(y, axes=[1], begin=[0], end=[c_out])
         y = relax.op.reshape(y, [n, *out_spatial, c_out])
         return y if last else relax.op.permute_dims(y, [0, dims + 1, *range(1, dims + 1)])
 
@@ -207,11 +230,28 @@ class ConvGemmRewriter:
         return relax.transform.Normalize()(mod)
 
 
-def _all_taken(mod: tvm.IRModule, target, int8_activations: bool) -> bool:
-    """Whether the rewriter takes every convolution of `main` (more than one)."""
-    dry = ConvGemmRewriter(mod, target, int8_activations, dry_run=True)
-    dry.rewrite()
-    return dry.count == dry.seen > 1
+def _channels_first(call: relax.Call) -> relax.Call:
+    """A channels-last convolution no engine takes, computed channels-first between transposes
+    (TVM's channels-first direct convolution schedules were 5x faster than its channels-last ones
+    on the tiny VAE decoder's 3-channel output convolution); any other `call` as it is."""
+    dims = len(call.args[0].ty.shape) - 2
+    a = call.attrs
+    if (str(a.data_layout), str(a.kernel_layout)) != CHANNELS_LAST.get(dims) or str(a.out_layout) != str(a.data_layout):
+        return call
+    first = [0, dims + 1, *range(1, dims + 1)]  # N*C or O*I: the channel axis (last) moves to 1
+    data_layout, kernel_layout = _LAYOUTS[dims]
+    conv = getattr(relax.op.nn, f"conv{dims}d")
+    y = conv(relax.op.permute_dims(call.args[0], first), relax.op.permute_dims(call.args[1], first),
+             strides=a.strides, padding=a.padding, dilation=a.dilation, groups=a.groups,
+             data_layout=data_layout, kernel_layout=kernel_layout, out_dtype=_dtype_or_none(a.out_dtype))
+    return relax.op.permute_dims(y, [0, *range(2, dims + 2), 1])
+
+
+def channels_last_pays(taken: int, convolutions: int) -> bool:
+    """Whether a model whose convolutions the rewriter takes `taken` of goes channels-last: in a
+    channels-first model each one taken is transposed to channels-last and back, in a channels-last
+    model each one left is transposed to channels-first and back (`_channels_first`)."""
+    return taken > 1 and taken > convolutions - taken
 
 
 def _unit_axis_reshapes(func: relax.Function) -> relax.Function:
@@ -234,6 +274,10 @@ def _unit_axis_reshapes(func: relax.Function) -> relax.Function:
         return relax.op.squeeze(call.args[0], [axis])
 
     return rewrite_call(is_op("relax.reshape")(wildcard(), wildcard()), rewrite, func)
+
+
+def _dtype_or_none(dtype) -> str | None:
+    return None if str(dtype) in ("", "void") else str(dtype)
 
 
 def to_channels_last(mod: tvm.IRModule) -> tvm.IRModule:
@@ -268,21 +312,27 @@ def convolutions_as_gemm(imported: ImportedModel, target: tvm.target.Target,
     AVX2-only CPUs) into im2col + matmul (run `use_matrix_engine` after it). `int8_activations`
     (w8a8): int8-weight convolutions whose shape the int8 engine takes multiply int8 rows, quantized
     per row as they are gathered. Returns (model, how many)."""
-    rewriter = ConvGemmRewriter(imported.mod, target, int8_activations)
-    if not any(rewriter.isas.values()):
+    dry = ConvGemmRewriter(imported.mod, target, int8_activations, dry_run=True)
+    if not any(dry.isas.values()):
         return imported, 0
-    channels_last = _all_taken(imported.mod, target, int8_activations)
-    if channels_last:
-        rewriter = ConvGemmRewriter(to_channels_last(imported.mod), target, int8_activations)
+    dry.rewrite()
+    if not dry.count:
+        return imported, 0
+    channels_last = channels_last_pays(dry.count, dry.seen)
+    main, unpadded = pads_into_convolutions(imported.mod["main"], only=lambda conv: dry._as_gemm(conv) is not None)
+    mod = tvm.IRModule({**imported.mod.functions, imported.mod.get_global_var("main"): main}, attrs=imported.mod.attrs)
+    rewriter = ConvGemmRewriter(to_channels_last(mod) if channels_last else mod, target, int8_activations)
     mod = rewriter.rewrite()
-    if not rewriter.count:
-        return imported, 0
     log.info("matrix engine: %d convolutions as im2col GEMMs", rewriter.count)
     note = f"{rewriter.count} convolutions computed as GEMMs over im2col rows"
     if rewriter.quantized:
         note += f", {rewriter.quantized} of them on int8 rows quantized per output position as they are gathered (w8a8)"
     if rewriter.chunked:
         note += f", {rewriter.chunked} of them in chunks of output rows (a whole im2col would exceed {MAX_IM2COL_BYTES / 2**20:g} MiB)"
+    if unpadded:
+        note += f", {unpadded} of them zero-padding their input as they gather it (no padded copy)"
+    if rewriter.padded:
+        note += f", {rewriter.padded} of them with their output channels zero-padded to whole vectors"
     if channels_last:
         note += "; channels-last from one to the next (no transposes between them)"
     moved = replace(imported, mod=mod, notes=imported.notes + [note])

@@ -242,9 +242,22 @@ class Convolution3d(torch.nn.Module):
         return self.conv(x)
 
 
+class CausalConvolution8(torch.nn.Module):
+    """The Wan VAE's causal convolution on 3 frames (zero time padding by F.pad) with 8 output
+    channels: half an AVX-512 vector, so its weight is padded to 16 columns."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(8, 8, 3, padding=(0, 1, 1))
+
+    def forward(self, x):
+        return self.conv(torch.nn.functional.pad(x, (0, 0, 0, 0, 2, 0)))
+
+
 CONV_CASES = {
     "conv2d": (Convolutions2d, (1, 8, 11, 13), 2, 1),  # module, input shape, GEMMs, im2col kernels
     "conv3d": (Convolution3d, (1, 8, 3, 6, 10), 1, 1),
+    "causal8": (CausalConvolution8, (1, 8, 3, 6, 10), 1, 1),
 }
 
 
@@ -253,7 +266,9 @@ CONV_CASES = {
 def test_convolutions_become_im2col_gemms_that_match_torch(tmp_path, case, mode):
     """The rewrite's arithmetic on any CPU: a bf16 / int8-weight model's convolutions rewritten for
     an AVX512-BF16 target, the result built for the host, where its matmuls take TVM's generic
-    path. (int8 weights: per-channel rounding costs about as much cosine as bf16's.)"""
+    path. (int8 weights: per-channel rounding costs about as much cosine as bf16's.) The causal
+    convolution's F.pad becomes its own padding (no padded copy), its 8 output channels 16
+    columns of the GEMM."""
     from autotune.passes.conv_gemm import convolutions_as_gemm
     from autotune.passes.quantize import quantize
 
@@ -262,7 +277,10 @@ def test_convolutions_become_im2col_gemms_that_match_torch(tmp_path, case, mode)
     module, x = make().eval(), torch.randn(*shape)
     quantized, _ = quantize(from_torch(module, {"x": x}), mode, resolve_target("x86"))
     as_gemm, count = convolutions_as_gemm(quantized, resolve_target("x86-avx512-bf16").tvm_target())
-    assert count == gemms and "R.nn.conv" not in as_gemm.mod["main"].script()
+    script = as_gemm.mod["main"].script()
+    assert count == gemms and "R.nn.conv" not in script
+    padded = case == "causal8"  # one pad left: the weight's columns, 8 -> 16 (x's F.pad is gone)
+    assert script.count("R.nn.pad(") == padded and ("zero-padded to whole vectors" in as_gemm.notes[-1]) == padded
     assert sum(name.startswith("im2col") for name in prim_funcs(as_gemm.mod)) == gathers
     report = build(as_gemm, "x86", tmp_path / "g", settings=BuildSettings(shipped_log=False))
     out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float32)
@@ -296,25 +314,31 @@ def test_large_im2col_is_cut_into_chunks_that_match_torch(tmp_path, monkeypatch,
 
 
 class CausalPair(torch.nn.Module):
-    """Two causal 3x3x3 convolutions on one frame with an RMS norm (F.normalize, as the Wan VAE's)
-    and SiLU between them, and a residual: the VAE up-block's pattern, small."""
+    """Two causal 3x3x3 convolutions with an RMS norm (F.normalize, as the Wan VAE's) and SiLU
+    between them, and a residual: the VAE up-block's pattern, small; then a 3-channel output
+    convolution (as the VAE's last), which no engine takes."""
 
     def __init__(self):
         super().__init__()
         self.conv1 = torch.nn.Conv3d(16, 16, 3, padding=(0, 1, 1))
         self.conv2 = torch.nn.Conv3d(16, 16, 3, padding=(0, 1, 1))
+        self.head = torch.nn.Conv3d(16, 3, 3, padding=(0, 1, 1))
 
     def forward(self, x):
-        h = self.conv1(torch.nn.functional.pad(x, (0, 0, 0, 0, 2, 0)))
+        causal = (0, 0, 0, 0, 2, 0)
+        h = self.conv1(torch.nn.functional.pad(x, causal))
         h = torch.nn.functional.silu(torch.nn.functional.normalize(h, dim=1) * 2.0)
-        return self.conv2(torch.nn.functional.pad(h, (0, 0, 0, 0, 2, 0))) + x
+        h = self.conv2(torch.nn.functional.pad(h, causal)) + x
+        return self.head(torch.nn.functional.pad(h, causal))
 
 
-@pytest.mark.parametrize("mode", ["bf16", "w8a8"])
-def test_a_block_whose_convolutions_are_all_gemms_goes_channels_last(tmp_path, monkeypatch, mode):
-    """Every convolution taken: the model goes channels-last, so the first GEMM's rows reach the
-    second im2col without a transpose on the way (channels-first, one transposes them back and the
-    next im2col's input forth again), and the build still matches torch."""
+@pytest.mark.parametrize("mode, frames", [("bf16", 1), ("bf16", 3), ("w8a8", 3)])
+def test_a_block_whose_convolutions_are_mostly_gemms_goes_channels_last(tmp_path, monkeypatch, mode, frames):
+    """Two of three convolutions taken: the model goes channels-last, so the first GEMM's rows reach
+    the second im2col without a transpose on the way (channels-first, one transposes them back and
+    the next im2col's input forth again), the output convolution runs channels-first between
+    transposes, and the build still matches torch. On one frame the causal padding is dropped
+    (causal_padding.py), on three it is the convolutions' own."""
     from autotune.passes import conv_gemm
 
     def transposes_between_the_gemms(main) -> int:
@@ -330,12 +354,12 @@ def test_a_block_whose_convolutions_are_all_gemms_goes_channels_last(tmp_path, m
         return transposes
 
     torch.manual_seed(0)
-    module, x = CausalPair().eval(), torch.randn(1, 16, 1, 6, 8)
+    module, x = CausalPair().eval(), torch.randn(1, 16, frames, 6, 8)
     preset = resolve_target("x86-avx512-bf16")
     last, info = prepare_model(from_torch(module, {"x": x}), preset, mode)
     assert info["convolutions_as_gemm"] == 2 and any("channels-last from one to the next" in n for n in last.notes)
     assert transposes_between_the_gemms(last.mod["main"]) == 0
-    monkeypatch.setattr(conv_gemm, "_all_taken", lambda *args: False)
+    monkeypatch.setattr(conv_gemm, "channels_last_pays", lambda *args: False)
     first, _ = prepare_model(from_torch(module, {"x": x}), preset, mode)
     assert transposes_between_the_gemms(first.mod["main"]) == 2  # (the check can fail)
     monkeypatch.undo()
