@@ -57,7 +57,9 @@ threads, default tiles): the VAE's 6240 x 384 x 3456 conv GEMM 273 -> 405 GFLOP/
 675 -> 822 GOP/s in int8, the DiT block's 1560 x 1536 x 1536 int8 718 -> 824; bf16 at 1560 rows
 unchanged. The default blocks only where A has more rows than the weight has columns
 (`default_row_block`); tuning samples the block, unblocked included. (Not where weights are
-converted per task: converting per block of rows cost the DiT block's int8-weight GEMMs 15-25 %.)
+converted per task: converting per block of rows cost the DiT block's int8-weight GEMMs 15-25 %;
+there, rows are blocked only where the weight has too few column panels to give every core a
+task: `converting_row_block`.)
 
 MetaSchedule: the gemm block carries a `schedule_rule` annotation naming the custom rule
 registered here; the rule's register-tile sizes (AVX-512) or tile counts (AMX) are sampled
