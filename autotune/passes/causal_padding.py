@@ -109,12 +109,22 @@ def drop_causal_padding(func: relax.Function) -> tuple[relax.Function, int]:
     return _rewrite_padded_convs(func, ["relax.nn.conv3d"], _reduced_conv)
 
 
+def convolution_like(conv: relax.Call, data, weight, **changes) -> relax.Call:
+    """A convolution of `data` and `weight` with `conv`'s attributes, but for `changes` (its output
+    layout is its data layout)."""
+    a = conv.attrs
+    attrs = dict(strides=a.strides, padding=a.padding, dilation=a.dilation, groups=a.groups,
+                 data_layout=a.data_layout, kernel_layout=a.kernel_layout, out_dtype=a.out_dtype)
+    attrs.update(changes)
+    dims = len(str(attrs["data_layout"])) - 2
+    return getattr(relax.op.nn, f"conv{dims}d")(data, weight, out_layout=attrs["data_layout"], **attrs)
+
+
 def _conv_with_pad(conv: relax.Call, pad: relax.Call, cast: relax.Call | None = None):
     """conv(pad(x)) -> conv(x) with the zero padding its own (channels-first, spatial axes only)."""
     attrs, pattrs = conv.attrs, pad.attrs
-    dims = len(conv.args[1].ty.shape) - 2
-    channels_first = ("NCW", "NCHW", "NCDHW")[dims - 1]
-    if attrs.data_layout != channels_first or attrs.out_layout != channels_first:
+    dims = len(str(attrs.data_layout)) - 2
+    if not str(attrs.data_layout).startswith("NC") or attrs.out_layout != attrs.data_layout:
         return None
     if pattrs.pad_mode != "constant" or float(pattrs.pad_value) != 0.0:
         return None
@@ -125,10 +135,7 @@ def _conv_with_pad(conv: relax.Call, pad: relax.Call, cast: relax.Call | None = 
     padding = [conv_pad[i] + widths[4 + 2 * i] for i in range(dims)] + [
         conv_pad[dims + i] + widths[5 + 2 * i] for i in range(dims)]
     x = pad.args[0] if cast is None else relax.op.astype(pad.args[0], cast.attrs.dtype)
-    return getattr(relax.op.nn, f"conv{dims}d")(
-        x, conv.args[1], strides=attrs.strides, padding=padding, dilation=attrs.dilation, groups=attrs.groups,
-        data_layout=attrs.data_layout, kernel_layout=attrs.kernel_layout, out_layout=attrs.out_layout,
-        out_dtype=attrs.out_dtype)
+    return convolution_like(conv, x, conv.args[1], padding=padding)
 
 
 def pads_into_convolutions(func: relax.Function, only) -> tuple[relax.Function, int]:

@@ -57,7 +57,7 @@ from autotune.frontend.importer import ImportedModel
 from autotune.kernels import gemm_cpu, im2col, token_quant
 from autotune.support import ir
 
-from .causal_padding import pads_into_convolutions
+from .causal_padding import convolution_like, pads_into_convolutions
 from .matrix_engine import engine_precision, rescaled_int8_matmul
 
 log = logging.getLogger(__name__)
@@ -236,16 +236,14 @@ def _channels_first(call: relax.Call) -> relax.Call:
     it; one measurement, untuned both ways: the tiny VAE decoder's 3-channel output convolution ran
     at 25 GFLOP/s channels-last, 27 channels-first, so the layout is kept for the records, not for
     speed); any other `call` as it is."""
-    dims = len(call.args[0].ty.shape) - 2
     a = call.attrs
+    dims = len(str(a.data_layout)) - 2
     if (str(a.data_layout), str(a.kernel_layout)) != CHANNELS_LAST.get(dims) or str(a.out_layout) != str(a.data_layout):
         return call
     first = [0, dims + 1, *range(1, dims + 1)]  # N*C or O*I: the channel axis (last) moves to 1
     data_layout, kernel_layout = _LAYOUTS[dims]
-    conv = getattr(relax.op.nn, f"conv{dims}d")
-    y = conv(relax.op.permute_dims(call.args[0], first), relax.op.permute_dims(call.args[1], first),
-             strides=a.strides, padding=a.padding, dilation=a.dilation, groups=a.groups,
-             data_layout=data_layout, kernel_layout=kernel_layout, out_dtype=_dtype_or_none(a.out_dtype))
+    y = convolution_like(call, relax.op.permute_dims(call.args[0], first), relax.op.permute_dims(call.args[1], first),
+                         data_layout=data_layout, kernel_layout=kernel_layout)
     return relax.op.permute_dims(y, [0, *range(2, dims + 2), 1])
 
 
@@ -278,15 +276,11 @@ def _unit_axis_reshapes(func: relax.Function) -> relax.Function:
     return rewrite_call(is_op("relax.reshape")(wildcard(), wildcard()), rewrite, func)
 
 
-def _dtype_or_none(dtype) -> str | None:
-    return None if str(dtype) in ("", "void") else str(dtype)
-
-
 def to_channels_last(mod: tvm.IRModule) -> tvm.IRModule:
     """`mod` with its convolutions channels-last and the layout carried through the operators
     between them (TVM's ConvertLayout), so that their GEMMs' rows (channels-last) feed the next
     im2col without a transpose back and forth."""
-    mod = tvm.IRModule({**mod.functions, mod.get_global_var("main"): _unit_axis_reshapes(mod["main"])}, attrs=mod.attrs)
+    mod = ir.replace_main(mod, _unit_axis_reshapes(mod["main"]))
     desired = {f"relax.nn.conv{d}d": list(CHANNELS_LAST[d]) for d in (1, 2, 3)}
     return relax.transform.ConvertLayout(desired)(mod)
 
@@ -322,7 +316,7 @@ def convolutions_as_gemm(imported: ImportedModel, target: tvm.target.Target,
         return imported, 0
     channels_last = channels_last_pays(dry.count, dry.seen)
     main, unpadded = pads_into_convolutions(imported.mod["main"], only=lambda conv: dry._as_gemm(conv) is not None)
-    mod = tvm.IRModule({**imported.mod.functions, imported.mod.get_global_var("main"): main}, attrs=imported.mod.attrs)
+    mod = ir.replace_main(imported.mod, main)
     rewriter = ConvGemmRewriter(to_channels_last(mod) if channels_last else mod, target, int8_activations)
     mod = rewriter.rewrite()
     log.info("matrix engine: %d convolutions as im2col GEMMs", rewriter.count)
