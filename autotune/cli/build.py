@@ -64,9 +64,13 @@ def run(args) -> int:
               f"(slower); tune them with:\n  {tune_command(args, report.fallback_kernels)}")
     meta = json.loads(report.paths.metadata.read_text())
     before, after = meta["weight_bytes"]["before"], meta["weight_bytes"]["after"]
-    change = (f"{before / after:.2f}x smaller" if after < before else
-              f"{after / max(before, 1):.2f}x larger: copies made at build time (packed, sliced) ship beside weights "
-              "still used as they are")
+    if after < before:
+        change = f"{before / max(after, 1):.2f}x smaller"
+    elif after > before:
+        change = (f"{after / max(before, 1):.2f}x larger: copies made at build time (packed, sliced) ship beside "
+                  "weights still used as they are")
+    else:
+        change = "unchanged"
     print(f"weights: {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB ({change})")
     steps("fidelity against the fp32 torch reference on the example inputs")
     if preset.is_gpu:
