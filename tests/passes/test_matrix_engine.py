@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -359,6 +360,8 @@ def test_a_block_whose_convolutions_are_mostly_gemms_goes_channels_last(tmp_path
     last, info = prepare_model(from_torch(module, {"x": x}), preset, mode)
     assert info["convolutions_as_gemm"] == 2 and any("channels-last from one to the next" in n for n in last.notes)
     assert transposes_between_the_gemms(last.mod["main"]) == 0
+    script = last.mod["main"].script()  # the head, left to TVM, channels-first between transposes
+    assert script.count("R.nn.conv") == 1 and re.findall(r'data_layout="(\w+)"', script) == [["NCDHW", "NCHW"][frames == 1]]
     monkeypatch.setattr(conv_gemm, "channels_last_pays", lambda *args: False)
     first, _ = prepare_model(from_torch(module, {"x": x}), preset, mode)
     assert transposes_between_the_gemms(first.mod["main"]) == 2  # (the check can fail)
