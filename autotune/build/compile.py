@@ -25,7 +25,7 @@ from autotune.support.ir import ATTENTION_ATTR, FLOPS_ATTR, is_scheduled, prim_f
 from autotune.support.package_data import shipped_log_dir
 from autotune.support.settings import BuildSettings
 from autotune.support.targets import TargetPreset, resolve_target
-from autotune.tuning.log import log_digest, read_log, structure_key
+from autotune.tuning.log import log_digest, read_logs, structure_key
 
 from .export import codegen_context, export
 from .fallback import schedule_untuned, unscheduled_kernels
@@ -61,8 +61,8 @@ def apply_logs(fused: tvm.IRModule, target, log_dirs: list) -> tuple[tvm.IRModul
     database = ms.database.MemoryDatabase(module_equality="structural")
     kernels = {structure_key(f) for f in prim_funcs(fused).values()}
     notes, counts = [], []
-    for log_dir, whole in log_dirs:
-        report, _ = read_log(log_dir, target, database, only=None if whole else kernels)
+    reports = read_logs([(log_dir, None if whole else kernels) for log_dir, whole in log_dirs], target, database)
+    for (log_dir, _), (report, _) in zip(log_dirs, reports):
         counts.append(report.records)
         notes += [f"log: {log_dir}: {line}" for line in report.problem_summary()]
     with target, database, tvm.transform.PassContext(opt_level=3):

@@ -28,11 +28,16 @@ def add_parser(sub) -> None:
     add_pass_args(p)
     p.add_argument("--no-shipped-log", action="store_true",
                    help="ignore the tuning log autotune ships for the target (schedules/FAMILY); by default its records start the search)")
-    p.add_argument("--trials", type=int, default=defaults.TRIALS, help=f"new measured candidates in this run, all kernels together (default {defaults.TRIALS})")
+    p.add_argument("--trials", type=int, default=defaults.TRIALS, help=f"new measured candidates in this run, all kernels together (default {defaults.TRIALS}; 0: only re-measure the log's best schedules)")
     p.add_argument("--trials-per-task", type=int, help="cap per kernel (default: twice an even share)")
     p.add_argument("--trials-per-iter", type=int, default=defaults.TRIALS_PER_ITER, help=f"candidates measured per batch (default {defaults.TRIALS_PER_ITER})")
     p.add_argument("--run-timeout", type=float, default=defaults.RUN_TIMEOUT_S, help=f"seconds one candidate's measurement may take (default {defaults.RUN_TIMEOUT_S:g})")
     p.add_argument("--build-timeout", type=float, default=defaults.BUILD_TIMEOUT_S, help=f"seconds one candidate's compilation may take (default {defaults.BUILD_TIMEOUT_S:g})")
+    p.add_argument("--remeasure-rounds", type=int, default=defaults.REMEASURE_ROUNDS, metavar="N",
+                   help="after the search, measure again the fastest schedules of each kernel holding "
+                   f"{defaults.REMEASURE_MIN_SHARE * 100:g} %% or more of the model's time, beside its default schedule, in N interleaved "
+                   "rounds; their medians replace the search's single times in the log, so the build does not pick a "
+                   f"lucky measurement (default {defaults.REMEASURE_ROUNDS}; 0: off)")
     p.add_argument("--rpc", metavar="HOST:PORT", help="measure on devices registered with this TVM RPC tracker")
     p.add_argument("--key", help="device key on the RPC tracker (with --rpc)")
     p.set_defaults(func=run)
@@ -49,6 +54,7 @@ def run(args) -> int:
         trials_per_iter=args.trials_per_iter,
         run_timeout_s=args.run_timeout,
         build_timeout_s=args.build_timeout,
+        remeasure_rounds=args.remeasure_rounds,
         quantize=args.quantize,
         rpc=args.rpc,
         rpc_key=args.key,

@@ -18,6 +18,9 @@ MIN_REPEAT_MS = 20
 SEED = 0
 LIGHT_TASK_SHARE = 0.01  # kernels under this share of the module's FLOPs are "light" ...
 LIGHT_TASK_TRIALS = 8  # ... and get one batch this size
+REMEASURE_ROUNDS = 5  # after the search: interleaved rounds re-measuring each heavy kernel's best schedules (0: none)
+REMEASURE_TOP = 3  # ... its fastest records, beside its default schedule ...
+REMEASURE_MIN_SHARE = 0.02  # ... for the kernels holding at least this share of the model's tuned time
 
 # Running and timing.
 RUN_REPEAT = 20

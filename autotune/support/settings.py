@@ -30,16 +30,22 @@ class TuneSettings(_Printable):
     seed: int | None = defaults.SEED
     light_task_share: float = defaults.LIGHT_TASK_SHARE  # kernels under this share of the module's FLOPs are "light":
     light_task_trials: int = defaults.LIGHT_TASK_TRIALS  # they get one batch this size (when the log has none), the rest goes to the heavy ones
+    remeasure_rounds: int = defaults.REMEASURE_ROUNDS  # see tuning/remeasure.py; 0: keep the search's times
+    remeasure_top: int = defaults.REMEASURE_TOP
+    remeasure_min_share: float = defaults.REMEASURE_MIN_SHARE
     quantize: str | None = None  # tune the kernels of this quantization mode (as `build --quantize` makes them)
     rpc: str | None = None  # "HOST:PORT" of a TVM RPC tracker
     rpc_key: str | None = None
     shipped_log: bool = True  # start the search from the records autotune ships for this target
 
     def __post_init__(self):
-        for name in ("trials", "build_workers", "runs_per_measurement"):
-            if getattr(self, name) < (0 if name == "trials" else 1):
-                raise InputError(f"{name} must be {'>= 0' if name == 'trials' else '>= 1'}, got {getattr(self, name)}")
-        for name in ("trials_per_iter", "trials_per_task", "light_task_trials"):
+        for name in ("trials", "remeasure_rounds", "build_workers", "runs_per_measurement"):
+            least = 0 if name in ("trials", "remeasure_rounds") else 1
+            if getattr(self, name) < least:
+                raise InputError(f"{name} must be >= {least}, got {getattr(self, name)}")
+        if not 0 <= self.remeasure_min_share < 1:
+            raise InputError(f"remeasure_min_share must be in [0, 1), got {self.remeasure_min_share}")
+        for name in ("trials_per_iter", "trials_per_task", "light_task_trials", "remeasure_top"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"{name} must be >= 1, got {value}")

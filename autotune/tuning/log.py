@@ -4,7 +4,12 @@ A log directory holds two append-only JSON-lines files:
 
     workloads.jsonl  {"id": <structural hash>, "workload": <Workload.as_json()>}
     records.jsonl    {"id": <workload id>, "target": <target JSON>, "tvm": <version>,
-                      "record": <TuningRecord.as_json()>}
+                      "record": <TuningRecord.as_json()>[, "remeasured": {"at": <unix time>,
+                      "rounds": [<seconds>, ...]}]}
+
+A line with "remeasured" is a schedule measured again after the search, side by side with its
+rivals (tuning/remeasure.py), its time the median of those rounds: it replaces every earlier
+time of the same schedule of the same kernel, in this log or another read with it.
 
 A trace may hold a TVM object (TransformLayout's IndexMap, from weight packing): it is stored
 as its TVM JSON text, the form MetaSchedule's trace reader parses back.
@@ -27,10 +32,12 @@ import hashlib
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tvm
+import tvm_ffi
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
@@ -77,6 +84,7 @@ class LogReadReport:
 
     workloads: int = 0
     records: int = 0
+    superseded: int = 0  # record lines replaced by a newer re-measurement of their schedule
     problems: list[LogProblem] = field(default_factory=list)
 
     def problem_summary(self, listed: int = 10) -> list[str]:
@@ -93,6 +101,8 @@ class LogReadReport:
 
     def summary(self) -> str:
         text = f"{self.records} records over {self.workloads} workloads"
+        if self.superseded:
+            text += f" ({self.superseded} earlier times replaced by re-measurements)"
         if self.problems:
             text += f", {len(self.problems)} lines skipped"
         return text
@@ -237,10 +247,63 @@ def read_log(
     their records, quietly: a large shipped log is read in a fraction of the time.
     Returns (report, {workload id: Workload}).
     """
-    log_dir = Path(log_dir)
-    report = LogReadReport()
-    workloads: dict[str, ms.database.Workload] = {}
-    same_structure: dict[str, list[str]] = {}  # MetaSchedule's structural hash -> workload ids
+    return read_logs([(log_dir, only)], target, memory)[0]
+
+
+@dataclass
+class _Source:
+    """One log directory's lines that passed the checks, before they are committed."""
+
+    report: LogReadReport
+    workloads: dict  # workload id -> Workload
+    same_structure: dict  # MetaSchedule's structural hash -> workload ids
+    structure: dict  # workload id -> its structural hash
+    records: list  # (path, line number, workload id, line object)
+
+
+def read_logs(sources: list, target: tvm.target.Target | None = None, memory=None, remeasured: set | None = None) -> list:
+    """`read_log` over several (log_dir, only) sources into one `memory`: [(report, workloads)] per source.
+
+    Re-measurements span the sources: a schedule's newest re-measurement, in whichever log, is the
+    one of its lines committed (lines compare by `record_key`). `remeasured` collects the `record_key` of each
+    record committed from a re-measurement.
+    """
+    parsed = [_parse_log(Path(log_dir), target, only) for log_dir, only in sources]
+    block_names: dict[tuple, tuple] = {}
+
+    def key_of(index: int, wid: str, obj: dict) -> tuple[str, str]:
+        source = parsed[index]
+        if (index, wid) not in block_names:
+            block_names[index, wid] = _block_names(source.workloads[wid].mod)
+        return _schedule_key(obj["record"], source.structure[wid], block_names[index, wid])
+
+    newest: dict[tuple, tuple] = {}  # schedule key -> (time, source, line) of its newest re-measurement
+    for index, source in enumerate(parsed):
+        for path, number, wid, obj in source.records:
+            if "remeasured" in obj:
+                stamp = (float(obj["remeasured"].get("at", 0)), index, number)
+                key = key_of(index, wid, obj)
+                newest[key] = max(newest.get(key, stamp), stamp)
+    remeasured_structures = {key[0] for key in newest}
+    for source in parsed if memory is not None else []:
+        for workload in source.workloads.values():  # in file order: the first of twins is the one known
+            memory.commit_workload(workload.mod)
+    for index, source in enumerate(parsed):
+        for path, number, wid, obj in source.records:
+            if source.structure[wid] in remeasured_structures:
+                key = key_of(index, wid, obj)
+                if key in newest and newest[key][1:] != (index, number):
+                    source.report.superseded += 1  # a newer re-measurement of the same schedule replaces it
+                    continue
+            record = _commit(memory, path, number, wid, obj, source)
+            if record is not None and remeasured is not None and "remeasured" in obj:
+                remeasured.add(record_key(record))
+    return [(source.report, source.workloads) for source in parsed]
+
+
+def _parse_log(log_dir: Path, target, only) -> _Source:
+    source = _Source(LogReadReport(), {}, {}, {}, [])
+    report, workloads = source.report, source.workloads
     skipped: set[str] = set()  # workloads left out by `only`
     wpath, rpath = log_dir / WORKLOADS_FILE, log_dir / RECORDS_FILE
     for number, obj, reason in _read_lines(wpath):
@@ -254,9 +317,8 @@ def read_log(
             wid = obj["id"]
             if wid not in workloads:
                 workloads[wid] = ms.database.Workload.from_json(obj["workload"])
-                same_structure.setdefault(str(obj["workload"][0]), []).append(wid)
-                if memory is not None:
-                    memory.commit_workload(workloads[wid].mod)
+                source.structure[wid] = str(obj["workload"][0])
+                source.same_structure.setdefault(source.structure[wid], []).append(wid)
         except Exception as exc:  # a JSON line that is not a workload
             report.problems.append(LogProblem(str(wpath), number, f"not a workload ({type(exc).__name__}: {exc})"))
     report.workloads = len(workloads)
@@ -280,28 +342,34 @@ def read_log(
         if target is not None and not record_fits_target(obj, want_key, want_isa):
             report.problems.append(LogProblem(str(rpath), number, f"record for another target: {obj.get('target')}"))
             continue
-        record, replayed_on = _replay(obj["record"], wid, workloads, same_structure)
-        if isinstance(record, Exception):
-            report.problems.append(LogProblem(str(rpath), number, f"not a tuning record ({type(record).__name__}: {record})"))
-            continue
-        if memory is not None:
-            # The in-memory database files it under the first structurally equal workload it
-            # knows, whose blocks may be named otherwise: its trace must name those blocks.
-            source = workloads[replayed_on].mod
-            known = memory.commit_workload(source)
-            if not known.mod.same_as(source):
-                try:
-                    record = ms.database.TuningRecord.from_json(_renamed_blocks(obj["record"], source, known.mod), known)
-                except Exception as exc:
-                    report.problems.append(
-                        LogProblem(str(rpath), number, f"record for a twin kernel does not replay on it ({type(exc).__name__})")
-                    )
-                    continue
-            memory.commit_tuning_record(
-                ms.database.TuningRecord(record.trace, known, record.run_secs, record.target, record.args_info)
-            )
-        report.records += 1
-    return report, workloads
+        source.records.append((str(rpath), number, wid, obj))
+    return source
+
+
+def _commit(memory, path: str, number: int, wid: str, obj: dict, source: _Source):
+    """Replay one record line and commit it to `memory`: the committed record, or None (reported)."""
+    report, workloads = source.report, source.workloads
+    record, replayed_on = _replay(obj["record"], wid, workloads, source.same_structure)
+    if isinstance(record, Exception):
+        report.problems.append(LogProblem(path, number, f"not a tuning record ({type(record).__name__}: {record})"))
+        return None
+    if memory is not None:
+        # The in-memory database files it under the first structurally equal workload it
+        # knows, whose blocks may be named otherwise: its trace must name those blocks.
+        source_mod = workloads[replayed_on].mod
+        known = memory.commit_workload(source_mod)
+        if not known.mod.same_as(source_mod):
+            try:
+                record = ms.database.TuningRecord.from_json(_renamed_blocks(obj["record"], source_mod, known.mod), known)
+            except Exception as exc:
+                report.problems.append(
+                    LogProblem(path, number, f"record for a twin kernel does not replay on it ({type(exc).__name__})")
+                )
+                return None
+        record = ms.database.TuningRecord(record.trace, known, record.run_secs, record.target, record.args_info)
+        memory.commit_tuning_record(record)
+    report.records += 1
+    return record
 
 
 def _replay(record_json, wid: str, workloads: dict, same_structure: dict):
@@ -325,14 +393,21 @@ def _replay(record_json, wid: str, workloads: dict, same_structure: dict):
 _BLOCK = re.compile(r'T\.sblock\("([^"]+)"\)')
 
 
+def _block_names(mod: tvm.IRModule) -> tuple[str, ...]:
+    return tuple(_BLOCK.findall(mod.script()))
+
+
 def _renamed_blocks(record_json, source: tvm.IRModule, target: tvm.IRModule):
     """The record with its trace's block names mapped from `source` to its structural twin `target`.
 
     Twins have the same blocks in the same order, so the n-th block of one is the n-th of the other.
-    Blocks the trace itself creates are named after their origin (`x_sum` -> `x_sum_rf`): the
-    longest original name they start with is mapped.
     """
-    mapping = dict(zip(_BLOCK.findall(source.script()), _BLOCK.findall(target.script())))
+    return _rename_trace(record_json, dict(zip(_block_names(source), _block_names(target))))
+
+
+def _rename_trace(record_json, mapping: dict):
+    """Blocks the trace itself creates are named after their origin (`x_sum` -> `x_sum_rf`): the
+    longest original name they start with is mapped."""
     by_length = sorted(mapping, key=len, reverse=True)
 
     def rename(name: str) -> str:
@@ -347,6 +422,30 @@ def _renamed_blocks(record_json, source: tvm.IRModule, target: tvm.IRModule):
         for kind, inputs, attrs, outputs in insts
     ]
     return [[renamed, decisions], *rest]
+
+
+def _schedule_key(record_json, structure: str, block_names: tuple) -> tuple[str, str]:
+    """A schedule of a kernel whatever its blocks are named: (the kernel's structural hash, the trace
+    with each block named by its position in the kernel)."""
+    canonical = {name: f"#{i}" for i, name in enumerate(block_names)}
+    return structure, json.dumps(_rename_trace(record_json, canonical)[0], sort_keys=True)
+
+
+def record_key(record: ms.database.TuningRecord) -> tuple[str, str]:
+    """A record's schedule, comparable with the key `read_logs` gives the line it was written as."""
+    mod = record.workload.mod
+    return _schedule_key(record_to_json(record), str(tvm_ffi.structural_hash(mod)), _block_names(mod))
+
+
+def record_on(record: ms.database.TuningRecord, mod: tvm.IRModule) -> ms.database.TuningRecord:
+    """`record` replayed on `mod`, a module structurally equal to its workload's, whose blocks may be
+    named otherwise (the search replays a record on the task's own module)."""
+    workload = ms.database.Workload(mod)
+    as_json = record_to_json(record)
+    try:
+        return ms.database.TuningRecord.from_json(as_json, workload)
+    except Exception:  # a twin: the trace names the blocks of the module the record was read for
+        return ms.database.TuningRecord.from_json(_renamed_blocks(as_json, record.workload.mod, mod), workload)
 
 
 @derived_object
@@ -368,17 +467,28 @@ class TuningLog(ms.database.PyDatabase):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.target = target
         self._target_key = target_key(target)
-        self._memory = ms.database.MemoryDatabase(module_equality=module_equality)
-        self.report, loaded = read_log(self.log_dir, target, self._memory)
-        self._ids_on_disk = set(loaded)
-        self.seed_records = 0
+        self._module_equality = module_equality
+        self._sources = [(self.log_dir, None)]
         if seed_log is not None and Path(seed_log).resolve() != self.log_dir.resolve():
-            self.seed_records = read_log(seed_log, target, self._memory, only=seed_kernels or set())[0].records
+            self._sources.append((Path(seed_log), seed_kernels or set()))
+        self._load()
         # The in-memory database returns, for a module, the first structurally equal workload it
         # knows; structural equality ignores block names, and a trace replays only on a module
         # with its own block names. So records are filed under the module this process tuned.
         self._tuned_as: list[tuple[ms.database.Workload, str]] = []
         self.committed = 0  # records appended by this process
+
+    def _load(self) -> None:
+        self._memory = ms.database.MemoryDatabase(module_equality=self._module_equality)
+        self.remeasured: set[tuple[str, str]] = set()  # record_key of the records whose time is a re-measurement
+        (self.report, loaded), *seed = read_logs(self._sources, self.target, self._memory, self.remeasured)
+        self._ids_on_disk = set(loaded)
+        self.seed_records = seed[0][0].records if seed else 0
+
+    def reload(self) -> None:
+        """Read the logs again: re-measurements appended since replace the times they supersede."""
+        self._load()
+        self._tuned_as = []
 
     # -- what MetaSchedule calls ------------------------------------------------------------
     def has_workload(self, mod: tvm.IRModule) -> bool:
@@ -387,7 +497,7 @@ class TuningLog(ms.database.PyDatabase):
     def has_records(self, mod: tvm.IRModule) -> bool:
         """Whether a record for this target exists for `mod` (a workload alone, e.g. one whose records
         were for another CPU, does not count)."""
-        return self._memory.has_workload(mod) and bool(self._memory.get_top_k(self._memory.commit_workload(mod), 1))
+        return self._memory.has_workload(mod) and bool(self._memory.get_top_k(self.known_workload(mod), 1))
 
     def _file_workload(self, mod: tvm.IRModule) -> str:
         wid = workload_id(mod)
@@ -395,6 +505,10 @@ class TuningLog(ms.database.PyDatabase):
             _append_line(self.log_dir / WORKLOADS_FILE, {"id": wid, "workload": ms.database.Workload(mod).as_json()})
             self._ids_on_disk.add(wid)
         return wid
+
+    def known_workload(self, mod: tvm.IRModule) -> ms.database.Workload:
+        """The workload `mod`'s records are filed under in memory (nothing is written)."""
+        return self._memory.commit_workload(mod)
 
     def commit_workload(self, mod: tvm.IRModule) -> ms.database.Workload:
         workload = self._memory.commit_workload(mod)
@@ -404,12 +518,20 @@ class TuningLog(ms.database.PyDatabase):
 
     def commit_tuning_record(self, record: ms.database.TuningRecord) -> None:
         self._memory.commit_tuning_record(record)
+        self._append_record(record)
+
+    def commit_remeasurement(self, record: ms.database.TuningRecord, rounds: list[float]) -> None:
+        """Append a schedule's re-measured time (`record.run_secs`, the median of `rounds`, each a
+        time in seconds). Read back (`reload`), it replaces every earlier time of that schedule."""
+        self._append_record(record, remeasured={"at": time.time(), "rounds": [float(r) for r in rounds]})
+
+    def _append_record(self, record: ms.database.TuningRecord, **extra) -> None:
         wid = next((i for w, i in self._tuned_as if w.same_as(record.workload)), None)
         if wid is None:  # MetaSchedule commits workloads first; be safe anyway
             wid = self._file_workload(record.workload.mod)
         _append_line(
             self.log_dir / RECORDS_FILE,
-            {"id": wid, "target": self._target_key, "tvm": tvm.__version__, "record": record_to_json(record)},
+            {"id": wid, "target": self._target_key, "tvm": tvm.__version__, "record": record_to_json(record), **extra},
         )
         self.committed += 1
 

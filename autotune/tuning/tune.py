@@ -30,6 +30,7 @@ from autotune.support.tvm_compat import (
 from .cost_model import make_cost_model
 from .cpu_watch import CpuWatch
 from .log import TuningLog, structure_key
+from .remeasure import RemeasureReport, remeasure
 from .search import FallbackFirstSearch
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class TuneReport:
     log_problems: list[str] = field(default_factory=list)
     seed_records: int = 0  # records of the shipped log the search started from
     disturbed: str | None = None  # CpuWatch's warning when other work shared the CPU during measurements
+    remeasured: RemeasureReport | None = None  # the heavy kernels' best schedules measured again (remeasure.py)
 
     def estimated_latency_ms(self) -> float | None:
         """Sum over tuned tasks of weight × best time (untuned tasks are not counted)."""
@@ -67,7 +69,8 @@ class TuneReport:
 
     def warnings(self) -> list[str]:
         """What the user should know about the log and the measurements."""
-        return self.log_problems + ([self.disturbed] if self.disturbed else [])
+        failed = self.remeasured.failures if self.remeasured else []
+        return self.log_problems + ([self.disturbed] if self.disturbed else []) + [f"re-measuring: {f}" for f in failed]
 
     def summary(self) -> str:
         est = self.estimated_latency_ms()
@@ -77,6 +80,7 @@ class TuneReport:
             f"{self.seconds:.0f} s; log {self.log_dir}: {self.records_before} -> {self.records_after} records"
             + (f" (+ {self.seed_records} shipped records it started from)" if self.seed_records else "")
             + (f"; tuned kernels sum to {est:.2f} ms" if est is not None else "")
+            + (f"\n{self.remeasured.summary()}" if self.remeasured is not None else "")
         )
 
 
@@ -229,7 +233,8 @@ def tune(
         log_dir, tvm_target, seed_log=shipped, seed_kernels={structure_key(t.dispatched[0]["main"]) for t in tasks}
     )
     import_tensor_intrin_fast()  # the search's schedule rules import it; ~75 s otherwise
-    records_before = database.report.records
+    records_before = database.report.records + database.report.superseded  # the log's good lines
+    seed_records = database.seed_records
     stats = [TaskStats(t.task_name, float(t.weight)) for t in tasks]
     light, heavy = split_by_flops(tasks, settings.light_task_share)
     recorded = {i for i, t in enumerate(tasks) if database.has_records(t.dispatched[0])}
@@ -301,6 +306,9 @@ def tune(
                 )
             finally:
                 close_runner(runner, drop_queued=bool(guard.interrupted))
+    remeasured = None
+    if settings.remeasure_rounds > 0:
+        remeasured = _remeasure(database, tasks, tvm_target, preset, settings, progress)
     first_error = next((c.first_error for c in callbacks if c.first_error), None)
     report = TuneReport(
         tasks=stats,
@@ -312,8 +320,9 @@ def tune(
         log_dir=str(log_dir),
         first_error=first_error,
         log_problems=database.report.problem_summary(),
-        seed_records=database.seed_records,
+        seed_records=seed_records,
         disturbed=watch.warning() if watch is not None else None,
+        remeasured=remeasured,
     )
     if report.trials > 0 and report.failures == report.trials:
         raise TuningFailed(
@@ -321,6 +330,21 @@ def tune(
             f"{report.first_error}"
         )
     return report
+
+
+def _remeasure(database: TuningLog, tasks: list, target, preset: TargetPreset, settings: TuneSettings, progress: bool):
+    """The heavy kernels' best schedules measured again, interleaved (remeasure.py); Ctrl-C stops between kernels."""
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    builder, runner = make_builder(settings), make_runner(settings, preset)
+    guard = _InterruptGuard()
+    with guard:
+        try:
+            return remeasure(
+                database, tasks, target, builder, runner, settings.remeasure_rounds, settings.remeasure_top,
+                settings.remeasure_min_share, on_line=print if progress else log.info, check_interrupt=guard.check,
+            )
+        finally:
+            close_runner(runner, drop_queued=bool(guard.interrupted))
 
 
 def task_flops(task) -> float:
