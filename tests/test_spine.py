@@ -93,7 +93,7 @@ def test_resumed_tune_spends_only_its_new_budget(tmp_path, tuned_mlp):
 
     on_disk = lines_read(log)
     assert first.records_after == on_disk > 0
-    second = tune(imported, "x86", log, TuneSettings(trials=8, trials_per_iter=4), progress=False)
+    second = tune(imported, "x86", log, TuneSettings(trials=8, trials_per_iter=4, remeasure_rounds=0), progress=False)
     assert second.records_before == on_disk, "the second run must start from the first run's records"
     assert 0 < second.trials <= 8 + 4  # its own budget (one batch of slack), not the first run's again
     assert lines_read(log) == on_disk + (second.records_after - second.records_before)
@@ -105,7 +105,7 @@ def test_onnx_block_tune_build_load_in_fresh_process(tmp_path, onnx_attention_bl
     assert [s.name for s in imported.inputs] == ["x"]
     # one pool of 8 trials per kernel (no light-kernel phase), so the fused attention kernel is
     # reached in the first round: MetaSchedule tunes it like any task and the build applies it
-    settings = TuneSettings(trials=16, trials_per_iter=8, trials_per_task=8, light_task_share=0.0)
+    settings = TuneSettings(trials=16, trials_per_iter=8, trials_per_task=8, light_task_share=0.0, remeasure_rounds=0)
     tuned = tune(imported, "x86", tmp_path / "log", settings, progress=False)
     attention = [t for t in tuned.tasks if t.name.startswith("fused_attention")]
     assert len(attention) == 1 and attention[0].trials > 0 and attention[0].failures == 0, tuned.summary()

@@ -60,9 +60,9 @@ class KernelOutcome:
         return self.after is not self.before
 
     def line(self) -> str:
-        ms_ = ", ".join(f"{c.label} {c.median * 1e3:.3f}" for c in sorted(self.candidates, key=lambda c: c.median) if c.rounds)
+        times = ", ".join(f"{c.label} {c.median * 1e3:.3f}" for c in sorted(self.candidates, key=lambda c: c.median) if c.rounds)
         verdict = f"now {self.after.label}" if self.changed else "kept"
-        return f"{self.task}: {verdict} (medians ms: {ms_})"
+        return f"{self.task}: {verdict} (medians ms: {times})"
 
 
 @dataclass

@@ -173,7 +173,7 @@ def test_packed_weights_tune_build_and_match_torch(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model, x = TwoLinears().eval(), torch.randn(32, 256)
     imported = from_torch(model, {"x": x})
-    tune(imported, "x86", tmp_path / "log", TuneSettings(trials=16, trials_per_iter=8), progress=False)
+    tune(imported, "x86", tmp_path / "log", TuneSettings(trials=16, trials_per_iter=8, remeasure_rounds=0), progress=False)
     report = build(imported, "x86", tmp_path / "out" / "m.so", log_dir=tmp_path / "log")
     assert not [n for n in report.notes if n.startswith("log:")], report.notes  # every record read back
     assert report.tuned_kernels == report.kernels == 2

@@ -59,7 +59,7 @@ def test_other_processes_count_and_the_tuners_own_do_not(tmp_path):
 
 def test_tuning_beside_a_busy_process_warns(tmp_path):
     relu = from_torch(torch.nn.Sequential(torch.nn.ReLU()).eval(), {"x": torch.randn(4, 16)})
-    settings = TuneSettings(trials=64, trials_per_iter=8, runs_per_measurement=1, min_repeat_ms=0, shipped_log=False)
+    settings = TuneSettings(trials=64, trials_per_iter=8, runs_per_measurement=1, min_repeat_ms=0, shipped_log=False, remeasure_rounds=0)
     with busy_process(tmp_path, foreign=True):
         report = tune(relu, "x86", tmp_path / "log", settings, progress=False)
     assert report.disturbed is not None and report.disturbed in report.warnings(), report.warnings()

@@ -37,7 +37,7 @@ def test_exhausted_kernel_stops_after_one_empty_round(tmp_path):
     # pick, once as the fallback), nothing new after it. TVM's evolutionary search alone would run
     # 5 empty rounds (a population sampled and evolved each time) before ending the task.
     relu = from_torch(torch.nn.Sequential(torch.nn.ReLU()).eval(), {"x": torch.randn(4, 16)})
-    settings = TuneSettings(trials=64, trials_per_iter=8, runs_per_measurement=1, min_repeat_ms=0, shipped_log=False)
+    settings = TuneSettings(trials=64, trials_per_iter=8, runs_per_measurement=1, min_repeat_ms=0, shipped_log=False, remeasure_rounds=0)
     report = tune(relu, "x86", tmp_path / "log", settings, progress=False)
     assert report.trials == 2 and report.failures == 0, report.summary()
     task_logs = list((tmp_path / "log" / "ms_logs" / "logs").glob("*task_0*.log"))

@@ -226,7 +226,8 @@ def test_concurrent_writers_do_not_interleave_or_lose_records(real_log, tmp_path
 def _start_tune(log: Path, trials: int, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "autotune.cli.main", "tune", "--model", "wan-i2v-tiny", "--component", "image_encoder",
-         "--log", str(log), "--trials", str(trials), "--trials-per-iter", "4", *extra],
+         "--log", str(log), "--trials", str(trials), "--trials-per-iter", "4",
+         "--remeasure-rounds", "0", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
