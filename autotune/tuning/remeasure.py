@@ -5,8 +5,8 @@ takes the record with the lowest time. On a shared, noisy machine the lowest of 
 single measurements is often a lucky one. In the VAE up-block's w8a8 build, the GEMM record that
 the search timed at 21.96 ms (its default schedule: 22.18) measured 28.2 ms as the median of five
 interleaved rounds, where three other records measured 22.7-24.0; its gather-and-quantize kernel's
-record measured 12.2 ms against the default's 7.2. The tuned build ran 0.81x slower than the
-untuned one; with the re-measured log it ran 0.98x the untuned one's time (`tools/compare_artifacts.py`).
+record measured 12.2 ms against the default's 7.2. The untuned build took 0.81x the tuned
+one's time; with the re-measured log it ran 0.98x the untuned one's time (`tools/compare_artifacts.py`).
 
 So after the search, every kernel that holds at least `min_share` of the model's tuned time,
 whose best record is not a re-measurement already, gets its `top` fastest records and its
