@@ -37,7 +37,8 @@ def add_parser(sub) -> None:
                    help="after the search, measure again the fastest schedules of each kernel holding "
                    f"{defaults.REMEASURE_MIN_SHARE * 100:g} %% or more of the model's time, beside its default schedule, in N interleaved "
                    "rounds; their medians replace the search's single times in the log, so the build does not pick a "
-                   f"lucky measurement (default {defaults.REMEASURE_ROUNDS}; 0: off)")
+                   f"lucky measurement; a rival replaces the search's best only if its median is more than {defaults.REMEASURE_MARGIN * 100:g} %% "
+                   f"lower (default {defaults.REMEASURE_ROUNDS}; 0: off)")
     p.add_argument("--rpc", metavar="HOST:PORT", help="measure on devices registered with this TVM RPC tracker")
     p.add_argument("--key", help="device key on the RPC tracker (with --rpc)")
     p.set_defaults(func=run)

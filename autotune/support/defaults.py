@@ -21,6 +21,7 @@ LIGHT_TASK_TRIALS = 8  # ... and get one batch this size
 REMEASURE_ROUNDS = 5  # after the search: interleaved rounds re-measuring each heavy kernel's best schedules (0: none)
 REMEASURE_TOP = 3  # ... its fastest records, beside its default schedule ...
 REMEASURE_MIN_SHARE = 0.02  # ... for the kernels holding at least this share of the model's tuned time
+REMEASURE_MARGIN = 0.03  # a rival replaces the search's best only with a median this much lower (a near tie keeps it)
 
 # Running and timing.
 RUN_REPEAT = 20

@@ -33,6 +33,7 @@ class TuneSettings(_Printable):
     remeasure_rounds: int = defaults.REMEASURE_ROUNDS  # see tuning/remeasure.py; 0: keep the search's times
     remeasure_top: int = defaults.REMEASURE_TOP
     remeasure_min_share: float = defaults.REMEASURE_MIN_SHARE
+    remeasure_margin: float = defaults.REMEASURE_MARGIN
     quantize: str | None = None  # tune the kernels of this quantization mode (as `build --quantize` makes them)
     rpc: str | None = None  # "HOST:PORT" of a TVM RPC tracker
     rpc_key: str | None = None

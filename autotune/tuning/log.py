@@ -5,11 +5,15 @@ A log directory holds two append-only JSON-lines files:
     workloads.jsonl  {"id": <structural hash>, "workload": <Workload.as_json()>}
     records.jsonl    {"id": <workload id>, "target": <target JSON>, "tvm": <version>,
                       "record": <TuningRecord.as_json()>[, "remeasured": {"at": <unix time>,
-                      "rounds": [<seconds>, ...]}]}
+                      "rounds": [<seconds>, ...], "won": <bool>}]}
 
 A line with "remeasured" is a schedule measured again after the search, side by side with its
 rivals (tuning/remeasure.py), its time the median of those rounds: it replaces every earlier
-time of the same schedule of the same kernel, in this log or another read with it.
+time of the same schedule of the same kernel, in this log or another read with it. A kernel
+whose schedules were re-measured has a winner: the newest line that says "won": true (lines
+written before "won" existed: the lowest median among them). A build takes the winner whatever
+the kernel's other records say: their times are single measurements from other hours or other
+machines, not comparable with the winner's rounds (read with `winners_only`).
 
 A trace may hold a TVM object (TransformLayout's IndexMap, from weight packing): it is stored
 as its TVM JSON text, the form MetaSchedule's trace reader parses back.
@@ -30,6 +34,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -85,7 +90,13 @@ class LogReadReport:
     workloads: int = 0
     records: int = 0
     superseded: int = 0  # record lines replaced by a newer re-measurement of their schedule
+    set_aside: int = 0  # records of re-measured kernels left out (winners_only): the winner is their pick
     problems: list[LogProblem] = field(default_factory=list)
+
+    @property
+    def good_lines(self) -> int:
+        """Record lines that passed the checks, whether read as records or replaced."""
+        return self.records + self.superseded + self.set_aside
 
     def problem_summary(self, listed: int = 10) -> list[str]:
         """The skipped lines for a person: records for other targets counted in one line, the rest
@@ -103,6 +114,8 @@ class LogReadReport:
         text = f"{self.records} records over {self.workloads} workloads"
         if self.superseded:
             text += f" ({self.superseded} earlier times replaced by re-measurements)"
+        if self.set_aside:
+            text += f" ({self.set_aside} not used: their kernel's re-measurement picked another schedule)"
         if self.problems:
             text += f", {len(self.problems)} lines skipped"
         return text
@@ -261,12 +274,17 @@ class _Source:
     records: list  # (path, line number, workload id, line object)
 
 
-def read_logs(sources: list, target: tvm.target.Target | None = None, memory=None, remeasured: set | None = None) -> list:
+def read_logs(
+    sources: list, target: tvm.target.Target | None = None, memory=None, winners: dict | None = None,
+    winners_only: bool = False,
+) -> list:
     """`read_log` over several (log_dir, only) sources into one `memory`: [(report, workloads)] per source.
 
     Re-measurements span the sources: a schedule's newest re-measurement, in whichever log, is the
-    one of its lines committed (lines compare by `record_key`). `remeasured` collects the `record_key` of each
-    record committed from a re-measurement.
+    one of its lines committed (lines compare by `record_key`). `winners` collects, per kernel
+    (`structure_key`), the committed record of its re-measurement's winner (see the module's
+    docstring); `winners_only` leaves such a kernel's other records out, so that a database built
+    for a build picks the winner.
     """
     parsed = [_parse_log(Path(log_dir), target, only) for log_dir, only in sources]
     block_names: dict[tuple, tuple] = {}
@@ -284,21 +302,47 @@ def read_logs(sources: list, target: tvm.target.Target | None = None, memory=Non
                 stamp = (float(obj["remeasured"].get("at", 0)), index, number)
                 key = key_of(index, wid, obj)
                 newest[key] = max(newest.get(key, stamp), stamp)
+    winner_keys = _winner_keys(parsed, newest)
     remeasured_structures = {key[0] for key in newest}
     for source in parsed if memory is not None else []:
         for workload in source.workloads.values():  # in file order: the first of twins is the one known
             memory.commit_workload(workload.mod)
     for index, source in enumerate(parsed):
         for path, number, wid, obj in source.records:
-            if source.structure[wid] in remeasured_structures:
+            structure, key = source.structure[wid], None
+            if structure in remeasured_structures:
                 key = key_of(index, wid, obj)
                 if key in newest and newest[key][1:] != (index, number):
                     source.report.superseded += 1  # a newer re-measurement of the same schedule replaces it
                     continue
+                if winners_only and structure in winner_keys and key != winner_keys[structure]:
+                    source.report.set_aside += 1
+                    continue
             record = _commit(memory, path, number, wid, obj, source)
-            if record is not None and remeasured is not None and "remeasured" in obj:
-                remeasured.add(record_key(record))
+            if record is not None and winners is not None and key is not None and winner_keys.get(structure) == key:
+                winners[structure] = record
     return [(source.report, source.workloads) for source in parsed]
+
+
+def _winner_keys(parsed: list, newest: dict) -> dict:
+    """structure -> schedule key of each re-measured kernel's winner: the newest line that won;
+    where none says (lines from before "won"), the lowest median among them."""
+    best: dict[str, tuple] = {}  # structure -> (rank, key)
+    key_at = {stamp: key for key, stamp in newest.items()}  # the newest line of each schedule -> its key
+    for index, source in enumerate(parsed):
+        for path, number, wid, obj in source.records:
+            won = obj.get("remeasured", {}).get("won")
+            if won is False or "remeasured" not in obj:
+                continue
+            stamp = (float(obj["remeasured"].get("at", 0)), index, number)
+            key = key_at.get(stamp)
+            if key is None:
+                continue  # a newer re-measurement of its schedule says otherwise
+            secs = [float(x) for x in obj["record"][1] or []]
+            rank = (1, stamp[0]) if won else (0, -(sum(secs) / len(secs)) if secs else -math.inf)
+            if key[0] not in best or rank > best[key[0]][0]:
+                best[key[0]] = (rank, key)
+    return {structure: key for structure, (_, key) in best.items()}
 
 
 def _parse_log(log_dir: Path, target, only) -> _Source:
@@ -480,13 +524,15 @@ class TuningLog(ms.database.PyDatabase):
 
     def _load(self) -> None:
         self._memory = ms.database.MemoryDatabase(module_equality=self._module_equality)
-        self.remeasured: set[tuple[str, str]] = set()  # record_key of the records whose time is a re-measurement
-        (self.report, loaded), *seed = read_logs(self._sources, self.target, self._memory, self.remeasured)
+        self.winners: dict[str, ms.database.TuningRecord] = {}  # structure_key -> its re-measurement's winner
+        (self.report, loaded), *seed = read_logs(self._sources, self.target, self._memory, self.winners)
+        self.new_records: list[ms.database.TuningRecord] = []  # committed since the logs were read
         self._ids_on_disk = set(loaded)
         self.seed_records = seed[0][0].records if seed else 0
 
     def reload(self) -> None:
-        """Read the logs again: re-measurements appended since replace the times they supersede."""
+        """Read the logs again: re-measurements appended since replace the times they supersede and
+        name the winners; records committed before count as read (`new_records` starts empty)."""
         self._load()
         self._tuned_as = []
 
@@ -519,11 +565,13 @@ class TuningLog(ms.database.PyDatabase):
     def commit_tuning_record(self, record: ms.database.TuningRecord) -> None:
         self._memory.commit_tuning_record(record)
         self._append_record(record)
+        self.new_records.append(record)
 
-    def commit_remeasurement(self, record: ms.database.TuningRecord, rounds: list[float]) -> None:
+    def commit_remeasurement(self, record: ms.database.TuningRecord, rounds: list[float], won: bool) -> None:
         """Append a schedule's re-measured time (`record.run_secs`, the median of `rounds`, each a
-        time in seconds). Read back (`reload`), it replaces every earlier time of that schedule."""
-        self._append_record(record, remeasured={"at": time.time(), "rounds": [float(r) for r in rounds]})
+        time in seconds) and whether it won. Read back (`reload`), it replaces every earlier time of
+        that schedule, and the kernel's winner is the build's pick."""
+        self._append_record(record, remeasured={"at": time.time(), "rounds": [float(r) for r in rounds], "won": won})
 
     def _append_record(self, record: ms.database.TuningRecord, **extra) -> None:
         wid = next((i for w, i in self._tuned_as if w.same_as(record.workload)), None)

@@ -233,7 +233,7 @@ def tune(
         log_dir, tvm_target, seed_log=shipped, seed_kernels={structure_key(t.dispatched[0]["main"]) for t in tasks}
     )
     import_tensor_intrin_fast()  # the search's schedule rules import it; ~75 s otherwise
-    records_before = database.report.records + database.report.superseded  # the log's good lines
+    records_before = database.report.good_lines
     seed_records = database.seed_records
     stats = [TaskStats(t.task_name, float(t.weight)) for t in tasks]
     light, heavy = split_by_flops(tasks, settings.light_task_share)
@@ -341,7 +341,8 @@ def _remeasure(database: TuningLog, tasks: list, target, preset: TargetPreset, s
         try:
             return remeasure(
                 database, tasks, target, builder, runner, settings.remeasure_rounds, settings.remeasure_top,
-                settings.remeasure_min_share, on_line=print if progress else log.info, check_interrupt=guard.check,
+                settings.remeasure_min_share, margin=settings.remeasure_margin, on_line=print if progress else log.info,
+                check_interrupt=guard.check,
             )
         finally:
             close_runner(runner, drop_queued=bool(guard.interrupted))

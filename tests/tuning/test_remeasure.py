@@ -19,8 +19,9 @@ from autotune.tuning.log import (
     TuningLog,
     read_logs,
     record_key,
+    structure_key,
 )
-from autotune.tuning.remeasure import remeasure
+from autotune.tuning.remeasure import Candidate, _fastest, remeasure
 from autotune.tuning.tune import close_runner, extract_tasks, make_builder, make_runner
 
 PRESET = resolve_target("x86")
@@ -31,10 +32,10 @@ def _record_lines(log) -> list[dict]:
     return [json.loads(line) for line in (log / RECORDS_FILE).read_text().splitlines()]
 
 
-def _log_with_one_record(real_log, dst, **extra):
-    """A log holding the first record of `real_log` (and its workload), the record line edited by `extra`."""
+def _log_with_one_record(real_log, dst, index=0, **extra):
+    """A log holding record line `index` of `real_log` (and its workload), the line edited by `extra`."""
     dst.mkdir()
-    line = _record_lines(real_log)[0]
+    line = _record_lines(real_log)[index]
     workload = next(
         w for w in map(json.loads, (real_log / WORKLOADS_FILE).read_text().splitlines()) if w["id"] == line["id"]
     )
@@ -51,12 +52,12 @@ def _times(memory) -> list[float]:
 def test_newest_remeasurement_replaces_the_schedules_earlier_times_across_logs(real_log, tmp_path):
     searched = _log_with_one_record(real_log, tmp_path / "searched", secs=1e-9)  # a lucky search time
     again = _log_with_one_record(real_log, tmp_path / "again", secs=2e-3, remeasured={"at": 100.0, "rounds": [2e-3] * 3})
-    memory, remeasured = ms.database.MemoryDatabase(), set()
-    (first, _), (second, _) = read_logs([(searched, None), (again, None)], X86, memory, remeasured)
+    memory, winners = ms.database.MemoryDatabase(), {}
+    (first, _), (second, _) = read_logs([(searched, None), (again, None)], X86, memory, winners)
     assert (first.records, first.superseded, second.records, second.superseded) == (0, 1, 1, 0)
     assert _times(memory) == [2e-3]
     [record] = memory.get_all_tuning_records()
-    assert remeasured == {record_key(record)}
+    assert [record_key(w) for w in winners.values()] == [record_key(record)]  # the one re-measured line
 
     # a newer re-measurement in the first log wins over the second's, whichever log is read first
     newer = json.loads((again / RECORDS_FILE).read_text())
@@ -68,6 +69,65 @@ def test_newest_remeasurement_replaces_the_schedules_earlier_times_across_logs(r
         reports = read_logs(order, X86, memory)
         assert _times(memory) == [3e-3]
         assert sum(r.superseded for r, _ in reports) == 2 and sum(r.records for r, _ in reports) == 1
+
+
+def test_a_near_tie_keeps_the_searchs_best():
+    def candidate(label, *rounds):
+        return Candidate("matmul", label, None, [], None, (label, ""), list(rounds))
+
+    incumbent = candidate("record 1", 1.00, 1.01, 0.99)
+    near, clear = candidate("record 2", 0.98, 0.98, 0.98), candidate("default", 0.90, 0.96, 0.95)
+    assert _fastest([incumbent, near], incumbent, margin=0.03) is incumbent  # 2 % lower: a tie
+    assert _fastest([incumbent, near, clear], incumbent, margin=0.03) is clear  # 5 % lower
+    assert _fastest([incumbent, near], incumbent, margin=0.0) is near
+    failed = candidate("record 1")  # its rounds failed: any measured rival wins
+    assert _fastest([failed, near], failed, margin=0.03) is near
+
+
+def test_a_remeasured_kernels_winner_is_the_builds_pick(real_log, tmp_path):
+    """Whatever single times the kernel's other records have: a near tie gave the loser a lower
+    median, and a record never re-measured (a search time from another hour) is lower still."""
+    lines = _record_lines(real_log)
+    index, base = next(  # a kernel with three schedules
+        (i, line) for i, line in enumerate(lines)
+        if len({json.dumps(other["record"][0]) for other in lines if other["id"] == line["id"]}) >= 3
+    )
+    loser, unverified = [
+        line for line in lines if line["id"] == base["id"] and line["record"][0] != base["record"][0]
+    ][:2]
+    log = _log_with_one_record(real_log, tmp_path / "log", index, secs=3e-3, remeasured={"at": 1.0, "rounds": [3e-3], "won": True})
+    loser["record"][1], loser["remeasured"] = [2.9e-3], {"at": 1.0, "rounds": [2.9e-3], "won": False}
+    unverified["record"][1] = [1e-9]
+    unverified.pop("remeasured", None)
+    with open(log / RECORDS_FILE, "a") as f:
+        f.write(json.dumps(loser) + "\n" + json.dumps(unverified) + "\n")
+
+    memory, winners = ms.database.MemoryDatabase(), {}
+    [(report, _)] = read_logs([(log, None)], X86, memory, winners_only=True)  # as a build reads
+    assert (report.records, report.set_aside, report.good_lines) == (1, 2, 3)
+    assert _times(memory) == [3e-3]
+    assert "2 not used: their kernel's re-measurement picked another schedule" in report.summary()
+    memory = ms.database.MemoryDatabase()
+    [(report, _)] = read_logs([(log, None)], X86, memory, winners)  # as tuning reads: every record
+    assert (report.records, report.set_aside) == (3, 0) and _times(memory) == [1e-9, 2.9e-3, 3e-3]
+    [winner] = winners.values()
+    assert float(winner.run_secs[0]) == 3e-3
+
+    # lines from before "won" existed: their lowest median wins; a line that says "won" beats them
+    loser["remeasured"].pop("won")
+    legacy = _log_with_one_record(real_log, tmp_path / "legacy", index, secs=3e-3, remeasured={"at": 1.0, "rounds": [3e-3]})
+    with open(legacy / RECORDS_FILE, "a") as f:
+        f.write(json.dumps(loser) + "\n")
+    memory = ms.database.MemoryDatabase()
+    read_logs([(legacy, None)], X86, memory, winners_only=True)
+    assert _times(memory) == [2.9e-3]
+    unverified["remeasured"] = {"at": 0.5, "rounds": [4e-3], "won": True}
+    unverified["record"][1] = [4e-3]
+    with open(legacy / RECORDS_FILE, "a") as f:
+        f.write(json.dumps(unverified) + "\n")
+    memory = ms.database.MemoryDatabase()
+    read_logs([(legacy, None)], X86, memory, winners_only=True)
+    assert _times(memory) == [4e-3]
 
 
 def test_a_lucky_naive_record_loses_its_place_to_the_default_schedule(tmp_path):
@@ -97,13 +157,16 @@ def test_a_lucky_naive_record_loses_its_place_to_the_default_schedule(tmp_path):
 
     lines = _record_lines(tmp_path / "log")
     assert len(lines) == 3 and [len(line["remeasured"]["rounds"]) for line in lines[1:]] == [3, 3]
+    assert [line["remeasured"]["won"] for line in lines[1:]] == [False, True]  # the naive record, the default
     # read back, the build's choice is the default schedule at its median; the naive one lost its 1e-9
     log.reload()
     [best] = log.get_top_k(log.known_workload(task.dispatched[0]), 1)
     default = default_schedule(func, X86)
     assert record_key(best) == record_key(ms.database.TuningRecord(default.trace, best.workload, None, X86, None))
     assert float(best.run_secs[0]) == outcome.after.median
-    assert min(_times(log._memory)) == outcome.after.median
+    assert min(_times(log)) == outcome.after.median
+    assert log.report.superseded == 1  # the naive schedule's search line
+    assert record_key(log.winners[structure_key(func)]) == record_key(best)
 
     # the winner is a re-measurement now: a second pass re-measures nothing
     runner = make_runner(settings, PRESET)
@@ -113,3 +176,15 @@ def test_a_lucky_naive_record_loses_its_place_to_the_default_schedule(tmp_path):
         close_runner(runner, drop_queued=False)
     assert (second.outcomes, second.skipped_verified) == ([], 1)
     assert len(_record_lines(tmp_path / "log")) == 3
+
+    # a record the search finds later challenges the winner: measured beside it, it must beat it
+    workload = log.commit_workload(task.dispatched[0])  # as MetaSchedule's search files its records
+    log.commit_tuning_record(ms.database.TuningRecord(naive.trace, workload, [1e-9], X86, args))
+    runner = make_runner(settings, PRESET)
+    try:
+        third = remeasure(log, [task], X86, make_builder(settings), runner, rounds=3, top=3, min_share=0.0, on_line=lambda _: None)
+    finally:
+        close_runner(runner, drop_queued=False)
+    [outcome] = third.outcomes
+    assert (outcome.before.label, outcome.changed, len(outcome.candidates)) == ("record 1 = default", False, 2)
+    assert [line["remeasured"]["won"] for line in _record_lines(tmp_path / "log")[4:]] == [True, False]
