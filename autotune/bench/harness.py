@@ -21,7 +21,10 @@ fp32 rows: their ratio is to float32 torch eager and their "% of peak" to the SG
 Each round times every (engine, precision) in a shuffled order, so drift and noise from a shared
 machine hit all alike: a call, repeated for at least `MIN_ROUND_MS` (sub-millisecond models get
 many calls: one preempted thread, a scheduler quantum of several ms, would otherwise be a round's
-whole figure), its median call the round's time. The median over rounds is reported with the ratio to torch eager at
+whole figure), its median call the round's time. Rounds go on past `rounds` until the workload's
+rounds have taken `min_seconds`: a burst of other work on a shared machine lasts seconds, so on a
+sub-millisecond model (a round of every engine in about a second) it would otherwise hit most of
+its few rounds. The median over rounds is reported with the ratio to torch eager at
 the same precision, GFLOP/s, the fraction of this machine's GEMM peak at the row's precision
 measured in the same run (torch's float32 and bfloat16 2048³ matmuls, `torch._int_mm` for int8,
 smaller where torch is too slow at a precision on this CPU, and never a ceiling below SGEMM's;
@@ -47,6 +50,7 @@ import numpy as np
 import torch
 
 from autotune.models.workloads import Workload, get_workload
+from autotune.support import defaults
 from autotune.support.errors import InputError
 from autotune.support.fidelity import compare
 from autotune.support.threads import configure_threads
@@ -372,6 +376,7 @@ class Row:
     precision: str
     median_ms: float | None  # None: the engine did not run (the note says why)
     min_ms: float | None = None
+    rounds: int = 0  # interleaved rounds behind the median
     ratio_vs_eager: float | None = None  # to torch eager at the same precision
     gflops: float | None = None
     peak_fraction: float | None = None  # of the GEMM peak at the row's precision (SGEMM for --quantize rows)
@@ -388,8 +393,11 @@ def _as_numpy(out) -> np.ndarray:
     return np.asarray(out)
 
 
-def run_bench(workloads: list[str], engines: list, rounds: int = 15, log=None, precisions=("fp32",)) -> tuple[list[Row], dict]:
-    """Every engine at every precision on each workload; rows grouped by workload, then precision."""
+def run_bench(
+    workloads: list[str], engines: list, rounds: int = 15, log=None, precisions=("fp32",), min_seconds: float = 0.0,
+) -> tuple[list[Row], dict]:
+    """Every engine at every precision on each workload; rows grouped by workload, then precision.
+    Each workload gets at least `rounds` rounds, and more until they have taken `min_seconds`."""
     log = log or logging.getLogger(__name__).info
     threads = configure_threads()
     torch.set_num_threads(threads)
@@ -399,16 +407,18 @@ def run_bench(workloads: list[str], engines: list, rounds: int = 15, log=None, p
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         for wname in workloads:
-            this = _bench_workload(get_workload(wname), engines, list(precisions), rounds, peak, Path(tmp), log)
+            this = _bench_workload(get_workload(wname), engines, list(precisions), rounds, min_seconds, peak, Path(tmp), log)
             log(format_markdown(this) + "\n\n" + format_largest_kernels(this))
             rows += this
     return rows, peak
 
 
-def _bench_workload(w: Workload, engines: list, precisions: list[str], rounds: int, peak: dict, workdir: Path, log) -> list[Row]:
+def _bench_workload(
+    w: Workload, engines: list, precisions: list[str], rounds: int, min_seconds: float, peak: dict, workdir: Path, log,
+) -> list[Row]:
     plan = [(e, p) for p in precisions for e in engines if p in e.precisions]
     prepared, unavailable = _prepare_all(w, plan, workdir, log)
-    times = _interleave(prepared, w.inputs, rounds)
+    times = _interleave(prepared, w.inputs, rounds, min_seconds)
     with torch.no_grad():
         reference = _as_numpy(w.module(*w.inputs.values()))
     flops = w.flops()
@@ -451,12 +461,15 @@ def _first_line(exc: Exception, limit: int = 200) -> str:
 MIN_ROUND_MS = 50.0
 
 
-def _interleave(prepared: dict, inputs: dict, rounds: int) -> dict:
+def _interleave(prepared: dict, inputs: dict, rounds: int, min_seconds: float = 0.0) -> dict:
     """Milliseconds per call of each prepared engine: per round (engines shuffled), the median of
-    the calls made in at least MIN_ROUND_MS."""
+    the calls made in at least MIN_ROUND_MS; `rounds` rounds, more until `min_seconds` have passed
+    (at most defaults.BENCH_MAX_ROUNDS)."""
     times = {key: [] for key in prepared}
     order = list(prepared)
-    for _ in range(rounds):
+    began, done = time.perf_counter(), 0
+    while done < rounds or (time.perf_counter() - began < min_seconds and done < defaults.BENCH_MAX_ROUNDS):
+        done += 1
         random.shuffle(order)
         for key in order:
             calls, start = [], time.perf_counter()
@@ -473,7 +486,7 @@ def _measured_row(w: Workload, key: tuple, ready: Prepared, times: list, eager: 
     median = statistics.median(times)
     gflops = flops / median / 1e6
     return Row(
-        w.name, key[0], key[1], median, min(times),
+        w.name, key[0], key[1], median, min(times), len(times),
         ratio_vs_eager=median / statistics.median(eager) if eager else None,
         gflops=gflops,
         peak_fraction=gflops / peak,
@@ -591,6 +604,11 @@ def _size_note(peak: dict, key: str) -> str:
     return "" if size == peak["sgemm_size"] else f" (at {size}³: too slow on this CPU for {peak['sgemm_size']}³)"
 
 
+def _rounds_note(rows: list[Row]) -> str:
+    rounds = {r.workload: r.rounds for r in rows if r.rounds}
+    return ", ".join(f"{w} {n}" for w, n in rounds.items()) or "none"
+
+
 def write_results(rows: list[Row], peak: dict, out_dir: Path, command: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "bench.md"
@@ -602,7 +620,8 @@ def write_results(rows: list[Row], peak: dict, out_dir: Path, command: str) -> P
         f"{_size_note(peak, 'int8_gemm_size')}; "
         f"copy bandwidth {peak['copy_gbs']:.1f} GB/s. Every engine takes the same float32 inputs and returns float32; "
         "a row's ratio is to torch eager at its precision, its % of peak to the GEMM peak at its precision "
-        "(`--quantize` rows, and precisions whose peak is below SGEMM's: the SGEMM peak), its fidelity to float32 torch eager.\n\n"
+        "(`--quantize` rows, and precisions whose peak is below SGEMM's: the SGEMM peak), its fidelity to float32 torch eager. "
+        f"Interleaved rounds per workload: {_rounds_note(rows)}.\n\n"
         + (format_precisions_side_by_side(rows) + "\n\n" if side_by_side else "")
         + format_markdown(rows)
         + "\n\nEach TVM build profiled kernel by kernel (`CompiledModule.profile`), its largest kernel:\n\n"

@@ -34,6 +34,10 @@ def add_parser(sub) -> None:
     p.add_argument("--quantize", action="append", help="also measure TVM tuned + this mode (repeatable), beside the "
                    "fp32 rows: ratio to float32 torch eager, %% of the SGEMM peak")
     p.add_argument("--rounds", type=int, default=defaults.BENCH_ROUNDS, help=f"interleaved timing rounds (default {defaults.BENCH_ROUNDS})")
+    p.add_argument("--min-seconds", type=float, default=defaults.BENCH_MIN_SECONDS, metavar="S",
+                   help="after --rounds, go on with rounds until each workload's have taken S seconds, so that a burst of "
+                   "other work on a shared machine hits a minority of a fast model's rounds (at most "
+                   f"{defaults.BENCH_MAX_ROUNDS} rounds; default {defaults.BENCH_MIN_SECONDS:g}; 0: exactly --rounds)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (its compile takes minutes on big workloads)")
     p.add_argument("-o", "--output", default=defaults.BENCH_OUT_DIR, help=f"directory for bench.md/json/png (default {defaults.BENCH_OUT_DIR})")
     p.set_defaults(func=run)
@@ -63,7 +67,7 @@ def run(args) -> int:
     engines += [OnnxRuntime(), OpenVINO(), TVM(), TVM(log=args.log, tuned=True)]
     for mode in args.quantize or []:
         engines.append(TVM(log=args.log, quantize=mode, tuned=True, label=f"TVM tuned + {mode}"))
-    rows, peak = run_bench(args.workloads.split(","), engines, rounds=args.rounds, precisions=precisions)
+    rows, peak = run_bench(args.workloads.split(","), engines, rounds=args.rounds, precisions=precisions, min_seconds=args.min_seconds)
     command = "autotune bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "autotune bench"
     path = write_results(rows, peak, Path(args.output), command)
     print(f"results: {path} (+ bench.json, bench.png)")

@@ -17,6 +17,7 @@ from autotune.bench.harness import (
     OnnxRuntime,
     OpenVINO,
     TorchEager,
+    _interleave,
     parse_precisions,
     run_bench,
     write_results,
@@ -49,6 +50,24 @@ def test_every_engine_has_a_row_at_each_precision_grouped_fp32_first(bench):
     assert [(r.engine, r.precision) for r in rows] == [(e, p) for p in PRECISIONS for e in ENGINES]
     for precision in PRECISIONS:
         assert by_key[("torch eager", precision)].ratio_vs_eager == 1.0  # its own reference at its precision
+
+
+def test_rounds_go_on_until_the_minimum_time_has_passed(bench):
+    _, _, by_key = bench
+    assert {r.rounds for r in by_key.values() if r.median_ms is not None} == {2}  # min_seconds 0: exactly --rounds
+    calls = {"a": 0, "b": 0}
+
+    class Counted:
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, inputs):
+            calls[self.name] += 1
+
+    times = _interleave({"a": Counted("a"), "b": Counted("b")}, {}, rounds=1, min_seconds=0.3)
+    # each engine runs >= 50 ms a round: 0.3 s takes at least 3 rounds, each a median of many calls
+    assert len(times["a"]) == len(times["b"]) >= 3 and calls["a"] > 10 * len(times["a"])
+    assert len(_interleave({"a": Counted("a")}, {}, rounds=2)["a"]) == 2
 
 
 def test_fp32_rows_match_float32_eager(bench):
