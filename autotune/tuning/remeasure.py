@@ -21,9 +21,10 @@ A rival replaces the incumbent (the previous winner, else the search's best) onl
 is lower by more than `margin` (3 %): a kernel timed alone is not the kernel inside the model,
 and a near tie is no evidence. Each line says whether its schedule won; a build takes the winner,
 whatever single times the kernel's other records have (tuning/log.py): times from another hour
-or another machine do not compare with the rounds. (Before that rule, the shipped log's DiT block
-re-measured at float32 ran 1.16x slower: its builds took, for 9 re-measured GEMMs, records
-never re-measured whose search times, from a faster machine, were below the winners' medians.)
+or another machine do not compare with the rounds. (Before that rule, the DiT block's float32
+build ran 1.16x slower once its kernels were re-measured: for 9 of the shipped log's 64
+re-measured kernels, builds took records never re-measured whose search times, some from a
+faster machine, were below the winners' medians.)
 """
 
 from __future__ import annotations
