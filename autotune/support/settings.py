@@ -44,8 +44,9 @@ class TuneSettings(_Printable):
             least = 0 if name in ("trials", "remeasure_rounds") else 1
             if getattr(self, name) < least:
                 raise InputError(f"{name} must be >= {least}, got {getattr(self, name)}")
-        if not 0 <= self.remeasure_min_share < 1:
-            raise InputError(f"remeasure_min_share must be in [0, 1), got {self.remeasure_min_share}")
+        for name in ("remeasure_min_share", "remeasure_margin"):
+            if not 0 <= getattr(self, name) < 1:
+                raise InputError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("trials_per_iter", "trials_per_task", "light_task_trials", "remeasure_top"):
             value = getattr(self, name)
             if value is not None and value < 1:

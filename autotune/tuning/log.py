@@ -295,14 +295,15 @@ def read_logs(
             block_names[index, wid] = _block_names(source.workloads[wid].mod)
         return _schedule_key(obj["record"], source.structure[wid], block_names[index, wid])
 
-    newest: dict[tuple, tuple] = {}  # schedule key -> (time, source, line) of its newest re-measurement
+    newest: dict[tuple, tuple] = {}  # schedule key -> ((time, source, line), line object) of its newest re-measurement
     for index, source in enumerate(parsed):
         for path, number, wid, obj in source.records:
             if "remeasured" in obj:
                 stamp = (float(obj["remeasured"].get("at", 0)), index, number)
                 key = key_of(index, wid, obj)
-                newest[key] = max(newest.get(key, stamp), stamp)
-    winner_keys = _winner_keys(parsed, newest)
+                if key not in newest or stamp > newest[key][0]:
+                    newest[key] = (stamp, obj)
+    winner_keys = _winner_keys(newest)
     remeasured_structures = {key[0] for key in newest}
     for source in parsed if memory is not None else []:
         for workload in source.workloads.values():  # in file order: the first of twins is the one known
@@ -312,7 +313,7 @@ def read_logs(
             structure, key = source.structure[wid], None
             if structure in remeasured_structures:
                 key = key_of(index, wid, obj)
-                if key in newest and newest[key][1:] != (index, number):
+                if key in newest and newest[key][0][1:] != (index, number):
                     source.report.superseded += 1  # a newer re-measurement of the same schedule replaces it
                     continue
                 if winners_only and structure in winner_keys and key != winner_keys[structure]:
@@ -324,24 +325,18 @@ def read_logs(
     return [(source.report, source.workloads) for source in parsed]
 
 
-def _winner_keys(parsed: list, newest: dict) -> dict:
+def _winner_keys(newest: dict) -> dict:
     """structure -> schedule key of each re-measured kernel's winner: the newest line that won;
     where none says (lines from before "won"), the lowest median among them."""
     best: dict[str, tuple] = {}  # structure -> (rank, key)
-    key_at = {stamp: key for key, stamp in newest.items()}  # the newest line of each schedule -> its key
-    for index, source in enumerate(parsed):
-        for path, number, wid, obj in source.records:
-            won = obj.get("remeasured", {}).get("won")
-            if won is False or "remeasured" not in obj:
-                continue
-            stamp = (float(obj["remeasured"].get("at", 0)), index, number)
-            key = key_at.get(stamp)
-            if key is None:
-                continue  # a newer re-measurement of its schedule says otherwise
-            secs = [float(x) for x in obj["record"][1] or []]
-            rank = (1, stamp[0]) if won else (0, -(sum(secs) / len(secs)) if secs else -math.inf)
-            if key[0] not in best or rank > best[key[0]][0]:
-                best[key[0]] = (rank, key)
+    for key, ((at, _, _), obj) in newest.items():
+        won = obj["remeasured"].get("won")
+        if won is False:
+            continue
+        secs = [float(x) for x in obj["record"][1] or []]
+        rank = (1, at) if won else (0, -(sum(secs) / len(secs)) if secs else -math.inf)
+        if key[0] not in best or rank > best[key[0]][0]:
+            best[key[0]] = (rank, key)
     return {structure: key for structure, (_, key) in best.items()}
 
 

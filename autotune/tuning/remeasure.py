@@ -100,17 +100,19 @@ class RemeasureReport:
         return text
 
 
-def heavy_tasks(database: TuningLog, tasks: list, min_share: float) -> list[tuple[int, object]]:
-    """(index, workload) of the tasks whose best record (its winner where re-measured) holds at least
-    `min_share` of the summed tuned time (record time × calls), heaviest first."""
+def heavy_tasks(database: TuningLog, tasks: list, min_share: float) -> list[tuple[int, object, object]]:
+    """(index, workload, its re-measurement's winner or None) of the tasks whose best record (the
+    winner where re-measured) holds at least `min_share` of the summed tuned time (record time ×
+    calls), heaviest first."""
     timed = []
     for index, task in enumerate(tasks):
         workload = database.known_workload(task.dispatched[0])
-        best = _winner(database, task) or next(iter(database.get_top_k(workload, 1)), None)
+        winner = database.winners.get(structure_key(task.dispatched[0]["main"]))
+        best = winner or next(iter(database.get_top_k(workload, 1)), None)
         if best is not None:
-            timed.append((_secs(best) * float(task.weight), index, workload))
-    total = sum(t for t, _, _ in timed)
-    return [(index, workload) for t, index, workload in sorted(timed, key=lambda x: -x[0]) if t >= min_share * total]
+            timed.append((_secs(best) * float(task.weight), index, workload, winner))
+    total = sum(t[0] for t in timed)
+    return [t[1:] for t in sorted(timed, key=lambda t: -t[0]) if t[0] >= min_share * total]
 
 
 def remeasure(
@@ -121,8 +123,8 @@ def remeasure(
     to the log. The in-memory database keeps the times it had: `database.reload()` reads the new ones."""
     report = RemeasureReport()
     plans = []
-    for index, workload in heavy_tasks(database, tasks, min_share):
-        records, pool = _rivals(database, tasks[index], workload, top)
+    for index, workload, winner in heavy_tasks(database, tasks, min_share):
+        records, pool = _rivals(database, workload, winner, top)
         if not records:
             report.skipped_verified += 1
         else:
@@ -142,14 +144,9 @@ def remeasure(
     return report
 
 
-def _winner(database: TuningLog, task):
-    return database.winners.get(structure_key(task.dispatched[0]["main"]))
-
-
-def _rivals(database: TuningLog, task, workload, top: int) -> tuple[list, list]:
+def _rivals(database: TuningLog, workload, winner, top: int) -> tuple[list, list]:
     """(the records to re-measure, the incumbent first; the records a further pass may draw from).
     No records: the kernel's winner has no new rival."""
-    winner = _winner(database, task)
     if winner is None:
         return database.get_top_k(workload, top), database.get_top_k(workload, top * (MAX_PASSES + 1))
     new = sorted((r for r in database.new_records if r.workload.same_as(workload)), key=_secs)
