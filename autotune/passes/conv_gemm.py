@@ -33,7 +33,7 @@ bf16 or int8), the model goes channels-last first (`to_channels_last`: TVM's Con
 layout carried through the norms, activations, adds and concatenations between the
 convolutions), so that one GEMM's rows feed the next im2col as they are, without the transposes
 back to channels-first and forth again (the VAE up-block at bf16: 0.94x, w8a8 0.88x, on a Zen 4);
-a convolution left runs channels-first between transposes (`_channels_first`). A is taps times the input (27x for
+a convolution left runs channels-first between transposes (`channels_first`). A is taps times the input (27x for
 3x3x3): at full 480p the VAE's last layers would need gigabytes, so an im2col over
 MAX_IM2COL_BYTES is cut into chunks of output rows (boxes along one axis), each gathered and
 multiplied in turn by one kernel per chunk size (memory planning reuses their buffers), the
@@ -93,7 +93,7 @@ class ConvGemmRewriter:
         gemm = self._as_gemm(call)
         if gemm is not None:
             return gemm
-        return call if self.dry_run else _channels_first(call)
+        return call if self.dry_run else channels_first(call)
 
     def _as_gemm(self, call: relax.Call) -> relax.Expr | None:
         """The GEMM `call` becomes (dry run: `call` itself), or None where no engine takes it."""
@@ -230,7 +230,7 @@ class ConvGemmRewriter:
         return relax.transform.Normalize()(mod)
 
 
-def _channels_first(call: relax.Call) -> relax.Call:
+def channels_first(call: relax.Call) -> relax.Call:
     """A channels-last convolution no engine takes, computed channels-first between transposes, as
     in a channels-first model (its direct convolution, as TVM's schedules and the logs' records know
     it; one measurement, untuned both ways: the tiny VAE decoder's 3-channel output convolution ran
@@ -250,7 +250,7 @@ def _channels_first(call: relax.Call) -> relax.Call:
 def channels_last_pays(taken: int, convolutions: int) -> bool:
     """Whether a model whose convolutions the rewriter takes `taken` of goes channels-last: in a
     channels-first model each one taken is transposed to channels-last and back, in a channels-last
-    model each one left is transposed to channels-first and back (`_channels_first`)."""
+    model each one left is transposed to channels-first and back (`channels_first`)."""
     return taken > 1 and taken > convolutions - taken
 
 

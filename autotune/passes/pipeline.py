@@ -10,6 +10,7 @@ fused module) silently misses every record. Both call the phases below, and noth
                                           convolutions as im2col GEMMs, onto the CPU's
                                           matrix engines (AMX / AVX512-BF16 / VNNI / AVX2;
                                           float32 on AVX2-only CPUs), weights packed;
+                                          float32 3x3 convolutions left: Winograd (CPU);
                                           precompute weight-only work (transposes);
                                           int8 modes: attention in bf16 where the CPU
                                           multiplies bf16 (AMX / AVX512-BF16)
@@ -49,6 +50,7 @@ from .matrix_engine import (  # also registers the GEMM schedule rule and intrin
 )
 from .weight_prepack import mark_layout_free, pack_weights
 from .weight_transforms import precompute_weight_transforms
+from .winograd import convolutions_as_winograd
 
 
 def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None) -> tuple[ImportedModel, dict | None]:
@@ -108,11 +110,13 @@ def _attention_in_bf16(model: ImportedModel) -> tuple[ImportedModel, int]:
 
 def _prepare_float32(model: ImportedModel, target: tvm.target.Target) -> ImportedModel:
     """The float32 build's phase 1: causal padding dropped, large matmuls and convolutions on the
-    float32 engine where the CPU target has one (AVX2 without AVX-512), weight-only work precomputed."""
+    float32 engine where the CPU target has one (AVX2 without AVX-512), the 3x3 convolutions left
+    as Winograd GEMMs (CPU), weight-only work precomputed."""
     model = drop_causal_padding_in(model)
     if target.kind.name == "llvm":
         model, moved = _onto_matrix_engines(model, target)
-        if "matrix_engine" in moved:  # (its weight packing is precomputed with the transposes)
+        model, winograd = convolutions_as_winograd(model, target)
+        if "matrix_engine" in moved and not winograd:  # (its weight packing is precomputed with the transposes)
             return model
     return precompute_weight_transforms(model)
 

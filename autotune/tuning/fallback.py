@@ -1,7 +1,7 @@
 """The schedule a CPU kernel gets when the tuning log has no record for it.
 
-Hand-written kernels (fused attention, matrix-engine GEMMs, w8a8's activation quantizer) take
-their own default schedule; every other kernel one sample of MetaSchedule's design space
+Hand-written kernels (fused attention, matrix-engine GEMMs, w8a8's activation quantizer, the
+Winograd GEMMs) take their own default schedule; every other kernel one sample of MetaSchedule's design space
 (multi-level tiling, parallel, vectorise, unroll) with the postprocessors applied, seeded so
 builds are reproducible. Either way a traced `Schedule`: the build applies it to untuned kernels
 (build/fallback.py), and the search measures it beside its own candidates (search.py), so that a
@@ -14,7 +14,7 @@ import tvm
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
-from autotune.kernels import attention_cpu, gemm_cpu, token_quant
+from autotune.kernels import attention_cpu, gemm_cpu, token_quant, winograd
 from autotune.passes.attention import is_attention_kernel
 from autotune.support.tvm_compat import import_tensor_intrin_fast
 
@@ -44,6 +44,10 @@ def default_schedule(func, target, seed: int = 0) -> s_tir.Schedule | None:
     if hand_written is not None:  # their own default schedule, not a random sample of their space
         sch = s_tir.Schedule(tvm.IRModule({"main": func}))
         hand_written.apply_schedule(sch)
+        return sch
+    if winograd.is_gemm_kernel(func):  # MetaSchedule's generic space tunes it; this is its default
+        sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+        winograd.apply_schedule(sch, sch.get_sblock(winograd.GEMM_BLOCK))
         return sch
     if token_quant.is_token_quant_kernel(func):  # MetaSchedule's generic space tunes it; this is its default
         sch = s_tir.Schedule(tvm.IRModule({"main": func}))

@@ -11,7 +11,7 @@ from autotune.build.compile import build, compile_module
 from autotune.frontend.importer import from_torch
 from autotune.passes.causal_padding import drop_causal_padding
 from autotune.passes.pipeline import prepare_model
-from autotune.support.ir import LAYOUT_FREE_ATTR
+from autotune.support.ir import LAYOUT_FREE_ATTR, prim_funcs
 from autotune.support.targets import resolve_target
 
 TOL = 1e-4  # fp32 against torch eager
@@ -186,3 +186,47 @@ def test_packed_weights_tune_build_and_match_torch(tmp_path, monkeypatch):
     out = autotune.load(report.paths.library)(x=x.numpy())
     with torch.no_grad():
         assert max_abs_diff(out, model(x).numpy()) < TOL
+
+
+class VaeLikeConvolutions(torch.nn.Module):
+    """3x3 convolutions as a VAE stacks them: 16 -> 24 channels, a norm and SiLU between, a Wan
+    causal video convolution (F.pad of 2 zero frames in front), and a 3-channel output conv (too
+    few channels for Winograd: left direct)."""
+
+    def __init__(self):
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+        super().__init__()
+        self.first = torch.nn.Conv2d(16, 24, 3, padding=1)
+        self.norm = torch.nn.GroupNorm(4, 24)
+        self.video = WanCausalConv3d(24, 16, 3, padding=1)
+        self.out = torch.nn.Conv2d(16, 3, 3, padding=1)
+
+    def forward(self, x):  # x: (1, 16, frames, H, W)
+        frames = x.shape[2]
+        flat = x.permute(0, 2, 1, 3, 4).flatten(0, 1)
+        y = torch.nn.functional.silu(self.norm(self.first(flat)))
+        y = self.video(y.unflatten(0, (1, frames)).permute(0, 2, 1, 3, 4))
+        return self.out(y.permute(0, 2, 1, 3, 4).flatten(0, 1))
+
+
+def test_float32_3x3_convolutions_become_winograd_gemms_and_match_torch(tmp_path):
+    """A float32 build for an AVX-512 CPU (no float32 engine takes its convolutions): the two
+    with 16 or more channels each way become input transform, batched GEMM and output transform,
+    their weights transformed at build time; the 3-channel one stays a direct convolution. The
+    artifact, built for this host, matches torch eager within TOL (ragged 4x4 tiles: 11 x 13)."""
+    torch.manual_seed(0)
+    module, x = VaeLikeConvolutions().eval(), torch.randn(1, 16, 3, 11, 13)
+    imported = from_torch(module, {"x": x})
+    prepared, _ = prepare_model(imported, resolve_target("x86-avx512"), None)
+    script = prepared.mod["main"].script()
+    assert any("2 3x3 convolutions as Winograd" in note for note in prepared.notes)
+    assert script.count("R.nn.conv") == 1
+    assert sum(name.startswith("winograd_input") for name in prim_funcs(prepared.mod)) == 2  # conv2d x1, conv3d x1
+    # the video conv's U, packed in panels of 16 output channels: 36 x (C_out / 16) x (kt C_in) x 16
+    assert any(w.shape == (36, 1, 3 * 24, 16) for w in prepared.weights.values())
+    report = build(imported, "x86", tmp_path / "wino.so")
+    out = autotune.load(report.paths.library)(x=x.numpy())
+    with torch.no_grad():
+        ref = module(x).numpy()
+    assert max_abs_diff(out, ref) < TOL * max(1.0, float(np.abs(ref).max()))

@@ -1,0 +1,286 @@
+"""Winograd F(4x4, 3x3) convolutions on CPUs: a 3x3 convolution as 36 GEMMs of a quarter of its
+multiply-adds (Lavin & Gray, 2016).
+
+Channels-last, one 2-D tile grid over (H, W); a convolution of a video (kernel kt x 3 x 3) adds its
+kt frame taps to the GEMMs' reduction:
+
+    V[t, p, dt, c] = (B^T d B)[t]      d: the 6x6 input tile of output tile p, frame tap dt, channel c
+    U[t, (dt, c), k] = (G g G^T)[t]    g: the 3x3 weight of (k, c, dt)   (weight-only: build time)
+    M[t, p, k] = sum_(dt, c) V[t, p, dt, c] U[t, (dt, c), k]            (a batch of 36 GEMMs)
+    Y[n, f, 4 th + i, 4 tw + j, k] = (A^T M[:, p, k] A)[i, j]
+
+t runs over the 6 x 6 transform points, p over the 4 x 4 output tiles (n, f, th, tw). The
+transform matrices are TVM's (`topi.nn.winograd_util`: Cook-Toom on the points 0, +-1, +-1/2),
+A (6 x 4), B (6 x 6), G (6 x 3). The two transform kernels are written out term by term in
+Python, without the zero coefficients, and chosen per (t) or (i, j) by a Select that their
+schedules' unrolled loops fold away; their loops are fixed here (the `schedule_rule` annotation
+names the rule registered below), the batched GEMM is TVM's matmul, which MetaSchedule tunes.
+The input transform first gathers one tile's vector of channels into a buffer on the stack, zeros
+past the input's edges (a bounds check per gathered value: checked in every term instead, LLVM
+took 35 s to compile one kernel).
+
+Error in float32: about 6e-6 of the output's peak against torch's direct convolution on the VAE
+up-block's shapes (tests/kernels/test_winograd.py bounds it at 2e-5 on small ones).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import tvm
+from tvm import te
+
+TILE = 4  # output tile edge m; F(4x4, 3x3): alpha = 6 transform points a side
+KERNEL = 3
+ALPHA = TILE + KERNEL - 1
+INPUT_BLOCK = "winograd_input"
+TILE_BLOCK = "winograd_tile"  # the input transform's 6 x 6 tiles, gathered (zeros past the edges) into a local buffer
+OUTPUT_BLOCK = "winograd_output"
+GEMM_BLOCK = "winograd_gemm"
+GEMM_ATTR = "autotune_winograd_gemm"  # PrimFunc attribute of the GEMMs (`is_gemm_kernel`)
+MAX_TILE = (6, 4)  # register tile bounds, rows x vectors of accumulators (AVX-512 has 32 vector registers)
+DEFAULT_VECTORS = 4  # the default tile: the most rows (<= 6) that divide the rows, by up to 4 vectors
+RULE_NAME = "autotune_winograd"  # s_tir.meta_schedule.cpu.<name>; part of recorded traces
+LANES_ATTR = "autotune_winograd_lanes"  # block annotation: the vector width its schedule uses
+
+
+@functools.cache
+def transform_matrices() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A, B, G) in float64: A (alpha, m), B (alpha, alpha), G (alpha, r)."""
+    from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points
+
+    return _cook_toom_convolution(_interpolation_points(TILE + KERNEL - 2), TILE, KERNEL)
+
+
+def _int64(shape) -> tuple:
+    """Shapes as Relax's legalized kernels declare them (int64), so FuseTIR can merge a bias add
+    into the output transform (it refuses a buffer whose shape differs in index type)."""
+    return tuple(tvm.tirx.IntImm("int64", int(v)) for v in shape)
+
+
+def tiles(size: int) -> int:
+    return -(-size // TILE)
+
+
+def _linear(coefficients, values) -> tvm.tirx.PrimExpr:
+    """sum c * v over the nonzero coefficients (0 if none)."""
+    terms = [v if c == 1 else -v if c == -1 else v * float(c) for c, v in zip(coefficients, values) if c != 0]
+    if not terms:
+        return tvm.tirx.const(0.0, "float32")
+    return functools.reduce(lambda a, b: a + b, terms)
+
+
+def _select(index, exprs):
+    """exprs[index] for a loop variable `index` the schedule unrolls (the chain folds to one term)."""
+    chosen = exprs[-1]
+    for value in range(len(exprs) - 2, -1, -1):
+        chosen = tvm.tirx.Select(index == value, exprs[value], chosen)
+    return chosen
+
+
+def make_input_primfunc(x_shape: tuple[int, ...], kt: int, pads: tuple[int, int, int], out: tuple[int, int, int],
+                        lanes: int):
+    """X (N, D, H, W, C) float32 -> V (36, P, kt, C): the input tiles transformed. pads: zeros
+    before along (D, H, W); out: the convolution's output (Do, Ho, Wo); lanes: float32 lanes of
+    the target's vectors."""
+    n_, d_, h_, w_, c_ = x_shape
+    do_, ho_, wo_ = out
+    nh, nw = tiles(ho_), tiles(wo_)
+    p_ = n_ * do_ * nh * nw
+    _, b, _ = transform_matrices()
+    X = te.placeholder(_int64(x_shape), "float32", name="X")
+
+    def gather(p, dt, i, j, c):
+        n = p // (do_ * nh * nw)
+        f = p // (nh * nw) % do_ + dt - pads[0]
+        h = p // nw % nh * TILE - pads[1] + i
+        w = p % nw * TILE - pads[2] + j
+        inside = tvm.tirx.all(f >= 0, f < d_, h >= 0, h < h_, w >= 0, w < w_)
+        # if_then_else, not Select: a Select loads its branch even where the tile hangs over the edge
+        return tvm.tirx.if_then_else(inside, X[n, f, h, w, c], tvm.tirx.const(0.0, "float32"))
+
+    d = te.compute(_int64((p_, kt, ALPHA, ALPHA, c_)), gather, name=TILE_BLOCK)
+
+    def body(t, p, dt, c):
+        points = []
+        for xi in range(ALPHA):  # separable: rows first (B^T d), then columns (. B)
+            rows = [_linear(b[:, xi], [d[p, dt, i, j, c] for i in range(ALPHA)]) for j in range(ALPHA)]
+            points += [_linear(b[:, nu], rows) for nu in range(ALPHA)]
+        return _select(t, points)
+
+    V = te.compute(_int64((ALPHA * ALPHA, p_, kt, c_)), body, name=INPUT_BLOCK)
+    return _annotated(te.create_prim_func([X, V]), INPUT_BLOCK, _lanes(c_, lanes))
+
+
+def make_output_primfunc(m_shape: tuple[int, int, int], out: tuple[int, int, int, int], lanes: int):
+    """M (36, P, K) float32 -> Y (N, Do, Ho, Wo, K): the output tiles transformed back; Y is
+    (N, Ho, Wo, K) where Do is None (a 2-D convolution: no frame axis for a bias add to fuse past)."""
+    _, _, k_ = m_shape
+    n_, do_, ho_, wo_ = out
+    nh, nw = tiles(ho_), tiles(wo_)
+    a, _, _ = transform_matrices()
+    M = te.placeholder(_int64(m_shape), "float32", name="M")
+
+    def body(n, f, h, w, k):
+        p = ((n * (do_ or 1) + f) * nh + h // TILE) * nw + w // TILE
+        points = [[M[xi * ALPHA + nu, p, k] for nu in range(ALPHA)] for xi in range(ALPHA)]
+        values = []
+        for i in range(TILE):
+            rows = [_linear(a[:, i], [points[xi][nu] for xi in range(ALPHA)]) for nu in range(ALPHA)]
+            values.append(_select(w % TILE, [_linear(a[:, j], rows) for j in range(TILE)]))
+        return _select(h % TILE, values)
+
+    if do_ is None:
+        Y = te.compute(_int64((n_, ho_, wo_, k_)), lambda n, h, w, k: body(n, 0, h, w, k), name=OUTPUT_BLOCK)
+    else:
+        Y = te.compute(_int64((n_, do_, ho_, wo_, k_)), body, name=OUTPUT_BLOCK)
+    return _annotated(te.create_prim_func([M, Y]), OUTPUT_BLOCK, _lanes(k_, lanes))
+
+
+def make_gemm_primfunc(rows: int, depth: int, cols: int, lanes: int):
+    """V (36, P, Q) @ Up (36, K / w, Q, w) -> M (36, P, K), float32: the 36 GEMMs, U packed at build
+    time in panels of w = `panel_width(K, lanes)` output channels (`pack_weight`), so that a
+    vector of columns is one contiguous load for each step of the reduction. MetaSchedule tunes it
+    with its own rules (multi-level tiling: 162 GFLOP/s on the VAE up-block's 390 x 384 x 384 on a
+    Zen 4, 2 threads); an untuned build gives it `apply_schedule`'s register tiles (~100 GFLOP/s
+    there, against ~9 for a random sample of MetaSchedule's space)."""
+    w = panel_width(cols, lanes)
+    points = ALPHA * ALPHA
+    V = te.placeholder(_int64((points, rows, depth)), "float32", name="V")
+    U = te.placeholder(_int64((points, cols // w, depth, w)), "float32", name="U")
+    q = te.reduce_axis((tvm.tirx.IntImm("int64", 0), tvm.tirx.IntImm("int64", depth)), name="q")
+    M = te.compute(_int64((points, rows, cols)),
+                   lambda t, i, j: te.sum(V[t, i, q] * U[t, j // w, q, j % w], axis=q), name=GEMM_BLOCK)
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func([V, U, M]).without_attr("global_symbol")}))
+    sch.annotate(sch.get_sblock(GEMM_BLOCK), LANES_ATTR, w)  # no schedule_rule: MetaSchedule's own space tunes it
+    return sch.mod["main"].with_attr("op_pattern", 8).with_attr(GEMM_ATTR, True)  # opaque: never fused
+
+
+def is_gemm_kernel(func) -> bool:
+    """Whether `func` is a Winograd GEMM (`make_gemm_primfunc`): untuned, it takes `apply_schedule`'s
+    register tiles rather than a random sample of MetaSchedule's space."""
+    return isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and GEMM_ATTR in func.attrs
+
+
+def panel_width(cols: int, lanes: int) -> int:
+    return _lanes(cols, lanes)
+
+
+def pack_weight(u: np.ndarray, lanes: int) -> np.ndarray:
+    """U (36, Q, K) -> (36, K / w, Q, w), the layout `make_gemm_primfunc` reads (numpy; for tests)."""
+    points, depth, cols = u.shape
+    w = panel_width(cols, lanes)
+    return np.ascontiguousarray(u.reshape(points, depth, cols // w, w).transpose(0, 2, 1, 3))
+
+
+def weight_matrix() -> np.ndarray:
+    """(36, 9) float32: U[t] = sum_s this[t, s] g[s] for a 3x3 weight g flattened row-major (G g G^T)."""
+    _, _, g = transform_matrices()
+    return np.kron(g, g).astype("float32")
+
+
+def _annotated(func, block: str, width: int):
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(tvm.IRModule({"main": func.without_attr("global_symbol")}))
+    sch.annotate(sch.get_sblock(block), "schedule_rule", RULE_NAME)
+    sch.annotate(sch.get_sblock(block), LANES_ATTR, width)
+    if block == INPUT_BLOCK:
+        sch.annotate(sch.get_sblock(TILE_BLOCK), "schedule_rule", "None")  # placed by the transform's rule
+    # OutEWiseFusable: FuseOps may append elementwise consumers (a bias) but puts it in no reduction
+    return sch.mod["main"].with_attr("op_pattern", 4)
+
+
+def apply_schedule(sch, block, sample: bool = False) -> None:
+    """The transforms' fixed schedule: tiles across the cores, channels in vectors, the transform
+    points (input) or the output tile's 4 x 4 positions (output) unrolled so the Selects fold. The
+    GEMMs: a register tile of rows x vectors of accumulators kept across the reduction (sampled
+    with `sample`, MetaSchedule's decisions; else the default)."""
+    name = sch.get(block).name_hint
+    width = int(sch.get(block).annotations[LANES_ATTR])
+    loops = sch.get_loops(block)
+    if name == GEMM_BLOCK:
+        _schedule_gemm(sch, block, width, sample)
+    elif name == INPUT_BLOCK:
+        t, p, dt, c = loops
+        co, ci = sch.split(c, [None, width])
+        sch.reorder(p, dt, co, t, ci)
+        sch.parallel(p)
+        sch.unroll(t)
+        sch.vectorize(ci)
+        tile = sch.get_sblock(TILE_BLOCK)  # one tile's vector of channels at a time, on the stack
+        sch.compute_at(tile, co)
+        sch.set_scope(tile, 0, "local")
+        *_, i, j, c = sch.get_loops(tile)
+        sch.unroll(i)
+        sch.unroll(j)
+        sch.vectorize(c)
+    else:
+        *lead, h, w, k = loops  # (n, [f,] h, w, k)
+        ho, hi = sch.split(h, [None, TILE])
+        wo, wi = sch.split(w, [None, TILE])
+        ko, ki = sch.split(k, [None, width])
+        sch.reorder(*lead, ho, wo, ko, hi, wi, ki)
+        sch.parallel(sch.fuse(*lead, ho, wo))
+        sch.unroll(hi)
+        sch.unroll(wi)
+        sch.vectorize(ki)
+
+
+def _schedule_gemm(sch, block, width: int, sample: bool) -> None:
+    """Per transform point, blocks of rows (in parallel) walk every column panel, the block's rows
+    staying in L1 while the point's U streams from L2; an accumulator tile of mr rows x nv vectors
+    is kept in registers (a stack buffer under 1 KiB, which LLVM promotes) across the reduction."""
+    t, i, j, q = sch.get_loops(block)
+    rows, vectors = int(sch.get(i).extent), int(sch.get(j).extent) // width
+    row_options, vector_options = _divisors(rows, MAX_TILE[0]), _divisors(vectors, MAX_TILE[1])
+    if sample:
+        mr = sch.sample_categorical(row_options, [1.0 / len(row_options)] * len(row_options))
+        nv = sch.sample_categorical(vector_options, [1.0 / len(vector_options)] * len(vector_options))
+    else:
+        mr, nv = max(row_options), max(v for v in vector_options if v <= DEFAULT_VECTORS)
+    io, ii = sch.split(i, [None, mr])
+    jo, jv, jl = sch.split(j, [None, nv, width])
+    sch.reorder(t, io, jo, q, ii, jv, jl)
+    sch.parallel(sch.fuse(t, io))
+    sch.unroll(ii)
+    sch.unroll(jv)
+    sch.vectorize(jl)
+    acc = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(acc, jo)
+    sch.decompose_reduction(block, q)
+    *_, ai, aj = sch.get_loops(acc)
+    aj_outer, aj_inner = sch.split(aj, [None, width])
+    sch.vectorize(aj_inner)
+    init = sch.get_sblock(f"{GEMM_BLOCK}_init")
+    *_, ij = sch.get_loops(init)
+    sch.vectorize(ij)
+
+
+def _divisors(n: int, most: int) -> list[int]:
+    return [d for d in range(1, most + 1) if n % d == 0]
+
+
+def _lanes(channels: int, lanes: int) -> int:
+    """The widest vector of at most `lanes` float32 that divides the channel count."""
+    return math.gcd(int(channels), lanes)
+
+
+
+def _custom_rule(sch, block):
+    """s_tir.meta_schedule.cpu.autotune_winograd: the transforms' one schedule (nothing sampled)."""
+    apply_schedule(sch, block)
+    return [sch]
+
+
+def register_rule() -> None:
+    import tvm_ffi
+
+    tvm_ffi.register_global_func(f"s_tir.meta_schedule.cpu.{RULE_NAME}", _custom_rule, override=True)
+
+
+register_rule()
