@@ -189,7 +189,7 @@ def test_packed_weights_tune_build_and_match_torch(tmp_path, monkeypatch):
 
 
 class VaeLikeConvolutions(torch.nn.Module):
-    """3x3 convolutions as a VAE stacks them: 16 -> 24 channels, a norm and SiLU between, a Wan
+    """3x3 convolutions as a VAE stacks them: 32 -> 48 channels, a norm and SiLU between, a Wan
     causal video convolution (F.pad of 2 zero frames in front), and a 3-channel output conv (too
     few channels for Winograd: left direct)."""
 
@@ -197,12 +197,12 @@ class VaeLikeConvolutions(torch.nn.Module):
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
         super().__init__()
-        self.first = torch.nn.Conv2d(16, 24, 3, padding=1)
-        self.norm = torch.nn.GroupNorm(4, 24)
-        self.video = WanCausalConv3d(24, 16, 3, padding=1)
-        self.out = torch.nn.Conv2d(16, 3, 3, padding=1)
+        self.first = torch.nn.Conv2d(32, 48, 3, padding=1)
+        self.norm = torch.nn.GroupNorm(4, 48)
+        self.video = WanCausalConv3d(48, 32, 3, padding=1)
+        self.out = torch.nn.Conv2d(32, 3, 3, padding=1)
 
-    def forward(self, x):  # x: (1, 16, frames, H, W)
+    def forward(self, x):  # x: (1, 32, frames, H, W)
         frames = x.shape[2]
         flat = x.permute(0, 2, 1, 3, 4).flatten(0, 1)
         y = torch.nn.functional.silu(self.norm(self.first(flat)))
@@ -212,11 +212,11 @@ class VaeLikeConvolutions(torch.nn.Module):
 
 def test_float32_3x3_convolutions_become_winograd_gemms_and_match_torch(tmp_path):
     """A float32 build for an AVX-512 CPU (no float32 engine takes its convolutions): the two
-    with 16 or more channels each way become input transform, batched GEMM and output transform,
+    with 32 or more channels each way become input transform, batched GEMM and output transform,
     their weights transformed at build time; the 3-channel one stays a direct convolution. The
     artifact, built for this host, matches torch eager within TOL (ragged 4x4 tiles: 11 x 13)."""
     torch.manual_seed(0)
-    module, x = VaeLikeConvolutions().eval(), torch.randn(1, 16, 3, 11, 13)
+    module, x = VaeLikeConvolutions().eval(), torch.randn(1, 32, 3, 11, 13)
     imported = from_torch(module, {"x": x})
     prepared, _ = prepare_model(imported, resolve_target("x86-avx512"), None)
     script = prepared.mod["main"].script()
@@ -224,7 +224,7 @@ def test_float32_3x3_convolutions_become_winograd_gemms_and_match_torch(tmp_path
     assert script.count("R.nn.conv") == 1
     assert sum(name.startswith("winograd_input") for name in prim_funcs(prepared.mod)) == 2  # conv2d x1, conv3d x1
     # the video conv's U, packed in panels of 16 output channels: 36 x (C_out / 16) x (kt C_in) x 16
-    assert any(w.shape == (36, 1, 3 * 24, 16) for w in prepared.weights.values())
+    assert any(w.shape == (36, 2, 3 * 48, 16) for w in prepared.weights.values())
     report = build(imported, "x86", tmp_path / "wino.so")
     out = autotune.load(report.paths.library)(x=x.numpy())
     with torch.no_grad():
