@@ -40,8 +40,7 @@ TILE_BLOCK = "winograd_tile"  # the input transform's 6 x 6 tiles, gathered (zer
 OUTPUT_BLOCK = "winograd_output"
 GEMM_BLOCK = "winograd_gemm"
 GEMM_ATTR = "autotune_winograd_gemm"  # PrimFunc attribute of the GEMMs (`is_gemm_kernel`)
-MAX_TILE = (6, 4)  # register tile bounds, rows x vectors of accumulators (AVX-512 has 32 vector registers)
-DEFAULT_VECTORS = 4  # the default tile: the most rows (<= 6) that divide the rows, by up to 4 vectors
+MAX_TILE = (6, 4)  # the GEMM's register tile: the most rows (<= 6) and vectors (<= 4) that divide its shape
 RULE_NAME = "autotune_winograd"  # s_tir.meta_schedule.cpu.<name>; part of recorded traces
 LANES_ATTR = "autotune_winograd_lanes"  # block annotation: the vector width its schedule uses
 
@@ -195,16 +194,16 @@ def _annotated(func, block: str, width: int):
     return sch.mod["main"].with_attr("op_pattern", 4)
 
 
-def apply_schedule(sch, block, sample: bool = False) -> None:
+def apply_schedule(sch, block) -> None:
     """The transforms' fixed schedule: tiles across the cores, channels in vectors, the transform
     points (input) or the output tile's 4 x 4 positions (output) unrolled so the Selects fold. The
-    GEMMs: a register tile of rows x vectors of accumulators kept across the reduction (sampled
-    with `sample`, MetaSchedule's decisions; else the default)."""
+    GEMMs' default (untuned builds): a register tile of rows x vectors of accumulators kept across
+    the reduction."""
     name = sch.get(block).name_hint
     width = int(sch.get(block).annotations[LANES_ATTR])
     loops = sch.get_loops(block)
     if name == GEMM_BLOCK:
-        _schedule_gemm(sch, block, width, sample)
+        _schedule_gemm(sch, block, width)
     elif name == INPUT_BLOCK:
         t, p, dt, c = loops
         co, ci = sch.split(c, [None, width])
@@ -231,18 +230,13 @@ def apply_schedule(sch, block, sample: bool = False) -> None:
         sch.vectorize(ki)
 
 
-def _schedule_gemm(sch, block, width: int, sample: bool) -> None:
+def _schedule_gemm(sch, block, width: int) -> None:
     """Per transform point, blocks of rows (in parallel) walk every column panel, the block's rows
     staying in L1 while the point's U streams from L2; an accumulator tile of mr rows x nv vectors
     is kept in registers (a stack buffer under 1 KiB, which LLVM promotes) across the reduction."""
     t, i, j, q = sch.get_loops(block)
     rows, vectors = int(sch.get(i).extent), int(sch.get(j).extent) // width
-    row_options, vector_options = _divisors(rows, MAX_TILE[0]), _divisors(vectors, MAX_TILE[1])
-    if sample:
-        mr = sch.sample_categorical(row_options, [1.0 / len(row_options)] * len(row_options))
-        nv = sch.sample_categorical(vector_options, [1.0 / len(vector_options)] * len(vector_options))
-    else:
-        mr, nv = max(row_options), max(v for v in vector_options if v <= DEFAULT_VECTORS)
+    mr, nv = _largest_divisor(rows, MAX_TILE[0]), _largest_divisor(vectors, MAX_TILE[1])
     io, ii = sch.split(i, [None, mr])
     jo, jv, jl = sch.split(j, [None, nv, width])
     sch.reorder(t, io, jo, q, ii, jv, jl)
@@ -261,8 +255,8 @@ def _schedule_gemm(sch, block, width: int, sample: bool) -> None:
     sch.vectorize(ij)
 
 
-def _divisors(n: int, most: int) -> list[int]:
-    return [d for d in range(1, most + 1) if n % d == 0]
+def _largest_divisor(n: int, most: int) -> int:
+    return max(d for d in range(1, most + 1) if n % d == 0)
 
 
 def _lanes(channels: int, lanes: int) -> int:

@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 MAX_IM2COL_BYTES = 1 << 30  # one im2col buffer; a larger convolution is gathered and multiplied in chunks
 _BYTES = {"bfloat16": 2, "float32": 4}
-_LAYOUTS = {1: ("NCW", "OIW"), 2: ("NCHW", "OIHW"), 3: ("NCDHW", "OIDHW")}
+CHANNELS_FIRST = {1: ("NCW", "OIW"), 2: ("NCHW", "OIHW"), 3: ("NCDHW", "OIDHW")}
 CHANNELS_LAST = {1: ("NWC", "OWI"), 2: ("NHWC", "OHWI"), 3: ("NDHWC", "ODHWI")}
 
 
@@ -108,7 +108,7 @@ class ConvGemmRewriter:
         a = call.attrs
         layouts = (str(a.data_layout), str(a.kernel_layout))
         last = layouts == CHANNELS_LAST.get(dims)  # (convolutions_as_gemm's ConvertLayout made it so)
-        if (layouts != _LAYOUTS.get(dims) and not last) or str(a.out_layout) != str(a.data_layout):
+        if (layouts != CHANNELS_FIRST.get(dims) and not last) or str(a.out_layout) != str(a.data_layout):
             return None
         if int(a.groups) != 1:
             return None
@@ -241,7 +241,7 @@ def channels_first(call: relax.Call) -> relax.Call:
     if (str(a.data_layout), str(a.kernel_layout)) != CHANNELS_LAST.get(dims) or str(a.out_layout) != str(a.data_layout):
         return call
     first = [0, dims + 1, *range(1, dims + 1)]  # N*C or O*I: the channel axis (last) moves to 1
-    data_layout, kernel_layout = _LAYOUTS[dims]
+    data_layout, kernel_layout = CHANNELS_FIRST[dims]
     y = convolution_like(call, relax.op.permute_dims(call.args[0], first), relax.op.permute_dims(call.args[1], first),
                          data_layout=data_layout, kernel_layout=kernel_layout)
     return relax.op.permute_dims(y, [0, *range(2, dims + 2), 1])

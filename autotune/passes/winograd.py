@@ -32,6 +32,7 @@ from autotune.support import ir
 
 from .causal_padding import pads_into_convolutions
 from .conv_gemm import (
+    CHANNELS_FIRST,
     CHANNELS_LAST,
     channels_first,
     channels_last_pays,
@@ -41,7 +42,6 @@ from .conv_gemm import (
 log = logging.getLogger(__name__)
 
 MIN_CHANNELS = 32  # the tiny VAE decoder's 16-channel ones: no faster, 3x the build time (below)
-_CHANNELS_FIRST = {2: ("NCHW", "OIHW"), 3: ("NCDHW", "OIDHW")}
 
 
 class WinogradRewriter:
@@ -80,7 +80,7 @@ class WinogradRewriter:
         a = call.attrs
         layouts = (str(a.data_layout), str(a.kernel_layout))
         last = layouts == CHANNELS_LAST.get(dims)
-        if dims not in (2, 3) or (layouts != _CHANNELS_FIRST[dims] and not last) or str(a.out_layout) != str(a.data_layout):
+        if dims not in (2, 3) or (layouts != CHANNELS_FIRST[dims] and not last) or str(a.out_layout) != str(a.data_layout):
             return None
         if int(a.groups) != 1 or any(int(v) != 1 for v in (*a.strides, *a.dilation)):
             return None
