@@ -253,46 +253,55 @@ def _divisors(n: int, lo: int, hi: int) -> list[int]:
 # ---------------------------------------------------------------- the PrimFunc
 
 
-def make_primfunc(m: int, n: int, k: int, isa: str) -> tvm.tirx.PrimFunc:
+def make_primfunc(m: int, n: int, k: int, isa: str, batch: int = 0) -> tvm.tirx.PrimFunc:
     """A (m, k) @ Bp (k/g, n, g) -> C (m, n), unscheduled and annotated for MetaSchedule
-    (`apply_schedule` schedules it). Batched activations come flattened to rows."""
+    (`apply_schedule` schedules it). Batched activations come flattened to rows. With `batch`, that
+    many independent products, each with its own weight: A (batch, m, k) @ Bp (batch, k/g, n, g)
+    -> C (batch, m, n) (the Winograd transform points' GEMMs)."""
     parts = k_split(k, isa)
     kc = k // parts
     g = group(isa)
     acc = DTYPES[PRECISION[isa]][2]
-    A = te.placeholder((m, k), activation_dtype(isa), name="A")
-    Bp = te.placeholder((k // g, n, g), weight_dtype(isa), name="Bp")
+    lead = (batch,) if batch else ()
+    A = te.placeholder((*lead, m, k), activation_dtype(isa), name="A")
+    Bp = te.placeholder((*lead, k // g, n, g), weight_dtype(isa), name="Bp")
     B = Bp
     if isa in FMA:  # a float32 panel with the k pair split out, Bf[k // 2, k % 2, n]: FMA rows
-        B = te.compute((k // g, g, n), lambda kg, e, j: Bp[kg, j, e].astype("float32"), name="convert")
+        def widened(*index):
+            *b, kg, e, j = index
+            return Bp[(*b, kg, j, e)].astype("float32")
+
+        B = te.compute((*lead, k // g, g, n), widened, name="convert")
     elif _converts_weights(isa):
         wide = activation_dtype(isa)  # bf16, or int16 on AVX2
-        B = te.compute(Bp.shape, lambda kg, j, e: Bp[kg, j, e].astype(wide), name="convert")
+        B = te.compute(Bp.shape, lambda *index: Bp[index].astype(wide), name="convert")
 
-    def product(i, j, kk):
+    def product(b, i, j, kk):
         if isa in FMA:
-            return A[i, kk] * B[kk // g, kk % g, j]
-        return A[i, kk].astype(acc) * B[kk // g, j, kk % g].astype(acc)
+            return A[(*b, i, kk)] * B[(*b, kk // g, kk % g, j)]
+        return A[(*b, i, kk)].astype(acc) * B[(*b, kk // g, j, kk % g)].astype(acc)
 
     if parts == 1:
         r = te.reduce_axis((0, k), name="k")
-        C = te.compute((m, n), lambda i, j: te.sum(product(i, j, r), axis=r), name="gemm")
+        C = te.compute((*lead, m, n), lambda *bij: te.sum(product(bij[:-2], *bij[-2:], r), axis=r), name="gemm")
     else:
         r = te.reduce_axis((0, kc), name="k")
-        P = te.compute((parts, m, n), lambda c, i, j: te.sum(product(i, j, c * kc + r), axis=r), name="gemm")
+        P = te.compute((parts, *lead, m, n), lambda c, *bij: te.sum(product(bij[:-2], *bij[-2:], c * kc + r), axis=r),
+                       name="gemm")
         s = te.reduce_axis((0, parts), name="part")
-        C = te.compute((m, n), lambda i, j: te.sum(P[s, i, j], axis=s), name="ksum")
+        C = te.compute((*lead, m, n), lambda *bij: te.sum(P[(s, *bij)], axis=s), name="ksum")
     func = te.create_prim_func([A, Bp, C]).without_attr("global_symbol")
-    info = {"isa": isa, "rows": m, "n": n, "k": k, "parts": parts}
-    func = func.with_attr(GEMM_ATTR, info).with_attr(FLOPS_ATTR, float(2 * m * n * k))
+    info = {"isa": isa, "rows": m, "n": n, "k": k, "parts": parts, "batch": batch}
+    func = func.with_attr(GEMM_ATTR, info).with_attr(FLOPS_ATTR, float(2 * max(batch, 1) * m * n * k))
     func = func.with_attr("op_pattern", 8)  # opaque: FuseOps leaves it whole
     return _annotate(func)
 
 
-def kernel_name(m: int, n: int, k: int, isa: str) -> str:
-    """gemm_bf16_ / gemm_w8_ (int8 weights on a bf16 engine) / gemm_int8_ / gemm_f32_ + ISA and shape."""
+def kernel_name(m: int, n: int, k: int, isa: str, batch: int = 0) -> str:
+    """gemm_bf16_ / gemm_w8_ (int8 weights on a bf16 engine) / gemm_int8_ / gemm_f32_ + ISA and shape
+    (batched: the batch first, `36x390x384x1152`)."""
     kind = {INT8: "int8", F32: "f32"}.get(PRECISION[isa]) or ("w8" if weight_dtype(isa) == "int8" else "bf16")
-    return f"gemm_{kind}_{isa}_{m}x{n}x{k}"
+    return f"gemm_{kind}_{isa}_{f'{batch}x' if batch else ''}{m}x{n}x{k}"
 
 
 def _annotate(func):
@@ -310,7 +319,7 @@ def _annotate(func):
 
 def _info(func) -> dict:
     info = func.attrs[GEMM_ATTR]
-    return {key: (str(info[key]) if key == "isa" else int(info[key])) for key in info}
+    return {"batch": 0, **{key: (str(info[key]) if key == "isa" else int(info[key])) for key in info}}
 
 
 def is_gemm_kernel(func) -> bool:
@@ -629,7 +638,7 @@ def apply_schedule(sch, sample: bool = False) -> None:
     gemm = sch.get_sblock("gemm")
     loops = sch.get_loops(gemm)
     parts = info["parts"]
-    outer = [loops[0]] if parts > 1 else []
+    outer = list(loops[:-3])  # the partial product, the batch
     rows, n_loop, k_loop = loops[-3:]
     kc = info["k"] // parts
     if _is_amx(info["isa"]):
@@ -748,11 +757,11 @@ def register_rule() -> None:
     tvm_ffi.register_global_func(f"s_tir.meta_schedule.cpu.{RULE_NAME}", _custom_rule, override=True)
 
 
-def compile_standalone(m, n, k, isa, target):
+def compile_standalone(m, n, k, isa, target, batch: int = 0):
     """The kernel alone, default schedule, compiled: `lib["main"](a, bp, c)`. For tests and benchmarks."""
     from tvm import s_tir
 
-    func = make_primfunc(m, n, k, isa).with_attr("global_symbol", "main")
+    func = make_primfunc(m, n, k, isa, batch).with_attr("global_symbol", "main")
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     apply_schedule(sch)
     return tvm.compile(sch.mod, target=target)

@@ -1,5 +1,9 @@
-"""Winograd F(4x4, 3x3) convolutions on CPUs: a 3x3 convolution as 36 GEMMs of a quarter of its
-multiply-adds (Lavin & Gray, 2016).
+"""Winograd F(m x m, 3x3) convolutions on CPUs: a 3x3 convolution as (m + 2)^2 GEMMs of fewer
+multiply-adds (Lavin & Gray, 2016). F(4x4, 3x3) in float32: 36 GEMMs of a quarter of the direct
+convolution's multiply-adds; F(2x2, 3x3) on the bf16 matrix engines: 16 GEMMs of 4/9 of them
+(bf16 rounding of the transformed values: F(4x4)'s larger transform coefficients made a bf16
+convolution's error 7x the direct one's, 1.6e-2 against 2.3e-3 relative RMS on 128 channels,
+F(2x2)'s 2x, 4.5e-3).
 
 Channels-last, one 2-D tile grid over (H, W); a convolution of a video (kernel kt x 3 x 3) adds its
 kt frame taps to the GEMMs' reduction:
@@ -9,9 +13,13 @@ kt frame taps to the GEMMs' reduction:
     M[t, p, k] = sum_(dt, c) V[t, p, dt, c] U[t, (dt, c), k]            (a batch of 36 GEMMs)
     Y[n, f, 4 th + i, 4 tw + j, k] = (A^T M[:, p, k] A)[i, j]
 
-t runs over the 6 x 6 transform points, p over the 4 x 4 output tiles (n, f, th, tw). The
-transform matrices are TVM's (`topi.nn.winograd_util`: Cook-Toom on the points 0, +-1, +-1/2),
-A (6 x 4), B (6 x 6), G (6 x 3). The two transform kernels are written out term by term in
+(for m = 4; alpha = m + 2 points a side.) t runs over the alpha x alpha transform points, p over
+the m x m output tiles (n, f, th, tw). The transform matrices are TVM's (`topi.nn.winograd_util`:
+Cook-Toom on the points 0, +-1, +-1/2), A (alpha x m), B (alpha x alpha), G (alpha x 3). The
+float32 GEMM is `make_gemm_primfunc`; on the bf16 engines (V and U in bf16, float32 accumulation)
+it is gemm_cpu's batched kernel (`gemm_cpu.make_primfunc(..., batch=points)`), which may compute
+more rows than there are tiles (AMX: whole 32-row blocks): the input transform writes zeros there
+and the output transform never reads them. The two transform kernels are written out term by term in
 Python, without the zero coefficients, and chosen per (t) or (i, j) by a Select that their
 schedules' unrolled loops fold away; their loops are fixed here (the `schedule_rule` annotation
 names the rule registered below), the batched GEMM is TVM's matmul, which MetaSchedule tunes.
@@ -32,7 +40,8 @@ import numpy as np
 import tvm
 from tvm import te
 
-TILE = 4  # output tile edge m; F(4x4, 3x3): alpha = 6 transform points a side
+TILE = 4  # output tile edge m in float32; F(4x4, 3x3): alpha = 6 transform points a side
+ENGINE_TILE = 2  # on the bf16 matrix engines (see above)
 KERNEL = 3
 ALPHA = TILE + KERNEL - 1
 INPUT_BLOCK = "winograd_input"
@@ -43,14 +52,20 @@ GEMM_ATTR = "autotune_winograd_gemm"  # PrimFunc attribute of the GEMMs (`is_gem
 MAX_TILE = (6, 4)  # the GEMM's register tile: the most rows (<= 6) and vectors (<= 4) that divide its shape
 RULE_NAME = "autotune_winograd"  # s_tir.meta_schedule.cpu.<name>; part of recorded traces
 LANES_ATTR = "autotune_winograd_lanes"  # block annotation: the vector width its schedule uses
+TILE_ATTR = "autotune_winograd_tile"  # block annotation of the output transform: its m (its schedule splits by it)
 
 
 @functools.cache
-def transform_matrices() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(A, B, G) in float64: A (alpha, m), B (alpha, alpha), G (alpha, r)."""
+def transform_matrices(tile: int = TILE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A, B, G) in float64 for F(tile x tile, 3x3): A (alpha, m), B (alpha, alpha), G (alpha, r)."""
     from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points
 
-    return _cook_toom_convolution(_interpolation_points(TILE + KERNEL - 2), TILE, KERNEL)
+    return _cook_toom_convolution(_interpolation_points(tile + KERNEL - 2), tile, KERNEL)
+
+
+def points(tile: int = TILE) -> int:
+    """Transform points (the GEMMs' batch): alpha^2."""
+    return (tile + KERNEL - 1) ** 2
 
 
 def _int64(shape) -> tuple:
@@ -59,8 +74,8 @@ def _int64(shape) -> tuple:
     return tuple(tvm.tirx.IntImm("int64", int(v)) for v in shape)
 
 
-def tiles(size: int) -> int:
-    return -(-size // TILE)
+def tiles(size: int, tile: int = TILE) -> int:
+    return -(-size // tile)
 
 
 def _linear(coefficients, values) -> tvm.tirx.PrimExpr:
@@ -80,62 +95,69 @@ def _select(index, exprs):
 
 
 def make_input_primfunc(x_shape: tuple[int, ...], kt: int, pads: tuple[int, int, int], out: tuple[int, int, int],
-                        lanes: int):
-    """X (N, D, H, W, C) float32 -> V (36, P, kt, C): the input tiles transformed. pads: zeros
-    before along (D, H, W); out: the convolution's output (Do, Ho, Wo); lanes: float32 lanes of
-    the target's vectors."""
+                        lanes: int, tile: int = TILE, x_dtype: str = "float32", v_dtype: str = "float32",
+                        rows: int | None = None):
+    """X (N, D, H, W, C) -> V (points, rows, kt, C): the input tiles transformed, in float32, stored
+    as `v_dtype`. pads: zeros before along (D, H, W); out: the convolution's output (Do, Ho, Wo);
+    lanes: float32 lanes of the target's vectors; rows: the GEMM's rows, at least the tiles (the
+    rows past them zero; default: the tiles)."""
     n_, d_, h_, w_, c_ = x_shape
     do_, ho_, wo_ = out
-    nh, nw = tiles(ho_), tiles(wo_)
+    nh, nw = tiles(ho_, tile), tiles(wo_, tile)
     p_ = n_ * do_ * nh * nw
-    _, b, _ = transform_matrices()
-    X = te.placeholder(_int64(x_shape), "float32", name="X")
+    rows = rows or p_
+    alpha = tile + KERNEL - 1
+    _, b, _ = transform_matrices(tile)
+    X = te.placeholder(_int64(x_shape), x_dtype, name="X")
+    zero = tvm.tirx.const(0.0, "float32")
 
     def gather(p, dt, i, j, c):
         n = p // (do_ * nh * nw)
         f = p // (nh * nw) % do_ + dt - pads[0]
-        h = p // nw % nh * TILE - pads[1] + i
-        w = p % nw * TILE - pads[2] + j
-        inside = tvm.tirx.all(f >= 0, f < d_, h >= 0, h < h_, w >= 0, w < w_)
+        h = p // nw % nh * tile - pads[1] + i
+        w = p % nw * tile - pads[2] + j
+        inside = tvm.tirx.all(p < p_, f >= 0, f < d_, h >= 0, h < h_, w >= 0, w < w_)
         # if_then_else, not Select: a Select loads its branch even where the tile hangs over the edge
-        return tvm.tirx.if_then_else(inside, X[n, f, h, w, c], tvm.tirx.const(0.0, "float32"))
+        return tvm.tirx.if_then_else(inside, X[n, f, h, w, c].astype("float32"), zero)
 
-    d = te.compute(_int64((p_, kt, ALPHA, ALPHA, c_)), gather, name=TILE_BLOCK)
+    d = te.compute(_int64((rows, kt, alpha, alpha, c_)), gather, name=TILE_BLOCK)
 
     def body(t, p, dt, c):
-        points = []
-        for xi in range(ALPHA):  # separable: rows first (B^T d), then columns (. B)
-            rows = [_linear(b[:, xi], [d[p, dt, i, j, c] for i in range(ALPHA)]) for j in range(ALPHA)]
-            points += [_linear(b[:, nu], rows) for nu in range(ALPHA)]
-        return _select(t, points)
+        values = []
+        for xi in range(alpha):  # separable: rows first (B^T d), then columns (. B)
+            row = [_linear(b[:, xi], [d[p, dt, i, j, c] for i in range(alpha)]) for j in range(alpha)]
+            values += [_linear(b[:, nu], row) for nu in range(alpha)]
+        return _select(t, values).astype(v_dtype)
 
-    V = te.compute(_int64((ALPHA * ALPHA, p_, kt, c_)), body, name=INPUT_BLOCK)
+    V = te.compute(_int64((alpha * alpha, rows, kt, c_)), body, name=INPUT_BLOCK)
     return _annotated(te.create_prim_func([X, V]), INPUT_BLOCK, _lanes(c_, lanes))
 
 
-def make_output_primfunc(m_shape: tuple[int, int, int], out: tuple[int, int, int, int], lanes: int):
-    """M (36, P, K) float32 -> Y (N, Do, Ho, Wo, K): the output tiles transformed back; Y is
-    (N, Ho, Wo, K) where Do is None (a 2-D convolution: no frame axis for a bias add to fuse past)."""
+def make_output_primfunc(m_shape: tuple[int, int, int], out: tuple[int, int, int, int], lanes: int, tile: int = TILE):
+    """M (points, rows, K) float32 -> Y (N, Do, Ho, Wo, K): the output tiles transformed back; Y is
+    (N, Ho, Wo, K) where Do is None (a 2-D convolution: no frame axis for a bias add to fuse past).
+    M may have more rows than tiles (`make_input_primfunc`'s rows): they are not read."""
     _, _, k_ = m_shape
     n_, do_, ho_, wo_ = out
-    nh, nw = tiles(ho_), tiles(wo_)
-    a, _, _ = transform_matrices()
+    nh, nw = tiles(ho_, tile), tiles(wo_, tile)
+    alpha = tile + KERNEL - 1
+    a, _, _ = transform_matrices(tile)
     M = te.placeholder(_int64(m_shape), "float32", name="M")
 
     def body(n, f, h, w, k):
-        p = ((n * (do_ or 1) + f) * nh + h // TILE) * nw + w // TILE
-        points = [[M[xi * ALPHA + nu, p, k] for nu in range(ALPHA)] for xi in range(ALPHA)]
-        values = []
-        for i in range(TILE):
-            rows = [_linear(a[:, i], [points[xi][nu] for xi in range(ALPHA)]) for nu in range(ALPHA)]
-            values.append(_select(w % TILE, [_linear(a[:, j], rows) for j in range(TILE)]))
-        return _select(h % TILE, values)
+        p = ((n * (do_ or 1) + f) * nh + h // tile) * nw + w // tile
+        values = [[M[xi * alpha + nu, p, k] for nu in range(alpha)] for xi in range(alpha)]
+        rows = []
+        for i in range(tile):
+            row = [_linear(a[:, i], [values[xi][nu] for xi in range(alpha)]) for nu in range(alpha)]
+            rows.append(_select(w % tile, [_linear(a[:, j], row) for j in range(tile)]))
+        return _select(h % tile, rows)
 
     if do_ is None:
         Y = te.compute(_int64((n_, ho_, wo_, k_)), lambda n, h, w, k: body(n, 0, h, w, k), name=OUTPUT_BLOCK)
     else:
         Y = te.compute(_int64((n_, do_, ho_, wo_, k_)), body, name=OUTPUT_BLOCK)
-    return _annotated(te.create_prim_func([M, Y]), OUTPUT_BLOCK, _lanes(k_, lanes))
+    return _annotated(te.create_prim_func([M, Y]), OUTPUT_BLOCK, _lanes(k_, lanes), tile)
 
 
 def make_gemm_primfunc(rows: int, depth: int, cols: int, lanes: int):
@@ -146,11 +168,11 @@ def make_gemm_primfunc(rows: int, depth: int, cols: int, lanes: int):
     Zen 4, 2 threads); an untuned build gives it `apply_schedule`'s register tiles (~100 GFLOP/s
     there, against ~9 for a random sample of MetaSchedule's space)."""
     w = panel_width(cols, lanes)
-    points = ALPHA * ALPHA
-    V = te.placeholder(_int64((points, rows, depth)), "float32", name="V")
-    U = te.placeholder(_int64((points, cols // w, depth, w)), "float32", name="U")
+    batch = points()
+    V = te.placeholder(_int64((batch, rows, depth)), "float32", name="V")
+    U = te.placeholder(_int64((batch, cols // w, depth, w)), "float32", name="U")
     q = te.reduce_axis((tvm.tirx.IntImm("int64", 0), tvm.tirx.IntImm("int64", depth)), name="q")
-    M = te.compute(_int64((points, rows, cols)),
+    M = te.compute(_int64((batch, rows, cols)),
                    lambda t, i, j: te.sum(V[t, i, q] * U[t, j // w, q, j % w], axis=q), name=GEMM_BLOCK)
     from tvm import s_tir
 
@@ -171,23 +193,25 @@ def panel_width(cols: int, lanes: int) -> int:
 
 def pack_weight(u: np.ndarray, lanes: int) -> np.ndarray:
     """U (36, Q, K) -> (36, K / w, Q, w), the layout `make_gemm_primfunc` reads (numpy; for tests)."""
-    points, depth, cols = u.shape
+    batch, depth, cols = u.shape
     w = panel_width(cols, lanes)
-    return np.ascontiguousarray(u.reshape(points, depth, cols // w, w).transpose(0, 2, 1, 3))
+    return np.ascontiguousarray(u.reshape(batch, depth, cols // w, w).transpose(0, 2, 1, 3))
 
 
-def weight_matrix() -> np.ndarray:
-    """(36, 9) float32: U[t] = sum_s this[t, s] g[s] for a 3x3 weight g flattened row-major (G g G^T)."""
-    _, _, g = transform_matrices()
+def weight_matrix(tile: int = TILE) -> np.ndarray:
+    """(points, 9) float32: U[t] = sum_s this[t, s] g[s] for a 3x3 weight g flattened row-major (G g G^T)."""
+    _, _, g = transform_matrices(tile)
     return np.kron(g, g).astype("float32")
 
 
-def _annotated(func, block: str, width: int):
+def _annotated(func, block: str, width: int, tile: int | None = None):
     from tvm import s_tir
 
     sch = s_tir.Schedule(tvm.IRModule({"main": func.without_attr("global_symbol")}))
     sch.annotate(sch.get_sblock(block), "schedule_rule", RULE_NAME)
     sch.annotate(sch.get_sblock(block), LANES_ATTR, width)
+    if tile is not None:
+        sch.annotate(sch.get_sblock(block), TILE_ATTR, tile)
     if block == INPUT_BLOCK:
         sch.annotate(sch.get_sblock(TILE_BLOCK), "schedule_rule", "None")  # placed by the transform's rule
     # OutEWiseFusable: FuseOps may append elementwise consumers (a bias) but puts it in no reduction
@@ -219,9 +243,10 @@ def apply_schedule(sch, block) -> None:
         sch.unroll(j)
         sch.vectorize(c)
     else:
+        tile = int(sch.get(block).annotations[TILE_ATTR])
         *lead, h, w, k = loops  # (n, [f,] h, w, k)
-        ho, hi = sch.split(h, [None, TILE])
-        wo, wi = sch.split(w, [None, TILE])
+        ho, hi = sch.split(h, [None, tile])
+        wo, wi = sch.split(w, [None, tile])
         ko, ki = sch.split(k, [None, width])
         sch.reorder(*lead, ho, wo, ko, hi, wi, ki)
         sch.parallel(sch.fuse(*lead, ho, wo))

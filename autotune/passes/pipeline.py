@@ -10,7 +10,9 @@ fused module) silently misses every record. Both call the phases below, and noth
                                           convolutions as im2col GEMMs, onto the CPU's
                                           matrix engines (AMX / AVX512-BF16 / VNNI / AVX2;
                                           float32 on AVX2-only CPUs), weights packed;
-                                          float32 3x3 convolutions left: Winograd (CPU);
+                                          3x3 convolutions as Winograd GEMMs (CPU: bf16
+                                          and int8-weight ones on the bf16 engines first,
+                                          float32 ones left after);
                                           precompute weight-only work (transposes);
                                           int8 modes: attention in bf16 where the CPU
                                           multiplies bf16 (AMX / AVX512-BF16)
@@ -69,7 +71,14 @@ def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None) ->
             return unchanged, {**info, "weight_bytes_after": unchanged.weight_bytes()}
         quantized = drop_causal_padding_in(quantized)
         if quantize_mode in ("bf16", "int8-weight", "w8a8") and target.kind.name == "llvm":
+            winograd = 0
+            if quantize_mode != "w8a8":  # (w8a8's convolutions: int8 rows, conv_gemm)
+                quantized, winograd = convolutions_as_winograd(quantized, target, engines=True)
             quantized, moved = _onto_matrix_engines(quantized, target, int8_activations=quantize_mode == "w8a8")
+            if winograd:
+                moved["winograd"] = winograd
+                if "matrix_engine" not in moved:  # (else its weight packing precomputed the transforms too)
+                    quantized = precompute_weight_transforms(quantized)
             quantized, convs = convolutions_in_float32(quantized)
             info = {**info, **moved}
             if convs:

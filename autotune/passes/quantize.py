@@ -526,6 +526,15 @@ class _HalfToBf16(PyExprMutator):
     """float16 -> bfloat16 everywhere in a ToMixedPrecision output (casts and parameters)."""
 
     def visit_call_(self, call):
+        if call.op in _F32_ONLY_NORMS:
+            # TOPI's norms take float32/float16 only (group_norm's type inference rejects bf16
+            # data outright, so the call is never rebuilt on bf16 operands): float32 between casts.
+            args = [self.visit_expr(a) for a in call.args]
+            if not any(ir.tensor_dtype(a) == "bfloat16" for a in args):
+                return relax.Call(call.op, args, call.attrs)
+            y = self.builder_.emit(relax.Call(call.op, [self._to_float32(a) if ir.tensor_dtype(a) == "bfloat16" else a
+                                                         for a in args], call.attrs))
+            return relax.op.astype(y, "bfloat16")
         new = super().visit_call_(call)
         if not isinstance(new, relax.Call):
             return new
@@ -533,11 +542,6 @@ class _HalfToBf16(PyExprMutator):
             dtype = "bfloat16" if str(new.attrs.dtype) == "float16" else str(new.attrs.dtype)
             folded = self._cast_constant(new.args[0], dtype)
             return relax.op.astype(new.args[0], dtype) if folded is None else folded
-        if new.op in _F32_ONLY_NORMS and any(ir.tensor_dtype(a) == "bfloat16" for a in new.args):
-            # TOPI's norms take float32/float16 only: run them in float32 between casts.
-            args = [self._to_float32(a) if ir.tensor_dtype(a) == "bfloat16" else a for a in new.args]
-            y = self.builder_.emit(relax.Call(new.op, args, new.attrs))
-            return relax.op.astype(y, "bfloat16")
         return new
 
     def visit_constant_(self, const):

@@ -1,19 +1,25 @@
-"""float32 3x3 convolutions as Winograd F(4x4, 3x3) on CPUs (kernels/winograd.py): a quarter of
-the multiply-adds of the direct convolution, in a batch of 36 GEMMs.
+"""3x3 convolutions as Winograd GEMMs on CPUs (kernels/winograd.py): float32 ones as F(4x4, 3x3),
+a quarter of the direct convolution's multiply-adds in 36 GEMMs; bf16 and int8-weight ones, on a
+CPU that multiplies bf16 (AMX-BF16, AVX512-BF16), as F(2x2, 3x3) on the bf16 engine, 4/9 of them
+in 16 GEMMs (gemm_cpu's batched kernel; F(4x4)'s transforms amplify bf16 rounding 7x).
 
-    conv(x, W)  (3x3 or kt x 3 x 3, unit strides and dilation, one group, float32)
-      -> V = winograd_input(channels_last(x))          (36, tiles, kt * C_in)
+    conv(x, W)  (3x3 or kt x 3 x 3, unit strides and dilation, one group)
+      -> V = winograd_input(channels_last(x))          (points, tiles, kt * C_in)   float32 / bf16
          U = kron(G, G) @ W as (9, kt * C_in * C_out)   (weight-only: computed and packed at build time)
-         y = winograd_output(winograd_gemm(V, U))      (N, [frames,] H, W, C_out) channels-last
+         y = winograd_output(gemm(V, U))                (N, [frames,] H, W, C_out) channels-last, float32
 
-Taken where the CPU's matrix engines do not take the convolution first (conv_gemm: bf16, int8,
-float32 on AVX2-only CPUs), both channel counts are at least MIN_CHANNELS and the output at least
-one tile. With 16 channels the transforms cost about what the GEMM saves: taking the tiny VAE
-decoder's 16-channel convolutions too (75 instead of 45) built in 109 s instead of 34 and ran no
-faster (27.7 against 26.0 ms, 5 interleaved rounds on a Zen 4; each transform kernel is unrolled
-code, ~1 s of LLVM). As with conv_gemm,
-a model most of whose convolutions are taken goes channels-last first, and a zero `F.pad` in
-front of one becomes its own padding (the input transform reads zeros outside the input).
+An int8-weight convolution's U is computed from its int8 values and stored in bf16 (rounded: it is
+no longer integer), its per-channel scale still applied to the output; its weight then ships as
+16/9 x 2 bytes per weight instead of 1. The float32 ones are taken where the CPU's matrix engines
+do not take the convolution first (conv_gemm: float32 on AVX2-only CPUs), the engines' ones before
+conv_gemm, which takes what is left (1x1, strided, too few channels, w8a8's int8 rows). Both
+channel counts must be at least MIN_CHANNELS and the output at least one tile. With 16 channels
+the transforms cost about what the GEMM saves: taking the tiny VAE decoder's 16-channel
+convolutions too (75 instead of 45) built in 109 s instead of 34 and ran no faster (27.7 against
+26.0 ms, 5 interleaved rounds on a Zen 4; each transform kernel is unrolled code, ~1 s of LLVM).
+As with conv_gemm, a model most of whose convolutions are taken goes channels-last first, and a
+zero `F.pad` in front of one becomes its own padding (the input transform reads zeros outside the
+input).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from autotune.frontend.importer import ImportedModel
-from autotune.kernels import winograd
+from autotune.kernels import gemm_cpu, winograd
 from autotune.kernels.attention_cpu import vector_lanes
 from autotune.support import ir
 
@@ -38,6 +44,7 @@ from .conv_gemm import (
     channels_last_pays,
     to_channels_last,
 )
+from .matrix_engine import engine_precision
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +52,16 @@ MIN_CHANNELS = 32  # the tiny VAE decoder's 16-channel ones: no faster, 3x the b
 
 
 class WinogradRewriter:
-    """Rewrites one `main`; `count` says how many convolutions it took (of `seen`)."""
+    """Rewrites one `main`; `count` says how many convolutions it took (of `seen`). `engines`: take
+    the convolutions of the bf16 matrix engines' precisions (bf16, int8-weight: F(2x2) on the
+    engine), else the float32 ones (F(4x4))."""
 
-    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target, dry_run: bool = False):
+    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target, engines: bool = False, dry_run: bool = False):
         self.mod = mod
         self.lanes = vector_lanes(target)
+        engine = gemm_cpu.target_isa(target, gemm_cpu.BF16)
+        self.engine = engine if engines and engine in gemm_cpu.BF16_ARITHMETIC else None
+        self.engines = engines
         self.dry_run = dry_run
         self.seen = 0
         self.count = 0
@@ -67,11 +79,13 @@ class WinogradRewriter:
 
     def geometry(self, call: relax.Call):
         """(channels_last, x shape as (N, D, H, W, C), kt, pads before (D, H, W), output (Do, Ho, Wo),
-        C_out) where `call` is a convolution this pass takes, else None."""
+        C_out, tile m, the bf16 engine or None (float32)) where `call` is a convolution this pass
+        takes, else None."""
         x, w = call.args
-        if w not in self.weight_vars or ir.tensor_dtype(x) != "float32" or ir.tensor_dtype(w) != "float32":
+        precision = engine_precision(call)
+        if w not in self.weight_vars or precision not in (("bfloat16", "int8-weight") if self.engines else ("float32",)):
             return None
-        if str(call.attrs.out_dtype) not in ("float32", "void", ""):
+        if self.engines and self.engine is None:
             return None
         x_shape, y_shape = ir.static_shape(x.ty), ir.static_shape(call.ty)
         if x_shape is None or y_shape is None:
@@ -94,37 +108,48 @@ class WinogradRewriter:
         else:
             n, c_in, *spatial = x_shape
             out, c_out = y_shape[2:], y_shape[1]
-        if min(c_in, c_out) < MIN_CHANNELS or min(out[-2:]) < winograd.TILE:
+        tile = winograd.ENGINE_TILE if self.engine else winograd.TILE
+        if min(c_in, c_out) < MIN_CHANNELS or min(out[-2:]) < tile:
+            return None
+        if self.engine and gemm_cpu.isa_for_shape(self.engine, 1, c_out, kernel[0] * c_in if dims == 3 else c_in) is None:
             return None
         pads = [int(v) for v in a.padding][:dims]  # the befores (the afters: zeros past the input's end)
         if dims == 2:
             spatial, pads, out, kernel = [1, *spatial], [0, *pads], [1, *out], [1, *kernel]
-        return last, (n, *spatial, c_in), kernel[0], tuple(pads), tuple(out), c_out
+        return last, (n, *spatial, c_in), kernel[0], tuple(pads), tuple(out), c_out, tile, self.engine
 
-    def _winograd(self, call, last, x_shape, kt, pads, out, c_out) -> relax.Expr:
+    def _winograd(self, call, last, x_shape, kt, pads, out, c_out, tile, isa) -> relax.Expr:
         x, w = call.args
-        dims = len(ir.static_shape(x.ty)) - 2
+        dims, x_dtype = len(ir.static_shape(x.ty)) - 2, ir.tensor_dtype(x)
         n, c_in = x_shape[0], x_shape[-1]
         if not last:
             x = relax.op.permute_dims(x, [0, *range(2, dims + 2), 1])
         if dims == 2:
             x = relax.op.expand_dims(x, [1])
-        tiles = n * out[0] * winograd.tiles(out[1]) * winograd.tiles(out[2])
-        points = winograd.ALPHA * winograd.ALPHA
-        v = relax.call_tir(self._kernel("input", x_shape, kt, pads, out), [x],
-                           relax.TensorType([points, tiles, kt, c_in], "float32"))
-        v = relax.op.reshape(v, [points, tiles, kt * c_in])
+        tiles = n * out[0] * winograd.tiles(out[1], tile) * winograd.tiles(out[2], tile)
+        rows = gemm_cpu.padded_rows(isa, tiles) if isa else tiles
+        points, depth = winograd.points(tile), kt * c_in
+        v_dtype = "bfloat16" if isa else "float32"
+        v = relax.call_tir(self._kernel("input", x_shape, kt, pads, out, tile, x_dtype, v_dtype, rows), [x],
+                           relax.TensorType([points, rows, kt, c_in], v_dtype))
+        v = relax.op.reshape(v, [points, rows, depth])
         # W -> (3, 3, [kt,] C_in, C_out) -> (9, kt * C_in * C_out): the taps by rows, GEMM's (k, n) order after
         to_taps = ([1, 2, 3, 0] if dims == 2 else [2, 3, 1, 4, 0]) if last else ([2, 3, 1, 0] if dims == 2 else [3, 4, 2, 1, 0])
-        taps = relax.op.reshape(relax.op.permute_dims(w, to_taps), [9, kt * c_in * c_out])
-        u = relax.op.matmul(relax.const(winograd.weight_matrix()), taps)  # (36, kt C_in C_out)
-        # packed in panels of w output channels, (36, C_out / w, kt C_in, w): the GEMM's layout
-        w_ = winograd.panel_width(c_out, self.lanes)
-        u = relax.op.permute_dims(relax.op.reshape(u, [points, kt * c_in, c_out // w_, w_]), [0, 2, 1, 3])
-        m = relax.call_tir(self._kernel("gemm", tiles, kt * c_in, c_out), [v, u],
-                           relax.TensorType([points, tiles, c_out], "float32"))
+        taps = relax.op.reshape(relax.op.permute_dims(w, to_taps), [9, depth * c_out])
+        if ir.tensor_dtype(w) != "float32":  # bf16 or int8 (int8-weight: its scale multiplies the output)
+            taps = relax.op.astype(taps, "float32")
+        u = relax.op.matmul(relax.const(winograd.weight_matrix(tile)), taps)  # (points, kt C_in C_out)
+        if isa:  # bf16, gemm_cpu's packed layout (points, kt C_in / 2, C_out, 2)
+            g = gemm_cpu.group(isa)
+            u = relax.op.permute_dims(relax.op.reshape(u, [points, depth // g, g, c_out]), [0, 1, 3, 2])
+            u = relax.op.astype(u, "bfloat16")
+        else:  # packed in panels of w output channels, (36, C_out / w, kt C_in, w): the GEMM's layout
+            w_ = winograd.panel_width(c_out, self.lanes)
+            u = relax.op.permute_dims(relax.op.reshape(u, [points, depth, c_out // w_, w_]), [0, 2, 1, 3])
+        m = relax.call_tir(self._kernel("gemm", rows, depth, c_out, isa), [v, u],
+                           relax.TensorType([points, rows, c_out], "float32"))
         frames = out[0] if dims == 3 else None
-        y = relax.call_tir(self._kernel("output", (points, tiles, c_out), (n, frames, *out[1:])), [m],
+        y = relax.call_tir(self._kernel("output", (points, rows, c_out), (n, frames, *out[1:]), tile), [m],
                            relax.TensorType([n, *out[3 - dims:], c_out], "float32"))
         return y if last else relax.op.permute_dims(y, [0, dims + 1, *range(1, dims + 1)])
 
@@ -132,16 +157,22 @@ class WinogradRewriter:
         key = (which, *geometry)
         if key not in self.kernels:
             if which == "gemm":
-                func = winograd.make_gemm_primfunc(*geometry, self.lanes)
-                name = f"winograd_gemm_{'x'.join(map(str, geometry))}"
+                rows, depth, c_out, isa = geometry
+                if isa:
+                    points = winograd.points(winograd.ENGINE_TILE)
+                    func = gemm_cpu.make_primfunc(rows, c_out, depth, isa, batch=points)
+                    name = gemm_cpu.kernel_name(rows, c_out, depth, isa, batch=points)
+                else:
+                    func = winograd.make_gemm_primfunc(rows, depth, c_out, self.lanes)
+                    name = f"winograd_gemm_{rows}x{depth}x{c_out}"
             elif which == "input":
-                x_shape, kt, pads, out = geometry
-                func = winograd.make_input_primfunc(x_shape, kt, pads, out, self.lanes)
-                name = f"winograd_input_{'x'.join(map(str, x_shape))}_k{kt}"
+                x_shape, kt, pads, out, tile, x_dtype, v_dtype, rows = geometry
+                func = winograd.make_input_primfunc(x_shape, kt, pads, out, self.lanes, tile, x_dtype, v_dtype, rows)
+                name = f"winograd_input_{'x'.join(map(str, x_shape))}_k{kt}_m{tile}"
             else:
-                m_shape, out = geometry
-                func = winograd.make_output_primfunc(m_shape, out, self.lanes)
-                name = f"winograd_output_{'x'.join(str(v) for v in (*out, m_shape[-1]) if v is not None)}"
+                m_shape, out, tile = geometry
+                func = winograd.make_output_primfunc(m_shape, out, self.lanes, tile)
+                name = f"winograd_output_{'x'.join(str(v) for v in (*out, m_shape[-1]) if v is not None)}_m{tile}"
             self.kernels[key] = self.builder.add_func(func, name)
         return self.kernels[key]
 
@@ -153,22 +184,32 @@ class WinogradRewriter:
         return relax.transform.Normalize()(mod)
 
 
-def convolutions_as_winograd(imported: ImportedModel, target: tvm.target.Target) -> tuple[ImportedModel, int]:
-    """Rewrite the float32 3x3 convolutions this pass takes (module docstring) on a CPU target.
-    Run it after conv_gemm and before the weight transforms are precomputed. Returns (model, how many)."""
+def convolutions_as_winograd(imported: ImportedModel, target: tvm.target.Target,
+                             engines: bool = False) -> tuple[ImportedModel, int]:
+    """Rewrite the 3x3 convolutions this pass takes (module docstring) on a CPU target: the float32
+    ones (run after conv_gemm, before the weight transforms are precomputed), or with `engines` the
+    bf16 and int8-weight ones on a CPU that multiplies bf16 (run before conv_gemm, which takes the
+    rest). Returns (model, how many)."""
     if target.kind.name != "llvm":
         return imported, 0
-    dry = WinogradRewriter(imported.mod, target, dry_run=True)
+    dry = WinogradRewriter(imported.mod, target, engines, dry_run=True)
+    if engines and dry.engine is None:
+        return imported, 0
     dry.rewrite()
     if not dry.count:
         return imported, 0
     channels_last = channels_last_pays(dry.count, dry.seen)
     main, unpadded = pads_into_convolutions(imported.mod["main"], only=lambda conv: dry.geometry(conv) is not None)
     mod = ir.replace_main(imported.mod, main)
-    rewriter = WinogradRewriter(to_channels_last(mod) if channels_last else mod, target)
+    rewriter = WinogradRewriter(to_channels_last(mod) if channels_last else mod, target, engines)
     mod = rewriter.rewrite()
     log.info("winograd: %d convolutions", rewriter.count)
-    note = f"{rewriter.count} 3x3 convolutions as Winograd F(4x4, 3x3): 36 GEMMs of a quarter of the multiply-adds"
+    if engines:
+        engine = gemm_cpu.ENGINE_NAMES[rewriter.engine]
+        note = (f"{rewriter.count} 3x3 convolutions as Winograd F(2x2, 3x3) on {engine}: 16 GEMMs of 4/9 of the "
+                "multiply-adds, transformed inputs and weights in bf16")
+    else:
+        note = f"{rewriter.count} 3x3 convolutions as Winograd F(4x4, 3x3): 36 GEMMs of a quarter of the multiply-adds"
     if unpadded:
         note += f", {unpadded} of them zero-padding their input as they transform it"
     if channels_last:

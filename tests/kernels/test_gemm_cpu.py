@@ -149,6 +149,46 @@ def test_avx2_fma_gemm_matches_numpy(m, n, k, isa):
     _assert_close(_run(lib, a.astype(np.float32), b, (m, n)), ref)
 
 
+@pytest.mark.parametrize(
+    "isa, m, n, k",
+    [
+        (gemm.AVX512, 30, 48, 96),  # aligned register tiles
+        (gemm.AVX512_W8, 17, 16, 40),  # ragged rows; one column panel converted per task
+        (gemm.AVX512, 8, 32, 5200),  # a reduction split into partial products
+        (gemm.VNNI, 30, 32, 128),
+        (gemm.AVX2_BF16, 17, 24, 38),
+        (gemm.AMX, 64, 64, 96),
+    ],
+)
+def test_batched_gemm_multiplies_each_batch_by_its_own_weight(request, isa, m, n, k):
+    """`batch` independent products, each with its own weight (the Winograd points' GEMMs), against
+    numpy per batch (int8: exactly; bf16: to float32 rounding)."""
+    batch = 3
+    if isa == gemm.AVX2_BF16:
+        target = resolve_target("x86-avx2").tvm_target()
+    else:
+        fixture = {gemm.VNNI: "vnni_target", gemm.AMX: "amx_target"}.get(isa, "dpbf16_target")
+        target = request.getfixturevalue(fixture)[0]
+    if gemm.PRECISION[isa] == gemm.INT8:
+        operands = [_int8_operands(m, n, k, seed) for seed in range(batch)]
+    else:
+        operands = [_operands(m, n, k, seed, int8_weights=isa == gemm.AVX512_W8) for seed in range(batch)]
+    a = np.stack([op[0] for op in operands])
+    if gemm.activation_dtype(isa) == "float32":  # the FMA engine: bf16 values held in float32
+        a = a.astype(np.float32)
+    packed = np.stack([gemm.pack_weight(op[1], gemm.group(isa)) for op in operands])
+    ref = np.stack([op[2] for op in operands])
+    lib = gemm.compile_standalone(m, n, k, isa, target, batch=batch)
+    dev = tvm.cpu()
+    fill = (-1, "int32") if gemm.PRECISION[isa] == gemm.INT8 else (np.nan, "float32")
+    c = tvm.runtime.tensor(np.full((batch, m, n), *fill), dev)
+    lib["main"](tvm.runtime.tensor(a, dev), tvm.runtime.tensor(packed, dev), c)
+    if gemm.PRECISION[isa] == gemm.INT8:
+        np.testing.assert_array_equal(c.numpy(), ref)
+    else:
+        _assert_close(c.numpy(), ref)
+
+
 def test_a_short_reductions_weight_panel_converts_in_a_loop():
     """A VAE convolution's K = 288 is under the task's auto-unroll limit: unrolled, the panel's
     conversion was 288 copies of the int8 -> float32 widening in the LLVM IR (17k lines, 2.4 s of
