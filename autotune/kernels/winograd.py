@@ -52,6 +52,8 @@ GEMM_ATTR = "autotune_winograd_gemm"  # PrimFunc attribute of the GEMMs (`is_gem
 MAX_TILE = (6, 4)  # the GEMM's register tile: the most rows (<= 6) and vectors (<= 4) that divide its shape
 RULE_NAME = "autotune_winograd"  # s_tir.meta_schedule.cpu.<name>; part of recorded traces
 LANES_ATTR = "autotune_winograd_lanes"  # block annotation: the vector width its schedule uses
+QUANTIZED = ("uint8", "int8")  # V dtypes quantized per (point, tile) row, a scale each (w8a8)
+QUANT_BLOCKS = ("amax", "scale", "quantize")  # token_quant.quantized_rows' stages, in order
 TILE_ATTR = "autotune_winograd_tile"  # block annotation of the output transform: its m (its schedule splits by it)
 
 
@@ -127,26 +129,45 @@ def make_input_primfunc(x_shape: tuple[int, ...], kt: int, pads: tuple[int, int,
         for xi in range(alpha):  # separable: rows first (B^T d), then columns (. B)
             row = [_linear(b[:, xi], [d[p, dt, i, j, c] for i in range(alpha)]) for j in range(alpha)]
             values += [_linear(b[:, nu], row) for nu in range(alpha)]
-        return _select(t, values).astype(v_dtype)
+        value = _select(t, values)
+        return value if v_dtype in QUANTIZED else value.astype(v_dtype)
 
     V = te.compute(_int64((alpha * alpha, rows, kt, c_)), body, name=INPUT_BLOCK)
-    return _annotated(te.create_prim_func([X, V]), INPUT_BLOCK, _lanes(c_, lanes))
+    if v_dtype not in QUANTIZED:
+        return _annotated(te.create_prim_func([X, V]), INPUT_BLOCK, _lanes(c_, lanes))
+    from .token_quant import quantized_rows
+
+    VQ, SV = quantized_rows(lambda t, p, dt, c: V[t, p, dt, c], V.shape[:2], V.shape[2:], v_dtype)
+    return _annotated(te.create_prim_func([X, VQ, SV]), INPUT_BLOCK, _lanes(c_, lanes))
 
 
-def make_output_primfunc(m_shape: tuple[int, int, int], out: tuple[int, int, int, int], lanes: int, tile: int = TILE):
+def make_output_primfunc(m_shape: tuple[int, int, int], out: tuple[int, int, int, int], lanes: int, tile: int = TILE,
+                         quantized: bool = False):
     """M (points, rows, K) float32 -> Y (N, Do, Ho, Wo, K): the output tiles transformed back; Y is
     (N, Ho, Wo, K) where Do is None (a 2-D convolution: no frame axis for a bias add to fuse past).
-    M may have more rows than tiles (`make_input_primfunc`'s rows): they are not read."""
-    _, _, k_ = m_shape
+    M may have more rows than tiles (`make_input_primfunc`'s rows): they are not read.
+    `quantized`: M is the int32 product of quantized V and U, dequantized as it is read,
+    (M - OFF[t, k]) * SV[t, p] * SU[t, k], from the inputs (M, SV (points, rows, 1), SU (points, K),
+    OFF (points, K) int32: 128 x U's column sums where V was shifted to uint8, else 0)."""
+    _, rows_, k_ = m_shape
     n_, do_, ho_, wo_ = out
     nh, nw = tiles(ho_, tile), tiles(wo_, tile)
     alpha = tile + KERNEL - 1
     a, _, _ = transform_matrices(tile)
-    M = te.placeholder(_int64(m_shape), "float32", name="M")
+    M = te.placeholder(_int64(m_shape), "int32" if quantized else "float32", name="M")
+    if quantized:
+        SV = te.placeholder(_int64((alpha * alpha, rows_, 1)), "float32", name="SV")
+        SU = te.placeholder(_int64((alpha * alpha, k_)), "float32", name="SU")
+        OFF = te.placeholder(_int64((alpha * alpha, k_)), "int32", name="OFF")
+
+    def product(t, p, k):
+        if not quantized:
+            return M[t, p, k]
+        return (M[t, p, k] - OFF[t, k]).astype("float32") * SV[t, p, 0] * SU[t, k]
 
     def body(n, f, h, w, k):
         p = ((n * (do_ or 1) + f) * nh + h // tile) * nw + w // tile
-        values = [[M[xi * alpha + nu, p, k] for nu in range(alpha)] for xi in range(alpha)]
+        values = [[product(xi * alpha + nu, p, k) for nu in range(alpha)] for xi in range(alpha)]
         rows = []
         for i in range(tile):
             row = [_linear(a[:, i], [values[xi][nu] for xi in range(alpha)]) for nu in range(alpha)]
@@ -157,7 +178,8 @@ def make_output_primfunc(m_shape: tuple[int, int, int], out: tuple[int, int, int
         Y = te.compute(_int64((n_, ho_, wo_, k_)), lambda n, h, w, k: body(n, 0, h, w, k), name=OUTPUT_BLOCK)
     else:
         Y = te.compute(_int64((n_, do_, ho_, wo_, k_)), body, name=OUTPUT_BLOCK)
-    return _annotated(te.create_prim_func([M, Y]), OUTPUT_BLOCK, _lanes(k_, lanes), tile)
+    inputs = [M, SV, SU, OFF] if quantized else [M]
+    return _annotated(te.create_prim_func([*inputs, Y]), OUTPUT_BLOCK, _lanes(k_, lanes), tile)
 
 
 def make_gemm_primfunc(rows: int, depth: int, cols: int, lanes: int):
@@ -212,8 +234,9 @@ def _annotated(func, block: str, width: int, tile: int | None = None):
     sch.annotate(sch.get_sblock(block), LANES_ATTR, width)
     if tile is not None:
         sch.annotate(sch.get_sblock(block), TILE_ATTR, tile)
-    if block == INPUT_BLOCK:
-        sch.annotate(sch.get_sblock(TILE_BLOCK), "schedule_rule", "None")  # placed by the transform's rule
+    if block == INPUT_BLOCK:  # the others are placed by the transform's rule
+        for name in (TILE_BLOCK, *(QUANT_BLOCKS if _has_block(sch, QUANT_BLOCKS[-1]) else ())):
+            sch.annotate(sch.get_sblock(name), "schedule_rule", "None")
     # OutEWiseFusable: FuseOps may append elementwise consumers (a bias) but puts it in no reduction
     return sch.mod["main"].with_attr("op_pattern", 4)
 
@@ -228,20 +251,14 @@ def apply_schedule(sch, block) -> None:
     loops = sch.get_loops(block)
     if name == GEMM_BLOCK:
         _schedule_gemm(sch, block, width)
+    elif name == INPUT_BLOCK and _has_block(sch, QUANT_BLOCKS[-1]):
+        _schedule_quantizing_input(sch, block, width)
     elif name == INPUT_BLOCK:
         t, p, dt, c = loops
         co, ci = sch.split(c, [None, width])
         sch.reorder(p, dt, co, t, ci)
         sch.parallel(p)
-        sch.unroll(t)
-        sch.vectorize(ci)
-        tile = sch.get_sblock(TILE_BLOCK)  # one tile's vector of channels at a time, on the stack
-        sch.compute_at(tile, co)
-        sch.set_scope(tile, 0, "local")
-        *_, i, j, c = sch.get_loops(tile)
-        sch.unroll(i)
-        sch.unroll(j)
-        sch.vectorize(c)
+        _transform_tile(sch, t, co, ci)
     else:
         tile = int(sch.get(block).annotations[TILE_ATTR])
         *lead, h, w, k = loops  # (n, [f,] h, w, k)
@@ -253,6 +270,44 @@ def apply_schedule(sch, block) -> None:
         sch.unroll(hi)
         sch.unroll(wi)
         sch.vectorize(ki)
+
+
+def _transform_tile(sch, t, co, ci) -> None:
+    """The input transform's points `t` unrolled (the Selects fold), channels `ci` in a vector, one
+    tile's vector of channels gathered on the stack at `co`."""
+    sch.unroll(t)
+    sch.vectorize(ci)
+    tile = sch.get_sblock(TILE_BLOCK)
+    sch.compute_at(tile, co)
+    sch.set_scope(tile, 0, "local")
+    *_, i, j, c = sch.get_loops(tile)
+    sch.unroll(i)
+    sch.unroll(j)
+    sch.vectorize(c)
+
+
+def _schedule_quantizing_input(sch, block, width: int) -> None:
+    """w8a8: per tile (in parallel), its points' float32 values on the stack (points x kt x C), each
+    point's row maximum as `width` partial maxima in a vector, then the row quantized (token_quant's
+    stages, kernels/token_quant.py)."""
+    *_, channels = sch.get_loops(sch.get_sblock(QUANT_BLOCKS[0]))
+    _, lane = sch.split(channels, [None, width])
+    partials = sch.rfactor(lane, 0)  # (before the moves below: rfactor wants the reduction's loops to itself)
+    t, p, dt, c = sch.get_loops(block)
+    sch.reorder(p, t, dt, c)
+    sch.parallel(p)
+    for b in (partials, *(sch.get_sblock(name) for name in QUANT_BLOCKS)):  # (scales, values: outputs)
+        sch.reverse_compute_at(b, p)
+    lane, *others = sch.get_loops(partials)[1:]  # (under p: the partial maxima's lane first)
+    sch.reorder(*others, lane)
+    sch.vectorize(lane)
+    sch.set_scope(block, 0, "local")
+    co, ci = sch.split(c, [None, width])
+    sch.reorder(dt, co, t, ci)
+    _transform_tile(sch, t, co, ci)
+    *_, channels = sch.get_loops(sch.get_sblock(QUANT_BLOCKS[-1]))
+    _, vector = sch.split(channels, [None, width])
+    sch.vectorize(vector)
 
 
 def _schedule_gemm(sch, block, width: int) -> None:
@@ -282,6 +337,10 @@ def _schedule_gemm(sch, block, width: int) -> None:
 
 def _largest_divisor(n: int, most: int) -> int:
     return max(d for d in range(1, most + 1) if n % d == 0)
+
+
+def _has_block(sch, name: str) -> bool:
+    return any(sch.get(b).name_hint == name for b in sch.get_child_blocks(sch.get_sblock("root")))
 
 
 def _lanes(channels: int, lanes: int) -> int:

@@ -71,10 +71,9 @@ def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None) ->
             return unchanged, {**info, "weight_bytes_after": unchanged.weight_bytes()}
         quantized = drop_causal_padding_in(quantized)
         if quantize_mode in ("bf16", "int8-weight", "w8a8") and target.kind.name == "llvm":
-            winograd = 0
-            if quantize_mode != "w8a8":  # (w8a8's convolutions: int8 rows, conv_gemm)
-                quantized, winograd = convolutions_as_winograd(quantized, target, engines=True)
-            quantized, moved = _onto_matrix_engines(quantized, target, int8_activations=quantize_mode == "w8a8")
+            int8_activations = quantize_mode == "w8a8"
+            quantized, winograd = convolutions_as_winograd(quantized, target, engines=True, int8_activations=int8_activations)
+            quantized, moved = _onto_matrix_engines(quantized, target, int8_activations=int8_activations)
             if winograd:
                 moved["winograd"] = winograd
                 if "matrix_engine" not in moved:  # (else its weight packing precomputed the transforms too)

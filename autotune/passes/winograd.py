@@ -1,7 +1,11 @@
 """3x3 convolutions as Winograd GEMMs on CPUs (kernels/winograd.py): float32 ones as F(4x4, 3x3),
 a quarter of the direct convolution's multiply-adds in 36 GEMMs; bf16 and int8-weight ones, on a
 CPU that multiplies bf16 (AMX-BF16, AVX512-BF16), as F(2x2, 3x3) on the bf16 engine, 4/9 of them
-in 16 GEMMs (gemm_cpu's batched kernel; F(4x4)'s transforms amplify bf16 rounding 7x).
+in 16 GEMMs (gemm_cpu's batched kernel; F(4x4)'s transforms amplify bf16 rounding 7x); w8a8's on
+the int8 engine (VNNI, AMX-INT8), F(2x2, 3x3) on int8: the input transform quantizes V per
+(point, tile) row, U is quantized per (point, output channel) at build time, the output transform
+dequantizes the int32 product (F(4x4) on int8: 4x the error; F(2x2) ~1.2x the im2col w8a8's
+relative RMS error in a numpy model, 128 channels).
 
     conv(x, W)  (3x3 or kt x 3 x 3, unit strides and dilation, one group)
       -> V = winograd_input(channels_last(x))          (points, tiles, kt * C_in)   float32 / bf16
@@ -10,7 +14,7 @@ in 16 GEMMs (gemm_cpu's batched kernel; F(4x4)'s transforms amplify bf16 roundin
 
 An int8-weight convolution's U is computed from its int8 values and stored in bf16 (rounded: it is
 no longer integer), its per-channel scale still applied to the output; its weight then ships as
-16/9 x 2 bytes per weight instead of 1. The float32 ones are taken where the CPU's matrix engines
+16/9 x 2 bytes per weight instead of 1 (w8a8's U: 16/9 bytes, int8). The float32 ones are taken where the CPU's matrix engines
 do not take the convolution first (conv_gemm: float32 on AVX2-only CPUs), the engines' ones before
 conv_gemm, which takes what is left (1x1, strided, too few channels, w8a8's int8 rows). Both
 channel counts must be at least MIN_CHANNELS and the output at least one tile. With 16 channels
@@ -32,7 +36,7 @@ from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from autotune.frontend.importer import ImportedModel
-from autotune.kernels import gemm_cpu, winograd
+from autotune.kernels import gemm_cpu, token_quant, winograd
 from autotune.kernels.attention_cpu import vector_lanes
 from autotune.support import ir
 
@@ -52,15 +56,21 @@ MIN_CHANNELS = 32  # the tiny VAE decoder's 16-channel ones: no faster, 3x the b
 
 
 class WinogradRewriter:
-    """Rewrites one `main`; `count` says how many convolutions it took (of `seen`). `engines`: take
-    the convolutions of the bf16 matrix engines' precisions (bf16, int8-weight: F(2x2) on the
-    engine), else the float32 ones (F(4x4))."""
+    """Rewrites one `main`; `count` says how many convolutions it took (of `seen`, `quantized` of
+    them on int8). `engines`: take the convolutions of the matrix engines' precisions (bf16,
+    int8-weight: F(2x2) on the bf16 engine; with `int8_activations` (w8a8) on the int8 engine where
+    it takes them), else the float32 ones (F(4x4))."""
 
-    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target, engines: bool = False, dry_run: bool = False):
+    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target, engines: bool = False,
+                 int8_activations: bool = False, dry_run: bool = False):
         self.mod = mod
         self.lanes = vector_lanes(target)
         engine = gemm_cpu.target_isa(target, gemm_cpu.BF16)
         self.engine = engine if engines and engine in gemm_cpu.BF16_ARITHMETIC else None
+        int8 = gemm_cpu.target_isa(target, gemm_cpu.INT8)  # (unsigned x signed engines: VNNI, AMX-INT8)
+        unsigned = int8 is not None and gemm_cpu.activation_dtype(int8) == "uint8"
+        self.int8 = int8 if engines and int8_activations and unsigned else None
+        self.quantized = 0
         self.engines = engines
         self.dry_run = dry_run
         self.seen = 0
@@ -85,7 +95,7 @@ class WinogradRewriter:
         precision = engine_precision(call)
         if w not in self.weight_vars or precision not in (("bfloat16", "int8-weight") if self.engines else ("float32",)):
             return None
-        if self.engines and self.engine is None:
+        if self.engines and self.engine is None and self.int8 is None:
             return None
         x_shape, y_shape = ir.static_shape(x.ty), ir.static_shape(call.ty)
         if x_shape is None or y_shape is None:
@@ -108,15 +118,20 @@ class WinogradRewriter:
         else:
             n, c_in, *spatial = x_shape
             out, c_out = y_shape[2:], y_shape[1]
-        tile = winograd.ENGINE_TILE if self.engine else winograd.TILE
+        tile = winograd.ENGINE_TILE if self.engines else winograd.TILE
         if min(c_in, c_out) < MIN_CHANNELS or min(out[-2:]) < tile:
             return None
-        if self.engine and gemm_cpu.isa_for_shape(self.engine, 1, c_out, kernel[0] * c_in if dims == 3 else c_in) is None:
-            return None
+        depth = (kernel[0] if dims == 3 else 1) * c_in
+        isa = None
+        if self.engines:  # w8a8's int8 engine, else the bf16 engine, where it takes the shape
+            isa = gemm_cpu.isa_for_shape(self.int8, 1, c_out, depth) if precision == "int8-weight" else None
+            isa = isa or gemm_cpu.isa_for_shape(self.engine, 1, c_out, depth)
+            if isa is None:
+                return None
         pads = [int(v) for v in a.padding][:dims]  # the befores (the afters: zeros past the input's end)
         if dims == 2:
             spatial, pads, out, kernel = [1, *spatial], [0, *pads], [1, *out], [1, *kernel]
-        return last, (n, *spatial, c_in), kernel[0], tuple(pads), tuple(out), c_out, tile, self.engine
+        return last, (n, *spatial, c_in), kernel[0], tuple(pads), tuple(out), c_out, tile, isa
 
     def _winograd(self, call, last, x_shape, kt, pads, out, c_out, tile, isa) -> relax.Expr:
         x, w = call.args
@@ -129,27 +144,36 @@ class WinogradRewriter:
         tiles = n * out[0] * winograd.tiles(out[1], tile) * winograd.tiles(out[2], tile)
         rows = gemm_cpu.padded_rows(isa, tiles) if isa else tiles
         points, depth = winograd.points(tile), kt * c_in
-        v_dtype = "bfloat16" if isa else "float32"
+        quantized = isa is not None and gemm_cpu.PRECISION[isa] == gemm_cpu.INT8
+        v_dtype = gemm_cpu.activation_dtype(isa) if isa else "float32"
+        v_type = relax.TensorType([points, rows, kt, c_in], v_dtype)
         v = relax.call_tir(self._kernel("input", x_shape, kt, pads, out, tile, x_dtype, v_dtype, rows), [x],
-                           relax.TensorType([points, rows, kt, c_in], v_dtype))
+                           [v_type, relax.TensorType([points, rows, 1], "float32")] if quantized else v_type)
+        if quantized:
+            v, row_scales = relax.TupleGetItem(v, 0), relax.TupleGetItem(v, 1)
         v = relax.op.reshape(v, [points, rows, depth])
         # W -> (3, 3, [kt,] C_in, C_out) -> (9, kt * C_in * C_out): the taps by rows, GEMM's (k, n) order after
         to_taps = ([1, 2, 3, 0] if dims == 2 else [2, 3, 1, 4, 0]) if last else ([2, 3, 1, 0] if dims == 2 else [3, 4, 2, 1, 0])
         taps = relax.op.reshape(relax.op.permute_dims(w, to_taps), [9, depth * c_out])
         if ir.tensor_dtype(w) != "float32":  # bf16 or int8 (int8-weight: its scale multiplies the output)
             taps = relax.op.astype(taps, "float32")
-        u = relax.op.matmul(relax.const(winograd.weight_matrix(tile)), taps)  # (points, kt C_in C_out)
-        if isa:  # bf16, gemm_cpu's packed layout (points, kt C_in / 2, C_out, 2)
-            g = gemm_cpu.group(isa)
-            u = relax.op.permute_dims(relax.op.reshape(u, [points, depth // g, g, c_out]), [0, 1, 3, 2])
-            u = relax.op.astype(u, "bfloat16")
+        u = relax.op.reshape(relax.op.matmul(relax.const(winograd.weight_matrix(tile)), taps), [points, depth, c_out])
+        m_type = relax.TensorType([points, rows, c_out], "int32" if quantized else "float32")
+        if quantized:
+            u, u_scales, shift = _quantized_columns(u)
+            packed = _packed(u, points, depth, c_out, gemm_cpu.group(isa))
+            m = relax.call_tir(self._kernel("gemm", rows, depth, c_out, isa), [v, packed], m_type)
+            inputs = [m, row_scales, u_scales, shift]
+            self.quantized += 1
+        elif isa:  # bf16, gemm_cpu's packed layout (points, kt C_in / 2, C_out, 2)
+            packed = relax.op.astype(_packed(u, points, depth, c_out, gemm_cpu.group(isa)), "bfloat16")
+            inputs = [relax.call_tir(self._kernel("gemm", rows, depth, c_out, isa), [v, packed], m_type)]
         else:  # packed in panels of w output channels, (36, C_out / w, kt C_in, w): the GEMM's layout
             w_ = winograd.panel_width(c_out, self.lanes)
-            u = relax.op.permute_dims(relax.op.reshape(u, [points, depth, c_out // w_, w_]), [0, 2, 1, 3])
-        m = relax.call_tir(self._kernel("gemm", rows, depth, c_out, isa), [v, u],
-                           relax.TensorType([points, rows, c_out], "float32"))
+            packed = relax.op.permute_dims(relax.op.reshape(u, [points, depth, c_out // w_, w_]), [0, 2, 1, 3])
+            inputs = [relax.call_tir(self._kernel("gemm", rows, depth, c_out, isa), [v, packed], m_type)]
         frames = out[0] if dims == 3 else None
-        y = relax.call_tir(self._kernel("output", (points, rows, c_out), (n, frames, *out[1:]), tile), [m],
+        y = relax.call_tir(self._kernel("output", (points, rows, c_out), (n, frames, *out[1:]), tile, quantized), inputs,
                            relax.TensorType([n, *out[3 - dims:], c_out], "float32"))
         return y if last else relax.op.permute_dims(y, [0, dims + 1, *range(1, dims + 1)])
 
@@ -170,8 +194,8 @@ class WinogradRewriter:
                 func = winograd.make_input_primfunc(x_shape, kt, pads, out, self.lanes, tile, x_dtype, v_dtype, rows)
                 name = f"winograd_input_{'x'.join(map(str, x_shape))}_k{kt}_m{tile}"
             else:
-                m_shape, out, tile = geometry
-                func = winograd.make_output_primfunc(m_shape, out, self.lanes, tile)
+                m_shape, out, tile, quantized = geometry
+                func = winograd.make_output_primfunc(m_shape, out, self.lanes, tile, quantized)
                 name = f"winograd_output_{'x'.join(str(v) for v in (*out, m_shape[-1]) if v is not None)}_m{tile}"
             self.kernels[key] = self.builder.add_func(func, name)
         return self.kernels[key]
@@ -184,16 +208,35 @@ class WinogradRewriter:
         return relax.transform.Normalize()(mod)
 
 
-def convolutions_as_winograd(imported: ImportedModel, target: tvm.target.Target,
-                             engines: bool = False) -> tuple[ImportedModel, int]:
+def _packed(u: relax.Expr, points: int, depth: int, c_out: int, group: int) -> relax.Expr:
+    """U (points, depth, C_out) -> gemm_cpu's packed layout (points, depth / g, C_out, g)."""
+    return relax.op.permute_dims(relax.op.reshape(u, [points, depth // group, group, c_out]), [0, 1, 3, 2])
+
+
+def _quantized_columns(u: relax.Expr) -> tuple[relax.Expr, relax.Expr, relax.Expr]:
+    """U (points, depth, C_out) float32 -> (int8 U quantized per (point, output channel) as
+    token_quant quantizes a row, the scales (points, C_out), 128 x the int8 column sums (points,
+    C_out) int32: the uint8 shift of V taken back out of the product). Weight-only: build time."""
+    amax = relax.op.max(relax.op.abs(u), axis=[1], keepdims=True)
+    scales = relax.op.divide(relax.op.maximum(amax, relax.const(token_quant.MIN_SCALE, "float32")),
+                             relax.const(token_quant.INT8_MAX, "float32"))
+    limit = token_quant.INT8_MAX
+    q = relax.op.astype(relax.op.clip(relax.op.round(relax.op.divide(u, scales)), -limit, limit), "int8")
+    shift = relax.op.multiply(relax.op.sum(relax.op.astype(q, "int32"), axis=[1]), relax.const(128, "int32"))
+    return q, relax.op.squeeze(scales, [1]), shift
+
+
+def convolutions_as_winograd(imported: ImportedModel, target: tvm.target.Target, engines: bool = False,
+                             int8_activations: bool = False) -> tuple[ImportedModel, int]:
     """Rewrite the 3x3 convolutions this pass takes (module docstring) on a CPU target: the float32
     ones (run after conv_gemm, before the weight transforms are precomputed), or with `engines` the
-    bf16 and int8-weight ones on a CPU that multiplies bf16 (run before conv_gemm, which takes the
-    rest). Returns (model, how many)."""
+    bf16 and int8-weight ones on a CPU that multiplies bf16 (w8a8's, `int8_activations`, on the
+    int8 engine where it takes them) (run before conv_gemm, which takes the rest). Returns (model,
+    how many)."""
     if target.kind.name != "llvm":
         return imported, 0
-    dry = WinogradRewriter(imported.mod, target, engines, dry_run=True)
-    if engines and dry.engine is None:
+    dry = WinogradRewriter(imported.mod, target, engines, int8_activations, dry_run=True)
+    if engines and dry.engine is None and dry.int8 is None:
         return imported, 0
     dry.rewrite()
     if not dry.count:
@@ -201,13 +244,16 @@ def convolutions_as_winograd(imported: ImportedModel, target: tvm.target.Target,
     channels_last = channels_last_pays(dry.count, dry.seen)
     main, unpadded = pads_into_convolutions(imported.mod["main"], only=lambda conv: dry.geometry(conv) is not None)
     mod = ir.replace_main(imported.mod, main)
-    rewriter = WinogradRewriter(to_channels_last(mod) if channels_last else mod, target, engines)
+    rewriter = WinogradRewriter(to_channels_last(mod) if channels_last else mod, target, engines, int8_activations)
     mod = rewriter.rewrite()
     log.info("winograd: %d convolutions", rewriter.count)
     if engines:
-        engine = gemm_cpu.ENGINE_NAMES[rewriter.engine]
-        note = (f"{rewriter.count} 3x3 convolutions as Winograd F(2x2, 3x3) on {engine}: 16 GEMMs of 4/9 of the "
-                "multiply-adds, transformed inputs and weights in bf16")
+        note = f"{rewriter.count} 3x3 convolutions as Winograd F(2x2, 3x3): 16 GEMMs of 4/9 of the multiply-adds"
+        if rewriter.count > rewriter.quantized:
+            note += f"; on {gemm_cpu.ENGINE_NAMES[rewriter.engine]}, transformed inputs and weights in bf16"
+        if rewriter.quantized:
+            note += (f"; {rewriter.quantized} of them on {gemm_cpu.ENGINE_NAMES[rewriter.int8]}, transformed inputs "
+                     "quantized per (point, tile), weights per (point, output channel)")
     else:
         note = f"{rewriter.count} 3x3 convolutions as Winograd F(4x4, 3x3): 36 GEMMs of a quarter of the multiply-adds"
     if unpadded:

@@ -236,9 +236,9 @@ def test_float32_3x3_convolutions_become_winograd_gemms_and_match_torch(tmp_path
     assert max_abs_diff(out, ref) < TOL * max(1.0, float(np.abs(ref).max()))
 
 
-# Against the float32 model, VaeLikeConvolutions' bf16 Winograd builds agree to a cosine of
-# 0.99998 (bf16) and 0.99996 (int8-weight) on a Zen 4.
-WINOGRAD_MIN_COSINE = {"bf16": 0.9998, "int8-weight": 0.9995}
+# Against the float32 model, VaeLikeConvolutions' Winograd builds agree to a cosine of 0.99998
+# (bf16), 0.99996 (int8-weight) and 0.99982 (w8a8) on a Zen 4.
+WINOGRAD_MIN_COSINE = {"bf16": 0.9998, "int8-weight": 0.9995, "w8a8": 0.999}
 
 
 @pytest.mark.parametrize("mode", ["bf16", "int8-weight"])
@@ -251,7 +251,7 @@ def test_bf16_engine_3x3_convolutions_become_winograd_gemms_on_the_engine(mode):
     module, x = VaeLikeConvolutions().eval(), torch.randn(1, 32, 3, 11, 13)
     prepared, info = prepare_model(from_torch(module, {"x": x}), resolve_target("x86-avx512-bf16"), mode)
     assert info["winograd"] == 2
-    assert any("2 3x3 convolutions as Winograd F(2x2, 3x3) on AVX512-BF16" in note for note in prepared.notes)
+    assert any("2 3x3 convolutions as Winograd F(2x2, 3x3)" in note and "on AVX512-BF16" in note for note in prepared.notes)
     names = prim_funcs(prepared.mod)
     assert sum(name.startswith("winograd_input") and name.endswith("_m2") for name in names) == 2
     # the video conv (3 frames, 11 x 13 -> 6 x 7 tiles: 126 rows): 16 points x 126 x 32 x (3 x 48)
@@ -260,10 +260,26 @@ def test_bf16_engine_3x3_convolutions_become_winograd_gemms_on_the_engine(mode):
     assert any(w.shape == (16, 72, 32, 2) and str(w.dtype) == "bfloat16" for w in prepared.weights.values())
 
 
-@pytest.mark.skipif("avx512_bf16" not in hardware.cpu_flags(), reason="CPU has no AVX512-BF16 to run the engine on")
-@pytest.mark.parametrize("mode", ["bf16", "int8-weight"])
+def test_w8a8_3x3_convolutions_become_winograd_gemms_on_the_int8_engine():
+    """w8a8 for a CPU with VNNI: the same two convolutions on gemm_cpu's batched VNNI kernel, V
+    quantized per (point, tile) by the input transform, U per (point, output channel) at build time
+    (int8, packed in k quads), the product dequantized by the output transform."""
+    torch.manual_seed(0)
+    module, x = VaeLikeConvolutions().eval(), torch.randn(1, 32, 3, 11, 13)
+    prepared, info = prepare_model(from_torch(module, {"x": x}), resolve_target("x86-avx512-bf16"), "w8a8")
+    assert info["winograd"] == 2
+    assert any("2 of them on AVX512-VNNI" in note for note in prepared.notes), prepared.notes
+    names = prim_funcs(prepared.mod)
+    assert "gemm_int8_avx512vnni_16x126x32x144" in names
+    assert any(w.shape == (16, 36, 32, 4) and str(w.dtype) == "int8" for w in prepared.weights.values())
+    assert "R.nn.conv3d" not in prepared.mod["main"].script()
+
+
+@pytest.mark.skipif(bool(hardware.missing_cpu_flags(["avx512_bf16", "avx512_vnni"])),
+                    reason="CPU has no AVX512-BF16 and VNNI to run the engines on")
+@pytest.mark.parametrize("mode", ["bf16", "int8-weight", "w8a8"])
 def test_bf16_engine_winograd_build_matches_torch(tmp_path, mode):
-    """The same builds, run (the GroupNorm between them in float32 between casts at bf16)."""
+    """The same builds (and w8a8's), run (the GroupNorm between them in float32 between casts at bf16)."""
     torch.manual_seed(0)
     module, x = VaeLikeConvolutions().eval(), torch.randn(1, 32, 3, 11, 13)
     report = build(from_torch(module, {"x": x}), "x86-avx512-bf16", tmp_path / "w.so",
