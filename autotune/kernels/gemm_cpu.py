@@ -291,7 +291,8 @@ def make_primfunc(m: int, n: int, k: int, isa: str, batch: int = 0) -> tvm.tirx.
         s = te.reduce_axis((0, parts), name="part")
         C = te.compute((*lead, m, n), lambda *bij: te.sum(P[(s, *bij)], axis=s), name="ksum")
     func = te.create_prim_func([A, Bp, C]).without_attr("global_symbol")
-    info = {"isa": isa, "rows": m, "n": n, "k": k, "parts": parts, "batch": batch}
+    info = {"isa": isa, "rows": m, "n": n, "k": k, "parts": parts, **({"batch": batch} if batch else {})}  # (unbatched
+    # kernels' attributes as before batches: they are part of the workload hash the shipped records are filed under)
     func = func.with_attr(GEMM_ATTR, info).with_attr(FLOPS_ATTR, float(2 * max(batch, 1) * m * n * k))
     func = func.with_attr("op_pattern", 8)  # opaque: FuseOps leaves it whole
     return _annotate(func)

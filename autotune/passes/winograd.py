@@ -14,10 +14,10 @@ relative RMS error in a numpy model, 128 channels).
 
 An int8-weight convolution's U is computed from its int8 values and stored in bf16 (rounded: it is
 no longer integer), its per-channel scale still applied to the output; its weight then ships as
-16/9 x 2 bytes per weight instead of 1 (w8a8's U: 16/9 bytes, int8). The float32 ones are taken where the CPU's matrix engines
-do not take the convolution first (conv_gemm: float32 on AVX2-only CPUs), the engines' ones before
-conv_gemm, which takes what is left (1x1, strided, too few channels, w8a8's int8 rows). Both
-channel counts must be at least MIN_CHANNELS and the output at least one tile. With 16 channels
+16/9 x 2 bytes per weight instead of 1 (w8a8's U: 16/9 bytes, int8). The float32 ones are taken
+where the CPU's matrix engines do not take the convolution first (conv_gemm: float32 on AVX2-only
+CPUs), the engines' ones before conv_gemm, which takes what is left (1x1, strided, too few
+channels). Both channel counts must be at least MIN_CHANNELS and the output at least one tile. With 16 channels
 the transforms cost about what the GEMM saves: taking the tiny VAE decoder's 16-channel
 convolutions too (75 instead of 45) built in 109 s instead of 34 and ran no faster (27.7 against
 26.0 ms, 5 interleaved rounds on a Zen 4; each transform kernel is unrolled code, ~1 s of LLVM).
@@ -89,13 +89,11 @@ class WinogradRewriter:
 
     def geometry(self, call: relax.Call):
         """(channels_last, x shape as (N, D, H, W, C), kt, pads before (D, H, W), output (Do, Ho, Wo),
-        C_out, tile m, the bf16 engine or None (float32)) where `call` is a convolution this pass
-        takes, else None."""
+        C_out, tile m, the GEMM's engine (gemm_cpu's bf16 or int8 ISA; None: float32)) where `call` is
+        a convolution this pass takes, else None."""
         x, w = call.args
         precision = engine_precision(call)
         if w not in self.weight_vars or precision not in (("bfloat16", "int8-weight") if self.engines else ("float32",)):
-            return None
-        if self.engines and self.engine is None and self.int8 is None:
             return None
         x_shape, y_shape = ir.static_shape(x.ty), ir.static_shape(call.ty)
         if x_shape is None or y_shape is None:
