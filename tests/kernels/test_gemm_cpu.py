@@ -189,6 +189,21 @@ def test_batched_gemm_multiplies_each_batch_by_its_own_weight(request, isa, m, n
         _assert_close(c.numpy(), ref)
 
 
+def test_kernels_keep_the_structure_the_shipped_records_are_filed_under():
+    """The shipped log (schedules/x86) files the bench workloads' engine GEMMs under each kernel's
+    structural hash, attributes included: a change to the PrimFunc the kernels of those shapes
+    have always had (a new attribute key, say) leaves every shipped record unused, silently."""
+    import json
+    from pathlib import Path
+
+    from autotune.tuning.log import structure_key
+
+    log = Path(__file__).resolve().parents[2] / "schedules" / "x86" / "workloads.jsonl"
+    shipped = {json.loads(line)["workload"][0] for line in log.read_text().splitlines() if line.strip()}
+    for m, n, k, isa in [(6240, 384, 3456, gemm.AVX512), (6240, 384, 3456, gemm.VNNI), (1560, 8960, 1536, gemm.AVX512_W8)]:
+        assert structure_key(gemm.make_primfunc(m, n, k, isa)) in shipped, gemm.kernel_name(m, n, k, isa)
+
+
 def test_a_short_reductions_weight_panel_converts_in_a_loop():
     """A VAE convolution's K = 288 is under the task's auto-unroll limit: unrolled, the panel's
     conversion was 288 copies of the int8 -> float32 widening in the LLVM IR (17k lines, 2.4 s of
