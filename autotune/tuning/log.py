@@ -381,8 +381,22 @@ def _parse_log(log_dir: Path, target, only) -> _Source:
         if target is not None and not record_fits_target(obj, want_key, want_isa):
             report.problems.append(LogProblem(str(rpath), number, f"record for another target: {obj.get('target')}"))
             continue
+        if not _has_trace_shape(obj.get("record")):  # (the re-measurement keys read the trace before any replay)
+            report.problems.append(LogProblem(str(rpath), number, "not a tuning record (no [[instructions, decisions], ...] trace)"))
+            continue
         source.records.append((str(rpath), number, wid, obj))
     return source
+
+
+def _has_trace_shape(record_json) -> bool:
+    """Whether a record line's "record" has the shape `_rename_trace` and `_winner_keys` read: a trace
+    [instructions (4-element lists), decisions], then the run times. Whether it replays is `_replay`'s
+    question."""
+    try:
+        (instructions, _decisions), _run_secs, *_ = record_json
+        return all(isinstance(inst, list) and len(inst) == 4 for inst in instructions)
+    except (TypeError, ValueError):
+        return False
 
 
 def _commit(memory, path: str, number: int, wid: str, obj: dict, source: _Source):

@@ -111,6 +111,8 @@ def _append_edited_record(log: Path, edit) -> int:
         (lambda o: o.update(tvm="0.18.0"), "record from TVM 0.18.0"),
         (lambda o: o.update(target=json.dumps({"kind": "cuda", "arch": "sm_90"})), "another target"),
         (lambda o: o.update(record=["not", "a", "record"]), "not a tuning record"),
+        # a re-measurement line is keyed by its trace before any replay: a malformed one crashed the read
+        (lambda o: o.update(record=["not", "a", "record"], remeasured={"at": 1e12, "won": True}), "not a tuning record"),
     ],
 )
 def test_bad_records_are_reported_with_line_and_skipped(real_log, tmp_path, edit, reason):
