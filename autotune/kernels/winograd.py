@@ -142,28 +142,29 @@ def make_input_primfunc(x_shape: tuple[int, ...], kt: int, pads: tuple[int, int,
 
 
 def make_output_primfunc(m_shape: tuple[int, int, int], out: tuple[int, int, int, int], lanes: int, tile: int = TILE,
-                         quantized: bool = False):
+                         scales: str = ""):
     """M (points, rows, K) float32 -> Y (N, Do, Ho, Wo, K): the output tiles transformed back; Y is
     (N, Ho, Wo, K) where Do is None (a 2-D convolution: no frame axis for a bias add to fuse past).
-    M may have more rows than tiles (`make_input_primfunc`'s rows): they are not read.
-    `quantized`: M is the int32 product of quantized V and U, dequantized as it is read,
-    (M - OFF[t, k]) * SV[t, p] * SU[t, k], from the inputs (M, SV (points, rows, 1), SU (points, K),
-    OFF (points, K) int32: 128 x U's column sums where V was shifted to uint8, else 0)."""
+    M may have more rows than tiles (`make_input_primfunc`'s rows): they are not read. `scales`,
+    applied to M as it is read: "weight" (U quantized per (point, output channel): M * SU[t, k],
+    inputs (M, SU (points, K))); "both" (M the int32 product of quantized V and U:
+    (M - OFF[t, k]) * SV[t, p] * SU[t, k], inputs (M, SV (points, rows, 1), SU, OFF (points, K)
+    int32: 128 x U's column sums where V was shifted to uint8, else 0))."""
     _, rows_, k_ = m_shape
     n_, do_, ho_, wo_ = out
     nh, nw = tiles(ho_, tile), tiles(wo_, tile)
     alpha = tile + KERNEL - 1
     a, _, _ = transform_matrices(tile)
-    M = te.placeholder(_int64(m_shape), "int32" if quantized else "float32", name="M")
-    if quantized:
-        SV = te.placeholder(_int64((alpha * alpha, rows_, 1)), "float32", name="SV")
-        SU = te.placeholder(_int64((alpha * alpha, k_)), "float32", name="SU")
-        OFF = te.placeholder(_int64((alpha * alpha, k_)), "int32", name="OFF")
+    M = te.placeholder(_int64(m_shape), "int32" if scales == "both" else "float32", name="M")
+    SV = te.placeholder(_int64((alpha * alpha, rows_, 1)), "float32", name="SV")
+    SU = te.placeholder(_int64((alpha * alpha, k_)), "float32", name="SU")
+    OFF = te.placeholder(_int64((alpha * alpha, k_)), "int32", name="OFF")
+    inputs = {"": [M], "weight": [M, SU], "both": [M, SV, SU, OFF]}[scales]
 
     def product(t, p, k):
-        if not quantized:
-            return M[t, p, k]
-        return (M[t, p, k] - OFF[t, k]).astype("float32") * SV[t, p, 0] * SU[t, k]
+        if scales == "both":
+            return (M[t, p, k] - OFF[t, k]).astype("float32") * SV[t, p, 0] * SU[t, k]
+        return M[t, p, k] * SU[t, k] if scales == "weight" else M[t, p, k]
 
     def body(n, f, h, w, k):
         p = ((n * (do_ or 1) + f) * nh + h // tile) * nw + w // tile
@@ -178,7 +179,6 @@ def make_output_primfunc(m_shape: tuple[int, int, int], out: tuple[int, int, int
         Y = te.compute(_int64((n_, ho_, wo_, k_)), lambda n, h, w, k: body(n, 0, h, w, k), name=OUTPUT_BLOCK)
     else:
         Y = te.compute(_int64((n_, do_, ho_, wo_, k_)), body, name=OUTPUT_BLOCK)
-    inputs = [M, SV, SU, OFF] if quantized else [M]
     return _annotated(te.create_prim_func([*inputs, Y]), OUTPUT_BLOCK, _lanes(k_, lanes), tile)
 
 

@@ -12,9 +12,10 @@ relative RMS error in a numpy model, 128 channels).
          U = kron(G, G) @ W as (9, kt * C_in * C_out)   (weight-only: computed and packed at build time)
          y = winograd_output(gemm(V, U))                (N, [frames,] H, W, C_out) channels-last, float32
 
-An int8-weight convolution's U is computed from its int8 values and stored in bf16 (rounded: it is
-no longer integer), its per-channel scale still applied to the output; its weight then ships as
-16/9 x 2 bytes per weight instead of 1 (w8a8's U: 16/9 bytes, int8). The float32 ones are taken
+An int8-weight convolution's U is computed from its int8 values and quantized again, to int8 per
+(point, output channel) (the bf16 engine's int8-weight kernel converts it in the kernel; the output
+transform applies its scales, the weight's per-channel scale still multiplies the output), so that
+its weight ships as 16/9 bytes per weight instead of 1 (bf16 U: 16/9 x 2). The float32 ones are taken
 where the CPU's matrix engines do not take the convolution first (conv_gemm: float32 on AVX2-only
 CPUs), the engines' ones before conv_gemm, which takes what is left (1x1, strided, too few
 channels). Both channel counts must be at least MIN_CHANNELS and the output at least one tile. With 16 channels
@@ -28,6 +29,7 @@ input).
 
 from __future__ import annotations
 
+import collections
 import logging
 from dataclasses import replace
 
@@ -71,6 +73,7 @@ class WinogradRewriter:
         unsigned = int8 is not None and gemm_cpu.activation_dtype(int8) == "uint8"
         self.int8 = int8 if engines and int8_activations and unsigned else None
         self.quantized = 0
+        self.isas: collections.Counter = collections.Counter()  # the engines' convolutions, per GEMM ISA
         self.engines = engines
         self.dry_run = dry_run
         self.seen = 0
@@ -121,9 +124,11 @@ class WinogradRewriter:
             return None
         depth = (kernel[0] if dims == 3 else 1) * c_in
         isa = None
-        if self.engines:  # w8a8's int8 engine, else the bf16 engine, where it takes the shape
-            isa = gemm_cpu.isa_for_shape(self.int8, 1, c_out, depth) if precision == "int8-weight" else None
-            isa = isa or gemm_cpu.isa_for_shape(self.engine, 1, c_out, depth)
+        if self.engines:  # w8a8's int8 engine, else the bf16 engine (int8 weights: its int8-weight variant)
+            int8_weights = precision == "int8-weight"
+            isa = gemm_cpu.isa_for_shape(self.int8, 1, c_out, depth) if int8_weights else None
+            bf16 = gemm_cpu.INT8_WEIGHTS.get(self.engine) if int8_weights else self.engine
+            isa = isa or gemm_cpu.isa_for_shape(bf16, 1, c_out, depth)
             if isa is None:
                 return None
         pads = [int(v) for v in a.padding][:dims]  # the befores (the afters: zeros past the input's end)
@@ -143,6 +148,7 @@ class WinogradRewriter:
         rows = gemm_cpu.padded_rows(isa, tiles) if isa else tiles
         points, depth = winograd.points(tile), kt * c_in
         quantized = isa is not None and gemm_cpu.PRECISION[isa] == gemm_cpu.INT8
+        int8_weights = isa is not None and gemm_cpu.weight_dtype(isa) == "int8"  # (w8a8's too)
         v_dtype = gemm_cpu.activation_dtype(isa) if isa else "float32"
         v_type = relax.TensorType([points, rows, kt, c_in], v_dtype)
         v = relax.call_tir(self._kernel("input", x_shape, kt, pads, out, tile, x_dtype, v_dtype, rows), [x],
@@ -157,12 +163,12 @@ class WinogradRewriter:
             taps = relax.op.astype(taps, "float32")
         u = relax.op.reshape(relax.op.matmul(relax.const(winograd.weight_matrix(tile)), taps), [points, depth, c_out])
         m_type = relax.TensorType([points, rows, c_out], "int32" if quantized else "float32")
-        if quantized:
+        if int8_weights:  # U quantized per (point, output channel), packed in gemm_cpu's layout
             u, u_scales, shift = _quantized_columns(u)
-            packed = _packed(u, points, depth, c_out, gemm_cpu.group(isa))
-            m = relax.call_tir(self._kernel("gemm", rows, depth, c_out, isa), [v, packed], m_type)
-            inputs = [m, row_scales, u_scales, shift]
-            self.quantized += 1
+            m = relax.call_tir(self._kernel("gemm", rows, depth, c_out, isa),
+                               [v, _packed(u, points, depth, c_out, gemm_cpu.group(isa))], m_type)
+            inputs = [m, row_scales, u_scales, shift] if quantized else [m, u_scales]
+            self.quantized += quantized
         elif isa:  # bf16, gemm_cpu's packed layout (points, kt C_in / 2, C_out, 2)
             packed = relax.op.astype(_packed(u, points, depth, c_out, gemm_cpu.group(isa)), "bfloat16")
             inputs = [relax.call_tir(self._kernel("gemm", rows, depth, c_out, isa), [v, packed], m_type)]
@@ -171,7 +177,9 @@ class WinogradRewriter:
             packed = relax.op.permute_dims(relax.op.reshape(u, [points, depth, c_out // w_, w_]), [0, 2, 1, 3])
             inputs = [relax.call_tir(self._kernel("gemm", rows, depth, c_out, isa), [v, packed], m_type)]
         frames = out[0] if dims == 3 else None
-        y = relax.call_tir(self._kernel("output", (points, rows, c_out), (n, frames, *out[1:]), tile, quantized), inputs,
+        scales = "both" if quantized else "weight" if int8_weights else ""
+        self.isas[isa] += isa is not None
+        y = relax.call_tir(self._kernel("output", (points, rows, c_out), (n, frames, *out[1:]), tile, scales), inputs,
                            relax.TensorType([n, *out[3 - dims:], c_out], "float32"))
         return y if last else relax.op.permute_dims(y, [0, dims + 1, *range(1, dims + 1)])
 
@@ -192,8 +200,8 @@ class WinogradRewriter:
                 func = winograd.make_input_primfunc(x_shape, kt, pads, out, self.lanes, tile, x_dtype, v_dtype, rows)
                 name = f"winograd_input_{'x'.join(map(str, x_shape))}_k{kt}_m{tile}"
             else:
-                m_shape, out, tile, quantized = geometry
-                func = winograd.make_output_primfunc(m_shape, out, self.lanes, tile, quantized)
+                m_shape, out, tile, scales = geometry
+                func = winograd.make_output_primfunc(m_shape, out, self.lanes, tile, scales)
                 name = f"winograd_output_{'x'.join(str(v) for v in (*out, m_shape[-1]) if v is not None)}_m{tile}"
             self.kernels[key] = self.builder.add_func(func, name)
         return self.kernels[key]
@@ -246,12 +254,12 @@ def convolutions_as_winograd(imported: ImportedModel, target: tvm.target.Target,
     mod = rewriter.rewrite()
     log.info("winograd: %d convolutions", rewriter.count)
     if engines:
-        note = f"{rewriter.count} 3x3 convolutions as Winograd F(2x2, 3x3): 16 GEMMs of 4/9 of the multiply-adds"
-        if rewriter.count > rewriter.quantized:
-            note += f"; on {gemm_cpu.ENGINE_NAMES[rewriter.engine]}, transformed inputs and weights in bf16"
+        on = ", ".join(f"{count} on {gemm_cpu.ENGINE_NAMES[isa]}" for isa, count in rewriter.isas.items())
+        note = f"{rewriter.count} 3x3 convolutions as Winograd F(2x2, 3x3): 16 GEMMs of 4/9 of the multiply-adds ({on})"
         if rewriter.quantized:
-            note += (f"; {rewriter.quantized} of them on {gemm_cpu.ENGINE_NAMES[rewriter.int8]}, transformed inputs "
-                     "quantized per (point, tile), weights per (point, output channel)")
+            note += "; their transformed inputs quantized per (point, tile) row on the int8 engine"
+        if any(gemm_cpu.weight_dtype(isa) == "int8" for isa in rewriter.isas):
+            note += "; the transformed int8 weights quantized to int8 again, per (point, output channel)"
     else:
         note = f"{rewriter.count} 3x3 convolutions as Winograd F(4x4, 3x3): 36 GEMMs of a quarter of the multiply-adds"
     if unpadded:

@@ -126,7 +126,7 @@ def test_int8_transforms_with_the_vnni_gemm_equal_their_fake_quantized_reference
     tiles, points, depth = out[0] * nh * nw, winograd.points(tile), kt * c_in
     to_input = _compiled(winograd.make_input_primfunc((1, frames, height, width, c_in), kt, pads, out, 16, tile,
                                                       "float32", "uint8"), winograd.INPUT_BLOCK, target)
-    to_output = _compiled(winograd.make_output_primfunc((points, tiles, c_out), (1, *out), 16, tile, quantized=True),
+    to_output = _compiled(winograd.make_output_primfunc((points, tiles, c_out), (1, *out), 16, tile, scales="both"),
                           winograd.OUTPUT_BLOCK, target)
     gemm = gemm_cpu.compile_standalone(tiles, c_out, depth, gemm_cpu.VNNI, target, batch=points)
 

@@ -245,8 +245,9 @@ WINOGRAD_MIN_COSINE = {"bf16": 0.9998, "int8-weight": 0.9995, "w8a8": 0.999}
 def test_bf16_engine_3x3_convolutions_become_winograd_gemms_on_the_engine(mode):
     """bf16 and int8-weight for a CPU with AVX512-BF16: the two 3x3 convolutions with 32 or more
     channels each way become F(2x2, 3x3) transforms around gemm_cpu's batched bf16 kernel (16
-    points), U packed at build time in bf16 (int8-weight: from the int8 weight's values, its scale
-    applied after); the 3-channel one is left to the other rewrites."""
+    points), U packed at build time in bf16 (int8-weight: from the int8 weight's values, quantized
+    to int8 again per (point, output channel), the kernel's int8-weight variant converting it); the
+    3-channel one is left to the other rewrites."""
     torch.manual_seed(0)
     module, x = VaeLikeConvolutions().eval(), torch.randn(1, 32, 3, 11, 13)
     prepared, info = prepare_model(from_torch(module, {"x": x}), resolve_target("x86-avx512-bf16"), mode)
@@ -255,9 +256,11 @@ def test_bf16_engine_3x3_convolutions_become_winograd_gemms_on_the_engine(mode):
     names = prim_funcs(prepared.mod)
     assert sum(name.startswith("winograd_input") and name.endswith("_m2") for name in names) == 2
     # the video conv (3 frames, 11 x 13 -> 6 x 7 tiles: 126 rows): 16 points x 126 x 32 x (3 x 48)
-    assert "gemm_bf16_avx512bf16_16x126x32x144" in names
-    # its U in gemm_cpu's packed layout: (16 points, kt C_in / 2, C_out, 2) bf16
-    assert any(w.shape == (16, 72, 32, 2) and str(w.dtype) == "bfloat16" for w in prepared.weights.values())
+    kernel = "w8_avx512bf16w8" if mode == "int8-weight" else "bf16_avx512bf16"  # (gemm_cpu.kernel_name)
+    assert f"gemm_{kernel}_16x126x32x144" in names
+    # its U in gemm_cpu's packed layout: (16 points, kt C_in / 2, C_out, 2), bf16 (int8-weight: int8)
+    dtype = "int8" if mode == "int8-weight" else "bfloat16"
+    assert any(w.shape == (16, 72, 32, 2) and str(w.dtype) == dtype for w in prepared.weights.values())
 
 
 def test_w8a8_3x3_convolutions_become_winograd_gemms_on_the_int8_engine():
@@ -268,7 +271,7 @@ def test_w8a8_3x3_convolutions_become_winograd_gemms_on_the_int8_engine():
     module, x = VaeLikeConvolutions().eval(), torch.randn(1, 32, 3, 11, 13)
     prepared, info = prepare_model(from_torch(module, {"x": x}), resolve_target("x86-avx512-bf16"), "w8a8")
     assert info["winograd"] == 2
-    assert any("2 of them on AVX512-VNNI" in note for note in prepared.notes), prepared.notes
+    assert any("(2 on AVX512-VNNI)" in note for note in prepared.notes), prepared.notes
     names = prim_funcs(prepared.mod)
     assert "gemm_int8_avx512vnni_16x126x32x144" in names
     assert any(w.shape == (16, 36, 32, 4) and str(w.dtype) == "int8" for w in prepared.weights.values())
