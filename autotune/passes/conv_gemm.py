@@ -95,6 +95,10 @@ class ConvGemmRewriter:
             return gemm
         return call if self.dry_run else channels_first(call)
 
+    def takes(self, call: relax.Call) -> bool:
+        """Whether this rewriter (a dry run's) would take the convolution `call`."""
+        return self._as_gemm(call) is not None
+
     def _as_gemm(self, call: relax.Call) -> relax.Expr | None:
         """The GEMM `call` becomes (dry run: `call` itself), or None where no engine takes it."""
         x, w = call.args
@@ -315,7 +319,7 @@ def convolutions_as_gemm(imported: ImportedModel, target: tvm.target.Target,
     if not dry.count:
         return imported, 0
     channels_last = channels_last_pays(dry.count, dry.seen)
-    main, unpadded = pads_into_convolutions(imported.mod["main"], only=lambda conv: dry._as_gemm(conv) is not None)
+    main, unpadded = pads_into_convolutions(imported.mod["main"], only=dry.takes)
     mod = ir.replace_main(imported.mod, main)
     rewriter = ConvGemmRewriter(to_channels_last(mod) if channels_last else mod, target, int8_activations)
     mod = rewriter.rewrite()

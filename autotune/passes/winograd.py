@@ -46,6 +46,7 @@ from .causal_padding import pads_into_convolutions
 from .conv_gemm import (
     CHANNELS_FIRST,
     CHANNELS_LAST,
+    ConvGemmRewriter,
     channels_first,
     channels_last_pays,
     to_channels_last,
@@ -247,8 +248,14 @@ def convolutions_as_winograd(imported: ImportedModel, target: tvm.target.Target,
     dry.rewrite()
     if not dry.count:
         return imported, 0
-    channels_last = channels_last_pays(dry.count, dry.seen)
-    main, unpadded = pads_into_convolutions(imported.mod["main"], only=lambda conv: dry.geometry(conv) is not None)
+    taken, takes = dry.count, lambda conv: dry.geometry(conv) is not None
+    if engines:  # one layout and padding for the engines' convolutions, Winograd or not (conv_gemm takes the rest after)
+        rest = ConvGemmRewriter(imported.mod, target, int8_activations, dry_run=True)
+        rest.rewrite()
+        taken = max(taken, rest.count)  # (it counts the 3x3 ones too: it would take them all)
+        takes = lambda conv: dry.geometry(conv) is not None or rest.takes(conv)  # noqa: E731
+    channels_last = channels_last_pays(taken, dry.seen)
+    main, unpadded = pads_into_convolutions(imported.mod["main"], only=takes)
     mod = ir.replace_main(imported.mod, main)
     rewriter = WinogradRewriter(to_channels_last(mod) if channels_last else mod, target, engines, int8_activations)
     mod = rewriter.rewrite()
@@ -262,7 +269,9 @@ def convolutions_as_winograd(imported: ImportedModel, target: tvm.target.Target,
             note += "; the transformed int8 weights quantized to int8 again, per (point, output channel)"
     else:
         note = f"{rewriter.count} 3x3 convolutions as Winograd F(4x4, 3x3): 36 GEMMs of a quarter of the multiply-adds"
-    if unpadded:
+    if unpadded and engines:  # (the pads merged for conv_gemm's convolutions too)
+        note += f"; {unpadded} convolutions (these and the im2col GEMMs') zero-pad their input as they read it"
+    elif unpadded:
         note += f", {unpadded} of them zero-padding their input as they transform it"
     if channels_last:
         note += "; channels-last from one to the next"
