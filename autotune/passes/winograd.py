@@ -4,7 +4,7 @@ CPU that multiplies bf16 (AMX-BF16, AVX512-BF16), as F(2x2, 3x3) on the bf16 eng
 in 16 GEMMs (gemm_cpu's batched kernel; F(4x4)'s transforms amplify bf16 rounding 7x); w8a8's on
 the int8 engine (VNNI, AMX-INT8), F(2x2, 3x3) on int8: the input transform quantizes V per
 (point, tile) row, U is quantized per (point, output channel) at build time, the output transform
-dequantizes the int32 product (F(4x4) on int8: 4x the error; F(2x2) ~1.2x the im2col w8a8's
+dequantizes the int32 product (F(4x4) on int8: 5x the error; F(2x2) ~1.2x the im2col w8a8's
 relative RMS error in a numpy model, 128 channels).
 
     conv(x, W)  (3x3 or kt x 3 x 3, unit strides and dilation, one group)
