@@ -280,6 +280,19 @@ def _unit_axis_reshapes(func: relax.Function) -> relax.Function:
     return rewrite_call(is_op("relax.reshape")(wildcard(), wildcard()), rewrite, func)
 
 
+def _has_channels_last_convolution(func: relax.Function) -> bool:
+    found = []
+
+    def look(call: relax.Call, _matches) -> relax.Call:
+        dims = len(str(call.attrs.data_layout)) - 2
+        found.append((str(call.attrs.data_layout), str(call.attrs.kernel_layout)) == CHANNELS_LAST.get(dims))
+        return call
+
+    convolution = is_op("relax.nn.conv1d") | is_op("relax.nn.conv2d") | is_op("relax.nn.conv3d")
+    rewrite_call(convolution(wildcard(), wildcard()), look, func)
+    return any(found)
+
+
 def to_channels_last(mod: tvm.IRModule) -> tvm.IRModule:
     """`mod` with its convolutions channels-last and the layout carried through the operators
     between them (TVM's ConvertLayout), so that their GEMMs' rows (channels-last) feed the next
@@ -318,7 +331,9 @@ def convolutions_as_gemm(imported: ImportedModel, target: tvm.target.Target,
     dry.rewrite()
     if not dry.count:
         return imported, 0
-    channels_last = channels_last_pays(dry.count, dry.seen)
+    # (a model the engines' Winograd pass made channels-last already: converting again would wrap its
+    # input and output in redundant transpose pairs)
+    channels_last = channels_last_pays(dry.count, dry.seen) and not _has_channels_last_convolution(imported.mod["main"])
     main, unpadded = pads_into_convolutions(imported.mod["main"], only=dry.takes)
     mod = ir.replace_main(imported.mod, main)
     rewriter = ConvGemmRewriter(to_channels_last(mod) if channels_last else mod, target, int8_activations)

@@ -86,8 +86,9 @@ class WinogradRewriter:
     def __call__(self, call: relax.Call, _matches) -> relax.Expr:
         self.seen += 1
         geometry = self.geometry(call)
-        if geometry is None:  # (in a model made channels-last: channels-first between transposes, as conv_gemm's)
-            return call if self.dry_run else channels_first(call)
+        if geometry is None:  # (in a model made channels-last: channels-first between transposes, as conv_gemm's;
+            # the engines' pass leaves them to conv_gemm, which takes them as they are or does the same)
+            return call if self.dry_run or self.engines else channels_first(call)
         self.count += 1
         return call if self.dry_run else self._winograd(call, *geometry)
 

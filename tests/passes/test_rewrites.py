@@ -292,3 +292,31 @@ def test_bf16_engine_winograd_build_matches_torch(tmp_path, mode):
         cosine = compare(out, module(x).numpy())["cosine"]
     assert cosine >= WINOGRAD_MIN_COSINE[mode], cosine
 
+
+class WinogradAndIm2col(torch.nn.Module):
+    """One 3x3 convolution the engines' Winograd takes (32 channels each way), three that conv_gemm
+    takes (1x1, and a 3x3 of 16 channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(16, 32, 1)
+        self.b = torch.nn.Conv2d(32, 32, 3, padding=1)
+        self.c = torch.nn.Conv2d(32, 16, 1)
+        self.d = torch.nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        y = self.b(torch.nn.functional.silu(self.a(x)))
+        return self.d(torch.nn.functional.silu(self.c(y)))
+
+
+def test_winograd_and_im2col_convolutions_share_one_channels_last_layout():
+    """The engines' Winograd pass and conv_gemm decide the layout once, together: the model goes
+    channels-last once (one transpose in, one out) and conv_gemm takes the other three as they are
+    (decided apart, each left convolution was wrapped in transposes back to channels-first and the
+    model converted twice: 11 transposes)."""
+    torch.manual_seed(0)
+    module, x = WinogradAndIm2col().eval(), torch.randn(1, 16, 12, 12)
+    prepared, info = prepare_model(from_torch(module, {"x": x}), resolve_target("x86-avx512-bf16"), "bf16")
+    assert info["winograd"] == 1 and info["convolutions_as_gemm"] == 3
+    assert prepared.mod["main"].script().count("R.permute_dims") == 2
+
