@@ -320,7 +320,7 @@ def _annotate(func):
 
 def _info(func) -> dict:
     info = func.attrs[GEMM_ATTR]
-    return {"batch": 0, **{key: (str(info[key]) if key == "isa" else int(info[key])) for key in info}}
+    return {key: (str(info[key]) if key == "isa" else int(info[key])) for key in info}
 
 
 def is_gemm_kernel(func) -> bool:

@@ -54,7 +54,6 @@ RULE_NAME = "autotune_winograd"  # s_tir.meta_schedule.cpu.<name>; part of recor
 LANES_ATTR = "autotune_winograd_lanes"  # block annotation: the vector width its schedule uses
 QUANTIZED = ("uint8", "int8")  # V dtypes quantized per (point, tile) row, a scale each (w8a8)
 QUANT_BLOCKS = ("amax", "scale", "quantize")  # token_quant.quantized_rows' stages, in order
-TILE_ATTR = "autotune_winograd_tile"  # block annotation of the output transform: its m (its schedule splits by it)
 
 
 @functools.cache
@@ -118,7 +117,8 @@ def make_input_primfunc(x_shape: tuple[int, ...], kt: int, pads: tuple[int, int,
         f = p // (nh * nw) % do_ + dt - pads[0]
         h = p // nw % nh * tile - pads[1] + i
         w = p % nw * tile - pads[2] + j
-        inside = tvm.tirx.all(p < p_, f >= 0, f < d_, h >= 0, h < h_, w >= 0, w < w_)
+        past_tiles = [p < p_] if rows > p_ else []  # (the engine's padding rows: zeros)
+        inside = tvm.tirx.all(*past_tiles, f >= 0, f < d_, h >= 0, h < h_, w >= 0, w < w_)
         # if_then_else, not Select: a Select loads its branch even where the tile hangs over the edge
         return tvm.tirx.if_then_else(inside, X[n, f, h, w, c].astype("float32"), zero)
 
@@ -179,7 +179,7 @@ def make_output_primfunc(m_shape: tuple[int, int, int], out: tuple[int, int, int
         Y = te.compute(_int64((n_, ho_, wo_, k_)), lambda n, h, w, k: body(n, 0, h, w, k), name=OUTPUT_BLOCK)
     else:
         Y = te.compute(_int64((n_, do_, ho_, wo_, k_)), body, name=OUTPUT_BLOCK)
-    return _annotated(te.create_prim_func([*inputs, Y]), OUTPUT_BLOCK, _lanes(k_, lanes), tile)
+    return _annotated(te.create_prim_func([*inputs, Y]), OUTPUT_BLOCK, _lanes(k_, lanes))
 
 
 def make_gemm_primfunc(rows: int, depth: int, cols: int, lanes: int):
@@ -226,14 +226,12 @@ def weight_matrix(tile: int = TILE) -> np.ndarray:
     return np.kron(g, g).astype("float32")
 
 
-def _annotated(func, block: str, width: int, tile: int | None = None):
+def _annotated(func, block: str, width: int):
     from tvm import s_tir
 
     sch = s_tir.Schedule(tvm.IRModule({"main": func.without_attr("global_symbol")}))
     sch.annotate(sch.get_sblock(block), "schedule_rule", RULE_NAME)
     sch.annotate(sch.get_sblock(block), LANES_ATTR, width)
-    if tile is not None:
-        sch.annotate(sch.get_sblock(block), TILE_ATTR, tile)
     if block == INPUT_BLOCK:  # the others are placed by the transform's rule
         for name in (TILE_BLOCK, *(QUANT_BLOCKS if _has_block(sch, QUANT_BLOCKS[-1]) else ())):
             sch.annotate(sch.get_sblock(name), "schedule_rule", "None")
@@ -260,7 +258,8 @@ def apply_schedule(sch, block) -> None:
         sch.parallel(p)
         _transform_tile(sch, t, co, ci)
     else:
-        tile = int(sch.get(block).annotations[TILE_ATTR])
+        # m, from the transform points every input of the block leads with (M, and the scales)
+        tile = math.isqrt(int(sch.get(block).reads[0].source.shape[0])) - KERNEL + 1
         *lead, h, w, k = loops  # (n, [f,] h, w, k)
         ho, hi = sch.split(h, [None, tile])
         wo, wi = sch.split(w, [None, tile])

@@ -80,6 +80,7 @@ class ConvGemmRewriter:
         self.isas = {precision: gemm_cpu.target_isa(target, precision) for precision in precisions}
         self.int8_activations = int8_activations
         self.seen = 0  # convolutions looked at
+        self.saw_channels_last = False  # a model made channels-last already (the engines' Winograd pass)
         self.count = 0
         self.chunked = 0  # of them, computed in row chunks
         self.quantized = 0  # of them, int8 x int8 (w8a8)
@@ -90,6 +91,7 @@ class ConvGemmRewriter:
 
     def __call__(self, call: relax.Call, _matches) -> relax.Expr:
         self.seen += 1
+        self.saw_channels_last |= is_channels_last(call)
         gemm = self._as_gemm(call)
         if gemm is not None:
             return gemm
@@ -240,10 +242,9 @@ def channels_first(call: relax.Call) -> relax.Call:
     it; one measurement, untuned both ways: the tiny VAE decoder's 3-channel output convolution ran
     at 25 GFLOP/s channels-last, 27 channels-first, so the layout is kept for the records, not for
     speed); any other `call` as it is."""
-    a = call.attrs
-    dims = len(str(a.data_layout)) - 2
-    if (str(a.data_layout), str(a.kernel_layout)) != CHANNELS_LAST.get(dims) or str(a.out_layout) != str(a.data_layout):
+    if not is_channels_last(call):
         return call
+    dims = len(str(call.attrs.data_layout)) - 2
     first = [0, dims + 1, *range(1, dims + 1)]  # N*C or O*I: the channel axis (last) moves to 1
     data_layout, kernel_layout = CHANNELS_FIRST[dims]
     y = convolution_like(call, relax.op.permute_dims(call.args[0], first), relax.op.permute_dims(call.args[1], first),
@@ -280,17 +281,11 @@ def _unit_axis_reshapes(func: relax.Function) -> relax.Function:
     return rewrite_call(is_op("relax.reshape")(wildcard(), wildcard()), rewrite, func)
 
 
-def _has_channels_last_convolution(func: relax.Function) -> bool:
-    found = []
-
-    def look(call: relax.Call, _matches) -> relax.Call:
-        dims = len(str(call.attrs.data_layout)) - 2
-        found.append((str(call.attrs.data_layout), str(call.attrs.kernel_layout)) == CHANNELS_LAST.get(dims))
-        return call
-
-    convolution = is_op("relax.nn.conv1d") | is_op("relax.nn.conv2d") | is_op("relax.nn.conv3d")
-    rewrite_call(convolution(wildcard(), wildcard()), look, func)
-    return any(found)
+def is_channels_last(call: relax.Call) -> bool:
+    """Whether the convolution `call` is channels-last (data, weight and output)."""
+    a = call.attrs
+    dims = len(str(a.data_layout)) - 2
+    return (str(a.data_layout), str(a.kernel_layout)) == CHANNELS_LAST.get(dims) and str(a.out_layout) == str(a.data_layout)
 
 
 def to_channels_last(mod: tvm.IRModule) -> tvm.IRModule:
@@ -333,7 +328,7 @@ def convolutions_as_gemm(imported: ImportedModel, target: tvm.target.Target,
         return imported, 0
     # (a model the engines' Winograd pass made channels-last already: converting again would wrap its
     # input and output in redundant transpose pairs)
-    channels_last = channels_last_pays(dry.count, dry.seen) and not _has_channels_last_convolution(imported.mod["main"])
+    channels_last = channels_last_pays(dry.count, dry.seen) and not dry.saw_channels_last
     main, unpadded = pads_into_convolutions(imported.mod["main"], only=dry.takes)
     mod = ir.replace_main(imported.mod, main)
     rewriter = ConvGemmRewriter(to_channels_last(mod) if channels_last else mod, target, int8_activations)

@@ -151,9 +151,10 @@ def big_enough_for_float32(x_shape, w_shape) -> bool:
     return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1] >= kernel.MIN_F32_FLOPS
 
 
-def unsigned_shift_correction(w) -> relax.Expr:
-    """128 x the column sums of the int8 weight w (k, n): what (x + 128) . w adds to x . w (int32)."""
-    return relax.op.multiply(relax.op.sum(relax.op.astype(w, "int32"), axis=[0]), relax.const(128, "int32"))
+def unsigned_shift_correction(w, axis: int = 0) -> relax.Expr:
+    """128 x the column sums of the int8 weight w (k, n) (its reduction along `axis`): what
+    (x + 128) . w adds to x . w (int32)."""
+    return relax.op.multiply(relax.op.sum(relax.op.astype(w, "int32"), axis=[axis]), relax.const(128, "int32"))
 
 
 def rescaled_int8_matmul(values, values_dtype: str, w, row_scales) -> relax.Expr:

@@ -51,7 +51,7 @@ from .conv_gemm import (
     channels_last_pays,
     to_channels_last,
 )
-from .matrix_engine import engine_precision
+from .matrix_engine import engine_precision, unsigned_shift_correction
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ MIN_CHANNELS = 32  # the tiny VAE decoder's 16-channel ones: no faster, 3x the b
 
 
 class WinogradRewriter:
-    """Rewrites one `main`; `count` says how many convolutions it took (of `seen`, `quantized` of
-    them on int8). `engines`: take the convolutions of the matrix engines' precisions (bf16,
+    """Rewrites one `main`; `count` says how many convolutions it took (of `seen`; `isas`: how many
+    on each of the engines' GEMMs). `engines`: take the convolutions of the matrix engines' precisions (bf16,
     int8-weight: F(2x2) on the bf16 engine; with `int8_activations` (w8a8) on the int8 engine where
     it takes them), else the float32 ones (F(4x4))."""
 
@@ -73,7 +73,6 @@ class WinogradRewriter:
         int8 = gemm_cpu.target_isa(target, gemm_cpu.INT8)  # (unsigned x signed engines: VNNI, AMX-INT8)
         unsigned = int8 is not None and gemm_cpu.activation_dtype(int8) == "uint8"
         self.int8 = int8 if engines and int8_activations and unsigned else None
-        self.quantized = 0
         self.isas: collections.Counter = collections.Counter()  # the engines' convolutions, per GEMM ISA
         self.engines = engines
         self.dry_run = dry_run
@@ -170,7 +169,6 @@ class WinogradRewriter:
             m = relax.call_tir(self._kernel("gemm", rows, depth, c_out, isa),
                                [v, _packed(u, points, depth, c_out, gemm_cpu.group(isa))], m_type)
             inputs = [m, row_scales, u_scales, shift] if quantized else [m, u_scales]
-            self.quantized += quantized
         elif isa:  # bf16, gemm_cpu's packed layout (points, kt C_in / 2, C_out, 2)
             packed = relax.op.astype(_packed(u, points, depth, c_out, gemm_cpu.group(isa)), "bfloat16")
             inputs = [relax.call_tir(self._kernel("gemm", rows, depth, c_out, isa), [v, packed], m_type)]
@@ -230,8 +228,7 @@ def _quantized_columns(u: relax.Expr) -> tuple[relax.Expr, relax.Expr, relax.Exp
                              relax.const(token_quant.INT8_MAX, "float32"))
     limit = token_quant.INT8_MAX
     q = relax.op.astype(relax.op.clip(relax.op.round(relax.op.divide(u, scales)), -limit, limit), "int8")
-    shift = relax.op.multiply(relax.op.sum(relax.op.astype(q, "int32"), axis=[1]), relax.const(128, "int32"))
-    return q, relax.op.squeeze(scales, [1]), shift
+    return q, relax.op.squeeze(scales, [1]), unsigned_shift_correction(q, axis=1)
 
 
 def convolutions_as_winograd(imported: ImportedModel, target: tvm.target.Target, engines: bool = False,
@@ -264,7 +261,7 @@ def convolutions_as_winograd(imported: ImportedModel, target: tvm.target.Target,
     if engines:
         on = ", ".join(f"{count} on {gemm_cpu.ENGINE_NAMES[isa]}" for isa, count in rewriter.isas.items())
         note = f"{rewriter.count} 3x3 convolutions as Winograd F(2x2, 3x3): 16 GEMMs of 4/9 of the multiply-adds ({on})"
-        if rewriter.quantized:
+        if any(gemm_cpu.PRECISION[isa] == gemm_cpu.INT8 for isa in rewriter.isas):
             note += "; their transformed inputs quantized per (point, tile) row on the int8 engine"
         if any(gemm_cpu.weight_dtype(isa) == "int8" for isa in rewriter.isas):
             note += "; the transformed int8 weights quantized to int8 again, per (point, output channel)"
