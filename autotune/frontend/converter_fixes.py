@@ -58,7 +58,8 @@ def _slice_scatter(node, importer):
     `out[..., 0::2] = ...; out[..., 1::2] = ...`) the masked-off positions read past the end of
     `src` (the result is discarded by the where, the read happens), and every legalization warns
     "Fast mode segfaults ...". Same computation, with indices clipped to src's extent. Shapes and
-    bounds must be static; anything else goes to the translator's own converter.
+    bounds must be static; anything else goes to the translator's own converter. The scatter that
+    completes a set of strided parts (0::2 then 1::2) is the parts interleaved instead.
     """
     from tvm import relax
 
@@ -88,6 +89,14 @@ def _slice_scatter(node, importer):
         return translator_slice_scatter(importer, node)
     if len(positions) == n:  # the slice is the whole axis
         return src
+    bb = importer.block_builder
+    parts = _strided_parts(importer, x, src, axis, start, step, n, len(positions))
+    if parts is not None and len(parts) == step and all(str(p.ty.dtype) == str(x.ty.dtype) for p in parts.values()):
+        # every position is a part's now: the parts interleaved, one injective op that fuses with
+        # their producers (the Wan rotary embedding's `out[..., 0::2] = ...; out[..., 1::2] = ...`
+        # was two gathers and two selects, 4 of the DiT block's kernels)
+        stacked = bb.emit(relax.op.stack([parts[i] for i in range(step)], axis + 1))
+        return bb.emit(relax.op.reshape(stacked, x.ty.shape))
     mask = np.zeros(n, dtype=bool)
     mask[positions] = True
     # output position i < n takes src[(i - start) // step] where the mask is set; elsewhere any
@@ -95,9 +104,30 @@ def _slice_scatter(node, importer):
     gather = np.clip((np.arange(n) - start) // step, 0, len(positions) - 1).astype("int64")
     mask_shape = [1] * rank
     mask_shape[axis] = n
-    bb = importer.block_builder
     taken = bb.emit(relax.op.take(src, relax.const(gather, "int64"), axis, mode="clip"))
-    return bb.emit(relax.op.where(relax.const(mask.reshape(mask_shape), "bool"), taken, x))
+    out = bb.emit(relax.op.where(relax.const(mask.reshape(mask_shape), "bool"), taken, x))
+    if parts is not None:
+        _strided_scatters(importer)[out] = (axis, step, parts)
+    return out
+
+
+def _strided_scatters(importer) -> dict:
+    """The importer's strided scatters so far: output var -> (axis, step, {start: src} it holds)."""
+    if not hasattr(importer, "_autotune_strided_scatters"):
+        importer._autotune_strided_scatters = {}
+    return importer._autotune_strided_scatters
+
+
+def _strided_parts(importer, x, src, axis: int, start: int, step: int, n: int, count: int) -> dict | None:
+    """The strided parts (start -> src) the scatter `x[axis, start::step] = src` leaves written: its
+    own and those of the scatters that made `x` on the same axis and step. None where the scatter is
+    not one part of `step` (a part: `n // step` positions from a start below `step`)."""
+    if n % step or count != n // step or start >= step:
+        return None
+    earlier = _strided_scatters(importer).get(x)
+    if earlier is None or earlier[:2] != (axis, step) or start in earlier[2]:
+        return {start: src}
+    return {**earlier[2], start: src}
 
 
 CUSTOM_CONVERT_MAP = {
