@@ -38,6 +38,13 @@ def design_space_sample(func, target, seed: int = 0) -> s_tir.Schedule | None:
     return None
 
 
+def has_own_default(func) -> bool:
+    """Whether `func` is a hand-written kernel with its own default schedule (which changes with
+    this code), not a sample of MetaSchedule's design space (which changes only with TVM)."""
+    return (is_attention_kernel(func) or gemm_cpu.is_gemm_kernel(func) or winograd.is_gemm_kernel(func)
+            or token_quant.is_token_quant_kernel(func))
+
+
 def default_schedule(func, target, seed: int = 0) -> s_tir.Schedule | None:
     """The schedule an untuned CPU build gives `func` (None: no design space passes the postprocessors)."""
     hand_written = attention_cpu if is_attention_kernel(func) else gemm_cpu if gemm_cpu.is_gemm_kernel(func) else None

@@ -276,7 +276,7 @@ class _Source:
 
 def read_logs(
     sources: list, target: tvm.target.Target | None = None, memory=None, winners: dict | None = None,
-    winners_only: bool = False,
+    winners_only: bool = False, remeasured: set | None = None,
 ) -> list:
     """`read_log` over several (log_dir, only) sources into one `memory`: [(report, workloads)] per source.
 
@@ -304,6 +304,8 @@ def read_logs(
                 if key not in newest or stamp > newest[key][0]:
                     newest[key] = (stamp, obj)
     winner_keys = _winner_keys(newest)
+    if remeasured is not None:
+        remeasured.update(newest)
     remeasured_structures = {key[0] for key in newest}
     for source in parsed if memory is not None else []:
         for workload in source.workloads.values():  # in file order: the first of twins is the one known
@@ -534,7 +536,9 @@ class TuningLog(ms.database.PyDatabase):
     def _load(self) -> None:
         self._memory = ms.database.MemoryDatabase(module_equality=self._module_equality)
         self.winners: dict[str, ms.database.TuningRecord] = {}  # structure_key -> its re-measurement's winner
-        (self.report, loaded), *seed = read_logs(self._sources, self.target, self._memory, self.winners)
+        self.remeasured: set[tuple[str, str]] = set()  # record_key of every schedule re-measured
+        (self.report, loaded), *seed = read_logs(self._sources, self.target, self._memory, self.winners,
+                                                 remeasured=self.remeasured)
         self.new_records: list[ms.database.TuningRecord] = []  # committed since the logs were read
         self._ids_on_disk = set(loaded)
         self.seed_records = seed[0][0].records if seed else 0

@@ -12,7 +12,9 @@ So after the search, every kernel that holds at least `min_share` of the model's
 its best schedules and its default schedule (the untuned build's) built once and measured again
 in `rounds` interleaved rounds (A B C, A B C, ...: a slow minute slows all of them alike): its
 `top` fastest records, or, where the kernel was re-measured before, that re-measurement's winner
-and the fastest records this run's search found (none found: nothing to re-measure). Each median
+and the fastest records this run's search found (none found: nothing to re-measure, unless the
+kernel is hand-written and its default schedule, which changes with the code, is one no
+re-measurement has measured: then that default is measured beside the winner). Each median
 is appended to the log as a re-measurement, which replaces that schedule's earlier times
 (tuning/log.py). A record whose search time is below the new winner's median but was not among
 them is measured in a further pass beside the winner (up to MAX_PASSES passes).
@@ -39,7 +41,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from autotune.support import defaults
 
-from .fallback import default_schedule
+from .fallback import default_schedule, has_own_default
 from .log import TuningLog, record_key, record_on, structure_key
 
 MAX_PASSES = 3  # the first candidates, then at most two passes for records found timed below the winner
@@ -124,11 +126,14 @@ def remeasure(
     report = RemeasureReport()
     plans = []
     for index, workload, winner in heavy_tasks(database, tasks, min_share):
+        task = tasks[index]
         records, pool = _rivals(database, workload, winner, top)
-        if not records:
-            report.skipped_verified += 1
+        if records:
+            plans.append((task, pool, _first_candidates(task, records, target)))
+        elif candidates := _against_todays_default(database, task, winner, target):
+            plans.append((task, pool, candidates))
         else:
-            plans.append((tasks[index], pool, _first_candidates(tasks[index], records, target)))
+            report.skipped_verified += 1
     built = _Built(target, builder, report.failures)
     try:
         built.add([c for _, _, candidates in plans for c in candidates])  # one build for all: its workers start once
@@ -169,6 +174,18 @@ def _first_candidates(task, records: list, target) -> list[Candidate]:
             args = ms.arg_info.ArgInfo.from_entry_func(fallback.mod, remove_preproc=True)
             candidates.append(Candidate(task.task_name, "default", fallback, args, fallback.trace, key))
     return candidates
+
+
+def _against_todays_default(database: TuningLog, task, winner, target) -> list[Candidate]:
+    """[the winner, the kernel's default schedule] where the kernel is hand-written and no
+    re-measurement has measured that default: its default changes with the code, so a winner
+    re-measured against an older one has not met today's. Else []. (A sample of MetaSchedule's
+    space changes only with TVM, and may be far slower: the DiT block's float32 FFN matmul's ran
+    past the runner's 10 s timeout in every round.)"""
+    if not has_own_default(task.dispatched[0]["main"]):
+        return []
+    candidates = _first_candidates(task, [winner], target)
+    return candidates if any(c.label == "default" and c.key not in database.remeasured for c in candidates) else []
 
 
 def _remeasure_task(database, task, pool, candidates, built, runner, rounds, top, margin, report) -> KernelOutcome | None:

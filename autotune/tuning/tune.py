@@ -190,14 +190,15 @@ def check_can_tune(preset: TargetPreset, settings: TuneSettings) -> None:
             )
 
 
-def unit_tasks(units: list[tuple[ImportedModel, int]], preset: TargetPreset, quantize: str | None) -> list:
+def unit_tasks(units: list[tuple[ImportedModel, int]], preset: TargetPreset, quantize: str | None,
+               winograd: bool = True) -> list:
     """The tuning tasks of compile units run `repeat` times each per call (a block-wise model: the
     block once per layer), prepared as build prepares them. A kernel that several units share is
     one task, weighted by all its calls."""
     target = preset.tvm_target()
     merged: dict = {}
     for unit, repeat in units:
-        unit, _ = prepare_model(unit, preset, quantize)  # as build does: same kernels
+        unit, _ = prepare_model(unit, preset, quantize, winograd)  # as build does: same kernels
         for task in extract_tasks(unit, target)[1]:
             key = structure_key(task.dispatched[0]["main"])
             weight = int(task.weight) * repeat + (int(merged[key].weight) if key in merged else 0)
@@ -225,7 +226,7 @@ def tune(
     check_can_tune(preset, settings)
     tvm_target = preset.tvm_target()
     units = imported if isinstance(imported, list) else [(imported, 1)]
-    tasks = unit_tasks(units, preset, settings.quantize)
+    tasks = unit_tasks(units, preset, settings.quantize, settings.winograd)
     if not tasks:
         raise TuningFailed(f"{units[0][0].source}: no tunable tasks were found (the module has no operators?)")
     shipped = shipped_log_dir(preset.family) if settings.shipped_log else None

@@ -12,7 +12,7 @@ from tvm.s_tir import meta_schedule as ms
 from autotune.frontend.importer import from_torch
 from autotune.support.settings import TuneSettings
 from autotune.support.targets import resolve_target
-from autotune.tuning.fallback import default_schedule
+from autotune.tuning.fallback import default_schedule, has_own_default
 from autotune.tuning.log import (
     RECORDS_FILE,
     WORKLOADS_FILE,
@@ -22,7 +22,13 @@ from autotune.tuning.log import (
     structure_key,
 )
 from autotune.tuning.remeasure import Candidate, _fastest, remeasure
-from autotune.tuning.tune import close_runner, extract_tasks, make_builder, make_runner
+from autotune.tuning.tune import (
+    close_runner,
+    extract_tasks,
+    make_builder,
+    make_runner,
+    unit_tasks,
+)
 
 PRESET = resolve_target("x86")
 X86 = PRESET.tvm_target()
@@ -128,6 +134,44 @@ def test_a_remeasured_kernels_winner_is_the_builds_pick(real_log, tmp_path):
     memory = ms.database.MemoryDatabase()
     read_logs([(legacy, None)], X86, memory, winners_only=True)
     assert _times(memory) == [4e-3]
+
+
+def _remeasure_once(log, task):
+    settings = TuneSettings(runs_per_measurement=1, min_repeat_ms=5)
+    runner = make_runner(settings, PRESET)
+    try:
+        return remeasure(log, [task], X86, make_builder(settings), runner, rounds=3, top=3, min_share=0.0, on_line=lambda _: None)
+    finally:
+        close_runner(runner, drop_queued=False)
+
+
+def test_a_winner_meets_a_default_schedule_it_was_never_measured_against(tmp_path):
+    """A hand-written kernel's default changes with the code: its winner, re-measured before against
+    another default (here: none), is measured again beside today's, which takes its place when
+    faster; once measured, nothing is left to re-measure. (The kernel: the bf16 engine's GEMM.)"""
+    module = torch.nn.Sequential(torch.nn.Linear(256, 256)).eval()
+    tasks = unit_tasks([(from_torch(module, {"x": torch.randn(64, 256)}), 1)], PRESET, "bf16")
+    [task] = [t for t in tasks if t.task_name.startswith("gemm_")]
+    assert has_own_default(task.dispatched[0]["main"])
+    log = TuningLog(tmp_path / "log", X86)
+    workload = log.commit_workload(task.dispatched[0])
+    naive = s_tir.Schedule(task.dispatched[0])  # the plain loop nest: far slower than the default
+    naive.get_loops(naive.get_sblock("gemm"))
+    args = ms.arg_info.ArgInfo.from_entry_func(naive.mod, remove_preproc=True)
+    log.commit_remeasurement(ms.database.TuningRecord(naive.trace, workload, [1e-9], X86, args), [1e-9] * 3, won=True)
+    log.reload()
+    assert record_key(log.winners[structure_key(task.dispatched[0]["main"])]) == record_key(log.get_all_tuning_records()[0])
+
+    report = _remeasure_once(log, task)
+    assert report.failures == [] and report.skipped_verified == 0
+    [outcome] = report.outcomes
+    assert [c.label for c in outcome.candidates] == ["record 1", "default"]
+    assert (outcome.after.label, outcome.changed) == ("default", True)
+    assert outcome.after.median < outcome.before.median
+
+    log.reload()  # the default has a re-measurement now: nothing left to measure
+    second = _remeasure_once(log, task)
+    assert (second.outcomes, second.skipped_verified) == ([], 1)
 
 
 def test_a_lucky_naive_record_loses_its_place_to_the_default_schedule(tmp_path):
