@@ -162,7 +162,7 @@ def _layer_converter(source: BlockwiseSource, preset, settings: BuildSettings, s
     expected = json.loads(block.metadata.read_text())["weights"]
 
     def convert(raw: dict) -> dict:
-        prepared, _ = prepare_model(replace(imported, weights=raw), preset, settings.quantize)
+        prepared, _ = prepare_model(replace(imported, weights=raw), preset, settings.quantize, settings.winograd)
         _, weights, _ = pack_for_target(scheduled, prepared.weights, len(prepared.inputs))
         if list(weights) != expected:
             raise BuildFailed(

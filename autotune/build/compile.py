@@ -184,7 +184,7 @@ def build(
     passes: list[dict] = []
     weights_before = imported.weight_bytes()
     said_before = len(imported.notes)
-    imported, info = prepare_model(imported, preset, settings.quantize)
+    imported, info = prepare_model(imported, preset, settings.quantize, settings.winograd)
     if info:
         passes.append(info)
     details = {} if details is None else details

@@ -42,7 +42,8 @@ def run(args) -> int:
     from autotune.support.settings import BuildSettings
     from autotune.support.targets import resolve_target
 
-    settings = BuildSettings(quantize=args.quantize, prune=args.prune, shipped_log=not args.no_shipped_log)
+    settings = BuildSettings(quantize=args.quantize, prune=args.prune, winograd=args.winograd,
+                             shipped_log=not args.no_shipped_log)
     preset = resolve_target(args.target)  # a bad --target fails before the import
     steps = Steps(3)
     steps(f"import {args.model} ({args.component})")

@@ -98,6 +98,12 @@ def add_pass_args(p: argparse.ArgumentParser) -> None:
     )
     precision.add_argument("--quantize", choices=list(MODES), help="; ".join(f"{name}: {cls.description}" for name, cls in MODES.items()))
     g.add_argument("--prune", help="structured pruning of the torch model, kept fractions: e.g. ffn=0.75,heads=0.5")
+    g.add_argument(
+        "--no-winograd", dest="winograd", action="store_false",
+        help="keep 3x3 convolutions direct (or im2col GEMMs on a matrix engine) instead of Winograd GEMMs: slower "
+        "on CPUs, but their weights ship at their own size (Winograd's transformed weights are 4x a 3x3 weight in "
+        "float32, 16/9x at bf16 and int8)",
+    )
 
 
 def tune_command(args, kernels: int) -> str:
@@ -111,6 +117,8 @@ def tune_command(args, kernels: int) -> str:
     for flag in ("weights", "height", "width", "frames", "quantize", "prune"):
         if getattr(args, flag, None) is not None:
             words += [f"--{flag}", str(getattr(args, flag))]
+    if not getattr(args, "winograd", True):
+        words += ["--no-winograd"]
     words += ["--target", args.target, "--log", args.log, "--trials", str(32 * kernels)]
     return shlex.join(words)
 

@@ -57,6 +57,7 @@ def run(args) -> int:
         build_timeout_s=args.build_timeout,
         remeasure_rounds=args.remeasure_rounds,
         quantize=args.quantize,
+        winograd=args.winograd,
         rpc=args.rpc,
         rpc_key=args.key,
         shipped_log=not args.no_shipped_log,

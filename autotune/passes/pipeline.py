@@ -55,8 +55,11 @@ from .weight_transforms import precompute_weight_transforms
 from .winograd import convolutions_as_winograd
 
 
-def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None) -> tuple[ImportedModel, dict | None]:
+def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None,
+                  winograd: bool = True) -> tuple[ImportedModel, dict | None]:
     """Phase 1. Returns the prepared model and the quantization's report (None without one).
+    `winograd`: False leaves the 3x3 convolutions direct or im2col GEMMs (their weights at their own
+    size: Winograd's transformed weights are 4x a 3x3 weight in float32, 16/9x on the engines).
 
     A quantization mode rewrites the linears and convolutions itself (its weights are stored
     pre-transposed and its dequantisation must stay inside the kernels), so the causal padding is
@@ -67,15 +70,17 @@ def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None) ->
 
         quantized, info = quantize(imported, quantize_mode, preset)
         if "note" in info:  # nothing to quantize (no linear or convolution): the float32 build, notes aside
-            unchanged = _prepare_float32(replace(imported, notes=quantized.notes), target)
+            unchanged = _prepare_float32(replace(imported, notes=quantized.notes), target, winograd)
             return unchanged, {**info, "weight_bytes_after": unchanged.weight_bytes()}
         quantized = drop_causal_padding_in(quantized)
         if quantize_mode in ("bf16", "int8-weight", "w8a8") and target.kind.name == "llvm":
             int8_activations = quantize_mode == "w8a8"
-            quantized, winograd = convolutions_as_winograd(quantized, target, engines=True, int8_activations=int8_activations)
-            quantized, moved = _onto_matrix_engines(quantized, target, int8_activations=int8_activations)
+            taken = 0
             if winograd:
-                moved["winograd"] = winograd
+                quantized, taken = convolutions_as_winograd(quantized, target, engines=True, int8_activations=int8_activations)
+            quantized, moved = _onto_matrix_engines(quantized, target, int8_activations=int8_activations)
+            if taken:
+                moved["winograd"] = taken
                 if "matrix_engine" not in moved:  # (else its weight packing precomputed the transforms too)
                     quantized = precompute_weight_transforms(quantized)
             quantized, convs = convolutions_in_float32(quantized)
@@ -91,7 +96,7 @@ def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None) ->
             if missing:
                 quantized = replace(quantized, notes=quantized.notes + [missing])
         return quantized, info
-    return _prepare_float32(imported, target), None
+    return _prepare_float32(imported, target, winograd), None
 
 
 def _onto_matrix_engines(model: ImportedModel, target: tvm.target.Target,
@@ -116,15 +121,15 @@ def _attention_in_bf16(model: ImportedModel) -> tuple[ImportedModel, int]:
     return replace(model, mod=with_compute_dtype(model.mod, "bfloat16"), notes=model.notes + [note]), found
 
 
-def _prepare_float32(model: ImportedModel, target: tvm.target.Target) -> ImportedModel:
+def _prepare_float32(model: ImportedModel, target: tvm.target.Target, winograd: bool = True) -> ImportedModel:
     """The float32 build's phase 1: causal padding dropped, large matmuls and convolutions on the
     float32 engine where the CPU target has one (AVX2 without AVX-512), the 3x3 convolutions left
     as Winograd GEMMs (CPU), weight-only work precomputed."""
     model = drop_causal_padding_in(model)
     if target.kind.name == "llvm":
         model, moved = _onto_matrix_engines(model, target)
-        model, winograd = convolutions_as_winograd(model, target)
-        if "matrix_engine" in moved and not winograd:  # (its weight packing is precomputed with the transposes)
+        model, taken = convolutions_as_winograd(model, target) if winograd else (model, 0)
+        if "matrix_engine" in moved and not taken:  # (its weight packing is precomputed with the transposes)
             return model
     return precompute_weight_transforms(model)
 

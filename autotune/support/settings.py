@@ -35,6 +35,7 @@ class TuneSettings(_Printable):
     remeasure_min_share: float = defaults.REMEASURE_MIN_SHARE
     remeasure_margin: float = defaults.REMEASURE_MARGIN
     quantize: str | None = None  # tune the kernels of this quantization mode (as `build --quantize` makes them)
+    winograd: bool = True  # 3x3 convolutions as Winograd GEMMs where the CPU pass takes them (as the build's)
     rpc: str | None = None  # "HOST:PORT" of a TVM RPC tracker
     rpc_key: str | None = None
     shipped_log: bool = True  # start the search from the records autotune ships for this target
@@ -59,5 +60,6 @@ class TuneSettings(_Printable):
 @dataclass
 class BuildSettings(_Printable):
     quantize: str | None = None  # see autotune.passes.quantize.MODES
+    winograd: bool = True  # 3x3 convolutions as Winograd GEMMs on CPUs (passes/winograd.py); False: direct / im2col
     prune: str | None = None  # recorded only: pruning happens on the torch model before import
     shipped_log: bool = True  # apply the records autotune ships for this target (beside any log given)

@@ -236,6 +236,31 @@ def test_float32_3x3_convolutions_become_winograd_gemms_and_match_torch(tmp_path
     assert max_abs_diff(out, ref) < TOL * max(1.0, float(np.abs(ref).max()))
 
 
+@pytest.mark.parametrize("mode", [None, "bf16", "w8a8"])
+def test_no_winograd_keeps_the_convolutions_and_their_weight_size(mode):
+    """`--no-winograd` (prepare_model's winograd=False): no Winograd kernel at any precision; the
+    float32 convolutions stay direct with their weights as they were (Winograd's U: 4x), bf16 and w8a8
+    ones go to conv_gemm's im2col GEMMs on the engines. The settings carry it from the command line."""
+    from autotune.cli.main import build_parser
+
+    torch.manual_seed(0)
+    module, x = VaeLikeConvolutions().eval(), torch.randn(1, 32, 3, 11, 13)
+    imported = from_torch(module, {"x": x})
+    preset = resolve_target("x86-avx512-bf16")
+    winograd, _ = prepare_model(imported, preset, mode)
+    direct, info = prepare_model(imported, preset, mode, winograd=False)
+    assert any(name.startswith("winograd_") for name in prim_funcs(winograd.mod))
+    assert not any(name.startswith("winograd_") for name in prim_funcs(direct.mod))
+    assert "winograd" not in (info or {}) and not any("Winograd" in note for note in direct.notes)
+    if mode is None:
+        assert direct.mod["main"].script().count("R.nn.conv") == 3
+        assert direct.weight_bytes() == imported.weight_bytes() < winograd.weight_bytes()
+    else:
+        assert info["convolutions_as_gemm"] >= 2
+    args = build_parser().parse_args(["build", "--model", "tiny-vae-decoder", "--no-winograd"])
+    assert args.winograd is False and build_parser().parse_args(["tune", "--model", "m"]).winograd is True
+
+
 # Against the float32 model, VaeLikeConvolutions' Winograd builds agree to a cosine of 0.99998
 # (bf16), 0.99996 (int8-weight) and 0.99982 (w8a8) on a Zen 4.
 WINOGRAD_MIN_COSINE = {"bf16": 0.9998, "int8-weight": 0.9995, "w8a8": 0.999}
