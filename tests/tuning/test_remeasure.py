@@ -187,12 +187,7 @@ def test_a_lucky_naive_record_loses_its_place_to_the_default_schedule(tmp_path):
     args = ms.arg_info.ArgInfo.from_entry_func(naive.mod, remove_preproc=True)
     log.commit_tuning_record(ms.database.TuningRecord(naive.trace, workload, [1e-9], X86, args))  # ... with a lucky time
 
-    settings = TuneSettings(runs_per_measurement=1, min_repeat_ms=5)
-    runner = make_runner(settings, PRESET)
-    try:
-        report = remeasure(log, [task], X86, make_builder(settings), runner, rounds=3, top=3, min_share=0.0, on_line=lambda _: None)
-    finally:
-        close_runner(runner, drop_queued=False)
+    report = _remeasure_once(log, task)
     assert report.failures == []
     [outcome] = report.outcomes
     assert (outcome.before.label, outcome.after.label, outcome.changed) == ("record 1", "default", True)
@@ -213,22 +208,14 @@ def test_a_lucky_naive_record_loses_its_place_to_the_default_schedule(tmp_path):
     assert record_key(log.winners[structure_key(func)]) == record_key(best)
 
     # the winner is a re-measurement now: a second pass re-measures nothing
-    runner = make_runner(settings, PRESET)
-    try:
-        second = remeasure(log, [task], X86, make_builder(settings), runner, rounds=3, top=3, min_share=0.0, on_line=lambda _: None)
-    finally:
-        close_runner(runner, drop_queued=False)
+    second = _remeasure_once(log, task)
     assert (second.outcomes, second.skipped_verified) == ([], 1)
     assert len(_record_lines(tmp_path / "log")) == 3
 
     # a record the search finds later challenges the winner: measured beside it, it must beat it
     workload = log.commit_workload(task.dispatched[0])  # as MetaSchedule's search files its records
     log.commit_tuning_record(ms.database.TuningRecord(naive.trace, workload, [1e-9], X86, args))
-    runner = make_runner(settings, PRESET)
-    try:
-        third = remeasure(log, [task], X86, make_builder(settings), runner, rounds=3, top=3, min_share=0.0, on_line=lambda _: None)
-    finally:
-        close_runner(runner, drop_queued=False)
+    third = _remeasure_once(log, task)
     [outcome] = third.outcomes
     assert (outcome.before.label, outcome.changed, len(outcome.candidates)) == ("record 1 = default", False, 2)
     assert [line["remeasured"]["won"] for line in _record_lines(tmp_path / "log")[4:]] == [True, False]
