@@ -92,7 +92,12 @@ def test_shipped_records_serve_every_layer_of_the_block(three_layers):
     """One block library, 3 weight files: the shipped log's records for the block tune all three."""
     from autotune.support.package_data import shipped_log_dir
     from autotune.support.targets import resolve_target
-    from autotune.tuning.log import RECORDS_FILE, record_fits_target, schedule_isa, target_key
+    from autotune.tuning.log import (
+        RECORDS_FILE,
+        record_fits_target,
+        schedule_isa,
+        target_key,
+    )
 
     host = resolve_target("x86").tvm_target()
     key, isa = target_key(host), schedule_isa(host)
