@@ -13,6 +13,9 @@ the artifact ships packed weights, and no packing happens per call.
 Only 2-D weights of at least `MIN_BYTES` are marked: packing pays where the matrix streams from
 memory rather than cache. Marking changes a kernel's workload hash (its tuning records), so the
 threshold is part of the contract between tune and build, like every pass in lowering.py.
+
+The matrix-engine GEMMs (kernels/gemm_cpu.py) add such a block in their own schedule, unmarked:
+their weights are packed the same way, here.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from autotune.kernels import gemm_cpu
 from autotune.support import ir
 
 from .weight_transforms import run_lifted_transform
@@ -79,11 +83,16 @@ def pack_weights(mod: tvm.IRModule, weights: dict[str, np.ndarray], num_input: i
 
     `mod` is the scheduled module (log applied); returns the module whose main takes the packed
     weights, the weights to ship (in main's parameter order) and how many were packed."""
-    if not any(f.attrs is not None and ir.LAYOUT_FREE_ATTR in f.attrs for f in ir.prim_funcs(mod).values()):
-        return mod, weights, 0  # nothing marked (e.g. GPU targets): the pass is not even run
+    if not any(_may_rewrite_a_layout(f) for f in ir.prim_funcs(mod).values()):
+        return mod, weights, 0  # (e.g. GPU targets: the pass fails on their kernels, which hold no such block)
     split = relax.transform.SplitLayoutRewritePreproc()(mod)
     count = len(ir.prim_funcs(split)) - len(ir.prim_funcs(mod))  # one packing kernel split out per packed weight
     if not count:
         return mod, weights, 0
     compute, packed = run_lifted_transform(relax.transform.LiftTransformParams()(split), weights, num_input)
     return compute, packed, count
+
+
+def _may_rewrite_a_layout(func) -> bool:
+    """A kernel marked layout-free, or a matrix-engine GEMM on an ISA whose schedules re-lay the weight."""
+    return (func.attrs is not None and ir.LAYOUT_FREE_ATTR in func.attrs) or gemm_cpu.reads_column_panels(func)

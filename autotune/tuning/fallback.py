@@ -38,26 +38,32 @@ def design_space_sample(func, target, seed: int = 0) -> s_tir.Schedule | None:
     return None
 
 
+# Hand-written kernels and their default schedules: (is this kind, schedule(sch, target)). The
+# Winograd GEMMs and the token quantizer are searched in MetaSchedule's generic space; these are
+# their defaults.
+_OWN_DEFAULTS = (
+    (is_attention_kernel, lambda sch, target: attention_cpu.apply_schedule(sch)),
+    (gemm_cpu.is_gemm_kernel, lambda sch, target: gemm_cpu.apply_schedule(sch)),
+    (winograd.is_gemm_kernel, lambda sch, target: winograd.apply_schedule(sch, sch.get_sblock(winograd.GEMM_BLOCK))),
+    (token_quant.is_token_quant_kernel, lambda sch, target: token_quant.apply_schedule(sch, attention_cpu.vector_lanes(target))),
+)
+
+
+def _own_default(func):
+    return next((schedule for is_kind, schedule in _OWN_DEFAULTS if is_kind(func)), None)
+
+
 def has_own_default(func) -> bool:
     """Whether `func` is a hand-written kernel with its own default schedule (which changes with
     this code), not a sample of MetaSchedule's design space (which changes only with TVM)."""
-    return (is_attention_kernel(func) or gemm_cpu.is_gemm_kernel(func) or winograd.is_gemm_kernel(func)
-            or token_quant.is_token_quant_kernel(func))
+    return _own_default(func) is not None
 
 
 def default_schedule(func, target, seed: int = 0) -> s_tir.Schedule | None:
     """The schedule an untuned CPU build gives `func` (None: no design space passes the postprocessors)."""
-    hand_written = attention_cpu if is_attention_kernel(func) else gemm_cpu if gemm_cpu.is_gemm_kernel(func) else None
-    if hand_written is not None:  # their own default schedule, not a random sample of their space
-        sch = s_tir.Schedule(tvm.IRModule({"main": func}))
-        hand_written.apply_schedule(sch)
-        return sch
-    if winograd.is_gemm_kernel(func):  # MetaSchedule's generic space tunes it; this is its default
-        sch = s_tir.Schedule(tvm.IRModule({"main": func}))
-        winograd.apply_schedule(sch, sch.get_sblock(winograd.GEMM_BLOCK))
-        return sch
-    if token_quant.is_token_quant_kernel(func):  # MetaSchedule's generic space tunes it; this is its default
-        sch = s_tir.Schedule(tvm.IRModule({"main": func}))
-        token_quant.apply_schedule(sch, attention_cpu.vector_lanes(target))
-        return sch
-    return design_space_sample(func, target, seed)
+    schedule = _own_default(func)
+    if schedule is None:
+        return design_space_sample(func, target, seed)
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    schedule(sch, target)
+    return sch

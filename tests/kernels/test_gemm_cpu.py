@@ -204,6 +204,36 @@ def test_kernels_keep_the_structure_the_shipped_records_are_filed_under():
         assert structure_key(gemm.make_primfunc(m, n, k, isa)) in shipped, gemm.kernel_name(m, n, k, isa)
 
 
+def test_a_schedule_recorded_before_column_panels_replays_on_the_weight_rows(vnni_target):
+    """The vector engines' default and sampled schedules re-lay the weight in column panels (a
+    layout-rewrite block the build runs once); a record tuned before that replays without it, on
+    the (k/4, n, 4) rows the build then ships, and still computes the product exactly."""
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    target, _ = vnni_target
+    m, n, k = 24, 96, 64
+    func = gemm.make_primfunc(m, n, k, gemm.VNNI).with_attr("global_symbol", "main")
+
+    def weight_shape(mod):  # what the kernel reads once the layout-rewrite block is split out (as built and measured)
+        return tuple(int(d) for d in ArgInfo.from_entry_func(mod, remove_preproc=True)[1].shape)
+
+    today = s_tir.Schedule(tvm.IRModule({"main": func}))
+    gemm.apply_schedule(today)
+    assert weight_shape(today.mod) == (n // 16, k // 4, 16, 4)
+    before = s_tir.Schedule(tvm.IRModule({"main": func}), seed=1)
+    gemm.apply_schedule(before, sample=True, panels=False)
+    replayed = s_tir.Schedule(tvm.IRModule({"main": func}))
+    before.trace.apply_to_schedule(replayed, remove_postproc=True)
+    assert weight_shape(replayed.mod) == (k // 4, n, 4)
+    a, b, ref = _int8_operands(m, n, k)
+    np.testing.assert_array_equal(_run(tvm.compile(replayed.mod, target=tvm.target.Target(target)), a, b, (m, n)), ref)
+    # today's kernel as built (its re-layout split out) on the weight re-laid by numpy
+    relaid = gemm.compile_standalone(m, n, k, gemm.VNNI, tvm.target.Target(target), relaid=True)
+    c = tvm.runtime.tensor(np.full((m, n), -1, "int32"))
+    relaid["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(gemm.column_panels(gemm.pack_weight(b, 4), gemm.VNNI)), c)
+    np.testing.assert_array_equal(c.numpy(), ref)
+
+
 def test_a_short_reductions_weight_panel_converts_in_a_loop():
     """A VAE convolution's K = 288 is under the task's auto-unroll limit: unrolled, the panel's
     conversion was 288 copies of the int8 -> float32 widening in the LLVM IR (17k lines, 2.4 s of

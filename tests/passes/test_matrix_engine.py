@@ -63,6 +63,19 @@ def _engine_kernels(mod) -> list:
     return [f for f in prim_funcs(mod).values() if gemm.is_gemm_kernel(f)]
 
 
+def _weights_in_column_panels(report, kn: tuple[int, int], g: int) -> int:
+    """How many weights of a (k, n) matmul the artifact ships re-laid for the vector engines,
+    (n / 16, k / g, 16, g), packed once at build time (gemm_cpu's layout-rewrite block, split out of
+    the kernel: none left in the library, no per-call re-layout)."""
+    from autotune.runtime.artifact import load_weights, read_metadata
+
+    assert "weight matrices packed" in " ".join(report.notes), report.notes
+    k, n = kn
+    shipped = load_weights(report.paths.weights, read_metadata(report.paths)["weights"])
+    assert not [w.shape for w in shipped.values() if w.shape == (k // g, n, g)], "a weight left in rows"
+    return sum(w.shape == (n // 16, k // g, 16, g) for w in shipped.values())
+
+
 def test_bf16_weight_matmuls_move_onto_the_engine_with_packed_weights(projections):
     module, inputs = projections
     prepared, _ = prepare_model(from_torch(module, inputs), resolve_target("x86-avx512-bf16"), "bf16")
@@ -88,6 +101,8 @@ def test_bf16_artifact_matches_torch(tmp_path, projections, target, isa):
     report = build(from_torch(module, inputs), target, tmp_path / "p", settings=BuildSettings(quantize="bf16", shipped_log=False))
     meta = json.loads(report.paths.metadata.read_text())
     assert sum(name.startswith(f"gemm_bf16_{isa}_") for name in meta["kernels"]["flops"]) == (2 if isa == gemm.AVX2_BF16 else 1)
+    if isa in gemm.PANEL_ISAS:  # up's weight (64, 48) ships in 16-column panels of bf16 pairs
+        assert _weights_in_column_panels(report, (64, 48), 2) == 1
     out = np.asarray(autotune.load(report.paths.library)(inputs["x"].numpy()), dtype=np.float32)
     with torch.no_grad():
         ref = module(inputs["x"]).numpy()
@@ -536,6 +551,7 @@ def test_w8a8_linear_runs_on_vnni_and_equals_the_fake_quantized_reference(tmp_pa
     meta = json.loads(report.paths.metadata.read_text())
     assert meta["passes"][0]["matrix_engine"] == {"AVX512-VNNI": 1}
     assert any(name.startswith("gemm_int8_avx512vnni") for name in meta["kernels"]["flops"])
+    assert _weights_in_column_panels(report, (64, 48), 4) == 1  # int8 quads in 16-column panels
     out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float64)[0]
     ref = _fake_quantized_linear(x.double().numpy()[0], linear)
     err = np.abs(out - ref).max() / np.abs(ref).max()
