@@ -30,6 +30,7 @@ from autotune.support import ir
 from .weight_transforms import run_lifted_transform
 
 MIN_BYTES = 4 << 20
+PACKER_SUFFIX = "_weight_prepack"  # what SplitLayoutRewritePreproc names the packing kernel it splits out
 
 
 def mark_layout_free(mod: tvm.IRModule, target: tvm.target.Target, min_bytes: int | None = None) -> tvm.IRModule:
@@ -59,18 +60,22 @@ def _weight_operands(main: relax.Function) -> dict:
     if main.attrs is None or ir.NUM_INPUT_ATTR not in main.attrs:
         return {}
     weights = main.params[ir.num_input(main):]
-    call_tir = tvm.ir.Op.get("relax.call_tir")
     found: dict = {}
+    for kernel, operands in _kernel_calls(main):
+        here = {i for i, a in enumerate(operands) if any(a.same_as(w) for w in weights)}
+        found[kernel] = found[kernel] & here if kernel in found else here
+    return found
+
+
+def _kernel_calls(main: relax.Function):
+    """(kernel GlobalVar, operands) of each call_tir in main, in order."""
+    call_tir = tvm.ir.Op.get("relax.call_tir")
     for block in main.body.blocks:
         for binding in block.bindings:
             value = binding.value
-            if not (isinstance(value, relax.Call) and value.op.same_as(call_tir)):
-                continue
-            kernel, args = value.args[0], value.args[1]
-            operands = args.fields if isinstance(args, relax.Tuple) else [args]
-            here = {i for i, a in enumerate(operands) if any(a.same_as(w) for w in weights)}
-            found[kernel] = found[kernel] & here if kernel in found else here
-    return found
+            if isinstance(value, relax.Call) and value.op.same_as(call_tir):
+                args = value.args[1]
+                yield value.args[0], list(args.fields) if isinstance(args, relax.Tuple) else [args]
 
 
 def _is_large_matrix(info, min_bytes: int) -> bool:
@@ -86,7 +91,7 @@ def pack_weights(mod: tvm.IRModule, weights: dict[str, np.ndarray], num_input: i
     if not any(_may_rewrite_a_layout(f) for f in ir.prim_funcs(mod).values()):
         return mod, weights, 0  # (e.g. GPU targets: the pass fails on their kernels, which hold no such block)
     split = relax.transform.SplitLayoutRewritePreproc()(mod)
-    count = len(ir.prim_funcs(split)) - len(ir.prim_funcs(mod))  # one packing kernel split out per packed weight
+    count = sum(kernel.name_hint.endswith(PACKER_SUFFIX) for kernel, _ in _kernel_calls(split["main"]))  # a call: a weight
     if not count:
         return mod, weights, 0
     compute, packed = run_lifted_transform(relax.transform.LiftTransformParams()(split), weights, num_input)
