@@ -16,6 +16,8 @@ Contenders, all fp32 on `--threads` (default 2) threads:
 On a CPU with AVX512-BF16, at bf16 (inputs rounded to bf16, bf16 output):
   tvm-kernel-bf16   the kernel alone with both GEMMs on vdpbf16ps, default schedule.
   tvm-kernel-amx    (a CPU with AMX-BF16) the kernel alone with both GEMMs on AMX tiles.
+  tvm-kernel-int8qk (a CPU with VNNI too) the kernel w8a8 builds use: Q.K^T on vpdpbusd with Q and
+                    K quantized to int8 in the kernel, P.V on vdpbf16ps.
   torch-sdpa-bf16   torch's SDPA on bf16 tensors.
 Rounds are interleaved (round r runs every contender once, in turn), so load from other
 processes on this shared machine hits all of them alike; a pause between calls lets the thread
@@ -176,6 +178,7 @@ def bench_shape(tokens: int, workdir: Path) -> dict:
 
     contenders["torch-sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v)
 
+    bf16_outputs = {}  # bf16 kernels' output tensors, by contender
     if "avx512_bf16" in hardware.cpu_flags():  # bf16: the vdpbf16ps kernel against torch's bf16 SDPA
         import ml_dtypes
 
@@ -185,6 +188,12 @@ def bench_shape(tokens: int, workdir: Path) -> dict:
                        for x in (q.numpy()[0], k.numpy()[0].transpose(0, 2, 1), v.numpy()[0]))
         bout = tvm.runtime.empty((h, tokens, d), "bfloat16")
         contenders["tvm-kernel-bf16"] = lambda: kernel16(bq, bkt, bv, bout)
+        bf16_outputs["tvm-kernel-bf16"] = bout
+        if "avx512_vnni" in hardware.cpu_flags():  # int8 scores: Q.K^T on vpdpbusd
+            kernel8 = kc.compile_standalone(h, tokens, tokens, d, d, tgt, None, "bfloat16", t16, engine="avx512vnni")["main"]
+            iout = tvm.runtime.empty((h, tokens, d), "bfloat16")
+            contenders["tvm-kernel-int8qk"] = lambda: kernel8(bq, bkt, bv, iout)
+            bf16_outputs["tvm-kernel-int8qk"] = iout
         if not hardware.missing_cpu_flags(["amx_tile", "amx_bf16"]):  # both GEMMs on AMX tiles
             hardware.request_amx_permission()
             amx = resolve_target("x86-amx").tvm_target()
@@ -192,6 +201,7 @@ def bench_shape(tokens: int, workdir: Path) -> dict:
                                                kc.choose_amx_tiles(tokens, tokens), engine="amx")["main"]
             aout = tvm.runtime.empty((h, tokens, d), "bfloat16")
             contenders["tvm-kernel-amx"] = lambda: kernel_amx(bq, bkt, bv, aout)
+            bf16_outputs["tvm-kernel-amx"] = aout
         qb, kb, vb = (x.to(torch.bfloat16) for x in (q, k, v))
         contenders["torch-sdpa-bf16"] = lambda: F.scaled_dot_product_attention(qb, kb, vb)
 
@@ -209,8 +219,8 @@ def bench_shape(tokens: int, workdir: Path) -> dict:
             out = out.numpy()
         elif name == "tvm-kernel":
             out = kout.numpy()[None]
-        elif name in ("tvm-kernel-bf16", "tvm-kernel-amx"):
-            out = (bout if name == "tvm-kernel-bf16" else aout).numpy().astype(np.float32)[None]
+        elif name in bf16_outputs:
+            out = bf16_outputs[name].numpy().astype(np.float32)[None]
         elif name == "torch-sdpa-bf16":
             out = out.float().numpy()
         elif name == "onnxruntime":

@@ -47,12 +47,16 @@ FUNC_PREFIX = "fused_attention"
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 # module attribute (set in phase 1, read here): the dtype float32 attentions compute in on CPU
 COMPUTE_DTYPE_ATTR = "autotune.attention_compute_dtype"
+INT8_SCORES_ATTR = "autotune.attention_int8_scores"  # (w8a8) Q.K^T on the int8 engine where the kernel would use vdpbf16ps
 
 
-def with_compute_dtype(mod: tvm.IRModule, dtype: str) -> tvm.IRModule:
+def with_compute_dtype(mod: tvm.IRModule, dtype: str, int8_scores: bool = False) -> tvm.IRModule:
     """`mod`, its float32 attentions to be fused into kernels computing in `dtype` ("bfloat16":
-    q, kᵀ, v cast on the way in, float32 accumulation, the output cast back to float32)."""
-    return mod.with_attr(COMPUTE_DTYPE_ATTR, dtype)
+    q, kᵀ, v cast on the way in, float32 accumulation, the output cast back to float32).
+    `int8_scores`: where such a kernel would run on vdpbf16ps and the CPU has VNNI, its Q.K^T runs
+    on vpdpbusd instead (`attention_cpu`'s int8-scores kernel)."""
+    mod = mod.with_attr(COMPUTE_DTYPE_ATTR, dtype)
+    return mod.with_attr(INT8_SCORES_ATTR, True) if int8_scores else mod
 
 
 # --- helpers on Relax expressions ----------------------------------------------------------------
@@ -434,7 +438,7 @@ def _target_kind(target) -> str:
     return "cpu" if target is None else ("cuda" if target.kind.name == "cuda" else "cpu" if target.kind.name == "llvm" else target.kind.name)
 
 
-def _cpu_kernel(m: AttentionMatch, scale: float, target):
+def _cpu_kernel(m: AttentionMatch, scale: float, target, int8_scores: bool = False):
     from autotune.kernels import attention_cpu as kc
     from autotune.kernels import gemm_cpu
 
@@ -448,11 +452,20 @@ def _cpu_kernel(m: AttentionMatch, scale: float, target):
         engine, tiles = gemm_cpu.AMX, amx_tiles
     elif isa in (gemm_cpu.AMX, gemm_cpu.AVX512) and kc.dot_engine_fits(m.dtype, m.d, m.dv, tiles):
         engine = gemm_cpu.AVX512
+        if int8_scores and kc.int8_scores_fit(m.dtype, m.d, m.dv, tiles):  # (set where the CPU has VNNI)
+            engine = gemm_cpu.VNNI
     func = kc.make_primfunc(m.bh, m.lq, m.lk, m.d, m.dv, scale, m.dtype, tiles, k_layout=layout, engine=engine)
     func = kc.annotate_for_metaschedule(func)
     name = f"{FUNC_PREFIX}_cpu_{m.bh}x{m.lq}x{m.lk}x{m.d}x{m.dv}_{m.dtype}_{layout}_s{scale:.6g}".replace(".", "p").replace("-", "m")
-    name += {gemm_cpu.AVX512: "_vdpbf16ps", gemm_cpu.AMX: "_amx", None: ""}[engine]
+    name += {gemm_cpu.AVX512: "_vdpbf16ps", gemm_cpu.AMX: "_amx", gemm_cpu.VNNI: "_int8qk", None: ""}[engine]
     return name, func.with_attr("op_pattern", 8)  # kOpaque: FuseOps leaves it alone
+
+
+def has_int8_scores(target) -> bool:
+    """Whether the CPU target multiplies int8 with VNNI (every AMX-INT8 CPU has it too)."""
+    from autotune.kernels import gemm_cpu
+
+    return gemm_cpu.target_isa(target, gemm_cpu.INT8) in (gemm_cpu.VNNI, gemm_cpu.AMX_INT8)
 
 
 def _widens_bf16(target) -> bool:
@@ -486,6 +499,7 @@ class _Rewriter(PyExprMutator):
         self.unfused: dict[str, int] = {}  # why an attention was left as it is -> how many
         attrs = mod.attrs or {}
         self.compute_dtype = str(attrs[COMPUTE_DTYPE_ATTR]) if COMPUTE_DTYPE_ATTR in attrs else None
+        self.int8_scores = bool(attrs[INT8_SCORES_ATTR]) if INT8_SCORES_ATTR in attrs else False
 
     def run(self) -> tvm.IRModule:
         for gv, func in list(self.mod_.functions.items()):
@@ -500,7 +514,10 @@ class _Rewriter(PyExprMutator):
         return self.builder_.get()
 
     def _kernel(self, m: AttentionMatch, scale: float):
-        name, func = (_cuda_kernel if self.kind == "cuda" else _cpu_kernel)(m, scale, self.target)
+        if self.kind == "cuda":
+            name, func = _cuda_kernel(m, scale, self.target)
+        else:
+            name, func = _cpu_kernel(m, scale, self.target, self.int8_scores)
         if name not in self.kernels:
             self.kernels[name] = self.builder_.add_func(func, name)
         return self.kernels[name]

@@ -328,6 +328,52 @@ def test_bf16_attention_on_amx_tiles_matches_numpy(amx_target, bh, lq, lk, d, la
     assert float((out * ref).sum() / np.linalg.norm(out) / np.linalg.norm(ref)) >= BF16_MIN_COSINE
 
 
+def _int8_scores_reference(q, k, v, scale):
+    """numpy (float64) of the int8-scores kernel's arithmetic: Q per row and K per key (less the keys'
+    mean) quantized to int8, their exact integer product rescaled, softmax, P rounded to bf16, P.V."""
+    import ml_dtypes
+
+    q, k, v = (x.astype(np.float64) for x in (q, k, v))
+    k = k - k.mean(axis=1, keepdims=True)
+    sq, sk = (np.maximum(np.abs(x).max(-1, keepdims=True), 1e-8) / 127 for x in (q, k))
+    qq, kq = np.round(q / sq), np.round(k / sk)
+    s = np.einsum("bid,bjd->bij", qq, kq) * sq * sk.transpose(0, 2, 1) * scale
+    p = np.exp(s - s.max(-1, keepdims=True)).astype(ml_dtypes.bfloat16).astype(np.float64)
+    return np.einsum("bij,bjd->bid", p, v) / p.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize(
+    "bh, lq, lk, d, layout",
+    [
+        (2, 64, 64, 32, "k"),  # aligned: one query tile, one key tile
+        (2, 100, 70, 64, "kt"),  # ragged: padded queries and keys, transposed keys
+        (3, 37, 257, 128, "k"),  # the image cross-attention's 257 keys at head_dim 128
+    ],
+)
+def test_int8_scores_attention_matches_its_arithmetic_and_the_bf16_reference(dpbf16_target, vnni_target, bh, lq, lk, d, layout):
+    """Q.K^T on vpdpbusd, P.V on vdpbf16ps (each emulated where the CPU lacks it). Against numpy doing
+    the same quantization: within bf16's rounding of P and O; against float64 attention on the bf16
+    inputs: cosine >= 0.9995, with the keys sharing a large per-channel offset (the keys' mean, taken
+    out before quantizing, would otherwise take most of each key's 8 bits)."""
+    import ml_dtypes
+
+    target, emulated = dpbf16_target
+    tiles = kc.choose_tiles(lq, lk, d, d, 16)
+    lib = kc.compile_standalone(bh, lq, lk, d, d, target, None, "bfloat16", tiles, None, layout, engine="avx512vnni")
+    if not emulated and not vnni_target[1]:
+        asm = lib.mod.inspect_source("asm")
+        assert "vpdpbusd" in asm and "vdpbf16ps" in asm
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal(s) for s in ((bh, lq, d), (bh, lk, d), (bh, lk, d)))
+    k = k + 4 * rng.standard_normal((1, 1, d))
+    q, k, v = (x.astype(ml_dtypes.bfloat16) for x in (q, k, v))
+    k_in = k if layout == "k" else np.ascontiguousarray(k.transpose(0, 2, 1))
+    out = _run_bf16(lib, q, k_in, v, d)
+    assert np.abs(out - _int8_scores_reference(q, k, v, d**-0.5)).max() < BF16_ATOL
+    ref = ref_attention(q, np.ascontiguousarray(k.transpose(0, 2, 1)), v, d**-0.5)
+    assert float((out * ref).sum() / np.linalg.norm(out) / np.linalg.norm(ref)) >= 0.9995
+
+
 def test_amx_attention_design_space_passes_metaschedule_and_computes(amx_target):
     """What tuning does with the AMX kernel: post-order-apply hands it to our rule, the schedule
     passes MetaSchedule's CPU postprocessors and still computes right."""
@@ -347,13 +393,17 @@ def test_amx_attention_design_space_passes_metaschedule_and_computes(amx_target)
     assert np.abs(out - ref).max() < BF16_ATOL
 
 
-def test_bf16_dot_design_space_replays_every_decision(dpbf16_target):
-    """The rule's sampled register tiles (rows and vectors of both GEMMs) each replay and compute right."""
+@pytest.mark.parametrize("engine", ["avx512bf16", "avx512vnni"])
+def test_bf16_dot_design_space_replays_every_decision(dpbf16_target, engine, request):
+    """The rule's sampled register tiles (rows and vectors of both GEMMs) each replay and compute right,
+    on vdpbf16ps and with int8 scores (against the float reference: int8's tolerance)."""
     import itertools
 
     target, _ = dpbf16_target
+    if engine == "avx512vnni":
+        request.getfixturevalue("vnni_target")
     tiles = kc.CpuTiles(32, 32, 16)
-    func = kc.make_primfunc(2, 64, 40, 32, 32, 32**-0.5, "bfloat16", tiles, k_layout="k", engine="avx512bf16")
+    func = kc.make_primfunc(2, 64, 40, 32, 32, 32**-0.5, "bfloat16", tiles, k_layout="k", engine=engine)
     func = func.with_attr("global_symbol", "main")
     sampled = s_tir.Schedule(tvm.IRModule({"main": func}), seed=1)
     kc.apply_schedule(sampled, sample=True)
@@ -367,7 +417,7 @@ def test_bf16_dot_design_space_replays_every_decision(dpbf16_target):
         replayed = s_tir.Schedule(tvm.IRModule({"main": func}))
         trace.apply_to_schedule(replayed, remove_postproc=True)
         out = _run_bf16(tvm.compile(replayed.mod, target=target), q, k_in, v, 32)
-        assert np.abs(out - ref).max() < BF16_ATOL, picks
+        assert np.abs(out - ref).max() < (3 * BF16_ATOL if engine == "avx512vnni" else BF16_ATOL), picks
 
 
 def test_bf16_attention_takes_the_engine_the_target_has():

@@ -141,14 +141,19 @@ def test_bf16_attention_computes_in_float32_where_the_cpu_has_no_bf16_arithmetic
 @pytest.mark.parametrize("mode", ["int8-weight", "w8a8"])
 def test_quantized_modes_compute_attention_in_bf16_where_the_cpu_has_bf16_arithmetic(mode):
     """int8-weight and w8a8 quantize the linears; the float32 attention between them takes the bf16
-    kernel on AVX512-BF16 and AMX (as the bf16 build's), and stays float32 on AVX2 (which widens bf16)."""
+    kernel on AVX512-BF16 and AMX (as the bf16 build's), and stays float32 on AVX2 (which widens bf16).
+    Under w8a8 on AVX512-BF16 its Q.K^T goes to VNNI (int8 scores); not on AMX CPUs (this head_dim of
+    16 fits no AMX tile, so the kernel there is vdpbf16ps's: AMX CPUs keep bf16 scores)."""
     module, inputs = AttentionBlock().eval(), {"x": torch.randn(1, 32, 64)}
-    for target, dtype in (("x86-avx2", "float32"), ("x86-avx512-bf16", "bfloat16"), ("x86-amx", "bfloat16")):
+    int8_scores = "_int8qk" if mode == "w8a8" else "_vdpbf16ps"
+    for target, dtype, kernel in (("x86-avx2", "float32", "_k_s0p25"), ("x86-avx512-bf16", "bfloat16", int8_scores),
+                                  ("x86-amx", "bfloat16", "_vdpbf16ps")):
         prepared, info = prepare_model(from_torch(module, inputs), resolve_target(target), mode)
         fused = fuse_for_target(prepared.mod, resolve_target(target).tvm_target())
         names = [name for name in prim_funcs(fused) if name.startswith("fused_attention")]
-        assert len(names) == 1 and f"_{dtype}_" in names[0], (target, names)
+        assert len(names) == 1 and f"_{dtype}_" in names[0] and names[0].endswith(kernel), (target, names)
         assert info.get("attention_dtype", "float32") == dtype, (target, info)
+        assert info.get("attention_scores") == ("int8" if kernel == "_int8qk" else None), (target, info)
 
 
 @pytest.mark.skipif("avx512_bf16" not in hardware.cpu_flags(), reason="CPU has no AVX512-BF16 to run the bf16 attention on")
