@@ -15,7 +15,8 @@ fused module) silently misses every record. Both call the phases below, and noth
                                           float32 ones left after);
                                           precompute weight-only work (transposes);
                                           int8 modes: attention in bf16 where the CPU
-                                          multiplies bf16 (AMX / AVX512-BF16)
+                                          multiplies bf16 (AMX / AVX512-BF16), w8a8's
+                                          Q.K^T in int8 where VNNI is (not on AMX)
     fuse       the tuning tasks           fuse attention into one kernel; legalize     all; CPU adds fast
                                           (CPU: vectorisable fast math), annotate,     math and marks large
                                           fold constants, fuse, FuseTIR, DCE           weights layout-free
