@@ -70,8 +70,8 @@ from autotune.support import tvm_compat
 from autotune.support.ir import ATTENTION_ATTR as KERNEL_ATTR
 
 LOG2E = 1.4426950408889634
-RULE_NAME = "autotune_attention"
-ENGINES = (None, gemm_cpu.AVX512, gemm_cpu.AMX, gemm_cpu.VNNI)  # widened fp32, vdpbf16ps, AMX tiles, int8 scores  # MetaSchedule looks up s_tir.meta_schedule.<target key>.<name>
+RULE_NAME = "autotune_attention"  # MetaSchedule looks up s_tir.meta_schedule.<target key>.<name>
+ENGINES = (None, gemm_cpu.AVX512, gemm_cpu.AMX, gemm_cpu.VNNI)  # widened fp32, vdpbf16ps, AMX tiles, int8 scores
 
 
 @dataclass(frozen=True)
