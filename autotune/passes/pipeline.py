@@ -99,6 +99,8 @@ def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None,
             missing = _missing_engine(quantize_mode, target, preset)
             if missing:
                 quantized = replace(quantized, notes=quantized.notes + [missing])
+        if quantize_mode == "fp16" and preset.family == "x86":
+            quantized = replace(quantized, notes=quantized.notes + [FP16_ON_CPU])
         return quantized, info
     return _prepare_float32(imported, target, winograd), None
 
@@ -145,6 +147,14 @@ def _prepare_float32(model: ImportedModel, target: tvm.target.Target, winograd: 
         if "matrix_engine" in moved and not taken:  # (its weight packing is precomputed with the transposes)
             return model
     return precompute_weight_transforms(model)
+
+
+FP16_ON_CPU = (
+    "fp16 on an x86 CPU: autotune has no float16 kernels for it (no matrix engine takes float16), so its "
+    "matmuls and convolutions run on generic kernels that convert every float16 value to float32 and back: "
+    "expect it slower than the float32 build (1.1-2.4x on a Zen 4, tools/results/quantize.md); it halves "
+    "the weights. On a CPU, bf16 is the half precision with matrix-engine kernels: --precision bf16."
+)
 
 
 def _missing_engine(mode: str, target: tvm.target.Target, preset) -> str | None:

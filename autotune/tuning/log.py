@@ -92,6 +92,7 @@ class LogReadReport:
     superseded: int = 0  # record lines replaced by a newer re-measurement of their schedule
     set_aside: int = 0  # records of re-measured kernels left out (winners_only): the winner is their pick
     problems: list[LogProblem] = field(default_factory=list)
+    passed_over: set[str] = field(default_factory=set)  # ids of the workloads not read (`only`), their records neither
 
     @property
     def good_lines(self) -> int:
@@ -345,7 +346,7 @@ def _winner_keys(newest: dict) -> dict:
 def _parse_log(log_dir: Path, target, only) -> _Source:
     source = _Source(LogReadReport(), {}, {}, {}, [])
     report, workloads = source.report, source.workloads
-    skipped: set[str] = set()  # workloads left out by `only`
+    skipped = report.passed_over
     wpath, rpath = log_dir / WORKLOADS_FILE, log_dir / RECORDS_FILE
     for number, obj, reason in _read_lines(wpath):
         if obj is None:
@@ -513,19 +514,22 @@ class TuningLog(ms.database.PyDatabase):
         target: tvm.target.Target,
         module_equality: str = "structural",
         seed_log: str | Path | None = None,
-        seed_kernels: set[str] | None = None,
+        kernels: set[str] | None = None,
     ):
-        """`seed_log` (the shipped log) is read too, for the kernels in `seed_kernels` only (their
-        `structure_key`s): its records start the search, and nothing is written to it."""
+        """`kernels` (their `structure_key`s): read only these kernels' workloads and records, from
+        the log and from `seed_log`; None: the log whole (and nothing from `seed_log`). A tuning run
+        needs its own kernels' records only, and replaying every record of a large log (the
+        shipped one: 185 MB of workloads) took minutes. `seed_log` (the shipped log): its records
+        start the search, and nothing is written to it."""
         super().__init__()
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.target = target
         self._target_key = target_key(target)
         self._module_equality = module_equality
-        self._sources = [(self.log_dir, None)]
+        self._sources = [(self.log_dir, kernels)]
         if seed_log is not None and Path(seed_log).resolve() != self.log_dir.resolve():
-            self._sources.append((Path(seed_log), seed_kernels or set()))
+            self._sources.append((Path(seed_log), kernels or set()))
         self._load()
         # The in-memory database returns, for a module, the first structurally equal workload it
         # knows; structural equality ignores block names, and a trace replays only on a module
@@ -540,7 +544,7 @@ class TuningLog(ms.database.PyDatabase):
         (self.report, loaded), *seed = read_logs(self._sources, self.target, self._memory, self.winners,
                                                  remeasured=self.remeasured)
         self.new_records: list[ms.database.TuningRecord] = []  # committed since the logs were read
-        self._ids_on_disk = set(loaded)
+        self._ids_on_disk = set(loaded) | self.report.passed_over  # (a workload is appended only when new)
         self.seed_records = seed[0][0].records if seed else 0
 
     def reload(self) -> None:

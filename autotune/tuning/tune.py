@@ -31,6 +31,7 @@ from .cost_model import make_cost_model
 from .cpu_watch import CpuWatch
 from .log import TuningLog, structure_key
 from .remeasure import RemeasureReport, remeasure
+from .scheduler import MeasuredInTurn
 from .search import FallbackFirstSearch
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class TuneReport:
     tasks: list[TaskStats]
     trials: int
     failures: int
-    records_before: int
+    records_before: int  # the log's records of the tuned kernels (the rest of the log is not read)
     records_after: int
     seconds: float
     log_dir: str
@@ -77,7 +78,7 @@ class TuneReport:
         tuned = sum(1 for t in self.tasks if math.isfinite(t.best_sec))
         return (
             f"{self.trials} trials ({self.failures} failed) over {tuned}/{len(self.tasks)} tasks in "
-            f"{self.seconds:.0f} s; log {self.log_dir}: {self.records_before} -> {self.records_after} records"
+            f"{self.seconds:.0f} s; log {self.log_dir}: {self.records_before} -> {self.records_after} records of these kernels"
             + (f" (+ {self.seed_records} shipped records it started from)" if self.seed_records else "")
             + (f"; tuned kernels sum to {est:.2f} ms" if est is not None else "")
             + (f"\n{self.remeasured.summary()}" if self.remeasured is not None else "")
@@ -129,7 +130,7 @@ def close_runner(runner, drop_queued: bool) -> None:
     """Stop a local runner's measuring process now.
 
     MetaSchedule leaves this to garbage collection, whose shutdown waits for every queued
-    measurement (its first round queues every kernel's batch before measuring any), and TVM's
+    measurement (a batch's candidates queue on the runner's one worker), and TVM's
     PopenPoolExecutor.shutdown warns that it can deadlock when called from __del__. After a
     Ctrl-C the queued measurements are dropped and the process killed instead.
     """
@@ -231,7 +232,7 @@ def tune(
         raise TuningFailed(f"{units[0][0].source}: no tunable tasks were found (the module has no operators?)")
     shipped = shipped_log_dir(preset.family) if settings.shipped_log else None
     database = TuningLog(
-        log_dir, tvm_target, seed_log=shipped, seed_kernels={structure_key(t.dispatched[0]["main"]) for t in tasks}
+        log_dir, tvm_target, seed_log=shipped, kernels={structure_key(t.dispatched[0]["main"]) for t in tasks}
     )
     import_tensor_intrin_fast()  # the search's schedule rules import it; ~75 s otherwise
     records_before = database.report.good_lines
@@ -261,6 +262,7 @@ def tune(
     started = time.time()
     guard = _InterruptGuard(on_first=display.note_stopping)
     watch = CpuWatch() if settings.rpc is None else None  # (remote measurements: this CPU does not matter)
+    measured_elsewhere = settings.rpc is not None or preset.is_gpu  # building beside a measurement disturbs nothing
 
     def after_batch():
         if watch is not None:
@@ -303,7 +305,7 @@ def tune(
                     database=database,
                     cost_model=cost_model,
                     measure_callbacks=measure_callbacks,
-                    task_scheduler="gradient",
+                    task_scheduler=MeasuredInTurn(seed=settings.seed, overlap=measured_elsewhere),
                 )
             finally:
                 close_runner(runner, drop_queued=bool(guard.interrupted))

@@ -400,7 +400,8 @@ def test_a_pickled_model_leaves_its_calibration_behind():
 
 def test_a_mode_without_its_matrix_engine_says_so():
     """bf16 / int8-weight / w8a8 on a CPU target without the engine their speed needs: a build note
-    that says what runs instead and which CPUs have the engine; none where the engine is there."""
+    that says what runs instead and which CPUs have the engine; none where the engine is there.
+    fp16 on x86, which no engine of autotune's takes: a note that points to bf16."""
     import torch
 
     from autotune.frontend.importer import from_torch
@@ -411,7 +412,8 @@ def test_a_mode_without_its_matrix_engine_says_so():
     no_avx2 = '{"kind": "llvm", "mcpu": "x86-64", "num-cores": 2}'
     cases = [("w8a8", no_avx2, "AMX-INT8, AVX512-VNNI or AVX2"), ("bf16", no_avx2, "AMX-BF16, AVX512-BF16 or AVX2 with FMA"),
              ("int8-weight", "aarch64-dotprod", "(ARM)"), ("w8a8", "x86-avx512-vnni", None), ("w8a8", "x86-avx2", None),
-             ("bf16", "x86-amx", None), ("bf16", "x86-avx2", None), ("int8-weight", "x86-avx512", None)]
+             ("bf16", "x86-amx", None), ("bf16", "x86-avx2", None), ("int8-weight", "x86-avx512", None),
+             ("fp16", "x86-amx", "--precision bf16"), ("fp16", "x86-avx2", "--precision bf16"), ("fp16", "cuda-sm80", None)]
     for mode, preset, said in cases:
         prepared, _ = prepare_model(imported, resolve_target(preset), mode)
         notes = [n for n in prepared.notes if "generic kernels" in n]

@@ -253,8 +253,7 @@ def test_interrupted_tune_keeps_its_records(tmp_path):
     side): every record flushed before the signal is in the log, at most a cut last line not."""
     # Without the shipped log the light kernels are not covered, so the run starts with one light
     # kernel's batch: its record is on disk ~20 s in, while the heavy kernels still have a minute of
-    # work queued (with the shipped log the first records come only after all 7 heavy kernels' first
-    # batches, ~70 s). The signal lands in the middle of a run either way.
+    # work ahead. The signal lands in the middle of a run.
     signals = {"sigint": signal.SIGINT, "sigkill": signal.SIGKILL}
     procs = {name: _start_tune(tmp_path / name, 16, "--no-shipped-log") for name in signals}
     try:
@@ -274,9 +273,35 @@ def test_interrupted_tune_keeps_its_records(tmp_path):
     # resuming from such a log: test_truncated_last_line (the append) and test_spine (the tune)
 
 
+def test_a_tuning_run_reads_only_its_kernels_and_files_no_workload_twice(real_log, tmp_path):
+    """A tune reads its own kernels' records (a large log's others cost minutes to replay), and a
+    kernel it passed over is not filed a second time when it commits a record for it."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from autotune.tuning.log import structure_key
+
+    log = _copy_log(real_log, tmp_path / "log")
+    memory = ms.database.MemoryDatabase()
+    whole = read_log(log, X86, memory)[0]
+    by_kernel = {structure_key(r.workload.mod["main"]): r for r in memory.get_all_tuning_records()}
+    assert len(by_kernel) >= 2
+    wanted, other = list(by_kernel)[:2]
+    tuning_log = TuningLog(log, X86, kernels={wanted})
+    assert tuning_log.has_records(by_kernel[wanted].workload.mod)
+    assert not tuning_log.has_workload(by_kernel[other].workload.mod)
+    assert 0 < tuning_log.report.good_lines < whole.good_lines
+    workloads_before = (log / WORKLOADS_FILE).read_bytes()
+    record = by_kernel[other]
+    workload = tuning_log.commit_workload(record.workload.mod)
+    tuning_log.commit_tuning_record(ms.database.TuningRecord(record.trace, workload, record.run_secs, record.target, record.args_info))
+    assert (log / WORKLOADS_FILE).read_bytes() == workloads_before, "a workload on disk was filed again"
+    again = read_log(log, X86)[0]
+    assert again.problems == [] and again.good_lines == whole.good_lines + 1
+
+
 def test_ctrl_c_drops_queued_measurements_instead_of_waiting_for_them():
-    # MetaSchedule's first round queues every kernel's batch on the runner before measuring any;
-    # garbage collection would run them all before the process could exit.
+    # A batch's candidates queue on the runner's one worker (MetaSchedule's own scheduler queued
+    # every kernel's first batch); garbage collection would run them all before the process could exit.
     from autotune.support.settings import TuneSettings
     from autotune.tuning.tune import close_runner, make_runner
 
