@@ -22,21 +22,23 @@ declare -A LINEARS=(
   [linear-1536]="1536 1536 160"   # q/k/v/o projections: 6 calls per block
   [linear-ffn-up]="1536 8960 96"  # FFN up, the block's largest matmul
 )
-# The quantized kernels (their own tasks: --quantize must match the build's), "WORKLOAD MODE TRIALS".
-# All tuned on an AMD Zen 4 (AVX512-BF16, VNNI kernels); the bf16 budgets approximate the runs behind
-# the shipped records (vae-up-block bf16 had 79 trials, one search round per kernel).
+# The quantized kernels (their own tasks: --quantize must match the build's), "WORKLOAD MODE TRIALS
+# [PER_KERNEL]". All tuned on an AMD Zen 4 (AVX512-BF16, VNNI kernels); the budgets approximate the
+# runs behind the shipped records (vae-up-block bf16 had 79 trials, one search round per kernel). The
+# tiny VAE decoder's ~200 light kernels each need a batch: a cap of 8 per kernel leaves them budget.
 QUANTIZED=(
   "dit-block bf16 320" "tiny-transformer bf16 190" "vae-up-block bf16 100"
-  "dit-block w8a8 320" "dit-block int8-weight 240"
+  "dit-block w8a8 320" "dit-block int8-weight 240" "vae-up-block w8a8 128" "vae-up-block int8-weight 96"
   "tiny-transformer w8a8 120" "tiny-transformer int8-weight 120"
   "tiny-image-encoder w8a8 48" "tiny-image-encoder int8-weight 48" "tiny-image-encoder bf16 48"
-  "tiny-vae-decoder int8-weight 96"
+  "tiny-vae-decoder int8-weight 760 8" "tiny-vae-decoder bf16 1300 8" "tiny-vae-decoder w8a8 1200 8"
 )
 if [ "${1:-}" = quantized ]; then
   for entry in "${QUANTIZED[@]}"; do
-    read -r name mode trials <<<"$entry"
+    read -r name mode trials per_kernel <<<"$entry"
     echo "== $name --quantize $mode: $trials trials"
-    autotune tune --model "$name" --quantize "$mode" --target x86 --log "$LOG" --trials "$trials"
+    autotune tune --model "$name" --quantize "$mode" --target x86 --log "$LOG" --trials "$trials" \
+      ${per_kernel:+--trials-per-task "$per_kernel"}
   done
   exit 0
 fi
