@@ -63,9 +63,9 @@ def apply_logs(fused: tvm.IRModule, target, log_dirs: list) -> tuple[tvm.IRModul
     notes, counts = [], []
     sources = [(log_dir, None if whole else kernels) for log_dir, whole in log_dirs]
     reports = read_logs(sources, target, database, winners_only=True)  # a re-measured kernel: its winner
-    for (log_dir, _), (report, _) in zip(log_dirs, reports):
+    for (log_dir, whole), (report, _) in zip(log_dirs, reports):
         counts.append(report.records + report.set_aside)  # the log's records for this target, winners or not
-        notes += [f"log: {log_dir}: {line}" for line in report.problem_summary()]
+        notes += [f"log: {log_dir}: {line}" for line in report.problem_summary(other_targets=whole)]
     with target, database, tvm.transform.PassContext(opt_level=3):
         applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(fused)
     count = sum(1 for f in prim_funcs(applied).values() if is_scheduled(f))

@@ -99,15 +99,16 @@ class LogReadReport:
         """Record lines that passed the checks, whether read as records or replaced."""
         return self.records + self.superseded + self.set_aside
 
-    def problem_summary(self, listed: int = 10) -> list[str]:
-        """The skipped lines for a person: records for other targets counted in one line, the rest
+    def problem_summary(self, listed: int = 10, other_targets: bool = True) -> list[str]:
+        """The skipped lines for a person: records for other targets counted in one line (unless
+        `other_targets` is False: the shipped log holds several CPUs' records by design), the rest
         (corrupt or unreadable lines) listed, the first `listed` of them."""
         other = [p for p in self.problems if p.reason.startswith("record for another target")]
         rest = [p for p in self.problems if p not in other]
         lines = [f"skipped {p}" for p in rest[:listed]]
         if len(rest) > listed:
             lines.append(f"... and {len(rest) - listed} more unreadable lines")
-        if other:
+        if other and other_targets:
             lines.append(f"{len(other)} records for other targets skipped (`autotune inspect LOG` lists them)")
         return lines
 

@@ -134,6 +134,10 @@ def test_a_log_from_another_target_loads_nothing_for_this_one(real_log):
     assert report.records == 0
     assert len(report.problems) == len(_record_lines(real_log))
     assert all("another target" in p.reason for p in report.problems)
+    # one line for a person; none where other CPUs' records are expected (the shipped log, in a build)
+    assert [line for line in report.problem_summary() if "for other targets skipped" in line] == [
+        f"{len(report.problems)} records for other targets skipped (`autotune inspect LOG` lists them)"]
+    assert report.problem_summary(other_targets=False) == []
 
 
 _MUTATIONS = st.lists(
