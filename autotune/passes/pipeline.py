@@ -56,6 +56,8 @@ from .weight_prepack import mark_layout_free, pack_weights
 from .weight_transforms import precompute_weight_transforms
 from .winograd import convolutions_as_winograd
 
+ENGINE_MODES = ("bf16", "int8-weight", "w8a8")  # the --quantize modes the CPU's matrix engines take
+
 
 def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None,
                   winograd: bool = True) -> tuple[ImportedModel, dict | None]:
@@ -75,7 +77,7 @@ def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None,
             unchanged = _prepare_float32(replace(imported, notes=quantized.notes), target, winograd)
             return unchanged, {**info, "weight_bytes_after": unchanged.weight_bytes()}
         quantized = drop_causal_padding_in(quantized)
-        if quantize_mode in ("bf16", "int8-weight", "w8a8") and target.kind.name == "llvm":
+        if quantize_mode in ENGINE_MODES and target.kind.name == "llvm":
             int8_activations = quantize_mode == "w8a8"
             taken = 0
             if winograd:
@@ -96,11 +98,9 @@ def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None,
                     info["attention_dtype"] = "bfloat16"
                 if int8_scores:
                     info["attention_scores"] = "int8"
-            missing = _missing_engine(quantize_mode, target, preset)
-            if missing:
-                quantized = replace(quantized, notes=quantized.notes + [missing])
-        if quantize_mode == "fp16" and preset.family == "x86":
-            quantized = replace(quantized, notes=quantized.notes + [FP16_ON_CPU])
+        missing = _missing_engine(quantize_mode, target, preset)
+        if missing:
+            quantized = replace(quantized, notes=quantized.notes + [missing])
         return quantized, info
     return _prepare_float32(imported, target, winograd), None
 
@@ -159,6 +159,10 @@ FP16_ON_CPU = (
 
 def _missing_engine(mode: str, target: tvm.target.Target, preset) -> str | None:
     """What a user should know when the CPU target has no matrix engine for `mode`'s matmuls."""
+    if mode == "fp16":
+        return FP16_ON_CPU if preset.family == "x86" else None
+    if mode not in ENGINE_MODES or target.kind.name != "llvm":
+        return None
     precision = gemm_cpu.INT8 if mode == "w8a8" else gemm_cpu.BF16
     if gemm_cpu.target_isa(target, precision) is not None:
         return None

@@ -13,6 +13,7 @@ from tvm.s_tir import meta_schedule as ms
 import autotune.tuning.tune as tuning
 from autotune.frontend.importer import from_torch
 from autotune.support.settings import TuneSettings
+from autotune.tuning.log import RECORDS_FILE
 from autotune.tuning.scheduler import FAILED_MS, MeasuredInTurn
 
 
@@ -21,7 +22,7 @@ def _watched(events: list, log_dir):
     that moment), batches handed to the runner, and batches the tuner waited for."""
 
     def records_on_disk() -> int:
-        path = log_dir / "records.jsonl"
+        path = log_dir / RECORDS_FILE
         return sum(1 for _ in path.open()) if path.exists() else 0
 
     @derived_object
