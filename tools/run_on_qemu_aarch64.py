@@ -108,6 +108,16 @@ def guest_command(env: Path = DEFAULT_ENV) -> list[str]:
     return [info["qemu"], "-L", str(env / "sysroot"), str(env / "sysroot" / PYTHON)]
 
 
+def run_python(code: str, *args: str, env: Path = DEFAULT_ENV, timeout: float = 600) -> str:
+    """Run Python `code` (`args` as its sys.argv[1:]) in the aarch64 env under qemu; its stdout.
+    RuntimeError with the guest's output where it fails."""
+    proc = subprocess.run(guest_command(env) + ["-c", code, *args], env=_guest_env(env), capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"aarch64 run failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
 def run_artifact(library: str | Path, inputs: dict, env: Path = DEFAULT_ENV, timeout: float = 600) -> list:
     """Run the aarch64 artifact `library` on `inputs` (name -> numpy array) under qemu; its outputs."""
     import numpy as np
@@ -115,13 +125,8 @@ def run_artifact(library: str | Path, inputs: dict, env: Path = DEFAULT_ENV, tim
     with tempfile.TemporaryDirectory() as tmp:
         inputs_path, outputs_path = Path(tmp) / "inputs.npz", Path(tmp) / "outputs.npz"
         np.savez(inputs_path, **inputs)
-        proc = subprocess.run(
-            guest_command(env) + ["-c", _GUEST, str(library), str(inputs_path), str(outputs_path)],
-            env=_guest_env(env), capture_output=True, text=True, timeout=timeout,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"aarch64 run failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
-        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        stdout = run_python(_GUEST, str(library), str(inputs_path), str(outputs_path), env=env, timeout=timeout)
+        report = json.loads(stdout.strip().splitlines()[-1])
         if report["machine"] != "aarch64":
             raise RuntimeError(f"the guest reported machine {report['machine']}, not aarch64")
         with np.load(outputs_path) as f:

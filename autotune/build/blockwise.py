@@ -23,6 +23,7 @@ import tvm
 from autotune import __version__
 from autotune.frontend.blockwise import BlockwiseSource
 from autotune.passes.pipeline import pack_for_target, prepare_model
+from autotune.passes.quantize import float16_storage
 from autotune.runtime.artifact import (
     FORMAT_VERSION,
     ArtifactPaths,
@@ -99,7 +100,7 @@ def build_blockwise(
     for layer in range(1, source.num_layers):
         layer_started = time.time()
         path = unit_dir / "layers" / f"{layer:03d}.safetensors"
-        save_weights(path, convert(source.layer_weights(layer)))
+        save_weights(path, convert(source.layer_weights(layer)), float16=float16_storage(settings.quantize, preset))
         layers.append(path)
         progress(f"layer {layer + 1}/{source.num_layers}: weights converted in {time.time() - layer_started:.1f} s")
     manifest = {

@@ -18,6 +18,7 @@ from autotune.passes.pipeline import (
     pack_for_target,
     prepare_model,
 )
+from autotune.passes.quantize import float16_storage
 from autotune.runtime.artifact import ArtifactPaths, save_weights, write_metadata
 from autotune.support.errors import BuildFailed
 from autotune.support.hardware import required_cpu_flags
@@ -202,7 +203,9 @@ def build(
             paths.library, details["gemm_kernels"], details["attention_kernels"], settings.quantize
         )
         notes += checked
-    save_weights(paths.weights, weights)
+    stored = save_weights(paths.weights, weights, float16=float16_storage(settings.quantize, preset))
+    if info and info.get("weight_storage"):
+        info["weight_bytes_after"] = stored  # (the prepared model's were float32)
     metadata = {
         "name": paths.library.stem,
         "source": imported.source,
@@ -217,7 +220,7 @@ def build(
         "inputs": [s.to_json() for s in imported.inputs],
         "outputs": [s.to_json() for s in imported.outputs],
         "weights": list(weights),
-        "weight_bytes": {"before": weights_before, "after": sum(int(w.nbytes) for w in weights.values())},
+        "weight_bytes": {"before": weights_before, "after": stored},
         "passes": passes,
         "kernels": {"total": kernels, "tuned": tuned, "fallback": fallback, "naive": details["naive"], "flops": details["flops"],
                     **({"tensor_core_instructions": tensor_cores.to_json()} if tensor_cores else {})},

@@ -1,11 +1,13 @@
-"""GEMMs on x86 matrix engines: bf16 (AMX-BF16 tiles, AVX512-BF16) and int8 (AMX-INT8 tiles,
-VNNI, and AVX2's int16 multiply-add where neither is there); on AVX2 FMA also float32.
+"""GEMMs on the CPU's matrix engines: x86 bf16 (AMX-BF16 tiles, AVX512-BF16) and int8 (AMX-INT8
+tiles, VNNI, and AVX2's int16 multiply-add where neither is there), on AVX2 FMA also float32; ARM
+int8 on its dot-product instruction (SDOT).
 
     bf16:          C[m, n] (float32) = sum_k A[m, k] (bf16)  * B[k, n] (bf16)
     int8 weights:  C[m, n] (float32) = sum_k A[m, k] (bf16)  * bf16(B[k, n] (int8))
     bf16 on AVX2:  C[m, n] (float32) = sum_k A[m, k] (float32 holding bf16 values) * float32(B[k, n] (bf16 or int8))
     int8:          C[m, n] (int32)   = sum_k A[m, k] (uint8) * B[k, n] (int8)
     int8 on AVX2:  C[m, n] (int32)   = sum_k A[m, k] (int16) * int16(B[k, n] (int8))
+    int8 on ARM:   C[m, n] (int32)   = sum_k A[m, k] (int8)  * B[k, n] (int8)
     float32 (AVX2 only): C[m, n] (float32) = sum_k A[m, k] (float32) * B[k, n] (float32)
 
 B is a weight, shipped packed in the group-interleaved layout every engine reads,
@@ -17,7 +19,7 @@ int8 engines multiply unsigned activations by signed weights (`vpdpbusd`, `tdpbu
 holding signed int8 activations add 128 and subtract 128 * column sums of B (a weight-only term)
 afterwards.
 
-Six instruction sets, one PrimFunc:
+Seven instruction sets, one PrimFunc:
   * AVX512-BF16 (`vdpbf16ps`) and AVX512-VNNI (`vpdpbusd`), on Cooper Lake, Zen 4 and every AMX
     Xeon: an intrinsic computes 16 columns x one k group; the schedule keeps a register tile of MR
     rows x NV vectors of accumulators across the whole reduction (a cache of at most 15 vectors:
@@ -40,6 +42,10 @@ Six instruction sets, one PrimFunc:
     The same kernel takes float32 x float32 on AVX2-only CPUs (`AVX2_F32`: the weight ships packed in
     float32 and the panel is only re-laid), whose float32 GEMMs MetaSchedule's fallback schedules
     ran 3-15x slower.
+  * ARM SDOT (ARMv8.2 `+dotprod`: Neoverse N1 / V1, Cortex-A76 and later, Graviton 2 / 3): VNNI's
+    scheme on 128-bit vectors, signed by signed (no shift): 4 columns x one k quad per instruction,
+    a register tile of up to 8 rows x 4 vectors (at most 24 accumulators by default: NEON has 32
+    vector registers). Checked exact under qemu; not timed on ARM hardware yet.
 TVM cannot name LLVM's `<32 x bfloat>` vectors (bf16 is legalised to float32 compute and uint16
 storage), so `vdpbf16ps` is called through a tiny LLVM IR function imported into the kernel
 (`pragma_import_llvm`) that takes the pairs as int32 and bitcasts them.
@@ -93,14 +99,16 @@ AVX2_INT8 = "avx2int16"  # AVX2 vpmaddwd: int16 activations x int8 weights widen
 AVX2_BF16 = "avx2fma"  # AVX2 FMA: bf16 activations x bf16 weights, both widened to float32
 AVX2_W8 = "avx2fmaw8"  # the same with int8 weights
 AVX2_F32 = "avx2fmaf32"  # the same with float32 activations and weights
+NEON_SDOT = "neonsdot"  # ARM dot product (ARMv8.2 +dotprod): int8 x int8 -> int32, 4 lanes
 BF16, INT8, F32 = "bfloat16", "int8", "float32"
 PRECISION = {
     AVX512: BF16, AMX: BF16, VNNI: INT8, AMX_INT8: INT8, AVX512_W8: BF16, AMX_W8: BF16, AVX2_INT8: INT8,
-    AVX2_BF16: BF16, AVX2_W8: BF16, AVX2_F32: F32,
+    AVX2_BF16: BF16, AVX2_W8: BF16, AVX2_F32: F32, NEON_SDOT: INT8,
 }
 INT8_WEIGHTS = {AVX512: AVX512_W8, AMX: AMX_W8, AVX2_BF16: AVX2_W8}  # bf16 engine -> its int8-weight variant
 AMX_VECTOR = {AMX: AVX512, AMX_W8: AVX512_W8, AMX_INT8: VNNI}  # every AMX CPU has the vector engine too
 AVX2 = (AVX2_INT8, AVX2_BF16, AVX2_W8, AVX2_F32)
+NEON = (NEON_SDOT,)  # 128-bit vectors: 4 x 32-bit lanes
 BF16_ARITHMETIC = (AMX, AVX512)  # bf16 engines that multiply bf16 itself (AVX2 widens it to float32)
 FMA = (AVX2_BF16, AVX2_W8, AVX2_F32)  # float32 FMA on widened (or, float32, re-laid) panels
 DTYPES = {BF16: ("bfloat16", "bfloat16", "float32"), INT8: ("uint8", "int8", "int32"), F32: ("float32",) * 3}  # A, B, accumulator
@@ -109,8 +117,10 @@ MAX_PANEL_K = 2560  # longest reduction one partial product walks (weight panel 
 # Register-tile bounds (rows, vectors a row): AVX-512 up to 5 x 3; AVX2 up to 4 rows x 5 vectors,
 # its default tile at most 12 accumulators (measured on a Zen 3, 1560 rows: 4 x 3 for 1536 columns,
 # 3 x 4 for 8960, whose 1120 vectors 3 does not divide: 268 GOP/s against 195 for 4 x 2).
-MAX_TILE = {isa: (4, 5) for isa in AVX2}
-MAX_DEFAULT_ACCUMULATORS = {isa: 12 for isa in AVX2}
+# NEON (32 vector registers): up to 8 rows x 4 vectors, its default tile at most 24 accumulators
+# (with its vectors of weights and a broadcast row, within the 32 registers).
+MAX_TILE = {**{isa: (4, 5) for isa in AVX2}, NEON_SDOT: (8, 4)}
+MAX_DEFAULT_ACCUMULATORS = {**{isa: 12 for isa in AVX2}, NEON_SDOT: 24}
 AMX_KT = {BF16: (32, 64, 128, 256, 512), INT8: (64, 128, 256, 512)}
 ROW_BLOCK_BYTES = 256 << 10  # the default block of activation rows a task's column panels share (L2)
 MAX_ROW_BLOCKS = 64  # sampled row blocks: at most this many register tiles high, or all rows (unblocked)
@@ -120,7 +130,7 @@ ENGINE_NAMES = {
     AVX512: "AVX512-BF16", AMX: "AMX-BF16", VNNI: "AVX512-VNNI", AMX_INT8: "AMX-INT8",
     AVX512_W8: "AVX512-BF16 (int8 weights)", AMX_W8: "AMX-BF16 (int8 weights)", AVX2_INT8: "AVX2 (int16 multiply-add)",
     AVX2_BF16: "AVX2 FMA (bf16 widened to float32)", AVX2_W8: "AVX2 FMA (int8 weights widened to float32)",
-    AVX2_F32: "AVX2 FMA (float32)",
+    AVX2_F32: "AVX2 FMA (float32)", NEON_SDOT: "NEON dot product (SDOT)",
 }
 # float32 takes the engine only on AVX2-only CPUs, and a matmul only from this much arithmetic
 # (convolutions at any size: conv_gemm): below it, MetaSchedule's own float32 GEMM schedule fuses
@@ -138,15 +148,20 @@ def group(isa: str) -> int:
 
 
 def lanes(isa: str) -> int:
-    """Output columns of one vector instruction (AVX2: 8 x 32 bits; AVX-512: 16)."""
+    """Output columns of one vector instruction (NEON: 4 x 32 bits; AVX2: 8; AVX-512: 16)."""
+    if isa in NEON:
+        return 4
     return 8 if isa in AVX2 else 16
 
 
 def activation_dtype(isa: str) -> str:
-    """The dtype of A the engine multiplies: bf16, uint8 (the unsigned x signed int8 engines), int16
-    (AVX2 int8), float32 (AVX2 FMA: bf16 values, widened by the kernel that produces them)."""
+    """The dtype of A the engine multiplies: bf16, uint8 (x86's unsigned x signed int8 engines), int8
+    (ARM's signed dot product), int16 (AVX2 int8), float32 (AVX2 FMA: bf16 values, widened by the
+    kernel that produces them)."""
     if isa in FMA:
         return "float32"
+    if isa == NEON_SDOT:
+        return "int8"
     return "int16" if isa == AVX2_INT8 else DTYPES[PRECISION[isa]][0]
 
 
@@ -183,6 +198,8 @@ def target_isa(target, precision: str = BF16) -> str | None:
 
     if target is None or target.kind.name != "llvm":
         return None
+    if "aarch64" in str(target.attrs.get("mtriple", "")):
+        return NEON_SDOT if precision == INT8 and target_has_features("dotprod", target) else None
     if precision == F32:
         fma = target_has_features("avx2", target) and target_has_features("fma", target)
         return AVX2_F32 if fma and not target_has_features("avx512f", target) else None
@@ -407,6 +424,27 @@ def _vnni_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         )
 
 
+SDOT_INTRIN = "autotune_neon_sdot_4x4"
+
+
+@tvm_compat.prim_func(s_tir=True)
+def _sdot_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+    B = T.match_buffer(b, (1, 4, 4), "int8", offset_factor=1)
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:4], B[0:1, 0:4, 0:4])
+        T.writes(C[0:4])
+        # As VNNI's, on 4 lanes and signed x signed: each int32 lane adds the dot product of its 4
+        # weight bytes with the A quad (broadcast to every lane).
+        quad = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+        quads = T.reinterpret(T.broadcast(quad, 4), dtype="int8x16")
+        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+            C.vload([0], "int32x4"), quads, B.vload([0, 0, 0], "int8x16"), dtype="int32x4",
+        )
+
+
 MADD_INTRIN = "autotune_avx2_madd_8x2"
 
 
@@ -476,6 +514,8 @@ def _dot_intrin(isa: str) -> str:
         return MADD_INTRIN
     if isa in FMA:
         return FMA_INTRIN
+    if isa == NEON_SDOT:
+        return SDOT_INTRIN
     return DPBF16_INTRIN if PRECISION[isa] == BF16 else VNNI_INTRIN
 
 
@@ -570,6 +610,7 @@ def amx_intrin_name(kt: int, precision: str = BF16) -> str:
 def register_intrinsics() -> None:
     TensorIntrin.register(DPBF16_INTRIN, _dot_desc(*DTYPES[BF16], 2), _dpbf16_impl, override=True)
     TensorIntrin.register(VNNI_INTRIN, _dot_desc(*DTYPES[INT8], 4), _vnni_impl, override=True)
+    TensorIntrin.register(SDOT_INTRIN, _dot_desc("int8", "int8", "int32", 4, width=4), _sdot_impl, override=True)
     TensorIntrin.register(MADD_INTRIN, _dot_desc("int16", "int16", "int32", 2, width=8), _madd_impl, override=True)
     TensorIntrin.register(FMA_INTRIN, _fma_desc, _fma_impl, override=True)
     for precision, kts in AMX_KT.items():  # (the int8-weight variants use the bf16 intrinsics)

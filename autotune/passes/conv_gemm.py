@@ -9,7 +9,7 @@ and float32 on AVX2-only CPUs).
          y = matmul(A, W as (taps * C_in, C_out))  (N * positions, C_out), float32
          -> channels first again
     the same int8-weight convolution under w8a8 (int8_activations), where the int8 engine takes it
-      -> Aq, sA = im2col_quant(channels_last(x))   int8 rows (uint8 + 128, AVX2 int16), a scale per row
+      -> Aq, sA = im2col_quant(channels_last(x))   int8 rows (uint8 + 128, AVX2 int16, ARM SDOT int8), a scale per row
          y = (matmul(Aq, W, int32) [- 128 * column sums of W]) * sA
 
 The matmul is then `matrix_engine.use_matrix_engine`'s to move onto AMX / AVX512-BF16 / AVX2 FMA,

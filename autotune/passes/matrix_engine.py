@@ -1,5 +1,5 @@
 """Weight matmuls onto the CPU's matrix engine: bf16 (AMX-BF16, AVX512-BF16), int8 (AMX-INT8,
-VNNI, AVX2), and float32 on AVX2-only CPUs (FMA).
+VNNI, AVX2; ARM SDOT), and float32 on AVX2-only CPUs (FMA).
 
     matmul(x: bf16 (..., m, k), W: bf16 (k, n), out_dtype=float32)      (x float32: rounded to bf16 first)
       -> call_tir(gemm, [x, pack(W)])                pack(W)[k // 2, n, k % 2] = W[k, n]
@@ -11,6 +11,8 @@ VNNI, AVX2), and float32 on AVX2-only CPUs (FMA).
       -> call_tir(gemm, [x, pack(W)])
     matmul(x: int16 or int8 (..., m, k), W: int8 (k, n), out_dtype=int32)  (w8a8 on AVX2)
       -> call_tir(gemm, [int16(x), pack(W)])         pack(W)[k // 2, n, k % 2]
+    matmul(x: int8 (..., m, k), W: int8 (k, n), out_dtype=int32)           (w8a8 on ARM SDOT: signed, no shift)
+      -> call_tir(gemm, [x, pack(W)])                pack(W)[k // 4, n, k % 4]
     bf16 and int8-weight on AVX2 (no bf16 arithmetic): as above with A = float32(x); int8-weight's
       float32 activations are not rounded to bf16 there (the FMA multiplies float32 anyway)
     matmul(x: float32, W: float32 (k, n)), AVX2 without AVX-512, 2mnk >= MIN_F32_FLOPS or x    (float32)

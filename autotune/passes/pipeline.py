@@ -149,18 +149,8 @@ def _prepare_float32(model: ImportedModel, target: tvm.target.Target, winograd: 
     return precompute_weight_transforms(model)
 
 
-FP16_ON_CPU = (
-    "fp16 on an x86 CPU: autotune has no float16 kernels for it (no matrix engine takes float16), so its "
-    "matmuls and convolutions run on generic kernels that convert every float16 value to float32 and back: "
-    "expect it slower than the float32 build (1.1-2.4x on a Zen 4, tools/results/quantize.md); it halves "
-    "the weights. On a CPU, bf16 is the half precision with matrix-engine kernels: --precision bf16."
-)
-
-
 def _missing_engine(mode: str, target: tvm.target.Target, preset) -> str | None:
     """What a user should know when the CPU target has no matrix engine for `mode`'s matmuls."""
-    if mode == "fp16":
-        return FP16_ON_CPU if preset.family == "x86" else None
     if mode not in ENGINE_MODES or target.kind.name != "llvm":
         return None
     precision = gemm_cpu.INT8 if mode == "w8a8" else gemm_cpu.BF16
@@ -168,7 +158,7 @@ def _missing_engine(mode: str, target: tvm.target.Target, preset) -> str | None:
         return None
     wanted = "AMX-INT8, AVX512-VNNI or AVX2" if mode == "w8a8" else "AMX-BF16, AVX512-BF16 or AVX2 with FMA"
     gain = "its int8 weights are 4x smaller than float32" if mode == "int8-weight" else "it shrinks the weights"
-    why = (f"autotune has no matrix-engine kernels for {preset.name} (ARM) yet" if preset.family == "arm"
+    why = (f"autotune has no {mode} matrix-engine kernels for ARM yet (only w8a8's, on SDOT)" if preset.family == "arm"
            else f"target {preset.name} has no {wanted} matrix engine")
     return (f"{mode}: {why}, so its matmuls run on generic kernels, about as fast as float32 or slower; {gain}. "
             f"For its speed, build for an x86 CPU with {wanted}.")

@@ -12,6 +12,9 @@ Modes (`MODES`, each a small handler class in the style of gpt-fast's quantizati
     fp16         all weights stored float16; matmul/conv inputs float16 with float32 accumulation,
                  elementwise work float16; softmax, mean/rsqrt (RMS norms) and reductions stay
                  float32 (TVM's ToMixedPrecision policy). Inputs/outputs cast at the edges.
+                 x86 CPUs, which have no float16 arithmetic: the float32 build (its kernels, its
+                 tuned records), with its weight matrices stored float16 in the artifact and
+                 widened to float32 when loaded (FP16_ON_X86; `float16_storage`).
     bf16         the same with bfloat16 (ToMixedPrecision, then float16 -> bfloat16).
     int8-weight  per-output-channel symmetric int8 weights for every linear (`matmul(x,
                  permute_dims(W))` or `matmul(x, W)` with a 2-D weight) and every convolution;
@@ -26,8 +29,9 @@ Modes (`MODES`, each a small handler class in the style of gpt-fast's quantizati
                  row maximum, scale and int8 values in one pass), `matmul(int8, int8,
                  out_dtype=int32)`, then rescale by both scales (the matmul kernel's epilogue); on
                  x86 CPUs the matmul runs on the int8 engine (AMX-INT8, AVX512-VNNI, else AVX2's
-                 int16 multiply-add), and the quantizer writes the activations it multiplies
-                 (uint8 + 128; int16 on AVX2).
+                 int16 multiply-add), on ARM CPUs with dot products on SDOT (without them w8a8 is
+                 refused), and the quantizer writes the activations it multiplies (uint8 + 128;
+                 int16 on AVX2; int8 on ARM).
                  Linears whose inputs have outlier channels are smoothed first (SmoothQuant,
                  passes/smooth_quant.py; needs a model imported from torch to measure them).
                  Convolutions get int8 weights as in int8-weight; on x86 CPUs, where the int8
@@ -44,7 +48,7 @@ Modes (`MODES`, each a small handler class in the style of gpt-fast's quantizati
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import tvm
@@ -691,12 +695,32 @@ def _cuda_arch(preset: TargetPreset) -> int | None:
     return sm_version(preset.resolved_target_dict().get("arch", ""))
 
 
+FP16_ON_X86 = (
+    "x86 CPUs have no float16 arithmetic autotune's kernels could use (converting every float16 value to "
+    "float32 and back made the tiny model's builds 1.1-2.4x slower than float32), so fp16 computes in float32: "
+    "the float32 build's kernels and tuned records, at its speed; its weight matrices ship in float16 (rounded, "
+    "half their bytes in the file) and are widened to float32 when loaded, so memory at run time is float32's. "
+    "For half the memory and the matrix engines' speed: --precision bf16"
+)
+
+
+def float16_storage(mode: str | None, preset: TargetPreset) -> bool:
+    """Whether a `mode` build for `preset` is the float32 build with its weight matrices stored
+    float16 (fp16 on an x86 CPU: FP16_ON_X86)."""
+    return mode == "fp16" and preset.family == "x86"
+
+
 @register
 class Fp16(QuantMode):
     name = "fp16"
-    description = "float16 weights and compute, float32 accumulation; softmax/norm statistics float32"
+    description = ("float16 weights and compute, float32 accumulation; softmax/norm statistics float32. On x86 "
+                   "CPUs: the float32 build, weight matrices shipped float16 and widened when loaded")
 
     def apply(self, imported, preset):
+        if float16_storage(self.name, preset):
+            unchanged = replace(imported, notes=list(imported.notes))
+            return unchanged, {"layers": 0, "weight_dtype": "float16 (stored; float32 when loaded)",
+                               "compute_dtype": "float32", "weight_storage": "float16", "note": FP16_ON_X86}
         return _mixed_precision(imported, "float16")
 
 
@@ -731,16 +755,17 @@ class W8A8(QuantMode):
     name = "w8a8"
     description = ("int8 weights + per-token dynamic int8 activations for linears and convolutions (per output "
                    "position), int32 accumulation (on AMX-INT8 / AVX512-VNNI where the CPU has them, else AVX2's "
-                   "int16 multiply-add)")
+                   "int16 multiply-add; ARM: SDOT)")
 
     def supports(self, preset):
         if preset.family == "cuda":
             return "w8a8 is a CPU mode; on CUDA use fp8 (sm_89/sm_90) or int8-weight"
-        if preset.family == "arm":
-            # Measured: on every aarch64 preset MetaSchedule's int8 design space (its sdot/neon
-            # tensor-intrinsic rule, which does not match this layout) yields schedules that TVM 0.27
-            # cannot lower ("VectorizeLoop before LiftStorageAlloc"), so the build fails.
-            return "TVM 0.27 cannot lower the int8 x int8 matmul schedules MetaSchedule makes for aarch64; use int8-weight"
+        if preset.family == "arm" and gemm_cpu.target_isa(preset.tvm_target(), gemm_cpu.INT8) is None:
+            # Measured: MetaSchedule's own int8 design space for aarch64 (its sdot/neon tensor-intrinsic
+            # rule, which does not match this layout) yields schedules that TVM 0.27 cannot lower
+            # ("VectorizeLoop before LiftStorageAlloc"); autotune's SDOT kernels need +dotprod.
+            return ("w8a8 on ARM needs int8 dot products (ARMv8.2 +dotprod, e.g. aarch64-dotprod, aarch64-sve): without "
+                    "them TVM 0.27 cannot lower the int8 matmul schedules MetaSchedule makes; use int8-weight")
         return None
 
     def apply(self, imported, preset):

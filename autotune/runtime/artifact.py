@@ -44,26 +44,50 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def save_weights(path: Path, weights: dict[str, np.ndarray]) -> None:
-    """Save weights as safetensors (bf16 and fp8 stored via ml_dtypes-compatible raw views)."""
+FLOAT16_MAX = 65504.0  # the largest finite float16
+
+
+def stored_in_float16(value: np.ndarray) -> bool:
+    """Whether `save_weights(..., float16=True)` stores this array as float16: a float32 matrix (2-D
+    or more: weights, not the biases, norm scales and tables beside them) whose finite values
+    float16's range holds."""
+    if value.dtype != np.float32 or value.ndim < 2:
+        return False
+    finite = value[np.isfinite(value)]
+    return finite.size == 0 or float(np.abs(finite).max()) <= FLOAT16_MAX
+
+
+def save_weights(path: Path, weights: dict[str, np.ndarray], float16: bool = False) -> int:
+    """Save weights as safetensors (bf16 and fp8 stored via ml_dtypes-compatible raw views).
+
+    `float16`: every array `stored_in_float16` takes is rounded to float16 in the file and widened
+    back to float32 when read (x86 fp16 builds: float32 kernels, half the file). Returns the bytes
+    of the arrays as stored."""
     from safetensors.numpy import save_file
 
-    tensors, dtypes = {}, {}
+    tensors, dtypes, widened = {}, {}, {}
     for name, value in weights.items():
         value = np.require(value, requirements="C")  # keeps 0-d arrays 0-d
-        if value.dtype.kind == "V" or value.dtype.name in ("bfloat16", "float8_e4m3fn"):
+        if float16 and stored_in_float16(value):
+            widened[name] = "float32"
+            value = value.astype(np.float16)
+        elif value.dtype.kind == "V" or value.dtype.name in ("bfloat16", "float8_e4m3fn"):
             dtypes[name] = value.dtype.name
             value = value.view(np.uint8 if value.dtype.itemsize == 1 else np.uint16)
         tensors[name] = value
-    save_file(tensors, str(path), metadata={"autotune_dtypes": json.dumps(dtypes)})
+    save_file(tensors, str(path), metadata={"autotune_dtypes": json.dumps(dtypes), "autotune_widened": json.dumps(widened)})
+    return sum(int(v.nbytes) for v in tensors.values())
 
 
 def iter_weights(path: Path, names: list[str]):
-    """(name, array) for each of `names`, read one at a time from the (memory-mapped) file."""
+    """(name, array) for each of `names`, read one at a time from the (memory-mapped) file; arrays
+    stored float16 for a float32 kernel come widened to float32."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="numpy") as f:
-        dtypes = json.loads((f.metadata() or {}).get("autotune_dtypes", "{}"))
+        metadata = f.metadata() or {}
+        dtypes = json.loads(metadata.get("autotune_dtypes", "{}"))
+        widened = json.loads(metadata.get("autotune_widened", "{}"))
         missing = [n for n in names if n not in f.keys()]
         if missing:
             raise ArtifactError(f"{path}: weights {missing[:5]} are missing ({len(missing)} in all); rebuild the artifact")
@@ -73,6 +97,8 @@ def iter_weights(path: Path, names: list[str]):
                 import ml_dtypes
 
                 value = value.view(getattr(ml_dtypes, dtypes[name]))
+            elif name in widened:
+                value = value.astype(widened[name])
             yield name, value
 
 

@@ -261,3 +261,36 @@ def test_profile_times_every_kernel_and_counts_its_flops(artifact):
     assert largest.name in profile.format()
     # the instrument is removed afterwards: a plain call still gives torch's result
     assert max_abs_diff(module(**{k: v.numpy() for k, v in inputs.items()})[0], ref[0]) < TOL
+
+
+def test_float16_storage_rounds_matrices_and_reads_them_back_as_float32(tmp_path):
+    """save_weights(float16=True): a float32 matrix is stored float16 (rounded) and read back float32;
+    vectors, matrices float16 cannot hold (|x| > 65504) and other dtypes are stored as they are."""
+    import ml_dtypes
+    from safetensors import safe_open
+
+    from autotune.runtime.artifact import load_weights, save_weights
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "matrix": rng.standard_normal((8, 16)).astype(np.float32),
+        "conv": rng.standard_normal((4, 2, 3, 3)).astype(np.float32),
+        "bias": rng.standard_normal(16).astype(np.float32),
+        "huge": np.array([[1.0, 7.0e4]], np.float32),
+        "half": rng.standard_normal((4, 4)).astype(ml_dtypes.bfloat16),
+        "int8": rng.integers(-127, 128, (4, 4)).astype(np.int8),
+    }
+    path = tmp_path / "w.safetensors"
+    stored = save_weights(path, weights, float16=True)
+    with safe_open(str(path), framework="numpy") as f:
+        in_file = {name: f.get_tensor(name).dtype for name in f.keys()}
+    assert in_file == {"matrix": np.float16, "conv": np.float16, "bias": np.float32, "huge": np.float32,
+                       "half": np.uint16, "int8": np.int8}
+    assert stored == sum(w.nbytes // (2 if in_file[n] == np.float16 else 1) for n, w in weights.items())
+    read = load_weights(path, list(weights))
+    for name, w in weights.items():
+        assert read[name].dtype == w.dtype, name
+        expected = w.astype(np.float16).astype(np.float32) if in_file[name] == np.float16 else w
+        np.testing.assert_array_equal(read[name], expected, err_msg=name)  # exact: one rounding, then widened
+    save_weights(path, weights)  # the default stores every array as it is
+    assert all(read.dtype == weights[n].dtype and np.array_equal(read, weights[n]) for n, read in load_weights(path, list(weights)).items())
