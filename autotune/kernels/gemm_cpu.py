@@ -1,6 +1,6 @@
 """GEMMs on the CPU's matrix engines: x86 bf16 (AMX-BF16 tiles, AVX512-BF16) and int8 (AMX-INT8
 tiles, VNNI, and AVX2's int16 multiply-add where neither is there), on AVX2 FMA also float32; ARM
-int8 on its dot-product instruction (SDOT).
+int8 and bf16 on its dot-product instructions (SDOT, BFDOT).
 
     bf16:          C[m, n] (float32) = sum_k A[m, k] (bf16)  * B[k, n] (bf16)
     int8 weights:  C[m, n] (float32) = sum_k A[m, k] (bf16)  * bf16(B[k, n] (int8))
@@ -8,6 +8,7 @@ int8 on its dot-product instruction (SDOT).
     int8:          C[m, n] (int32)   = sum_k A[m, k] (uint8) * B[k, n] (int8)
     int8 on AVX2:  C[m, n] (int32)   = sum_k A[m, k] (int16) * int16(B[k, n] (int8))
     int8 on ARM:   C[m, n] (int32)   = sum_k A[m, k] (int8)  * B[k, n] (int8)
+    (ARM bf16 and int8 weights as x86's bf16 and int8 weights)
     float32 (AVX2 only): C[m, n] (float32) = sum_k A[m, k] (float32) * B[k, n] (float32)
 
 B is a weight, shipped packed in the group-interleaved layout every engine reads,
@@ -19,7 +20,7 @@ int8 engines multiply unsigned activations by signed weights (`vpdpbusd`, `tdpbu
 holding signed int8 activations add 128 and subtract 128 * column sums of B (a weight-only term)
 afterwards.
 
-Seven instruction sets, one PrimFunc:
+Eight instruction sets, one PrimFunc:
   * AVX512-BF16 (`vdpbf16ps`) and AVX512-VNNI (`vpdpbusd`), on Cooper Lake, Zen 4 and every AMX
     Xeon: an intrinsic computes 16 columns x one k group; the schedule keeps a register tile of MR
     rows x NV vectors of accumulators across the whole reduction (a cache of at most 15 vectors:
@@ -45,7 +46,10 @@ Seven instruction sets, one PrimFunc:
   * ARM SDOT (ARMv8.2 `+dotprod`: Neoverse N1 / V1, Cortex-A76 and later, Graviton 2 / 3): VNNI's
     scheme on 128-bit vectors, signed by signed (no shift): 4 columns x one k quad per instruction,
     a register tile of up to 8 rows x 4 vectors (at most 24 accumulators by default: NEON has 32
-    vector registers). Checked exact under qemu; not timed on ARM hardware yet.
+    vector registers). ARM BFDOT (ARMv8.6 `+bf16`: Neoverse V1 / N2 / V2, Graviton 3 / 4):
+    `vdpbf16ps`'s scheme on 4 lanes, imported as LLVM IR as it is, also with int8 weights converted
+    per panel as the `_w8` ISAs do. Checked under qemu (tests/kernels/test_gemm_neon.py); not timed
+    on ARM hardware yet.
 TVM cannot name LLVM's `<32 x bfloat>` vectors (bf16 is legalised to float32 compute and uint16
 storage), so `vdpbf16ps` is called through a tiny LLVM IR function imported into the kernel
 (`pragma_import_llvm`) that takes the pairs as int32 and bitcasts them.
@@ -100,15 +104,17 @@ AVX2_BF16 = "avx2fma"  # AVX2 FMA: bf16 activations x bf16 weights, both widened
 AVX2_W8 = "avx2fmaw8"  # the same with int8 weights
 AVX2_F32 = "avx2fmaf32"  # the same with float32 activations and weights
 NEON_SDOT = "neonsdot"  # ARM dot product (ARMv8.2 +dotprod): int8 x int8 -> int32, 4 lanes
+NEON_BFDOT = "neonbfdot"  # ARM bf16 dot product (ARMv8.6 +bf16): bf16 pairs -> float32, 4 lanes
+NEON_BFDOT_W8 = "neonbfdotw8"  # the same with int8 weights
 BF16, INT8, F32 = "bfloat16", "int8", "float32"
 PRECISION = {
     AVX512: BF16, AMX: BF16, VNNI: INT8, AMX_INT8: INT8, AVX512_W8: BF16, AMX_W8: BF16, AVX2_INT8: INT8,
-    AVX2_BF16: BF16, AVX2_W8: BF16, AVX2_F32: F32, NEON_SDOT: INT8,
+    AVX2_BF16: BF16, AVX2_W8: BF16, AVX2_F32: F32, NEON_SDOT: INT8, NEON_BFDOT: BF16, NEON_BFDOT_W8: BF16,
 }
-INT8_WEIGHTS = {AVX512: AVX512_W8, AMX: AMX_W8, AVX2_BF16: AVX2_W8}  # bf16 engine -> its int8-weight variant
+INT8_WEIGHTS = {AVX512: AVX512_W8, AMX: AMX_W8, AVX2_BF16: AVX2_W8, NEON_BFDOT: NEON_BFDOT_W8}  # bf16 engine -> its int8-weight variant
 AMX_VECTOR = {AMX: AVX512, AMX_W8: AVX512_W8, AMX_INT8: VNNI}  # every AMX CPU has the vector engine too
 AVX2 = (AVX2_INT8, AVX2_BF16, AVX2_W8, AVX2_F32)
-NEON = (NEON_SDOT,)  # 128-bit vectors: 4 x 32-bit lanes
+NEON = (NEON_SDOT, NEON_BFDOT, NEON_BFDOT_W8)  # 128-bit vectors: 4 x 32-bit lanes
 BF16_ARITHMETIC = (AMX, AVX512)  # bf16 engines that multiply bf16 itself (AVX2 widens it to float32)
 FMA = (AVX2_BF16, AVX2_W8, AVX2_F32)  # float32 FMA on widened (or, float32, re-laid) panels
 DTYPES = {BF16: ("bfloat16", "bfloat16", "float32"), INT8: ("uint8", "int8", "int32"), F32: ("float32",) * 3}  # A, B, accumulator
@@ -119,8 +125,8 @@ MAX_PANEL_K = 2560  # longest reduction one partial product walks (weight panel 
 # 3 x 4 for 8960, whose 1120 vectors 3 does not divide: 268 GOP/s against 195 for 4 x 2).
 # NEON (32 vector registers): up to 8 rows x 4 vectors, its default tile at most 24 accumulators
 # (with its vectors of weights and a broadcast row, within the 32 registers).
-MAX_TILE = {**{isa: (4, 5) for isa in AVX2}, NEON_SDOT: (8, 4)}
-MAX_DEFAULT_ACCUMULATORS = {**{isa: 12 for isa in AVX2}, NEON_SDOT: 24}
+MAX_TILE = {**{isa: (4, 5) for isa in AVX2}, **{isa: (8, 4) for isa in NEON}}
+MAX_DEFAULT_ACCUMULATORS = {**{isa: 12 for isa in AVX2}, **{isa: 24 for isa in NEON}}
 AMX_KT = {BF16: (32, 64, 128, 256, 512), INT8: (64, 128, 256, 512)}
 ROW_BLOCK_BYTES = 256 << 10  # the default block of activation rows a task's column panels share (L2)
 MAX_ROW_BLOCKS = 64  # sampled row blocks: at most this many register tiles high, or all rows (unblocked)
@@ -130,7 +136,8 @@ ENGINE_NAMES = {
     AVX512: "AVX512-BF16", AMX: "AMX-BF16", VNNI: "AVX512-VNNI", AMX_INT8: "AMX-INT8",
     AVX512_W8: "AVX512-BF16 (int8 weights)", AMX_W8: "AMX-BF16 (int8 weights)", AVX2_INT8: "AVX2 (int16 multiply-add)",
     AVX2_BF16: "AVX2 FMA (bf16 widened to float32)", AVX2_W8: "AVX2 FMA (int8 weights widened to float32)",
-    AVX2_F32: "AVX2 FMA (float32)", NEON_SDOT: "NEON dot product (SDOT)",
+    AVX2_F32: "AVX2 FMA (float32)", NEON_SDOT: "NEON dot product (SDOT)", NEON_BFDOT: "NEON bf16 dot product (BFDOT)",
+    NEON_BFDOT_W8: "NEON bf16 dot product (BFDOT, int8 weights)",
 }
 # float32 takes the engine only on AVX2-only CPUs, and a matmul only from this much arithmetic
 # (convolutions at any size: conv_gemm): below it, MetaSchedule's own float32 GEMM schedule fuses
@@ -170,13 +177,13 @@ def _is_amx(isa: str) -> bool:
 
 
 def _converts_weights(isa: str) -> bool:
-    return isa in (AVX512_W8, AMX_W8, AVX2_INT8, *FMA)
+    return isa in (AVX512_W8, AMX_W8, NEON_BFDOT_W8, AVX2_INT8, *FMA)
 
 
 def weight_dtype(isa: str) -> str:
     """The dtype the packed weight ships in: int8 for the int8 engines and the int8-weight variants,
     float32 for float32, else bf16."""
-    if PRECISION[isa] == INT8 or isa in (AVX512_W8, AMX_W8, AVX2_W8):
+    if PRECISION[isa] == INT8 or isa in (AVX512_W8, AMX_W8, AVX2_W8, NEON_BFDOT_W8):
         return "int8"
     return "float32" if PRECISION[isa] == F32 else "bfloat16"
 
@@ -199,7 +206,9 @@ def target_isa(target, precision: str = BF16) -> str | None:
     if target is None or target.kind.name != "llvm":
         return None
     if "aarch64" in str(target.attrs.get("mtriple", "")):
-        return NEON_SDOT if precision == INT8 and target_has_features("dotprod", target) else None
+        if precision == INT8:
+            return NEON_SDOT if target_has_features("dotprod", target) else None
+        return NEON_BFDOT if precision == BF16 and target_has_features("bf16", target) else None
     if precision == F32:
         fma = target_has_features("avx2", target) and target_has_features("fma", target)
         return AVX2_F32 if fma and not target_has_features("avx512f", target) else None
@@ -367,6 +376,20 @@ define <16 x float> @autotune_dpbf16ps(<16 x float> %c, i32 %a, <16 x i32> %b) {
 """
 DPBF16_INTRIN = "autotune_avx512bf16_dot_16x2"
 
+# bfdot likewise (TVM has no <8 x bfloat> either).
+BFDOT_LLVM = """
+declare <4 x float> @llvm.aarch64.neon.bfdot.v4f32.v8bf16(<4 x float>, <8 x bfloat>, <8 x bfloat>)
+define <4 x float> @autotune_bfdot(<4 x float> %c, i32 %a, <4 x i32> %b) {
+  %a1 = insertelement <4 x i32> poison, i32 %a, i64 0
+  %a4 = shufflevector <4 x i32> %a1, <4 x i32> poison, <4 x i32> zeroinitializer
+  %av = bitcast <4 x i32> %a4 to <8 x bfloat>
+  %bv = bitcast <4 x i32> %b to <8 x bfloat>
+  %r = call <4 x float> @llvm.aarch64.neon.bfdot.v4f32.v8bf16(<4 x float> %c, <8 x bfloat> %av, <8 x bfloat> %bv)
+  ret <4 x float> %r
+}
+"""
+BFDOT_INTRIN = "autotune_neon_bfdot_4x2"
+
 
 def _dot_desc(a_dtype: str, b_dtype: str, acc: str, g: int, width: int = 16):
     """C[width] += A[g] x B[1, width, g]: `width` columns times one k group (the vector engines' dot product)."""
@@ -387,64 +410,53 @@ def _dot_desc(a_dtype: str, b_dtype: str, acc: str, g: int, width: int = 16):
     return desc
 
 
-@tvm_compat.prim_func(s_tir=True)
-def _dpbf16_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (2,), "bfloat16", offset_factor=1)
-    B = T.match_buffer(b, (1, 16, 2), "bfloat16", offset_factor=1)
-    C = T.match_buffer(c, (16,), "float32", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:2], B[0:1, 0:16, 0:2])
-        T.writes(C[0:16])
-        # The pair of A and the 16 pairs of B as int32 words (bf16 pairs start at even elements).
-        pair = T.decl_buffer((1,), "int32", data=A.data, elem_offset=A.elem_offset // 2)
-        pairs = T.decl_buffer((16,), "int32", data=B.data, elem_offset=B.elem_offset // 2)
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_pure_extern(
-            "float32x16", "autotune_dpbf16ps", C.vload([0], "float32x16"), pair[0], pairs.vload([0], "int32x16")
-        )
+def _bf16_pairs_impl(width: int, function: str):
+    """C[width] += A[2] x B[1, width, 2] through `function`, an LLVM IR function the kernel imports
+    (DPBF16_LLVM, BFDOT_LLVM) that takes the A pair and the B pairs as int32 words (bf16 pairs start
+    at even elements)."""
+    acc, words = f"float32x{width}", f"int32x{width}"
+
+    @tvm_compat.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (2,), "bfloat16", offset_factor=1)
+        B = T.match_buffer(b, (1, width, 2), "bfloat16", offset_factor=1)
+        C = T.match_buffer(c, (width,), "float32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:width], A[0:2], B[0:1, 0:width, 0:2])
+            T.writes(C[0:width])
+            pair = T.decl_buffer((1,), "int32", data=A.data, elem_offset=A.elem_offset // 2)
+            pairs = T.decl_buffer((width,), "int32", data=B.data, elem_offset=B.elem_offset // 2)
+            C[T.ramp(T.int32(0), 1, width)] = T.call_pure_extern(acc, function, C.vload([0], acc), pair[0], pairs.vload([0], words))
+
+    return impl
+
+
+def _int8_quads_impl(a_dtype: str, width: int, instruction: str):
+    """C[width] += A[4] x B[1, width, 4] with an LLVM intrinsic that adds, in each int32 lane, the dot
+    product of its 4 weight bytes with the A quad broadcast to every lane: VNNI's vpdpbusd (A
+    unsigned) and ARM's sdot (A signed). LLVM 22 types their operands as byte vectors (TVM's own
+    `dot_16x4_vnni` still passes <16 x i32> and fails LLVM's verifier)."""
+    acc, quad_dtype, byte_dtype = f"int32x{width}", f"{a_dtype}x4", f"int8x{4 * width}"
+
+    @tvm_compat.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), a_dtype, offset_factor=1)
+        B = T.match_buffer(b, (1, width, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (width,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:width], A[0:4], B[0:1, 0:width, 0:4])
+            T.writes(C[0:width])
+            quad = T.reinterpret(A.vload([0], quad_dtype), dtype="int32")
+            quads = T.reinterpret(T.broadcast(quad, width), dtype=byte_dtype)
+            C[T.ramp(T.int32(0), 1, width)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(instruction), C.vload([0], acc), quads, B.vload([0, 0, 0], byte_dtype), dtype=acc,
+            )
+
+    return impl
 
 
 VNNI_INTRIN = "autotune_avx512vnni_dot_16x4"
-
-
-@tvm_compat.prim_func(s_tir=True)
-def _vnni_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
-    B = T.match_buffer(b, (1, 16, 4), "int8", offset_factor=1)
-    C = T.match_buffer(c, (16,), "int32", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:1, 0:16, 0:4])
-        T.writes(C[0:16])
-        # LLVM 22 types the operands <64 x i8> (TVM's own `dot_16x4_vnni` still passes <16 x i32>
-        # and fails LLVM's verifier): the A quad broadcast to 16 lanes, reinterpreted as bytes.
-        quad = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-        quads = T.reinterpret(T.broadcast(quad, 16), dtype="int8x64")
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            C.vload([0], "int32x16"), quads, B.vload([0, 0, 0], "int8x64"), dtype="int32x16",
-        )
-
-
 SDOT_INTRIN = "autotune_neon_sdot_4x4"
-
-
-@tvm_compat.prim_func(s_tir=True)
-def _sdot_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (4,), "int8", offset_factor=1)
-    B = T.match_buffer(b, (1, 4, 4), "int8", offset_factor=1)
-    C = T.match_buffer(c, (4,), "int32", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:4], B[0:1, 0:4, 0:4])
-        T.writes(C[0:4])
-        # As VNNI's, on 4 lanes and signed x signed: each int32 lane adds the dot product of its 4
-        # weight bytes with the A quad (broadcast to every lane).
-        quad = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
-        quads = T.reinterpret(T.broadcast(quad, 4), dtype="int8x16")
-        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
-            C.vload([0], "int32x4"), quads, B.vload([0, 0, 0], "int8x16"), dtype="int32x4",
-        )
-
-
 MADD_INTRIN = "autotune_avx2_madd_8x2"
 
 
@@ -516,7 +528,12 @@ def _dot_intrin(isa: str) -> str:
         return FMA_INTRIN
     if isa == NEON_SDOT:
         return SDOT_INTRIN
+    if isa in (NEON_BFDOT, NEON_BFDOT_W8):
+        return BFDOT_INTRIN
     return DPBF16_INTRIN if PRECISION[isa] == BF16 else VNNI_INTRIN
+
+
+IMPORTED_LLVM = {DPBF16_INTRIN: DPBF16_LLVM, BFDOT_INTRIN: BFDOT_LLVM}  # intrinsic -> the LLVM IR its kernels import
 
 
 # The AMX instructions the tile intrinsics call, as (instruction, *operands) -> TIR call. The tests
@@ -608,9 +625,12 @@ def amx_intrin_name(kt: int, precision: str = BF16) -> str:
 
 
 def register_intrinsics() -> None:
-    TensorIntrin.register(DPBF16_INTRIN, _dot_desc(*DTYPES[BF16], 2), _dpbf16_impl, override=True)
-    TensorIntrin.register(VNNI_INTRIN, _dot_desc(*DTYPES[INT8], 4), _vnni_impl, override=True)
-    TensorIntrin.register(SDOT_INTRIN, _dot_desc("int8", "int8", "int32", 4, width=4), _sdot_impl, override=True)
+    TensorIntrin.register(DPBF16_INTRIN, _dot_desc(*DTYPES[BF16], 2), _bf16_pairs_impl(16, "autotune_dpbf16ps"), override=True)
+    TensorIntrin.register(BFDOT_INTRIN, _dot_desc(*DTYPES[BF16], 2, width=4), _bf16_pairs_impl(4, "autotune_bfdot"), override=True)
+    TensorIntrin.register(VNNI_INTRIN, _dot_desc(*DTYPES[INT8], 4),
+                          _int8_quads_impl("uint8", 16, "llvm.x86.avx512.vpdpbusd.512"), override=True)
+    TensorIntrin.register(SDOT_INTRIN, _dot_desc("int8", "int8", "int32", 4, width=4),
+                          _int8_quads_impl("int8", 4, "llvm.aarch64.neon.sdot.v4i32.v16i8"), override=True)
     TensorIntrin.register(MADD_INTRIN, _dot_desc("int16", "int16", "int32", 2, width=8), _madd_impl, override=True)
     TensorIntrin.register(FMA_INTRIN, _fma_desc, _fma_impl, override=True)
     for precision, kts in AMX_KT.items():  # (the int8-weight variants use the bf16 intrinsics)
@@ -750,8 +770,8 @@ def _schedule_vector(sch, gemm, outer, rows, n_loop, k_loop, total_rows, n, kc, 
     else:
         task = tile = sch.fuse(*outer, no, mo)
         sch.parallel(task)
-    if _dot_intrin(isa) == DPBF16_INTRIN:
-        sch.annotate(task, "pragma_import_llvm", DPBF16_LLVM)
+    if _dot_intrin(isa) in IMPORTED_LLVM:
+        sch.annotate(task, "pragma_import_llvm", IMPORTED_LLVM[_dot_intrin(isa)])
     acc = sch.cache_write(gemm, 0, "global")  # the register tile: under 1 KiB, so on the stack
     sch.reverse_compute_at(acc, tile)
     sch.decompose_reduction(gemm, kp)

@@ -1,5 +1,5 @@
-"""Weight matmuls onto the CPU's matrix engine: bf16 (AMX-BF16, AVX512-BF16), int8 (AMX-INT8,
-VNNI, AVX2; ARM SDOT), and float32 on AVX2-only CPUs (FMA).
+"""Weight matmuls onto the CPU's matrix engine: bf16 (AMX-BF16, AVX512-BF16; ARM BFDOT), int8
+(AMX-INT8, VNNI, AVX2; ARM SDOT), and float32 on AVX2-only CPUs (FMA).
 
     matmul(x: bf16 (..., m, k), W: bf16 (k, n), out_dtype=float32)      (x float32: rounded to bf16 first)
       -> call_tir(gemm, [x, pack(W)])                pack(W)[k // 2, n, k % 2] = W[k, n]

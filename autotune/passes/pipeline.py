@@ -156,12 +156,15 @@ def _missing_engine(mode: str, target: tvm.target.Target, preset) -> str | None:
     precision = gemm_cpu.INT8 if mode == "w8a8" else gemm_cpu.BF16
     if gemm_cpu.target_isa(target, precision) is not None:
         return None
-    wanted = "AMX-INT8, AVX512-VNNI or AVX2" if mode == "w8a8" else "AMX-BF16, AVX512-BF16 or AVX2 with FMA"
+    if preset.family == "arm":
+        wanted = "int8 dot products (SDOT, +dotprod)" if mode == "w8a8" else "bf16 dot products (BFDOT, +bf16)"
+        where = f"an ARM CPU with {wanted} (presets aarch64-dotprod, aarch64-sve)"
+    else:
+        wanted = "AMX-INT8, AVX512-VNNI or AVX2" if mode == "w8a8" else "AMX-BF16, AVX512-BF16 or AVX2 with FMA"
+        where = f"an x86 CPU with {wanted}"
     gain = "its int8 weights are 4x smaller than float32" if mode == "int8-weight" else "it shrinks the weights"
-    why = (f"autotune has no {mode} matrix-engine kernels for ARM yet (only w8a8's, on SDOT)" if preset.family == "arm"
-           else f"target {preset.name} has no {wanted} matrix engine")
-    return (f"{mode}: {why}, so its matmuls run on generic kernels, about as fast as float32 or slower; {gain}. "
-            f"For its speed, build for an x86 CPU with {wanted}.")
+    return (f"{mode}: target {preset.name} has no {wanted} matrix engine, so its matmuls run on generic kernels, "
+            f"about as fast as float32 or slower; {gain}. For its speed, build for {where}.")
 
 
 def _module_pass(name: str, function):

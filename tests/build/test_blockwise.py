@@ -109,6 +109,34 @@ def test_shipped_records_serve_every_layer_of_the_block(three_layers):
     assert report.units["block"].tuned_kernels == report.units["block"].kernels > 0
 
 
+def test_fp16_on_x86_ships_every_layer_in_float16_and_computes_as_float32(three_layers):
+    """--quantize fp16 on x86 (the float32 build, weight matrices stored float16): every layer file
+    holds its matrices in float16, the block's kernels are the float32 block's, and the output is
+    the float32 build's up to the weights' rounding (cosine >= 0.99999; measured 1.000000)."""
+    from safetensors import safe_open
+
+    from autotune.build.blockwise import build_blockwise
+    from autotune.support.fidelity import compare
+    from autotune.support.settings import BuildSettings
+
+    root, source, float32 = three_layers
+    report = build_blockwise(source, "x86", root / "fp16" / "transformer.so", settings=BuildSettings(quantize="fp16"),
+                             progress=lambda _: None)
+    manifest = json.loads(report.paths.metadata.read_text())
+    for layer in manifest["layers"]:
+        with safe_open(str(report.paths.metadata.parent / layer["name"]), framework="numpy") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        half = {name for name, t in tensors.items() if t.dtype == np.float16}
+        matrices = {name for name, t in tensors.items() if t.ndim >= 2 and t.dtype in (np.float16, np.float32)}
+        assert half and half == matrices, layer["name"]
+    assert report.units["block"].kernels == float32.units["block"].kernels
+    assert report.units["block"].tuned_kernels == float32.units["block"].tuned_kernels
+    before = sum(entry["bytes"] for entry in json.loads(float32.paths.metadata.read_text())["layers"])
+    assert sum(entry["bytes"] for entry in manifest["layers"]) < 0.55 * before
+    out = autotune.load(report.paths.library)(**source.example_inputs)
+    assert compare(out, autotune.load(float32.paths.library)(**source.example_inputs))["cosine"] >= 0.99999
+
+
 def test_checkpoint_errors_are_plain(tmp_path, three_layers):
     root, _, _ = three_layers
     bad = tmp_path / "bad"

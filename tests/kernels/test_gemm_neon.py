@@ -1,10 +1,13 @@
-"""ARM's int8 dot-product engine (SDOT, ARMv8.2 +dotprod): the GEMM kernel alone and a w8a8 build,
-cross-compiled here and run under qemu-aarch64 (skipped, with the reason, where the cross compiler
-or the qemu env is missing: `python tools/run_on_qemu_aarch64.py setup`).
+"""ARM's dot-product engines: int8 on SDOT (ARMv8.2 +dotprod), bf16 and int8 weights on BFDOT
+(ARMv8.6 +bf16): the GEMM kernels alone and quantized builds, cross-compiled here and run under
+qemu-aarch64 (skipped, with the reason, where the cross compiler or the qemu env is missing:
+`python tools/run_on_qemu_aarch64.py setup`).
 
-References: numpy's int32 product, exact; the w8a8 VAE decoder's frames against float32 torch,
-PSNR >= 40 dB (its x86 bound, tests/passes/test_quantize.py; measured here 42 dB on the tiny
-decoder at 32x32, 5 frames).
+References: numpy. SDOT: the int32 product, exact. BFDOT: the float64 product of the same bf16
+(or int8) values, within 1e-5 of the largest output (float32 accumulation; measured 1e-6 at k =
+5120). Builds of the tiny VAE decoder (one latent frame, 16x16) against float32 torch: w8a8 and
+int8-weight PSNR >= 40 dB (the x86 bound, tests/passes/test_quantize.py; measured here 45.2 and
+46.9 dB; bf16, not built here, 52.8 dB; the tiny transformer at bf16 cosine 0.999985, as on x86).
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
+import torch
+import tvm
 
 from autotune.build.compile import build
 from autotune.build.cross import cross_compiler
@@ -28,7 +34,7 @@ from autotune.support.settings import BuildSettings
 from autotune.support.targets import resolve_target
 
 REPO = Path(__file__).resolve().parents[2]
-DOTPROD = "aarch64-dotprod"
+DOTPROD, SVE = "aarch64-dotprod", "aarch64-sve"  # (SVE's preset, a Neoverse V1, also has +bf16)
 
 
 def _qemu():
@@ -45,76 +51,155 @@ def _qemu():
     return tool
 
 
-def _sdot_count(library: Path) -> int:
-    """SDOT instructions in the aarch64 library's code (the cross toolchain's objdump)."""
+def _count(library: Path, instruction: str) -> int:
+    """How many `instruction`s the aarch64 library's code holds (the cross toolchain's objdump)."""
     disassembly = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(library)], capture_output=True, text=True, check=True)
-    return sum(1 for line in disassembly.stdout.splitlines() if "\tsdot\t" in line)
+    return sum(1 for line in disassembly.stdout.splitlines() if f"\t{instruction}\t" in line)
 
 
-def test_the_int8_engine_is_sdot_where_the_arm_target_has_dot_products():
-    assert gemm_cpu.target_isa(resolve_target(DOTPROD).tvm_target(), gemm_cpu.INT8) == gemm_cpu.NEON_SDOT
-    assert gemm_cpu.target_isa(resolve_target("aarch64-sve").tvm_target(), gemm_cpu.INT8) == gemm_cpu.NEON_SDOT
-    assert gemm_cpu.target_isa(resolve_target("arm").tvm_target(), gemm_cpu.INT8) is None  # Cortex-A72: no SDOT
-    for preset in (DOTPROD, "arm"):
-        for precision in (gemm_cpu.BF16, gemm_cpu.F32):
-            assert gemm_cpu.target_isa(resolve_target(preset).tvm_target(), precision) is None, (preset, precision)
+def test_the_arm_engines_are_the_ones_the_target_has():
+    """SDOT where the target has +dotprod (Neoverse N1 on), BFDOT where it has +bf16 (Neoverse V1);
+    none on a Cortex-A72 (`arm`); never a float32 engine on ARM."""
+    isa = {preset: {precision: gemm_cpu.target_isa(resolve_target(preset).tvm_target(), precision)
+                    for precision in (gemm_cpu.INT8, gemm_cpu.BF16, gemm_cpu.F32)} for preset in ("arm", DOTPROD, SVE)}
+    assert isa["arm"] == {gemm_cpu.INT8: None, gemm_cpu.BF16: None, gemm_cpu.F32: None}
+    assert isa[DOTPROD] == {gemm_cpu.INT8: gemm_cpu.NEON_SDOT, gemm_cpu.BF16: None, gemm_cpu.F32: None}
+    assert isa[SVE] == {gemm_cpu.INT8: gemm_cpu.NEON_SDOT, gemm_cpu.BF16: gemm_cpu.NEON_BFDOT, gemm_cpu.F32: None}
     assert gemm_cpu.target_isa(resolve_target("x86-avx512-vnni").tvm_target(), gemm_cpu.INT8) == gemm_cpu.VNNI
     assert gemm_cpu.activation_dtype(gemm_cpu.NEON_SDOT) == "int8"  # signed x signed: no +128 shift
+    assert gemm_cpu.INT8_WEIGHTS[gemm_cpu.NEON_BFDOT] == gemm_cpu.NEON_BFDOT_W8
 
 
 _GUEST = r"""
 import sys
+import ml_dtypes
 import numpy as np
 import tvm
 
 root = sys.argv[1]
 for i in range(int(sys.argv[2])):
     lib = tvm.runtime.load_module(f"{root}/k{i}.so")
-    a, bp = np.load(f"{root}/a{i}.npy"), np.load(f"{root}/bp{i}.npy")
-    c = tvm.runtime.tensor(np.zeros((a.shape[0], bp.shape[1]), np.int32))
+    a, bp = (np.load(f"{root}/{name}{i}.npy") for name in ("a", "bp"))
+    a, bp = (x.view(ml_dtypes.bfloat16) if x.dtype == np.uint16 else x for x in (a, bp))  # (npy has no bf16)
+    c = tvm.runtime.tensor(np.zeros((a.shape[0], bp.shape[1]), np.int32 if a.dtype == np.int8 else np.float32))
     lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(bp), c)
     np.save(f"{root}/c{i}.npy", c.numpy())
 """
 
+# (engine, instruction) x shapes: aligned; ragged (10 rows: a register tile of 5; 12 columns: 3
+# vectors; k 40); a reduction split in two partial products (k 5120).
+SHAPES = [(24, 32, 64), (10, 12, 40), (96, 64, 5120)]
+ENGINES = [(gemm_cpu.NEON_SDOT, "sdot"), (gemm_cpu.NEON_BFDOT, "bfdot"), (gemm_cpu.NEON_BFDOT_W8, "bfdot")]
 
-def test_sdot_gemm_equals_numpy_exactly_under_qemu(tmp_path):
-    """Aligned, ragged (10 rows: a register tile of 5; 12 columns: 3 vectors; k 40) and split
-    (k 5120: two partial products) shapes, the full int8 range of both operands."""
+
+def _operands(isa: str, m: int, n: int, k: int, rng):
+    """(A, B) as the engine takes them: int8 x int8 over the full range (SDOT), bf16 x bf16 or bf16 x int8."""
+    if isa == gemm_cpu.NEON_SDOT:
+        return rng.integers(-128, 128, (m, k)).astype(np.int8), rng.integers(-128, 128, (k, n)).astype(np.int8)
+    a = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
+    if isa == gemm_cpu.NEON_BFDOT_W8:
+        return a, rng.integers(-127, 128, (k, n)).astype(np.int8)
+    return a, rng.standard_normal((k, n)).astype(ml_dtypes.bfloat16)
+
+
+def _sampled_kernel(isa: str, m: int, n: int, k: int, pick: int, target):
+    """The kernel scheduled by MetaSchedule's rule with every sampled decision (register-tile rows
+    and vectors, rows per block) at its `pick`-th candidate (0: smallest, -1: largest), replayed as
+    tuning replays a trace with other decisions."""
+    from tvm import s_tir
+
+    func = gemm_cpu.make_primfunc(m, n, k, isa).with_attr("global_symbol", "main")
+    sampled = s_tir.Schedule(tvm.IRModule({"main": func}), seed=1)
+    gemm_cpu.apply_schedule(sampled, sample=True)
+    trace = sampled.trace
+    for inst in [inst for inst in trace.insts if inst.kind.name == "SampleCategorical"]:
+        trace = trace.with_decision(inst, pick % len(inst.attrs[0]), remove_postproc=True)
+    replayed = s_tir.Schedule(tvm.IRModule({"main": func}))
+    trace.apply_to_schedule(replayed, remove_postproc=True)
+    return tvm.compile(replayed.mod, target=target)
+
+
+def test_arm_dot_product_gemms_equal_numpy_under_qemu(tmp_path):
+    """Each engine's kernel on each shape (default schedule) and with the rule's smallest and
+    largest sampled tiles (48 x 32 x 64), its instruction in the library; one qemu run for all."""
     tool = _qemu()
-    preset = resolve_target(DOTPROD)
+    preset = resolve_target(SVE)
     rng = np.random.default_rng(0)
-    shapes = [(24, 32, 64), (10, 12, 40), (96, 64, 5120)]
-    assert gemm_cpu.k_split(5120, gemm_cpu.NEON_SDOT) == 2
+    assert gemm_cpu.k_split(5120, gemm_cpu.NEON_SDOT) == gemm_cpu.k_split(5120, gemm_cpu.NEON_BFDOT) == 2
+    cases = [(isa, instruction, shape, None) for isa, instruction in ENGINES for shape in SHAPES]
+    cases += [(isa, instruction, (48, 32, 64), pick) for isa, instruction in ENGINES for pick in (0, -1)]
     expected = []
-    for i, (m, n, k) in enumerate(shapes):
-        lib = gemm_cpu.compile_standalone(m, n, k, gemm_cpu.NEON_SDOT, preset.tvm_target())
+    for i, (isa, instruction, (m, n, k), pick) in enumerate(cases):
+        if pick is None:
+            lib = gemm_cpu.compile_standalone(m, n, k, isa, preset.tvm_target())
+        else:
+            lib = _sampled_kernel(isa, m, n, k, pick, preset.tvm_target())
         lib.export_library(str(tmp_path / f"k{i}.so"), fcompile=cross_compiler(preset))
-        assert _sdot_count(tmp_path / f"k{i}.so") > 0, shapes[i]
-        a = rng.integers(-128, 128, (m, k)).astype(np.int8)
-        b = rng.integers(-128, 128, (k, n)).astype(np.int8)
-        np.save(tmp_path / f"a{i}.npy", a)
-        np.save(tmp_path / f"bp{i}.npy", gemm_cpu.pack_weight(b, gemm_cpu.group(gemm_cpu.NEON_SDOT)))
-        expected.append(a.astype(np.int32) @ b.astype(np.int32))
-    tool.run_python(_GUEST, str(tmp_path), str(len(shapes)), timeout=600)
+        assert _count(tmp_path / f"k{i}.so", instruction) > 0, cases[i]
+        a, b = _operands(isa, m, n, k, rng)
+        bp = gemm_cpu.pack_weight(b, gemm_cpu.group(isa))
+        np.save(tmp_path / f"a{i}.npy", a.view(np.uint16) if a.dtype == ml_dtypes.bfloat16 else a)
+        np.save(tmp_path / f"bp{i}.npy", bp.view(np.uint16) if bp.dtype == ml_dtypes.bfloat16 else bp)
+        if isa == gemm_cpu.NEON_SDOT:
+            expected.append(a.astype(np.int32) @ b.astype(np.int32))
+        else:
+            expected.append(a.astype(np.float64) @ b.astype(np.float64))
+    tool.run_python(_GUEST, str(tmp_path), str(len(cases)), timeout=600)
     for i, want in enumerate(expected):
-        np.testing.assert_array_equal(np.load(tmp_path / f"c{i}.npy"), want, err_msg=str(shapes[i]))
+        got = np.load(tmp_path / f"c{i}.npy")
+        if cases[i][0] == gemm_cpu.NEON_SDOT:
+            np.testing.assert_array_equal(got, want, err_msg=str(cases[i]))
+        else:
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), cases[i]
 
 
-def test_w8a8_on_arm_runs_its_gemms_on_sdot_and_keeps_the_picture(tmp_path):
-    """The tiny VAE decoder (one latent frame, 16x16): every quantized convolution an int8 GEMM on
-    SDOT (the build's note counts them), SDOT in the library, frames within PSNR 40 dB of float32
-    torch under qemu. Without dot products (the `arm` preset) w8a8 is refused, saying what it needs."""
+class _ConvAndLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(16, 32, 3, padding=1)
+        self.linear = torch.nn.Linear(32, 64)
+
+    def forward(self, x, tokens):
+        return self.conv(x), self.linear(tokens)
+
+
+def test_bf16_and_int8_weight_matmuls_go_onto_bfdot_where_the_target_has_bf16():
+    """prepare_model only (no build): a convolution (as an im2col GEMM) and a linear on BFDOT at bf16
+    and int8-weight on aarch64-sve; without +bf16 (aarch64-dotprod) nothing moves, and a note says why."""
+    from autotune.frontend.importer import from_torch
+    from autotune.passes.pipeline import prepare_model
+
+    torch.manual_seed(0)
+    imported = from_torch(_ConvAndLinear().eval(), {"x": torch.randn(1, 16, 8, 8), "tokens": torch.randn(1, 64, 32)})
+    for mode, engine in (("bf16", "NEON bf16 dot product (BFDOT)"), ("int8-weight", "NEON bf16 dot product (BFDOT, int8 weights)")):
+        prepared, info = prepare_model(imported, resolve_target(SVE), mode)
+        assert info["matrix_engine"] == {engine: 2} and info["convolutions_as_gemm"] == 1, (mode, info)
+        prepared, info = prepare_model(imported, resolve_target(DOTPROD), mode)
+        assert "matrix_engine" not in info and any("bf16 dot products (BFDOT, +bf16)" in n for n in prepared.notes), mode
+
+
+@pytest.mark.parametrize("mode,preset,engine,instruction", [
+    ("w8a8", DOTPROD, "NEON dot product (SDOT)", "sdot"),
+    ("int8-weight", SVE, "NEON bf16 dot product (BFDOT, int8 weights)", "bfdot"),
+])
+def test_a_quantized_arm_build_runs_on_its_engine_and_keeps_the_picture(tmp_path, mode, preset, engine, instruction):
+    """The tiny VAE decoder (one latent frame, 16x16): every convolution an im2col GEMM on the
+    engine (the build's notes count them; w8a8's on int8 rows), the instruction in the library,
+    frames within PSNR 40 dB of float32 torch under qemu. Without dot products (the `arm` preset)
+    w8a8 is refused, saying what it needs."""
     tool = _qemu()
     source = load_source("wan-i2v-tiny", "vae_decoder", height=16, width=16, frames=1)
     with pytest.raises(InputError, match=r"\+dotprod.*use int8-weight"):
         quantize(source.imported, "w8a8", "arm")
-    report = build(source.imported, DOTPROD, tmp_path / "vae.so", settings=BuildSettings(quantize="w8a8"))
-    engine = [n for n in report.notes if n.startswith("matrix engine:")]
-    quantized = [n for n in report.notes if "convolutions computed as GEMMs" in n]
-    assert len(engine) == 1 and "on NEON dot product (SDOT)" in engine[0], report.notes
-    gemms = int(engine[0].split("matrix engine: ")[1].split()[0])
-    assert quantized and f"{gemms} of them on int8 rows" in quantized[0], report.notes
-    assert _sdot_count(report.paths.library) > 0
+    report = build(source.imported, preset, tmp_path / "vae.so", settings=BuildSettings(quantize=mode))
+    moved = [n for n in report.notes if n.startswith("matrix engine:")]
+    gathered = [n for n in report.notes if "convolutions computed as GEMMs" in n]
+    assert len(moved) == 1 and f"on {engine}," in moved[0], report.notes
+    gemms = int(moved[0].split("matrix engine: ")[1].split()[0])
+    assert gathered and gathered[0].startswith(f"{gemms} convolutions"), report.notes
+    if mode == "w8a8":
+        assert f"{gemms} of them on int8 rows" in gathered[0], report.notes
+    assert _count(report.paths.library, instruction) > 0
     (frames,) = tool.run_artifact(report.paths.library, {k: np.asarray(v) for k, v in source.example_inputs.items()})
     fidelity = compare(frames, source.reference_outputs()[0], peak=2.0)
     assert fidelity["psnr_db"] >= 40.0, format_fidelity(fidelity)
