@@ -15,7 +15,9 @@ Modes (`MODES`, each a small handler class in the style of gpt-fast's quantizati
                  x86 CPUs, which have no float16 arithmetic: the float32 build (its kernels, its
                  tuned records), with its weight matrices stored float16 in the artifact and
                  widened to float32 when loaded (FP16_ON_X86; `float16_storage`).
-    bf16         the same with bfloat16 (ToMixedPrecision, then float16 -> bfloat16).
+    bf16         the same with bfloat16 (ToMixedPrecision, then float16 -> bfloat16). On CPUs a
+                 model whose linears and convolutions are all small (SMALL_LAYER: the tiny
+                 configurations') is its float32 build: the conversions cost more than they save.
     int8-weight  per-output-channel symmetric int8 weights for every linear (`matmul(x,
                  permute_dims(W))` or `matmul(x, W)` with a 2-D weight) and every convolution;
                  the int8 -> float cast is fused into the matmul/conv kernel and the per-channel
@@ -40,7 +42,8 @@ Modes (`MODES`, each a small handler class in the style of gpt-fast's quantizati
                  each row (an output position's receptive field) quantized with its own scale as
                  it is gathered (passes/conv_gemm.py), else on the bf16 engine as int8-weight's.
     int8-weight and w8a8 keep float32 the layers small in both arithmetic and weight (SMALL_LAYER),
-    where int8's extra kernels cost more than it saves; the notes say how many.
+    where int8's extra kernels cost more than it saves; the notes say how many. (bf16 on a CPU: only
+    where every layer is small, see above.)
     fp8          float8_e4m3fn weights with a per-output-channel float32 scale for linears and
                  convolutions; cast inside the kernel, float32 accumulation (weight-only: 4x less
                  weight memory and bandwidth; no fp8 tensor-core math). CUDA sm_89 / sm_90 only.
@@ -737,7 +740,25 @@ class Bf16(QuantMode):
         return None
 
     def apply(self, imported, preset):
+        if preset.family != "cuda" and SMALL_LAYER:
+            small = _all_small(imported)
+            if small:
+                unchanged = replace(imported, notes=list(imported.notes))
+                return unchanged, {"layers": 0, "kept_float32_small": small, "note": (
+                    f"all {small} linears/convolutions are small (under {SMALL_LAYER['flops'] / 1e6:.1f} MFLOP a call with "
+                    f"under {SMALL_LAYER['weights']:,} weights): bf16's conversions would cost more than its matrix "
+                    "engine saves (the tiny models' bf16 builds measured 1.09-1.18x their float32 builds' time): "
+                    "nothing was converted")}
         return _mixed_precision(imported, "bfloat16")
+
+
+def _all_small(imported: ImportedModel) -> int:
+    """How many linears/convolutions the model has if every one is under SMALL_LAYER's bounds (a
+    tiny model's), else 0: a CPU bf16 build of such a model is its float32 build."""
+    func, num_input = _main_and_inputs(imported.mod)
+    found, skipped = _find_sites(func, num_input, linears=True, convs=True, small=SMALL_LAYER)
+    small = sum(why == SMALL_REASON for why in skipped.values())
+    return small if small and not found else 0
 
 
 @register
