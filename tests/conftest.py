@@ -29,6 +29,19 @@ class MLPBlock(torch.nn.Module):
         return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
 
 
+class ConvAndLinear(torch.nn.Module):
+    """A 3x3 convolution (16 -> 32 channels) and a linear (32 -> 64), side by side: the two kinds of
+    weight matmul the quantization modes and matrix engines rewrite, at a build's smallest cost."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(16, 32, 3, padding=1)
+        self.linear = torch.nn.Linear(32, 64)
+
+    def forward(self, x, tokens):
+        return self.conv(x), self.linear(tokens)
+
+
 class AttentionBlock(torch.nn.Module):
     """Pre-norm self-attention + MLP: the shape of a DiT block, tiny."""
 

@@ -203,8 +203,9 @@ def build(
             paths.library, details["gemm_kernels"], details["attention_kernels"], settings.quantize
         )
         notes += checked
-    stored = save_weights(paths.weights, weights, float16=float16_storage(settings.quantize, preset))
-    if info and info.get("weight_storage"):
+    half = float16_storage(settings.quantize, preset)
+    stored = save_weights(paths.weights, weights, float16=half)
+    if half:
         info["weight_bytes_after"] = stored  # (the prepared model's were float32)
     metadata = {
         "name": paths.library.stem,

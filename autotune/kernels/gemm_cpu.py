@@ -177,13 +177,13 @@ def _is_amx(isa: str) -> bool:
 
 
 def _converts_weights(isa: str) -> bool:
-    return isa in (AVX512_W8, AMX_W8, NEON_BFDOT_W8, AVX2_INT8, *FMA)
+    return isa in (*INT8_WEIGHTS.values(), AVX2_INT8, *FMA)
 
 
 def weight_dtype(isa: str) -> str:
     """The dtype the packed weight ships in: int8 for the int8 engines and the int8-weight variants,
     float32 for float32, else bf16."""
-    if PRECISION[isa] == INT8 or isa in (AVX512_W8, AMX_W8, AVX2_W8, NEON_BFDOT_W8):
+    if PRECISION[isa] == INT8 or isa in INT8_WEIGHTS.values():
         return "int8"
     return "float32" if PRECISION[isa] == F32 else "bfloat16"
 

@@ -464,8 +464,7 @@ def _quantize_weights(
         "kept_float32": sorted(n for n, why in skipped.items() if imported.weights[n].ndim >= 2),
     }
     small_layers = sum(why == SMALL_REASON for why in skipped.values())
-    said = (f"under {small['flops'] / 1e6:.1f} MFLOP a call with under {small['weights']:,} weights: int8 would cost more "
-            "than it saves" if small_layers else "")
+    said = f"{_small_bounds(small)}: int8 would cost more than it saves" if small_layers else ""
     if small_layers:
         info["kept_float32_small"] = small_layers
     if not found:
@@ -745,11 +744,15 @@ class Bf16(QuantMode):
             if small:
                 unchanged = replace(imported, notes=list(imported.notes))
                 return unchanged, {"layers": 0, "kept_float32_small": small, "note": (
-                    f"all {small} linears/convolutions are small (under {SMALL_LAYER['flops'] / 1e6:.1f} MFLOP a call with "
-                    f"under {SMALL_LAYER['weights']:,} weights): bf16's conversions would cost more than its matrix "
-                    "engine saves (the tiny models' bf16 builds measured 1.09-1.18x their float32 builds' time): "
-                    "nothing was converted")}
+                    f"all {small} linears/convolutions are small ({_small_bounds(SMALL_LAYER)}): bf16's conversions would "
+                    "cost more than its matrix engine saves (the tiny models' bf16 builds measured 1.09-1.18x their "
+                    "float32 builds' time): nothing was converted")}
         return _mixed_precision(imported, "bfloat16")
+
+
+def _small_bounds(small: dict) -> str:
+    """SMALL_LAYER's bounds for a note."""
+    return f"under {small['flops'] / 1e6:.1f} MFLOP a call with under {small['weights']:,} weights"
 
 
 def _all_small(imported: ImportedModel) -> int:

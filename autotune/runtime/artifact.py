@@ -53,7 +53,9 @@ def stored_in_float16(value: np.ndarray) -> bool:
     float16's range holds."""
     if value.dtype != np.float32 or value.ndim < 2:
         return False
-    finite = value[np.isfinite(value)]
+    if max(float(value.max(initial=0.0)), -float(value.min(initial=0.0))) <= FLOAT16_MAX:  # (no copy; no inf or nan)
+        return True
+    finite = value[np.isfinite(value)]  # (a copy: only where an inf, a nan or a large value is there)
     return finite.size == 0 or float(np.abs(finite).max()) <= FLOAT16_MAX
 
 

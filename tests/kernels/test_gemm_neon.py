@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from conftest import ConvAndLinear
 
 from autotune.build.compile import build
 from autotune.build.cross import cross_compiler
@@ -151,16 +152,6 @@ def test_arm_dot_product_gemms_equal_numpy_under_qemu(tmp_path):
             assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), cases[i]
 
 
-class _ConvAndLinear(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(16, 32, 3, padding=1)
-        self.linear = torch.nn.Linear(32, 64)
-
-    def forward(self, x, tokens):
-        return self.conv(x), self.linear(tokens)
-
-
 def test_bf16_and_int8_weight_matmuls_go_onto_bfdot_where_the_target_has_bf16():
     """prepare_model only (no build): a convolution (as an im2col GEMM) and a linear on BFDOT at bf16
     and int8-weight on aarch64-sve; without +bf16 (aarch64-dotprod) nothing moves, and a note says why."""
@@ -168,7 +159,7 @@ def test_bf16_and_int8_weight_matmuls_go_onto_bfdot_where_the_target_has_bf16():
     from autotune.passes.pipeline import prepare_model
 
     torch.manual_seed(0)
-    imported = from_torch(_ConvAndLinear().eval(), {"x": torch.randn(1, 16, 8, 8), "tokens": torch.randn(1, 64, 32)})
+    imported = from_torch(ConvAndLinear().eval(), {"x": torch.randn(1, 16, 8, 8), "tokens": torch.randn(1, 64, 32)})
     for mode, engine in (("bf16", "NEON bf16 dot product (BFDOT)"), ("int8-weight", "NEON bf16 dot product (BFDOT, int8 weights)")):
         prepared, info = prepare_model(imported, resolve_target(SVE), mode)
         assert info["matrix_engine"] == {engine: 2} and info["convolutions_as_gemm"] == 1, (mode, info)
@@ -202,7 +193,7 @@ def test_quantized_arm_builds_run_on_their_engines_and_match_torch(tmp_path):
 
     tool = _qemu()
     torch.manual_seed(0)
-    module = _ConvAndLinear().eval()
+    module = ConvAndLinear().eval()
     inputs = {"x": torch.randn(1, 16, 16, 16), "tokens": torch.randn(1, 64, 32)}
     imported = from_torch(module, inputs)
     with pytest.raises(InputError, match=r"\+dotprod.*use int8-weight"):

@@ -21,6 +21,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import ConvAndLinear
 
 import autotune
 import autotune.build.compile as build_module
@@ -215,15 +216,6 @@ def test_vae_decoder_mode_psnr(mode, vae, tmp_path):
     assert metadata["passes"][0]["conv_layers"] >= 30 and after < 0.3 * before
 
 
-class _ConvAndLinear(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv, self.linear = torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.Linear(32, 64)
-
-    def forward(self, x, tokens):
-        return self.conv(x), self.linear(tokens)
-
-
 def test_fp16_on_x86_is_the_float32_build_with_its_matrices_stored_float16(transformer, tmp_path):
     """x86 has no float16 arithmetic: fp16 prepares exactly the float32 module (the tiny transformer:
     same kernels, so the float32 records apply). Built (a convolution and a linear), it ships every
@@ -245,8 +237,8 @@ def test_fp16_on_x86_is_the_float32_build_with_its_matrices_stored_float16(trans
     assert "weight_storage" not in arm_info and any(w.dtype == np.float16 for w in arm.weights.values())
 
     torch.manual_seed(0)
-    module = _ConvAndLinear().eval()
-    inputs = {"x": torch.randn(1, 8, 16, 16), "tokens": torch.randn(1, 64, 32)}
+    module = ConvAndLinear().eval()
+    inputs = {"x": torch.randn(1, 16, 16, 16), "tokens": torch.randn(1, 64, 32)}
     imported = from_torch(module, inputs)
     built = {mode: build_module.build(imported, preset, tmp_path / f"{mode}.so", settings=BuildSettings(quantize=mode))
              for mode in (None, "fp16")}
