@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-import autotune  # noqa: F401  (sets TVM_NUM_THREADS before tvm is imported)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several pytest workers (tools/test.sh): one thread each,
+    for name in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):  # or the workers' thread pools fight over the cores
+        os.environ.setdefault(name, "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+import autotune  # noqa: E402, F401  (sets TVM_NUM_THREADS before tvm is imported)
 
 
 class MLPBlock(torch.nn.Module):
@@ -88,6 +93,19 @@ def onnx_attention_block(tmp_path_factory, attention_block):
     path = tmp_path_factory.mktemp("onnx") / "block.onnx"
     torch.onnx.export(module, (inputs["x"],), str(path), dynamo=True, opset_version=18, input_names=["x"])
     return path, inputs, ref
+
+
+# Session fixtures that take a minute to make: under pytest-xdist (tools/test.sh: --dist loadgroup)
+# every test that uses one runs on the same worker, which makes it once.
+SHARED_SESSION_FIXTURES = ("tiny_pipeline_artifacts", "tuned_mlp")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        shared = [name for name in SHARED_SESSION_FIXTURES if name in item.fixturenames]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
 
 
 @pytest.fixture(autouse=True, scope="session")

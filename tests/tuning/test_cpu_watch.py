@@ -19,7 +19,10 @@ from autotune.support.settings import TuneSettings
 from autotune.tuning.cpu_watch import CpuWatch
 from autotune.tuning.tune import tune
 
-pytestmark = pytest.mark.skipif(not Path("/proc/stat").exists(), reason="the CPU watch reads Linux's /proc")
+pytestmark = [
+    pytest.mark.skipif(not Path("/proc/stat").exists(), reason="the CPU watch reads Linux's /proc"),
+    pytest.mark.serial,  # another pytest worker would be the "other work" these tests measure
+]
 
 BUSY = "import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\nend = time.time() + 120\nwhile time.time() < end: pass\n"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
@@ -145,6 +146,7 @@ def _remeasure_once(log, task):
         close_runner(runner, drop_queued=False)
 
 
+@pytest.mark.serial  # its outcome is a speed measured on this machine
 def test_a_winner_meets_a_default_schedule_it_was_never_measured_against(tmp_path):
     """A hand-written kernel's default changes with the code: its winner, re-measured before against
     another default (here: none), is measured again beside today's, which takes its place when
@@ -174,6 +176,7 @@ def test_a_winner_meets_a_default_schedule_it_was_never_measured_against(tmp_pat
     assert (second.outcomes, second.skipped_verified) == ([], 1)
 
 
+@pytest.mark.serial  # its outcome is a speed measured on this machine
 def test_a_lucky_naive_record_loses_its_place_to_the_default_schedule(tmp_path):
     module = torch.nn.Sequential(torch.nn.Linear(256, 256)).eval()
     imported = from_torch(module, {"x": torch.randn(64, 256)})
