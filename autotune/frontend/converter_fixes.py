@@ -10,6 +10,10 @@ call it without a mode (embedding, index.Tensor, select, ONNX Gather, ...). TOPI
 and fast mode really does read out of bounds for a negative index, which torch allows
 (x[idx] with idx = -1). So every take we emit names a safe mode, and `safe_take_modes` gives the
 translator's own takes one.
+
+Weight matmuls: torch decomposes a linear whose input is not contiguous (a transposed view) into a
+batched matmul of the weight broadcast to (1, k, n); `unbroadcast_matmul_weights` gives the
+matmul the 2-D weight again, the form the quantizer and the matrix engines take.
 """
 
 from __future__ import annotations
@@ -171,6 +175,35 @@ def safe_take_modes(mod):
     def rewriter(expr, _matches):
         new = _safe_take(expr)
         return expr if new is None else new
+
+    for gvar, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gvar] = rewrite_call(pattern, rewriter, func)
+    return mod
+
+
+def unbroadcast_matmul_weights(mod):
+    """matmul(x, broadcast_to(w, (*batch, k, n))) -> matmul(x, w), for a 2-D `w` where x's own batch
+    dimensions already give the product's (each of `batch` is 1 or x's): matmul broadcasts a 2-D
+    operand itself, so the result and its shape are the same."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    from autotune.support.ir import static_shape
+
+    weight, shape = wildcard(), wildcard()
+    pattern = is_op("relax.matmul")(wildcard(), is_op("relax.broadcast_to")(weight, shape))
+
+    def rewriter(call, matches):
+        x, w = call.args[0], matches[weight]
+        batch = _static_ints(matches[shape].values[:-2]) if isinstance(matches[shape], relax.ShapeExpr) else None
+        x_shape, w_shape = static_shape(x.ty), static_shape(w.ty)
+        if batch is None or x_shape is None or w_shape is None or len(w_shape) != 2:
+            return call
+        x_batch = x_shape[:-2]
+        if len(batch) > len(x_batch) or any(d not in (1, mine) for d, mine in zip(reversed(batch), reversed(x_batch))):
+            return call
+        return relax.op.matmul(x, w, out_dtype=call.attrs.out_dtype)
 
     for gvar, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):

@@ -20,7 +20,11 @@ from autotune.support.ir import num_input, static_shape
 from autotune.support.signature import TensorSpec, specs_from_relax_type
 
 from .calibration import linear_input_ranges
-from .converter_fixes import CUSTOM_CONVERT_MAP, safe_take_modes
+from .converter_fixes import (
+    CUSTOM_CONVERT_MAP,
+    safe_take_modes,
+    unbroadcast_matmul_weights,
+)
 
 
 @dataclass
@@ -60,7 +64,7 @@ def _finish(mod, source: str) -> ImportedModel:
     """Split weights off `main` and describe its signature."""
     from tvm import relax
 
-    mod, params = relax.frontend.detach_params(safe_take_modes(mod))
+    mod, params = relax.frontend.detach_params(unbroadcast_matmul_weights(safe_take_modes(mod)))
     main = mod["main"]
     n_inputs = num_input(main)
     user_params = main.params[:n_inputs]

@@ -60,3 +60,31 @@ def test_strided_scatters_match_torch_and_interleave_when_they_cover_the_axis(st
     assert ("relax.stack" in ops) == interleaved, ops
     # interleaved: the last scatter's gather and select are gone (the earlier ones are dead code)
     assert ops.count("relax.where") == len(starts) - (1 if interleaved else 0), ops
+
+
+class _LinearOfTransposedView(torch.nn.Module):
+    """A linear applied to a transposed view: torch's decomposition broadcasts the weight to (b, k, n)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(32, 64)
+
+    def forward(self, x):
+        return self.linear(x.transpose(1, 2))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_linear_of_a_transposed_view_keeps_a_2d_weight_and_goes_onto_the_matrix_engine(batch):
+    from autotune.passes.pipeline import prepare_model
+    from autotune.support.targets import resolve_target
+
+    torch.manual_seed(0)
+    module, inputs = _LinearOfTransposedView().eval(), {"x": torch.randn(batch, 32, 16)}
+    out, ops = _import_and_run(module, inputs)
+    assert np.max(np.abs(out - module(**inputs).detach().numpy())) <= 1e-5  # (a float32 GEMM's sums, reordered)
+    imported = from_torch(module, inputs)
+    [matmul] = [b.value for block in imported.mod["main"].body.blocks for b in block.bindings
+                if isinstance(b.value, relax.Call) and b.value.op == tvm.ir.Op.get("relax.matmul")]
+    assert [int(d) for d in matmul.args[1].ty.shape.values] == [32, 64], "the weight is broadcast again"
+    _, info = prepare_model(imported, resolve_target("x86-avx512-bf16"), "bf16")
+    assert info["matrix_engine"] == {"AVX512-BF16": 1}, info
