@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 from conftest import max_abs_diff, run_cli, run_fresh
 
 from autotune.build.compile import build
@@ -120,9 +121,30 @@ def test_cli_tune_where_every_build_fails_exits_nonzero(tmp_path, onnx_attention
         "tune", "--model", str(onnx_attention_block[0]), "--log", str(tmp_path),
         "--trials", "4", "--trials-per-iter", "4", "--build-timeout", "0.001",
     )
-    assert result.returncode != 0
-    assert "candidates failed to build or run" in result.stderr
-    assert "Timeout" in result.stderr  # the first failure's own message is shown
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    if "start-up check" not in result.stderr:  # (on a busy machine the build worker's check times out first)
+        assert "candidates failed to build or run" in result.stderr
+        assert "Timeout" in result.stderr  # the first failure's own message is shown
+
+
+def test_a_worker_slower_than_its_timeout_at_start_up_is_a_clear_error(monkeypatch):
+    """MetaSchedule checks its build and measuring workers when they are made, under the candidates'
+    timeout; on a busy machine a short timeout ran out there, and a bare TimeoutError reached the user."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from autotune.support.errors import TuningFailed
+    from autotune.support.targets import resolve_target
+    from autotune.tuning.tune import make_builder, make_runner
+
+    def too_slow(self):
+        raise TimeoutError()
+
+    monkeypatch.setattr(ms.builder.LocalBuilder._cls, "_sanity_check", too_slow)  # (_cls: the class behind TVM's wrapper)
+    monkeypatch.setattr(ms.runner.LocalRunner._cls, "_sanity_check", too_slow)
+    with pytest.raises(TuningFailed, match=r"build worker .* within --build-timeout 0.001 s .* give a longer --build-timeout"):
+        make_builder(TuneSettings(build_timeout_s=0.001))
+    with pytest.raises(TuningFailed, match=r"measuring worker .* within --run-timeout 2 s"):
+        make_runner(TuneSettings(run_timeout_s=2), resolve_target("x86"))
 
 
 def test_trials_go_where_the_flops_are(tuned_mlp):

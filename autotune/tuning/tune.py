@@ -7,6 +7,7 @@ import math
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,13 +118,28 @@ class _ProgressCallback(ms.measure_callback.PyMeasureCallback):
 def make_builder(settings: TuneSettings):
     from .workers import LEAN_BUILD, LINKED_EXPORT, initialize_worker
 
-    return ms.builder.LocalBuilder(
-        max_workers=settings.build_workers,
-        timeout_sec=settings.build_timeout_s,
-        f_build=LEAN_BUILD,
-        f_export=LINKED_EXPORT,
-        initializer=initialize_worker,
-    )
+    with _startup_check("build", "--build-timeout", settings.build_timeout_s):
+        return ms.builder.LocalBuilder(
+            max_workers=settings.build_workers,
+            timeout_sec=settings.build_timeout_s,
+            f_build=LEAN_BUILD,
+            f_export=LINKED_EXPORT,
+            initializer=initialize_worker,
+        )
+
+
+@contextmanager
+def _startup_check(kind: str, option: str, timeout_s: float):
+    """MetaSchedule's local builder and runner check their worker process when made, under the
+    candidates' timeout: a worker slower than that (a busy machine, a tiny timeout) raised a bare
+    TimeoutError out of the constructor."""
+    try:
+        yield
+    except TimeoutError:
+        raise TuningFailed(
+            f"the {kind} worker process did not answer its start-up check within {option} {timeout_s:g} s "
+            f"(a busy machine, or a timeout shorter than starting a worker takes); give a longer {option}"
+        ) from None
 
 
 def close_runner(runner, drop_queued: bool) -> None:
@@ -153,7 +169,8 @@ def make_runner(settings: TuneSettings, preset: TargetPreset):
         from .remote import make_rpc_runner
 
         return make_rpc_runner(settings, config)
-    return ms.runner.LocalRunner(timeout_sec=settings.run_timeout_s, evaluator_config=config)
+    with _startup_check("measuring", "--run-timeout", settings.run_timeout_s):
+        return ms.runner.LocalRunner(timeout_sec=settings.run_timeout_s, evaluator_config=config)
 
 
 def extract_tasks(imported: ImportedModel, target) -> tuple[tvm.IRModule, list]:
