@@ -26,10 +26,9 @@ print(json.dumps({"package": autotune.__file__, "targets": str(targets_dir()), "
 
 def _shipped_log_fits_this_cpu() -> str | None:
     from autotune.support.targets import resolve_target
-    from autotune.tuning.log import isa_of_target_key, schedule_isa
+    from autotune.tuning.log import isa_of_target_key, record_lines, schedule_isa
 
-    with open(ROOT / "schedules" / "x86" / "records.jsonl") as f:
-        key = json.loads(f.readline())["target"]
+    key = next(record_lines(ROOT / "schedules" / "x86"))["target"]
     here, shipped = schedule_isa(resolve_target("x86").tvm_target()), isa_of_target_key(key)
     if here.vector != shipped.vector:
         return f"the shipped x86 log is for {shipped.vector} CPUs and this one is {here.vector}"

@@ -40,6 +40,7 @@ if [ "${1:-}" = quantized ]; then
     autotune tune --model "$name" --quantize "$mode" --target x86 --log "$LOG" --trials "$trials" \
       ${per_kernel:+--trials-per-task "$per_kernel"}
   done
+  autotune compact --log "$LOG"  # the new lines into the gzipped parts the package ships
   exit 0
 fi
 for name in ${@:-linear-1536 dit-block linear-ffn-up vae-up-block tiny-transformer tiny-vae-decoder tiny-image-encoder}; do
@@ -62,3 +63,4 @@ PY
   echo "== $name: ${TRIALS[$name]} trials"
   autotune tune --model "$name" --target x86 --log "$LOG" --trials "${TRIALS[$name]}"
 done
+autotune compact --log "$LOG"  # the new lines into the gzipped parts the package ships

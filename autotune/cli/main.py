@@ -12,6 +12,7 @@ from autotune.support.errors import AutotuneError
 from . import (
     bench,
     build,
+    compact,
     demo,
     generate,
     import_model,
@@ -25,7 +26,7 @@ from . import (
 )
 
 # In the order `autotune --help` lists them.
-COMMANDS = [models, targets, import_model, tune, build, run, merge, inspect, bench, rpc, generate, demo]
+COMMANDS = [models, targets, import_model, tune, build, run, merge, compact, inspect, bench, rpc, generate, demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,4 +28,4 @@ def shipped_log_dir(family: str) -> Path | None:
     """The tuning log autotune ships for a target family ("x86", "arm", "cuda"), or None."""
     root = _find("schedules")
     log = root / family if root is not None else None
-    return log if log is not None and (log / "records.jsonl").is_file() else None
+    return log if log is not None and any((log / name).is_file() for name in ("records.jsonl", "records.jsonl.gz")) else None

@@ -18,11 +18,15 @@ machines, not comparable with the winner's rounds (read with `winners_only`).
 A trace may hold a TVM object (TransformLayout's IndexMap, from weight packing): it is stored
 as its TVM JSON text, the form MetaSchedule's trace reader parses back.
 
+A file may have a compacted part beside it, `workloads.jsonl.gz` / `records.jsonl.gz` (`compact_log`:
+its earlier lines, gzipped as they were): readers read that part first, then the plain file, where
+new lines are appended as before. The shipped logs are compacted (a tenth of the bytes).
+
 Each line is written whole with one `write` under an exclusive `flock`, then flushed and
 fsync'ed: a crash or Ctrl-C loses at most the record being measured, and two processes tuning
 into the same directory never interleave partial lines. Reading never stops at a bad line: a
 truncated or garbage line, a record for an unknown workload, another target or another TVM
-version is reported with its file and line number and skipped; the files are never rewritten.
+version is reported with its file and line number and skipped; reading never rewrites a file.
 
 `TuningLog` is a MetaSchedule `Database`: it keeps the records in an in-memory database for
 queries and appends every new one to disk as it is committed.
@@ -32,12 +36,14 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import gzip
 import hashlib
 import json
 import math
 import os
 import re
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +56,7 @@ from autotune.support.tvm_compat import normalize_workload, tuning_record_json
 
 WORKLOADS_FILE = "workloads.jsonl"
 RECORDS_FILE = "records.jsonl"
+COMPACTED = ".gz"  # suffix of a file's compacted part
 
 
 def record_to_json(record: ms.database.TuningRecord):
@@ -223,23 +230,51 @@ def _append_line(path: Path, obj: dict) -> None:
         os.close(fd)
 
 
+def _parts(path: Path) -> list[Path]:
+    """The files holding a log file's lines, in order: its compacted part, then itself."""
+    return [part for part in (_compacted(path), path) if part.exists()]
+
+
+def _compacted(path: Path) -> Path:
+    return path.with_name(path.name + COMPACTED)
+
+
 def _read_lines(path: Path):
-    """Yield (line number, parsed JSON or None, reason) for each non-empty line."""
-    if not path.exists():
-        return
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                yield number, None, f"not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); truncated or corrupt line"
-                continue
-            if not isinstance(obj, dict):
-                yield number, None, "not a JSON object"
-                continue
-            yield number, obj, ""
+    """Yield (file, line number, parsed JSON or None, reason) for each non-empty line of `path`'s
+    compacted part, then of `path`."""
+    for part in _parts(path):
+        yield from _lines_of(part)
+
+
+def _lines_of(part: Path):
+    number = 0
+    try:
+        with gzip.open(part, "rb") if part.name.endswith(COMPACTED) else open(part, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    obj = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    yield str(part), number, None, f"not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); truncated or corrupt line"
+                    continue
+                if not isinstance(obj, dict):
+                    yield str(part), number, None, "not a JSON object"
+                    continue
+                yield str(part), number, obj, ""
+    except (EOFError, OSError, zlib.error) as exc:  # a truncated or damaged compacted part: the lines before count
+        yield str(part), number + 1, None, f"compressed data unreadable from here on ({type(exc).__name__}: {exc})"
+
+
+def record_lines(log_dir: str | Path):
+    """Every record line of a log that parses as a JSON object, both parts, in order, unchecked:
+    for a look at the lines without replaying them (`read_log` checks and replays)."""
+    return (obj for _, _, obj, _ in _read_lines(Path(log_dir) / RECORDS_FILE) if obj is not None)
+
+
+def workload_lines(log_dir: str | Path):
+    """`record_lines` of the workloads file."""
+    return (obj for _, _, obj, _ in _read_lines(Path(log_dir) / WORKLOADS_FILE) if obj is not None)
 
 
 def workload_id(mod: tvm.IRModule) -> str:
@@ -273,7 +308,7 @@ class _Source:
     workloads: dict  # workload id -> Workload
     same_structure: dict  # MetaSchedule's structural hash -> workload ids
     structure: dict  # workload id -> its structural hash
-    records: list  # (path, line number, workload id, line object)
+    records: list  # (file, line number, workload id, line object), in the order read
 
 
 def read_logs(
@@ -299,9 +334,9 @@ def read_logs(
 
     newest: dict[tuple, tuple] = {}  # schedule key -> ((time, source, line), line object) of its newest re-measurement
     for index, source in enumerate(parsed):
-        for path, number, wid, obj in source.records:
+        for order, (path, number, wid, obj) in enumerate(source.records):
             if "remeasured" in obj:
-                stamp = (float(obj["remeasured"].get("at", 0)), index, number)
+                stamp = (float(obj["remeasured"].get("at", 0)), index, order)
                 key = key_of(index, wid, obj)
                 if key not in newest or stamp > newest[key][0]:
                     newest[key] = (stamp, obj)
@@ -313,11 +348,11 @@ def read_logs(
         for workload in source.workloads.values():  # in file order: the first of twins is the one known
             memory.commit_workload(workload.mod)
     for index, source in enumerate(parsed):
-        for path, number, wid, obj in source.records:
+        for order, (path, number, wid, obj) in enumerate(source.records):
             structure, key = source.structure[wid], None
             if structure in remeasured_structures:
                 key = key_of(index, wid, obj)
-                if key in newest and newest[key][0][1:] != (index, number):
+                if key in newest and newest[key][0][1:] != (index, order):
                     source.report.superseded += 1  # a newer re-measurement of the same schedule replaces it
                     continue
                 if winners_only and structure in winner_keys and key != winner_keys[structure]:
@@ -348,10 +383,9 @@ def _parse_log(log_dir: Path, target, only) -> _Source:
     source = _Source(LogReadReport(), {}, {}, {}, [])
     report, workloads = source.report, source.workloads
     skipped = report.passed_over
-    wpath, rpath = log_dir / WORKLOADS_FILE, log_dir / RECORDS_FILE
-    for number, obj, reason in _read_lines(wpath):
+    for path, number, obj, reason in _read_lines(log_dir / WORKLOADS_FILE):
         if obj is None:
-            report.problems.append(LogProblem(str(wpath), number, reason))
+            report.problems.append(LogProblem(path, number, reason))
             continue
         if only is not None and str(obj.get("workload", [None])[0]) not in only:
             skipped.add(obj.get("id"))
@@ -363,32 +397,32 @@ def _parse_log(log_dir: Path, target, only) -> _Source:
                 source.structure[wid] = str(obj["workload"][0])
                 source.same_structure.setdefault(source.structure[wid], []).append(wid)
         except Exception as exc:  # a JSON line that is not a workload
-            report.problems.append(LogProblem(str(wpath), number, f"not a workload ({type(exc).__name__}: {exc})"))
+            report.problems.append(LogProblem(path, number, f"not a workload ({type(exc).__name__}: {exc})"))
     report.workloads = len(workloads)
     if target is not None:
         want_key, want_isa = target_key(target), schedule_isa(target)
-    for number, obj, reason in _read_lines(rpath):
+    for path, number, obj, reason in _read_lines(log_dir / RECORDS_FILE):
         if obj is None:
-            report.problems.append(LogProblem(str(rpath), number, reason))
+            report.problems.append(LogProblem(path, number, reason))
             continue
         wid = obj.get("id")
         if wid in skipped:
             continue
         if wid not in workloads:
-            report.problems.append(LogProblem(str(rpath), number, f"record for unknown workload {wid!r}"))
+            report.problems.append(LogProblem(path, number, f"record for unknown workload {wid!r}"))
             continue
         if obj.get("tvm") != tvm.__version__:
             report.problems.append(
-                LogProblem(str(rpath), number, f"record from TVM {obj.get('tvm')}, this is TVM {tvm.__version__}")
+                LogProblem(path, number, f"record from TVM {obj.get('tvm')}, this is TVM {tvm.__version__}")
             )
             continue
         if target is not None and not record_fits_target(obj, want_key, want_isa):
-            report.problems.append(LogProblem(str(rpath), number, f"record for another target: {obj.get('target')}"))
+            report.problems.append(LogProblem(path, number, f"record for another target: {obj.get('target')}"))
             continue
         if not _has_trace_shape(obj.get("record")):  # (the re-measurement keys read the trace before any replay)
-            report.problems.append(LogProblem(str(rpath), number, "not a tuning record (no [[instructions, decisions], ...] trace)"))
+            report.problems.append(LogProblem(path, number, "not a tuning record (no [[instructions, decisions], ...] trace)"))
             continue
-        source.records.append((str(rpath), number, wid, obj))
+        source.records.append((path, number, wid, obj))
     return source
 
 
@@ -520,7 +554,7 @@ class TuningLog(ms.database.PyDatabase):
         """`kernels` (their `structure_key`s): read only these kernels' workloads and records, from
         the log and from `seed_log`; None: the log whole (and nothing from `seed_log`). A tuning run
         needs its own kernels' records only, and replaying every record of a large log (the
-        shipped one: 185 MB of workloads) took minutes. `seed_log` (the shipped log): its records
+        shipped one: 197 MB of workloads) took minutes. `seed_log` (the shipped log): its records
         start the search, and nothing is written to it."""
         super().__init__()
         self.log_dir = Path(log_dir)
@@ -645,17 +679,17 @@ def merge_log(src: str | Path, dst: str | Path) -> MergeReport:
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     report = MergeReport()
-    have_workloads = {obj["id"] for _, obj, _ in _read_lines(dst / WORKLOADS_FILE) if obj and "id" in obj}
-    have_records = {json.dumps(obj, sort_keys=True) for _, obj, _ in _read_lines(dst / RECORDS_FILE) if obj}
+    have_workloads = {obj["id"] for _, _, obj, _ in _read_lines(dst / WORKLOADS_FILE) if obj and "id" in obj}
+    have_records = {json.dumps(obj, sort_keys=True) for _, _, obj, _ in _read_lines(dst / RECORDS_FILE) if obj}
     src_workloads = {}
-    for number, obj, reason in _read_lines(src / WORKLOADS_FILE):
+    for path, number, obj, reason in _read_lines(src / WORKLOADS_FILE):
         if obj is None or "id" not in obj or "workload" not in obj:
-            report.problems.append(LogProblem(str(src / WORKLOADS_FILE), number, reason or "not a workload line"))
+            report.problems.append(LogProblem(path, number, reason or "not a workload line"))
             continue
         src_workloads.setdefault(obj["id"], obj)
-    for number, obj, reason in _read_lines(src / RECORDS_FILE):
+    for path, number, obj, reason in _read_lines(src / RECORDS_FILE):
         if obj is None or obj.get("id") not in src_workloads or "record" not in obj:
-            report.problems.append(LogProblem(str(src / RECORDS_FILE), number, reason or "record for an unknown workload"))
+            report.problems.append(LogProblem(path, number, reason or "record for an unknown workload"))
             continue
         key = json.dumps(obj, sort_keys=True)
         if key in have_records:
@@ -671,14 +705,71 @@ def merge_log(src: str | Path, dst: str | Path) -> MergeReport:
     return report
 
 
+@dataclass
+class CompactReport:
+    files: dict = field(default_factory=dict)  # file name -> (lines moved, plain bytes moved, compacted bytes after)
+
+    def summary(self) -> str:
+        return "; ".join(f"{name}: {lines} lines ({moved / 1e6:.1f} MB) moved into {name}{COMPACTED} "
+                         f"({after / 1e6:.1f} MB)" for name, (lines, moved, after) in self.files.items())
+
+
+def compact_log(log_dir: str | Path) -> CompactReport:
+    """Move each file's lines, as they are, into its compacted part (gzip), leaving the plain file
+    empty for the lines appended from now on. Nothing is lost or changed: readers read the
+    compacted part first, then the plain file, and find the same lines in the same order.
+
+    Each file is done under the lock that appenders take, so a tuning run writing into the log
+    waits for it. The new compacted part (the old one's gzip members, then one more of the plain
+    file's bytes, ending with a newline) is written beside the old, synced and renamed over it;
+    only then is the plain file emptied. A crash in between leaves the plain file's lines in both
+    parts: read twice, the same workloads and records, nothing lost."""
+    log_dir = Path(log_dir)
+    report = CompactReport()
+    for name in (WORKLOADS_FILE, RECORDS_FILE):
+        path = log_dir / name
+        if not path.exists():
+            continue
+        compacted, fresh = _compacted(path), _compacted(path).with_suffix(f"{COMPACTED}.tmp")
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            data = path.read_bytes()
+            if not data:
+                continue
+            if not data.endswith(b"\n"):  # a line cut short by a crash stays one (reported) line
+                data += b"\n"
+            with open(fresh, "wb") as out:
+                if compacted.exists():
+                    out.write(compacted.read_bytes())
+                out.write(gzip.compress(data, compresslevel=9, mtime=0))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(fresh, compacted)
+            _sync_dir(log_dir)
+            os.ftruncate(fd, 0)
+            os.fsync(fd)
+            report.files[name] = (data.count(b"\n"), len(data), compacted.stat().st_size)
+        finally:
+            os.close(fd)  # (releases the lock)
+    return report
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def log_digest(log_dir: str | Path) -> str | None:
     """sha256 of the log's files, to record in an artifact which log built it."""
     log_dir = Path(log_dir)
     h = hashlib.sha256()
     found = False
     for name in (WORKLOADS_FILE, RECORDS_FILE):
-        path = log_dir / name
-        if path.exists():
+        for path in _parts(log_dir / name):
             found = True
             with open(path, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -93,16 +93,16 @@ def test_shipped_records_serve_every_layer_of_the_block(three_layers):
     from autotune.support.package_data import shipped_log_dir
     from autotune.support.targets import resolve_target
     from autotune.tuning.log import (
-        RECORDS_FILE,
         record_fits_target,
+        record_lines,
         schedule_isa,
         target_key,
     )
 
     host = resolve_target("x86").tvm_target()
     key, isa = target_key(host), schedule_isa(host)
-    with open(shipped_log_dir("x86") / RECORDS_FILE) as lines:  # (the lines alone: reading the log's workloads takes a minute)
-        fits = any(record_fits_target(json.loads(line), key, isa) for line in lines)
+    # (the lines alone: reading the log's workloads takes a minute)
+    fits = any(record_fits_target(line, key, isa) for line in record_lines(shipped_log_dir("x86")))
     if not fits:
         pytest.skip(f"the shipped x86 log has no records for this CPU's vector ISA ({schedule_isa(host).vector})")
     report = three_layers[2]

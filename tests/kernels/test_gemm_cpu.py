@@ -193,13 +193,11 @@ def test_kernels_keep_the_structure_the_shipped_records_are_filed_under():
     """The shipped log (schedules/x86) files the bench workloads' engine GEMMs under each kernel's
     structural hash, attributes included: a change to the PrimFunc the kernels of those shapes
     have always had (a new attribute key, say) leaves every shipped record unused, silently."""
-    import json
     from pathlib import Path
 
-    from autotune.tuning.log import structure_key
+    from autotune.tuning.log import structure_key, workload_lines
 
-    log = Path(__file__).resolve().parents[2] / "schedules" / "x86" / "workloads.jsonl"
-    shipped = {json.loads(line)["workload"][0] for line in log.read_text().splitlines() if line.strip()}
+    shipped = {line["workload"][0] for line in workload_lines(Path(__file__).resolve().parents[2] / "schedules" / "x86")}
     for m, n, k, isa in [(6240, 384, 3456, gemm.AVX512), (6240, 384, 3456, gemm.VNNI), (1560, 8960, 1536, gemm.AVX512_W8)]:
         assert structure_key(gemm.make_primfunc(m, n, k, isa)) in shipped, gemm.kernel_name(m, n, k, isa)
 

@@ -341,6 +341,63 @@ def test_merge_copies_what_is_missing_once_and_skips_bad_lines(real_log, tuned_m
     assert built.tuned_kernels >= 1
 
 
+def _records_in_memory(log: Path) -> list:
+    from autotune.tuning.log import record_key
+
+    return sorted((record_key(r), [float(t) for t in r.run_secs]) for r in TuningLog(log, X86).get_all_tuning_records())
+
+
+def test_compacting_moves_every_line_whole_and_appends_go_on(real_log, tmp_path, capsys):
+    from tvm.s_tir import meta_schedule as ms
+
+    from autotune.cli.main import main
+    from autotune.tuning.log import COMPACTED, log_digest
+
+    log = _copy_log(real_log, tmp_path / "log")
+    with open(log / RECORDS_FILE, "a") as f:
+        f.write('{"id": "cut short by a crash')  # no newline
+    before, memory = read_log(log, X86)[0], _records_in_memory(log)
+    assert [p.reason[:14] for p in before.problems] == ["not valid JSON"]
+
+    assert main(["compact", "--log", str(log)]) == 0
+    assert "lines" in capsys.readouterr().out
+    for name in (WORKLOADS_FILE, RECORDS_FILE):
+        assert (log / name).read_bytes() == b"" and (log / (name + COMPACTED)).stat().st_size > 0
+    after = read_log(log, X86)[0]
+    assert (after.records, after.superseded, after.workloads) == (before.records, before.superseded, before.workloads)
+    assert [(Path(p.path).name, p.line, p.reason[:14]) for p in after.problems] == [
+        (RECORDS_FILE + COMPACTED, before.problems[0].line, "not valid JSON")]
+    assert _records_in_memory(log) == memory
+    # the workloads are known: a tuning run appends only its new record, and compacting again keeps
+    # the cut line one line, apart from the record after it
+    digest = log_digest(log)
+    tuning_log = TuningLog(log, X86)
+    record = tuning_log.get_all_tuning_records()[0]
+    workload = tuning_log.commit_workload(record.workload.mod)
+    tuning_log.commit_tuning_record(ms.database.TuningRecord(
+        record.trace, workload, [1.0], record.target, record.args_info))
+    assert (log / WORKLOADS_FILE).read_bytes() == b"" and len(_record_lines(log)) == 1
+    assert log_digest(log) != digest
+    main(["compact", "--log", str(log)])
+    again = read_log(log, X86)[0]
+    assert (again.good_lines, len(again.problems)) == (before.good_lines + 1, 1)
+
+
+def test_a_damaged_compacted_part_is_reported_and_the_lines_before_it_and_after_it_read(real_log, tmp_path):
+    from autotune.tuning.log import COMPACTED, compact_log
+
+    log = _copy_log(real_log, tmp_path / "log")
+    whole = read_log(log, X86)[0]
+    compact_log(log)
+    compacted = log / (RECORDS_FILE + COMPACTED)
+    compacted.write_bytes(compacted.read_bytes()[: compacted.stat().st_size // 2])  # cut in the middle
+    (log / RECORDS_FILE).write_text(_copy_log(real_log, tmp_path / "again").joinpath(RECORDS_FILE).read_text())
+    report = read_log(log, X86)[0]
+    [problem] = report.problems
+    assert problem.path.endswith(RECORDS_FILE + COMPACTED) and "compressed data unreadable" in problem.reason
+    assert whole.good_lines <= report.good_lines < 2 * whole.good_lines  # the plain file whole, some of the cut part
+
+
 def _named_kernel(block: str):
     from tvm import te
 
