@@ -48,8 +48,11 @@ Eight instruction sets, one PrimFunc:
     a register tile of up to 8 rows x 4 vectors (at most 24 accumulators by default: NEON has 32
     vector registers). ARM BFDOT (ARMv8.6 `+bf16`: Neoverse V1 / N2 / V2, Graviton 3 / 4):
     `vdpbf16ps`'s scheme on 4 lanes, imported as LLVM IR as it is, also with int8 weights converted
-    per panel as the `_w8` ISAs do. Checked under qemu (tests/kernels/test_gemm_neon.py); not timed
-    on ARM hardware yet.
+    per panel as the `_w8` ISAs do. And float32 on every aarch64 CPU (`NEON_F32`: the AVX2 FMA
+    kernel on 4 lanes, `fmla` of a broadcast A element by a row of 4 weight columns): without it an
+    ARM float32 build ran every GEMM and convolution on MetaSchedule's fallback schedules (no log
+    ships ARM records), which on AVX2 were 3-15x slower than this kernel. Checked under qemu
+    (tests/kernels/test_gemm_neon.py); not timed on ARM hardware yet.
 TVM cannot name LLVM's `<32 x bfloat>` vectors (bf16 is legalised to float32 compute and uint16
 storage), so `vdpbf16ps` is called through a tiny LLVM IR function imported into the kernel
 (`pragma_import_llvm`) that takes the pairs as int32 and bitcasts them.
@@ -106,17 +109,19 @@ AVX2_F32 = "avx2fmaf32"  # the same with float32 activations and weights
 NEON_SDOT = "neonsdot"  # ARM dot product (ARMv8.2 +dotprod): int8 x int8 -> int32, 4 lanes
 NEON_BFDOT = "neonbfdot"  # ARM bf16 dot product (ARMv8.6 +bf16): bf16 pairs -> float32, 4 lanes
 NEON_BFDOT_W8 = "neonbfdotw8"  # the same with int8 weights
+NEON_F32 = "neonfmaf32"  # ARM float32 (every aarch64 CPU): NEON FMA on float32 panels, 4 lanes
 BF16, INT8, F32 = "bfloat16", "int8", "float32"
 PRECISION = {
     AVX512: BF16, AMX: BF16, VNNI: INT8, AMX_INT8: INT8, AVX512_W8: BF16, AMX_W8: BF16, AVX2_INT8: INT8,
     AVX2_BF16: BF16, AVX2_W8: BF16, AVX2_F32: F32, NEON_SDOT: INT8, NEON_BFDOT: BF16, NEON_BFDOT_W8: BF16,
+    NEON_F32: F32,
 }
 INT8_WEIGHTS = {AVX512: AVX512_W8, AMX: AMX_W8, AVX2_BF16: AVX2_W8, NEON_BFDOT: NEON_BFDOT_W8}  # bf16 engine -> its int8-weight variant
 AMX_VECTOR = {AMX: AVX512, AMX_W8: AVX512_W8, AMX_INT8: VNNI}  # every AMX CPU has the vector engine too
 AVX2 = (AVX2_INT8, AVX2_BF16, AVX2_W8, AVX2_F32)
-NEON = (NEON_SDOT, NEON_BFDOT, NEON_BFDOT_W8)  # 128-bit vectors: 4 x 32-bit lanes
+NEON = (NEON_SDOT, NEON_BFDOT, NEON_BFDOT_W8, NEON_F32)  # 128-bit vectors: 4 x 32-bit lanes
 BF16_ARITHMETIC = (AMX, AVX512)  # bf16 engines that multiply bf16 itself (AVX2 widens it to float32)
-FMA = (AVX2_BF16, AVX2_W8, AVX2_F32)  # float32 FMA on widened (or, float32, re-laid) panels
+FMA = (AVX2_BF16, AVX2_W8, AVX2_F32, NEON_F32)  # float32 FMA on widened (or, float32, re-laid) panels
 DTYPES = {BF16: ("bfloat16", "bfloat16", "float32"), INT8: ("uint8", "int8", "int32"), F32: ("float32",) * 3}  # A, B, accumulator
 PANEL_ISAS = (AVX512, VNNI)  # vector engines that read the weight re-laid in column panels (`_weight_in_column_panels`)
 MAX_PANEL_K = 2560  # longest reduction one partial product walks (weight panel stays in L2)
@@ -137,9 +142,9 @@ ENGINE_NAMES = {
     AVX512_W8: "AVX512-BF16 (int8 weights)", AMX_W8: "AMX-BF16 (int8 weights)", AVX2_INT8: "AVX2 (int16 multiply-add)",
     AVX2_BF16: "AVX2 FMA (bf16 widened to float32)", AVX2_W8: "AVX2 FMA (int8 weights widened to float32)",
     AVX2_F32: "AVX2 FMA (float32)", NEON_SDOT: "NEON dot product (SDOT)", NEON_BFDOT: "NEON bf16 dot product (BFDOT)",
-    NEON_BFDOT_W8: "NEON bf16 dot product (BFDOT, int8 weights)",
+    NEON_BFDOT_W8: "NEON bf16 dot product (BFDOT, int8 weights)", NEON_F32: "NEON FMA (float32)",
 }
-# float32 takes the engine only on AVX2-only CPUs, and a matmul only from this much arithmetic
+# float32 takes the engine only on AVX2-only CPUs and on ARM, and a matmul only from this much arithmetic
 # (convolutions at any size: conv_gemm): below it, MetaSchedule's own float32 GEMM schedule fuses
 # the bias and activation into the matmul and costs no weight-panel copy, which matters more than
 # the FMA tiling when a product is small (the tiny models' 32-wide linears: ~1 MFLOP).
@@ -199,13 +204,16 @@ def _amx_k_step(isa: str) -> int:
 
 def target_isa(target, precision: str = BF16) -> str | None:
     """The best matrix engine the (LLVM) target has for `precision` ("bfloat16", "int8" or
-    "float32"), or None. Float32 has one only on CPUs with AVX2 and FMA but not AVX-512: with
-    AVX-512, MetaSchedule's own float32 schedules (and the shipped log's records for them) keep it."""
+    "float32"), or None. Float32 has one on ARM (NEON, every aarch64 CPU) and on x86 CPUs with AVX2
+    and FMA but not AVX-512: with AVX-512, MetaSchedule's own float32 schedules (and the shipped
+    log's records for them) keep it."""
     from tvm.target.codegen import target_has_features
 
     if target is None or target.kind.name != "llvm":
         return None
     if "aarch64" in str(target.attrs.get("mtriple", "")):
+        if precision == F32:
+            return NEON_F32
         if precision == INT8:
             return NEON_SDOT if target_has_features("dotprod", target) else None
         return NEON_BFDOT if precision == BF16 and target_has_features("bf16", target) else None
@@ -478,46 +486,55 @@ def _madd_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
 
 
 FMA_INTRIN = "autotune_avx2_fma_8x2"
+FMA4_INTRIN = "autotune_neon_fma_4x2"
 
 
-@tvm_compat.prim_func(s_tir=True)
-def _fma_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (2,), "float32", offset_factor=1)
-    B = T.match_buffer(b, (1, 2, 8), "float32", offset_factor=1)
-    C = T.match_buffer(c, (8,), "float32", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:1, 0:2, 0:8])
-        T.writes(C[0:8])
-        for j, k in T.grid(8, 2):
-            with T.sblock("update"):
-                vj, vk = T.axis.remap("SR", [j, k])
-                C[vj] = C[vj] + A[vk] * B[vk // 2, vk % 2, vj]
+def _fma_desc(width: int):
+    """C[width] += A[2] x B[1, 2, width]: `width` columns times one k pair of float32 (the FMA engines)."""
+
+    @tvm_compat.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (2,), "float32", offset_factor=1)
+        B = T.match_buffer(b, (1, 2, width), "float32", offset_factor=1)
+        C = T.match_buffer(c, (width,), "float32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:width], A[0:2], B[0:1, 0:2, 0:width])
+            T.writes(C[0:width])
+            for j, k in T.grid(width, 2):
+                with T.sblock("update"):
+                    vj, vk = T.axis.remap("SR", [j, k])
+                    C[vj] = C[vj] + A[vk] * B[vk // 2, vk % 2, vj]
+
+    return desc
 
 
-@tvm_compat.prim_func(s_tir=True)
-def _fma_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    sb0 = T.int32()
-    sb1 = T.int32()
-    A = T.match_buffer(a, (2,), "float32", offset_factor=1)
-    B = T.match_buffer(b, (1, 2, 8), "float32", offset_factor=1, strides=[sb0, sb1, 1])
-    C = T.match_buffer(c, (8,), "float32", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:1, 0:2, 0:8])
-        T.writes(C[0:8])
-        # Each of the pair broadcast to 8 lanes, times its row of the float32 panel.
-        C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.fma.v8f32"),
-            T.broadcast(A[1], 8),
-            B.vload([0, 1, 0], "float32x8"),
-            T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.fma.v8f32"),
-                T.broadcast(A[0], 8),
-                B.vload([0, 0, 0], "float32x8"),
-                C.vload([0], "float32x8"),
-                dtype="float32x8",
-            ),
-            dtype="float32x8",
-        )
+def _fma_impl(width: int):
+    """Each of the A pair broadcast to `width` lanes, times its row of the float32 panel (llvm.fma:
+    AVX2 `vfmadd231ps`, NEON `fmla`)."""
+    vec, fma = f"float32x{width}", f"llvm.fma.v{width}f32"
+
+    @tvm_compat.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        sb0 = T.int32()
+        sb1 = T.int32()
+        A = T.match_buffer(a, (2,), "float32", offset_factor=1)
+        B = T.match_buffer(b, (1, 2, width), "float32", offset_factor=1, strides=[sb0, sb1, 1])
+        C = T.match_buffer(c, (width,), "float32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:width], A[0:2], B[0:1, 0:2, 0:width])
+            T.writes(C[0:width])
+            C[T.ramp(T.int32(0), 1, width)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(fma),
+                T.broadcast(A[1], width),
+                B.vload([0, 1, 0], vec),
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(fma), T.broadcast(A[0], width), B.vload([0, 0, 0], vec), C.vload([0], vec),
+                    dtype=vec,
+                ),
+                dtype=vec,
+            )
+
+    return impl
 
 
 # The vector engines' intrinsic per ISA (16 columns; AVX2 8)
@@ -525,7 +542,7 @@ def _dot_intrin(isa: str) -> str:
     if isa == AVX2_INT8:
         return MADD_INTRIN
     if isa in FMA:
-        return FMA_INTRIN
+        return FMA4_INTRIN if isa in NEON else FMA_INTRIN
     if isa == NEON_SDOT:
         return SDOT_INTRIN
     if isa in (NEON_BFDOT, NEON_BFDOT_W8):
@@ -632,7 +649,8 @@ def register_intrinsics() -> None:
     TensorIntrin.register(SDOT_INTRIN, _dot_desc("int8", "int8", "int32", 4, width=4),
                           _int8_quads_impl("int8", 4, "llvm.aarch64.neon.sdot.v4i32.v16i8"), override=True)
     TensorIntrin.register(MADD_INTRIN, _dot_desc("int16", "int16", "int32", 2, width=8), _madd_impl, override=True)
-    TensorIntrin.register(FMA_INTRIN, _fma_desc, _fma_impl, override=True)
+    TensorIntrin.register(FMA_INTRIN, _fma_desc(8), _fma_impl(8), override=True)
+    TensorIntrin.register(FMA4_INTRIN, _fma_desc(4), _fma_impl(4), override=True)
     for precision, kts in AMX_KT.items():  # (the int8-weight variants use the bf16 intrinsics)
         for kt in kts:
             TensorIntrin.register(amx_intrin_name(kt, precision), *_amx_intrin(kt, precision, AMX_INSTRUCTION), override=True)

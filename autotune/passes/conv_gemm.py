@@ -1,10 +1,10 @@
 """Convolutions onto the CPU's matrix engine, as GEMMs over im2col rows (bf16, int8 weights, w8a8,
-and float32 on AVX2-only CPUs).
+and float32 on AVX2-only CPUs and on ARM).
 
     conv(x: bf16, W: bf16 weight, out_dtype=float32)               (bf16)
     conv(x: float32 or bf16, W: int8 weight, out_dtype=float32)    (int8-weight; x rounded to bf16
                                                                      on the bf16 engines)
-    conv(x: float32, W: float32 weight)                           (float32 on AVX2-only CPUs)
+    conv(x: float32, W: float32 weight)                           (float32 on AVX2-only CPUs, ARM)
       -> A = im2col(channels_last(x))              (N * positions, taps * C_in)
          y = matmul(A, W as (taps * C_in, C_out))  (N * positions, C_out), float32
          -> channels first again
@@ -317,7 +317,7 @@ def output_chunks(out_shape: tuple[int, ...], row_bytes: int, limit: int) -> lis
 def convolutions_as_gemm(imported: ImportedModel, target: tvm.target.Target,
                          int8_activations: bool = False) -> tuple[ImportedModel, int]:
     """Rewrite the convolutions a matrix engine of `target` can take (bf16, int8-weight; float32 on
-    AVX2-only CPUs) into im2col + matmul (run `use_matrix_engine` after it). `int8_activations`
+    AVX2-only CPUs and on ARM) into im2col + matmul (run `use_matrix_engine` after it). `int8_activations`
     (w8a8): int8-weight convolutions whose shape the int8 engine takes multiply int8 rows, quantized
     per row as they are gathered. Returns (model, how many)."""
     dry = ConvGemmRewriter(imported.mod, target, int8_activations, dry_run=True)

@@ -1,5 +1,5 @@
 """Weight matmuls onto the CPU's matrix engine: bf16 (AMX-BF16, AVX512-BF16; ARM BFDOT), int8
-(AMX-INT8, VNNI, AVX2; ARM SDOT), and float32 on AVX2-only CPUs (FMA).
+(AMX-INT8, VNNI, AVX2; ARM SDOT), and float32 on AVX2-only CPUs and ARM (FMA).
 
     matmul(x: bf16 (..., m, k), W: bf16 (k, n), out_dtype=float32)      (x float32: rounded to bf16 first)
       -> call_tir(gemm, [x, pack(W)])                pack(W)[k // 2, n, k % 2] = W[k, n]
@@ -15,7 +15,7 @@
       -> call_tir(gemm, [x, pack(W)])                pack(W)[k // 4, n, k % 4]
     bf16 and int8-weight on AVX2 (no bf16 arithmetic): as above with A = float32(x); int8-weight's
       float32 activations are not rounded to bf16 there (the FMA multiplies float32 anyway)
-    matmul(x: float32, W: float32 (k, n)), AVX2 without AVX-512, 2mnk >= MIN_F32_FLOPS or x    (float32)
+    matmul(x: float32, W: float32 (k, n)), AVX2 without AVX-512 or ARM, 2mnk >= MIN_F32_FLOPS or x    (float32)
            the im2col rows of a convolution (conv_gemm)
       -> call_tir(gemm, [x, pack(W)])                pack(W)[k // 2, n, k % 2], as bf16's
 
@@ -190,7 +190,7 @@ def _is_bf16(expr) -> bool:
 
 
 def use_matrix_engine(imported: ImportedModel, target: tvm.target.Target) -> tuple[ImportedModel, dict | None]:
-    """Move the bf16, int8-weight, w8a8 (and, on AVX2-only CPUs, large float32) weight matmuls
+    """Move the bf16, int8-weight, w8a8 (and, on AVX2-only CPUs and ARM, large float32) weight matmuls
     onto the target's matrix engines; pack their weights once.
 
     Returns (model, {engine name: matmuls}), or the model unchanged and None on targets without

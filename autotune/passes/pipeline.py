@@ -9,7 +9,7 @@ fused module) silently misses every record. Both call the phases below, and noth
                                           --quantize mode); move weight matmuls, and
                                           convolutions as im2col GEMMs, onto the CPU's
                                           matrix engines (AMX / AVX512-BF16 / VNNI / AVX2;
-                                          float32 on AVX2-only CPUs), weights packed;
+                                          float32 on AVX2-only CPUs, ARM), weights packed;
                                           3x3 convolutions as Winograd GEMMs (CPU: bf16
                                           and int8-weight ones on the bf16 engines first,
                                           float32 ones left after);
@@ -138,7 +138,7 @@ def _attention_in_bf16(model: ImportedModel, w8a8: bool, target) -> tuple[Import
 
 def _prepare_float32(model: ImportedModel, target: tvm.target.Target, winograd: bool = True) -> ImportedModel:
     """The float32 build's phase 1: causal padding dropped, large matmuls and convolutions on the
-    float32 engine where the CPU target has one (AVX2 without AVX-512), the 3x3 convolutions left
+    float32 engine where the CPU target has one (AVX2 without AVX-512; ARM), the 3x3 convolutions left
     as Winograd GEMMs (CPU), weight-only work precomputed."""
     model = drop_causal_padding_in(model)
     if target.kind.name == "llvm":

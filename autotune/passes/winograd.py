@@ -16,7 +16,7 @@ An int8-weight convolution's U is computed from its int8 values and quantized ag
 (point, output channel) (the bf16 engine's int8-weight kernel converts it in the kernel; the output
 transform applies its scales, the weight's per-channel scale still multiplies the output), so that
 its weight ships as 16/9 bytes per weight instead of 1 (bf16 U: 16/9 x 2). The float32 ones are taken
-where the CPU's matrix engines do not take the convolution first (conv_gemm: float32 on AVX2-only
+where the CPU's matrix engines do not take the convolution first (conv_gemm: float32 on ARM and AVX2-only
 CPUs), the engines' ones before conv_gemm, which takes what is left (1x1, strided, too few
 channels). Both channel counts must be at least MIN_CHANNELS and the output at least one tile. With 16 channels
 the transforms cost about what the GEMM saves: taking the tiny VAE decoder's 16-channel

@@ -1,11 +1,11 @@
-"""ARM's dot-product engines: int8 on SDOT (ARMv8.2 +dotprod), bf16 and int8 weights on BFDOT
-(ARMv8.6 +bf16): the GEMM kernels alone and quantized builds, cross-compiled here and run under
+"""ARM's matrix engines: int8 on SDOT (ARMv8.2 +dotprod), bf16 and int8 weights on BFDOT (ARMv8.6
++bf16), float32 on NEON FMA (every aarch64 CPU): the GEMM kernels alone and builds, cross-compiled here and run under
 qemu-aarch64 (skipped, with the reason, where the cross compiler or the qemu env is missing:
 `python tools/run_on_qemu_aarch64.py setup`).
 
-References: numpy. SDOT: the int32 product, exact. BFDOT: the float64 product of the same bf16
-(or int8) values, within 1e-5 of the largest output (float32 accumulation; measured 1e-6 at k =
-5120). Builds of a convolution and a linear against float32 torch: cosine >= 0.999 at w8a8,
+References: numpy. SDOT: the int32 product, exact. BFDOT and FMA: the float64 product of the same
+bf16 (or int8, or float32) values, within 1e-5 of the largest output (float32 accumulation;
+measured 1e-6 at k = 5120). Builds of a convolution and a linear against float32 torch: cosine >= 0.999 at w8a8,
 >= 0.9995 at int8-weight (x86's bounds for the tiny transformer, tests/passes/test_quantize.py).
 """
 
@@ -58,12 +58,13 @@ def _count(library: Path, instruction: str) -> int:
 
 def test_the_arm_engines_are_the_ones_the_target_has():
     """SDOT where the target has +dotprod (Neoverse N1 on), BFDOT where it has +bf16 (Neoverse V1);
-    none on a Cortex-A72 (`arm`); never a float32 engine on ARM."""
+    neither on a Cortex-A72 (`arm`); NEON FMA for float32 on every one."""
     isa = {preset: {precision: gemm_cpu.target_isa(resolve_target(preset).tvm_target(), precision)
                     for precision in (gemm_cpu.INT8, gemm_cpu.BF16, gemm_cpu.F32)} for preset in ("arm", DOTPROD, SVE)}
-    assert isa["arm"] == {gemm_cpu.INT8: None, gemm_cpu.BF16: None, gemm_cpu.F32: None}
-    assert isa[DOTPROD] == {gemm_cpu.INT8: gemm_cpu.NEON_SDOT, gemm_cpu.BF16: None, gemm_cpu.F32: None}
-    assert isa[SVE] == {gemm_cpu.INT8: gemm_cpu.NEON_SDOT, gemm_cpu.BF16: gemm_cpu.NEON_BFDOT, gemm_cpu.F32: None}
+    f32 = gemm_cpu.NEON_F32
+    assert isa["arm"] == {gemm_cpu.INT8: None, gemm_cpu.BF16: None, gemm_cpu.F32: f32}
+    assert isa[DOTPROD] == {gemm_cpu.INT8: gemm_cpu.NEON_SDOT, gemm_cpu.BF16: None, gemm_cpu.F32: f32}
+    assert isa[SVE] == {gemm_cpu.INT8: gemm_cpu.NEON_SDOT, gemm_cpu.BF16: gemm_cpu.NEON_BFDOT, gemm_cpu.F32: f32}
     assert gemm_cpu.target_isa(resolve_target("x86-avx512-vnni").tvm_target(), gemm_cpu.INT8) == gemm_cpu.VNNI
     assert gemm_cpu.activation_dtype(gemm_cpu.NEON_SDOT) == "int8"  # signed x signed: no +128 shift
     assert gemm_cpu.INT8_WEIGHTS[gemm_cpu.NEON_BFDOT] == gemm_cpu.NEON_BFDOT_W8
@@ -88,13 +89,17 @@ for i in range(int(sys.argv[2])):
 # (engine, instruction) x shapes: aligned; ragged (10 rows: a register tile of 5; 12 columns: 3
 # vectors; k 40); a reduction split in two partial products (k 5120).
 SHAPES = [(24, 32, 64), (10, 12, 40), (96, 64, 5120)]
-ENGINES = [(gemm_cpu.NEON_SDOT, "sdot"), (gemm_cpu.NEON_BFDOT, "bfdot"), (gemm_cpu.NEON_BFDOT_W8, "bfdot")]
+ENGINES = [(gemm_cpu.NEON_SDOT, "sdot"), (gemm_cpu.NEON_BFDOT, "bfdot"), (gemm_cpu.NEON_BFDOT_W8, "bfdot"),
+           (gemm_cpu.NEON_F32, "fmla")]
 
 
 def _operands(isa: str, m: int, n: int, k: int, rng):
-    """(A, B) as the engine takes them: int8 x int8 over the full range (SDOT), bf16 x bf16 or bf16 x int8."""
+    """(A, B) as the engine takes them: int8 x int8 over the full range (SDOT), bf16 x bf16 or bf16 x
+    int8 (BFDOT), float32 x float32 (FMA)."""
     if isa == gemm_cpu.NEON_SDOT:
         return rng.integers(-128, 128, (m, k)).astype(np.int8), rng.integers(-128, 128, (k, n)).astype(np.int8)
+    if isa == gemm_cpu.NEON_F32:
+        return rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
     a = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
     if isa == gemm_cpu.NEON_BFDOT_W8:
         return a, rng.integers(-127, 128, (k, n)).astype(np.int8)
@@ -124,7 +129,7 @@ def test_arm_dot_product_gemms_equal_numpy_under_qemu(tmp_path):
     tool = _qemu()
     preset = resolve_target(SVE)
     rng = np.random.default_rng(0)
-    assert gemm_cpu.k_split(5120, gemm_cpu.NEON_SDOT) == gemm_cpu.k_split(5120, gemm_cpu.NEON_BFDOT) == 2
+    assert gemm_cpu.k_split(5120, gemm_cpu.NEON_SDOT) == gemm_cpu.k_split(5120, gemm_cpu.NEON_F32) == 2
     cases = [(isa, instruction, shape, None) for isa, instruction in ENGINES for shape in SHAPES]
     cases += [(isa, instruction, (48, 32, 64), pick) for isa, instruction in ENGINES for pick in (0, -1)]
     expected = []
@@ -178,17 +183,20 @@ for library in sys.argv[2:]:
     np.savez(library + ".out.npz", *outputs)
 """
 
-# mode, preset, the engine the build's report names, its instruction, the cosine bound against torch
-# (x86's bounds for the tiny transformer at these modes, tests/passes/test_quantize.py)
-QUANTIZED_BUILDS = [("w8a8", DOTPROD, "NEON dot product (SDOT)", "sdot", 0.999),
-                    ("int8-weight", SVE, "NEON bf16 dot product (BFDOT, int8 weights)", "bfdot", 0.9995)]
+# mode (None: float32), preset, the engine the build's report names and how many matmuls it takes,
+# its instruction, the cosine bound against torch (x86's bounds for the tiny transformer at these
+# modes, tests/passes/test_quantize.py; float32: the same arithmetic, summed in another order)
+ENGINE_BUILDS = [("w8a8", DOTPROD, "NEON dot product (SDOT)", 2, "sdot", 0.999),
+                 ("int8-weight", SVE, "NEON bf16 dot product (BFDOT, int8 weights)", 2, "bfdot", 0.9995),
+                 (None, "arm", "NEON FMA (float32)", 1, "fmla", 0.999999)]
 
 
-def test_quantized_arm_builds_run_on_their_engines_and_match_torch(tmp_path):
-    """A convolution (an im2col GEMM; w8a8: on int8 rows) and a linear, both on the engine (the
-    build's notes count them), the instruction in the library, both outputs within the bound of
-    float32 torch under qemu (one guest run for both builds). Without dot products (the `arm`
-    preset) w8a8 is refused, saying what it needs."""
+def test_arm_builds_run_on_their_engines_and_match_torch(tmp_path):
+    """A convolution (an im2col GEMM; w8a8: on int8 rows) and a linear, on the engine (the build's
+    notes count them: float32 takes the convolution, its linear is under MIN_F32_FLOPS), the
+    instruction in the library, both outputs within the bound of float32 torch under qemu (one
+    guest run for every build). Without dot products (the `arm` preset) w8a8 is refused, saying
+    what it needs."""
     from autotune.frontend.importer import from_torch
 
     tool = _qemu()
@@ -199,9 +207,9 @@ def test_quantized_arm_builds_run_on_their_engines_and_match_torch(tmp_path):
     with pytest.raises(InputError, match=r"\+dotprod.*use int8-weight"):
         quantize(imported, "w8a8", "arm")
     libraries = []
-    for mode, preset, engine, instruction, _ in QUANTIZED_BUILDS:
-        report = build(imported, preset, tmp_path / mode / "m.so", settings=BuildSettings(quantize=mode))
-        assert any(n.startswith(f"matrix engine: 2 matmuls on {engine},") for n in report.notes), (mode, report.notes)
+    for mode, preset, engine, matmuls, instruction, _ in ENGINE_BUILDS:
+        report = build(imported, preset, tmp_path / str(mode) / "m.so", settings=BuildSettings(quantize=mode))
+        assert any(n.startswith(f"matrix engine: {matmuls} matmuls on {engine},") for n in report.notes), (mode, report.notes)
         assert mode != "w8a8" or any("1 of them on int8 rows" in n for n in report.notes), report.notes
         assert _count(report.paths.library, instruction) > 0, mode
         libraries.append(str(report.paths.library))
@@ -209,7 +217,7 @@ def test_quantized_arm_builds_run_on_their_engines_and_match_torch(tmp_path):
     tool.run_python(_RUN_ARTIFACTS, str(tmp_path / "inputs.npz"), *libraries, timeout=600)
     with torch.no_grad():
         expected = [t.numpy() for t in module(**inputs)]
-    for (mode, *_, cosine), library in zip(QUANTIZED_BUILDS, libraries):
+    for (mode, *_, cosine), library in zip(ENGINE_BUILDS, libraries):
         with np.load(library + ".out.npz") as outputs:
             for i, want in enumerate(expected):
                 fidelity = compare(outputs[f"arr_{i}"], want)
