@@ -12,7 +12,7 @@ and fast mode really does read out of bounds for a negative index, which torch a
 translator's own takes one.
 
 Weight matmuls: torch decomposes a linear whose input is not contiguous (a transposed view) into a
-batched matmul of the weight broadcast to (1, k, n); `unbroadcast_matmul_weights` gives the
+batched matmul of the weight broadcast to (b, k, n); `unbroadcast_matmul_weights` gives the
 matmul the 2-D weight again, the form the quantizer and the matrix engines take.
 """
 

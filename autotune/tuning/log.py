@@ -247,9 +247,9 @@ def _read_lines(path: Path):
 
 
 def _lines_of(part: Path):
-    number = 0
+    number, compacted = 0, part.name.endswith(COMPACTED)
     try:
-        with gzip.open(part, "rb") if part.name.endswith(COMPACTED) else open(part, "rb") as f:
+        with gzip.open(part, "rb") if compacted else open(part, "rb") as f:
             for number, raw in enumerate(f, start=1):
                 if not raw.strip():
                     continue
@@ -263,6 +263,8 @@ def _lines_of(part: Path):
                     continue
                 yield str(part), number, obj, ""
     except (EOFError, OSError, zlib.error) as exc:  # a truncated or damaged compacted part: the lines before count
+        if not compacted:
+            raise
         yield str(part), number + 1, None, f"compressed data unreadable from here on ({type(exc).__name__}: {exc})"
 
 
@@ -332,7 +334,7 @@ def read_logs(
             block_names[index, wid] = _block_names(source.workloads[wid].mod)
         return _schedule_key(obj["record"], source.structure[wid], block_names[index, wid])
 
-    newest: dict[tuple, tuple] = {}  # schedule key -> ((time, source, line), line object) of its newest re-measurement
+    newest: dict[tuple, tuple] = {}  # schedule key -> ((time, source, place in it), line object) of its newest re-measurement
     for index, source in enumerate(parsed):
         for order, (path, number, wid, obj) in enumerate(source.records):
             if "remeasured" in obj:
