@@ -51,7 +51,9 @@ Eight instruction sets, one PrimFunc:
     per panel as the `_w8` ISAs do. And float32 on every aarch64 CPU (`NEON_F32`: the AVX2 FMA
     kernel on 4 lanes, `fmla` of a broadcast A element by a row of 4 weight columns): without it an
     ARM float32 build ran every GEMM and convolution on MetaSchedule's fallback schedules (no log
-    ships ARM records), which on AVX2 were 3-15x slower than this kernel. Checked under qemu
+    ships ARM records), which on AVX2 were 3-15x slower than this kernel; and bf16 / int8-weight
+    where the CPU has no `+bf16` (`NEON_FMA_BF16`, `NEON_FMA_W8`: AVX2 FMA's bf16 scheme on 4 lanes;
+    Cortex-A76 / A78 boards, Neoverse N1). Checked under qemu
     (tests/kernels/test_gemm_neon.py); not timed on ARM hardware yet.
 TVM cannot name LLVM's `<32 x bfloat>` vectors (bf16 is legalised to float32 compute and uint16
 storage), so `vdpbf16ps` is called through a tiny LLVM IR function imported into the kernel
@@ -110,18 +112,20 @@ NEON_SDOT = "neonsdot"  # ARM dot product (ARMv8.2 +dotprod): int8 x int8 -> int
 NEON_BFDOT = "neonbfdot"  # ARM bf16 dot product (ARMv8.6 +bf16): bf16 pairs -> float32, 4 lanes
 NEON_BFDOT_W8 = "neonbfdotw8"  # the same with int8 weights
 NEON_F32 = "neonfmaf32"  # ARM float32 (every aarch64 CPU): NEON FMA on float32 panels, 4 lanes
+NEON_FMA_BF16 = "neonfma"  # ARM bf16 without +bf16: NEON FMA, bf16 activations and weights widened to float32
+NEON_FMA_W8 = "neonfmaw8"  # the same with int8 weights
 BF16, INT8, F32 = "bfloat16", "int8", "float32"
 PRECISION = {
     AVX512: BF16, AMX: BF16, VNNI: INT8, AMX_INT8: INT8, AVX512_W8: BF16, AMX_W8: BF16, AVX2_INT8: INT8,
     AVX2_BF16: BF16, AVX2_W8: BF16, AVX2_F32: F32, NEON_SDOT: INT8, NEON_BFDOT: BF16, NEON_BFDOT_W8: BF16,
-    NEON_F32: F32,
+    NEON_F32: F32, NEON_FMA_BF16: BF16, NEON_FMA_W8: BF16,
 }
-INT8_WEIGHTS = {AVX512: AVX512_W8, AMX: AMX_W8, AVX2_BF16: AVX2_W8, NEON_BFDOT: NEON_BFDOT_W8}  # bf16 engine -> its int8-weight variant
+INT8_WEIGHTS = {AVX512: AVX512_W8, AMX: AMX_W8, AVX2_BF16: AVX2_W8, NEON_BFDOT: NEON_BFDOT_W8, NEON_FMA_BF16: NEON_FMA_W8}  # bf16 engine -> its int8-weight variant
 AMX_VECTOR = {AMX: AVX512, AMX_W8: AVX512_W8, AMX_INT8: VNNI}  # every AMX CPU has the vector engine too
 AVX2 = (AVX2_INT8, AVX2_BF16, AVX2_W8, AVX2_F32)
-NEON = (NEON_SDOT, NEON_BFDOT, NEON_BFDOT_W8, NEON_F32)  # 128-bit vectors: 4 x 32-bit lanes
+NEON = (NEON_SDOT, NEON_BFDOT, NEON_BFDOT_W8, NEON_F32, NEON_FMA_BF16, NEON_FMA_W8)  # 128-bit vectors: 4 x 32-bit lanes
 BF16_ARITHMETIC = (AMX, AVX512)  # bf16 engines that multiply bf16 itself (AVX2 widens it to float32)
-FMA = (AVX2_BF16, AVX2_W8, AVX2_F32, NEON_F32)  # float32 FMA on widened (or, float32, re-laid) panels
+FMA = (AVX2_BF16, AVX2_W8, AVX2_F32, NEON_F32, NEON_FMA_BF16, NEON_FMA_W8)  # float32 FMA on widened (or, float32, re-laid) panels
 DTYPES = {BF16: ("bfloat16", "bfloat16", "float32"), INT8: ("uint8", "int8", "int32"), F32: ("float32",) * 3}  # A, B, accumulator
 PANEL_ISAS = (AVX512, VNNI)  # vector engines that read the weight re-laid in column panels (`_weight_in_column_panels`)
 MAX_PANEL_K = 2560  # longest reduction one partial product walks (weight panel stays in L2)
@@ -143,6 +147,7 @@ ENGINE_NAMES = {
     AVX2_BF16: "AVX2 FMA (bf16 widened to float32)", AVX2_W8: "AVX2 FMA (int8 weights widened to float32)",
     AVX2_F32: "AVX2 FMA (float32)", NEON_SDOT: "NEON dot product (SDOT)", NEON_BFDOT: "NEON bf16 dot product (BFDOT)",
     NEON_BFDOT_W8: "NEON bf16 dot product (BFDOT, int8 weights)", NEON_F32: "NEON FMA (float32)",
+    NEON_FMA_BF16: "NEON FMA (bf16 widened to float32)", NEON_FMA_W8: "NEON FMA (int8 weights widened to float32)",
 }
 # float32 takes the engine only on AVX2-only CPUs and on ARM, and a matmul only from this much arithmetic
 # (convolutions at any size: conv_gemm): below it, MetaSchedule's own float32 GEMM schedule fuses
@@ -216,7 +221,7 @@ def target_isa(target, precision: str = BF16) -> str | None:
             return NEON_F32
         if precision == INT8:
             return NEON_SDOT if target_has_features("dotprod", target) else None
-        return NEON_BFDOT if precision == BF16 and target_has_features("bf16", target) else None
+        return NEON_BFDOT if target_has_features("bf16", target) else NEON_FMA_BF16
     if precision == F32:
         fma = target_has_features("avx2", target) and target_has_features("fma", target)
         return AVX2_F32 if fma and not target_has_features("avx512f", target) else None

@@ -1,4 +1,4 @@
-"""Weight matmuls onto the CPU's matrix engine: bf16 (AMX-BF16, AVX512-BF16; ARM BFDOT), int8
+"""Weight matmuls onto the CPU's matrix engine: bf16 (AMX-BF16, AVX512-BF16; ARM BFDOT, else FMA), int8
 (AMX-INT8, VNNI, AVX2; ARM SDOT), and float32 on AVX2-only CPUs and ARM (FMA).
 
     matmul(x: bf16 (..., m, k), W: bf16 (k, n), out_dtype=float32)      (x float32: rounded to bf16 first)

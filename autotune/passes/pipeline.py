@@ -156,12 +156,9 @@ def _missing_engine(mode: str, target: tvm.target.Target, preset) -> str | None:
     precision = gemm_cpu.INT8 if mode == "w8a8" else gemm_cpu.BF16
     if gemm_cpu.target_isa(target, precision) is not None:
         return None
-    if preset.family == "arm":
-        wanted = "int8 dot products (SDOT, +dotprod)" if mode == "w8a8" else "bf16 dot products (BFDOT, +bf16)"
-        where = f"an ARM CPU with {wanted} (presets aarch64-dotprod, aarch64-sve)"
-    else:
-        wanted = "AMX-INT8, AVX512-VNNI or AVX2" if mode == "w8a8" else "AMX-BF16, AVX512-BF16 or AVX2 with FMA"
-        where = f"an x86 CPU with {wanted}"
+    # (every ARM target has one: NEON FMA for bf16 and int8-weight; w8a8 without SDOT is refused)
+    wanted = "AMX-INT8, AVX512-VNNI or AVX2" if mode == "w8a8" else "AMX-BF16, AVX512-BF16 or AVX2 with FMA"
+    where = f"an x86 CPU with {wanted}"
     gain = "its int8 weights are 4x smaller than float32" if mode == "int8-weight" else "it shrinks the weights"
     return (f"{mode}: target {preset.name} has no {wanted} matrix engine, so its matmuls run on generic kernels, "
             f"about as fast as float32 or slower; {gain}. For its speed, build for {where}.")

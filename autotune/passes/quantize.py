@@ -24,7 +24,7 @@ Modes (`MODES`, each a small handler class in the style of gpt-fast's quantizati
                  scale is applied to the kernel's output (an epilogue), so weights stay int8 in
                  memory: 4x smaller than float32. On x86 CPUs the linears run on the bf16 engine
                  instead (passes/matrix_engine.py: AMX-BF16, AVX512-BF16, else AVX2 FMA; on ARM
-                 CPUs with +bf16, BFDOT):
+                 CPUs BFDOT where they have +bf16, else NEON FMA):
                  activations rounded to bf16, the int8 weights converted inside the kernel to
                  bf16 (on AVX2: float32 activations, weights converted to float32).
     w8a8         int8 weights (per output channel) and per-token dynamic int8 activations for the

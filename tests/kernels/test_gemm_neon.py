@@ -58,16 +58,17 @@ def _count(library: Path, instruction: str) -> int:
 
 def test_the_arm_engines_are_the_ones_the_target_has():
     """SDOT where the target has +dotprod (Neoverse N1 on), BFDOT where it has +bf16 (Neoverse V1);
-    neither on a Cortex-A72 (`arm`); NEON FMA for float32 on every one."""
+    neither on a Cortex-A72 (`arm`); NEON FMA for float32 on every one, and for bf16 (widened) without +bf16."""
     isa = {preset: {precision: gemm_cpu.target_isa(resolve_target(preset).tvm_target(), precision)
                     for precision in (gemm_cpu.INT8, gemm_cpu.BF16, gemm_cpu.F32)} for preset in ("arm", DOTPROD, SVE)}
     f32 = gemm_cpu.NEON_F32
-    assert isa["arm"] == {gemm_cpu.INT8: None, gemm_cpu.BF16: None, gemm_cpu.F32: f32}
-    assert isa[DOTPROD] == {gemm_cpu.INT8: gemm_cpu.NEON_SDOT, gemm_cpu.BF16: None, gemm_cpu.F32: f32}
+    assert isa["arm"] == {gemm_cpu.INT8: None, gemm_cpu.BF16: gemm_cpu.NEON_FMA_BF16, gemm_cpu.F32: f32}
+    assert isa[DOTPROD] == {gemm_cpu.INT8: gemm_cpu.NEON_SDOT, gemm_cpu.BF16: gemm_cpu.NEON_FMA_BF16, gemm_cpu.F32: f32}
     assert isa[SVE] == {gemm_cpu.INT8: gemm_cpu.NEON_SDOT, gemm_cpu.BF16: gemm_cpu.NEON_BFDOT, gemm_cpu.F32: f32}
     assert gemm_cpu.target_isa(resolve_target("x86-avx512-vnni").tvm_target(), gemm_cpu.INT8) == gemm_cpu.VNNI
     assert gemm_cpu.activation_dtype(gemm_cpu.NEON_SDOT) == "int8"  # signed x signed: no +128 shift
     assert gemm_cpu.INT8_WEIGHTS[gemm_cpu.NEON_BFDOT] == gemm_cpu.NEON_BFDOT_W8
+    assert gemm_cpu.INT8_WEIGHTS[gemm_cpu.NEON_FMA_BF16] == gemm_cpu.NEON_FMA_W8
 
 
 _GUEST = r"""
@@ -90,18 +91,20 @@ for i in range(int(sys.argv[2])):
 # vectors; k 40); a reduction split in two partial products (k 5120).
 SHAPES = [(24, 32, 64), (10, 12, 40), (96, 64, 5120)]
 ENGINES = [(gemm_cpu.NEON_SDOT, "sdot"), (gemm_cpu.NEON_BFDOT, "bfdot"), (gemm_cpu.NEON_BFDOT_W8, "bfdot"),
-           (gemm_cpu.NEON_F32, "fmla")]
+           (gemm_cpu.NEON_F32, "fmla"), (gemm_cpu.NEON_FMA_BF16, "fmla"), (gemm_cpu.NEON_FMA_W8, "fmla")]
 
 
 def _operands(isa: str, m: int, n: int, k: int, rng):
     """(A, B) as the engine takes them: int8 x int8 over the full range (SDOT), bf16 x bf16 or bf16 x
-    int8 (BFDOT), float32 x float32 (FMA)."""
+    int8 (BFDOT; FMA: the bf16 values of A as float32), float32 x float32 (FMA)."""
     if isa == gemm_cpu.NEON_SDOT:
         return rng.integers(-128, 128, (m, k)).astype(np.int8), rng.integers(-128, 128, (k, n)).astype(np.int8)
     if isa == gemm_cpu.NEON_F32:
         return rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
     a = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
-    if isa == gemm_cpu.NEON_BFDOT_W8:
+    if isa in gemm_cpu.FMA:
+        a = a.astype(np.float32)
+    if isa in (gemm_cpu.NEON_BFDOT_W8, gemm_cpu.NEON_FMA_W8):
         return a, rng.integers(-127, 128, (k, n)).astype(np.int8)
     return a, rng.standard_normal((k, n)).astype(ml_dtypes.bfloat16)
 
@@ -157,19 +160,19 @@ def test_arm_dot_product_gemms_equal_numpy_under_qemu(tmp_path):
             assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), cases[i]
 
 
-def test_bf16_and_int8_weight_matmuls_go_onto_bfdot_where_the_target_has_bf16():
+def test_bf16_and_int8_weight_matmuls_go_onto_bfdot_where_the_target_has_bf16_else_onto_fma():
     """prepare_model only (no build): a convolution (as an im2col GEMM) and a linear on BFDOT at bf16
-    and int8-weight on aarch64-sve; without +bf16 (aarch64-dotprod) nothing moves, and a note says why."""
+    and int8-weight on aarch64-sve; without +bf16 (aarch64-dotprod) on NEON FMA, widened."""
     from autotune.frontend.importer import from_torch
     from autotune.passes.pipeline import prepare_model
 
     torch.manual_seed(0)
     imported = from_torch(ConvAndLinear().eval(), {"x": torch.randn(1, 16, 8, 8), "tokens": torch.randn(1, 64, 32)})
-    for mode, engine in (("bf16", "NEON bf16 dot product (BFDOT)"), ("int8-weight", "NEON bf16 dot product (BFDOT, int8 weights)")):
-        prepared, info = prepare_model(imported, resolve_target(SVE), mode)
-        assert info["matrix_engine"] == {engine: 2} and info["convolutions_as_gemm"] == 1, (mode, info)
-        prepared, info = prepare_model(imported, resolve_target(DOTPROD), mode)
-        assert "matrix_engine" not in info and any("bf16 dot products (BFDOT, +bf16)" in n for n in prepared.notes), mode
+    for mode, engine, fma in (("bf16", "NEON bf16 dot product (BFDOT)", "NEON FMA (bf16 widened to float32)"),
+                              ("int8-weight", "NEON bf16 dot product (BFDOT, int8 weights)", "NEON FMA (int8 weights widened to float32)")):
+        for preset, want in ((SVE, engine), (DOTPROD, fma)):
+            prepared, info = prepare_model(imported, resolve_target(preset), mode)
+            assert info["matrix_engine"] == {want: 2} and info["convolutions_as_gemm"] == 1, (mode, preset, info)
 
 
 _RUN_ARTIFACTS = r"""
@@ -188,7 +191,8 @@ for library in sys.argv[2:]:
 # modes, tests/passes/test_quantize.py; float32: the same arithmetic, summed in another order)
 ENGINE_BUILDS = [("w8a8", DOTPROD, "NEON dot product (SDOT)", 2, "sdot", 0.999),
                  ("int8-weight", SVE, "NEON bf16 dot product (BFDOT, int8 weights)", 2, "bfdot", 0.9995),
-                 (None, "arm", "NEON FMA (float32)", 1, "fmla", 0.999999)]
+                 (None, "arm", "NEON FMA (float32)", 1, "fmla", 0.999999),
+                 ("bf16", "arm", "NEON FMA (bf16 widened to float32)", 2, "fmla", 0.9999)]
 
 
 def test_arm_builds_run_on_their_engines_and_match_torch(tmp_path):

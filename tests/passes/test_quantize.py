@@ -458,8 +458,8 @@ def test_a_mode_without_its_matrix_engine_says_so():
     imported = from_torch(torch.nn.Linear(64, 64).eval(), {"x": torch.randn(1, 8, 64)})
     no_avx2 = '{"kind": "llvm", "mcpu": "x86-64", "num-cores": 2}'
     cases = [("w8a8", no_avx2, "AMX-INT8, AVX512-VNNI or AVX2"), ("bf16", no_avx2, "AMX-BF16, AVX512-BF16 or AVX2 with FMA"),
-             ("int8-weight", "aarch64-dotprod", "bf16 dot products (BFDOT, +bf16)"), ("w8a8", "aarch64-dotprod", None),
-             ("bf16", "arm", "aarch64-sve"), ("bf16", "aarch64-sve", None), ("int8-weight", "aarch64-sve", None),
+             ("int8-weight", "aarch64-dotprod", None), ("w8a8", "aarch64-dotprod", None),  # (ARM: NEON FMA without +bf16)
+             ("bf16", "arm", None), ("bf16", "aarch64-sve", None), ("int8-weight", "aarch64-sve", None),
              ("w8a8", "x86-avx512-vnni", None), ("w8a8", "x86-avx2", None),
              ("bf16", "x86-amx", None), ("bf16", "x86-avx2", None), ("int8-weight", "x86-avx512", None)]
     for mode, preset, said in cases:
