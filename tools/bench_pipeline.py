@@ -47,13 +47,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "wan-i2v-tiny"
 
 
-def torch_threads_note(one_thread_s: float, more_threads_s: float) -> str:
-    """What the two torch columns say, from their totals."""
+def torch_threads_note(more_threads: str, one_thread_s: float, more_threads_s: float) -> str:
+    """What the two torch columns say, from their totals (`more_threads`: the second column's name)."""
     if more_threads_s > 1.2 * one_thread_s:
-        return (f"Torch eager at 2 threads took {more_threads_s / one_thread_s:.1f}x its 1-thread time here: on cores "
+        return (f"{more_threads.capitalize()} took {more_threads_s / one_thread_s:.1f}x the 1-thread time here: on cores "
                 "shared with other jobs its OpenMP threads wait on each other, so the 1-thread column is the fair torch "
                 "baseline. All figures move with the machine's load.")
-    return (f"Torch eager at 2 threads took {more_threads_s / one_thread_s:.2f}x its 1-thread time. All figures move "
+    return (f"{more_threads.capitalize()} took {more_threads_s / one_thread_s:.2f}x the 1-thread time. All figures move "
             "with the machine's load.")
 
 
@@ -222,7 +222,7 @@ def markdown(r: dict) -> str:
         f"Fidelity: autotune vs torch eager, same image/seed/text: frames PSNR **{r['psnr_db_autotune_vs_torch']:.1f} dB**, "
         f"final latents max |diff| {r['latents_max_abs_diff']:.1e}.",
         "",
-        torch_threads_note(*(sum(r["stages_s"][n].values()) for n in names[:2])),
+        torch_threads_note(names[1], *(sum(r["stages_s"][n].values()) for n in names[:2])),
         "",
         "## Image-feature cache",
         "",

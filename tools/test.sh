@@ -18,7 +18,7 @@ python -m pip install -q -e ".[test]"
 python tools/run_on_qemu_aarch64.py setup >/dev/null || echo "warning: no aarch64 qemu environment; its test will skip"
 
 # The suite on up to 4 cores at once (pytest-xdist; the tests of one slow session fixture share a
-# worker), then, alone, the tests that measure the CPU's load (marked serial). Status 5 is pytest's
+# worker), then, alone, the tests that measure the CPU's load or a speed (marked serial). Status 5 is pytest's
 # "no tests selected" (the extra arguments chose none of that part): not a failure.
 workers=$(python -c "import os; print(min(4, len(os.sched_getaffinity(0))))")
 run_pytest() { python -m pytest -q "$@" || { status=$?; [ "$status" = 5 ] || exit "$status"; }; }

@@ -42,6 +42,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -732,7 +733,8 @@ def compact_log(log_dir: str | Path) -> CompactReport:
         path = log_dir / name
         if not path.exists():
             continue
-        compacted, fresh = _compacted(path), _compacted(path).with_suffix(f"{COMPACTED}.tmp")
+        compacted = _compacted(path)
+        fresh = compacted.with_suffix(f"{COMPACTED}.tmp")
         fd = os.open(path, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -743,7 +745,8 @@ def compact_log(log_dir: str | Path) -> CompactReport:
                 data += b"\n"
             with open(fresh, "wb") as out:
                 if compacted.exists():
-                    out.write(compacted.read_bytes())
+                    with open(compacted, "rb") as members:
+                        shutil.copyfileobj(members, out)
                 out.write(gzip.compress(data, compresslevel=9, mtime=0))
                 out.flush()
                 os.fsync(out.fileno())
