@@ -53,6 +53,7 @@ def _interleaved_medians(library_a, library_b, tmp_path) -> tuple[float, float]:
     return float(a), float(b)
 
 
+@pytest.mark.serial  # it asserts that the tuned build runs faster than the untuned one
 def test_torch_block_tune_build_load_in_fresh_process(tmp_path, mlp_block, tuned_mlp):
     module, inputs, ref = mlp_block
     imported, log, report = tuned_mlp
