@@ -555,7 +555,10 @@ def _dot_intrin(isa: str) -> str:
     return DPBF16_INTRIN if PRECISION[isa] == BF16 else VNNI_INTRIN
 
 
-IMPORTED_LLVM = {DPBF16_INTRIN: DPBF16_LLVM, BFDOT_INTRIN: BFDOT_LLVM}  # intrinsic -> the LLVM IR its kernels import
+def imported_llvm(intrin: str) -> str | None:
+    """The LLVM IR that kernels calling `intrin` import, or None. Read on each call: the tests'
+    emulation of vdpbf16ps (on CPUs without AVX512-BF16) replaces DPBF16_LLVM."""
+    return {DPBF16_INTRIN: DPBF16_LLVM, BFDOT_INTRIN: BFDOT_LLVM}.get(intrin)
 
 
 # The AMX instructions the tile intrinsics call, as (instruction, *operands) -> TIR call. The tests
@@ -793,8 +796,8 @@ def _schedule_vector(sch, gemm, outer, rows, n_loop, k_loop, total_rows, n, kc, 
     else:
         task = tile = sch.fuse(*outer, no, mo)
         sch.parallel(task)
-    if _dot_intrin(isa) in IMPORTED_LLVM:
-        sch.annotate(task, "pragma_import_llvm", IMPORTED_LLVM[_dot_intrin(isa)])
+    if imported_llvm(_dot_intrin(isa)):
+        sch.annotate(task, "pragma_import_llvm", imported_llvm(_dot_intrin(isa)))
     acc = sch.cache_write(gemm, 0, "global")  # the register tile: under 1 KiB, so on the stack
     sch.reverse_compute_at(acc, tile)
     sch.decompose_reduction(gemm, kp)
