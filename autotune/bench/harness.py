@@ -21,7 +21,8 @@ fp32 rows: their ratio is to float32 torch eager and their "% of peak" to the SG
 Each round times every (engine, precision) in a shuffled order, so drift and noise from a shared
 machine hit all alike: a call, repeated for at least `MIN_ROUND_MS` (sub-millisecond models get
 many calls: one preempted thread, a scheduler quantum of several ms, would otherwise be a round's
-whole figure), its median call the round's time. Rounds go on past `rounds` until the workload's
+whole figure), its median call the round's time. An engine slower than BENCH_SLOW_CALL_SECONDS per
+call (twice: the first call may be a compile) is timed by that second call alone, not every round. Rounds go on past `rounds` until the workload's
 rounds have taken `min_seconds`: a burst of other work on a shared machine lasts seconds, so on a
 sub-millisecond model (a round of every engine in about a second) it would otherwise hit most of
 its few rounds. The median over rounds is reported with the ratio to torch eager at
@@ -417,8 +418,9 @@ def _bench_workload(
     w: Workload, engines: list, precisions: list[str], rounds: int, min_seconds: float, peak: dict, workdir: Path, log,
 ) -> list[Row]:
     plan = [(e, p) for p in precisions for e in engines if p in e.precisions]
-    prepared, unavailable = _prepare_all(w, plan, workdir, log)
-    times = _interleave(prepared, w.inputs, rounds, min_seconds)
+    prepared, unavailable, slow = _prepare_all(w, plan, workdir, log)
+    times = _interleave({k: v for k, v in prepared.items() if k not in slow}, w.inputs, rounds, min_seconds)
+    times.update({key: [ms] for key, (ms, _) in slow.items()})
     with torch.no_grad():
         reference = _as_numpy(w.module(*w.inputs.values()))
     flops = w.flops()
@@ -429,19 +431,31 @@ def _bench_workload(
             rows.append(Row(w.name, engine.name, precision, None, note=unavailable[key]))
             continue
         eager = times.get(("torch eager", precision))
-        rows.append(_measured_row(w, key, prepared[key], times[key], eager, flops, reference, peak_gflops(peak, precision)))
+        row = _measured_row(w, key, prepared[key], times[key], eager, flops, reference, peak_gflops(peak, precision),
+                            output=slow[key][1] if key in slow else None)
+        if key in slow:
+            row.note = "; ".join(filter(None, [row.note, f"one call timed: over {defaults.BENCH_SLOW_CALL_SECONDS:g} s "
+                                                         "per call, so not repeated in the rounds"]))
+        rows.append(row)
     return rows
 
 
-def _prepare_all(w: Workload, plan: list, workdir: Path, log) -> tuple[dict, dict]:
-    """Prepare and warm up each (engine, precision); returns ({key: Prepared}, {key: why it cannot run})."""
-    prepared, unavailable = {}, {}
+def _prepare_all(w: Workload, plan: list, workdir: Path, log) -> tuple[dict, dict, dict]:
+    """Prepare and warm up each (engine, precision); returns ({key: Prepared}, {key: why it cannot
+    run}, {key: (ms, output) of one call} for engines slower than BENCH_SLOW_CALL_SECONDS a call
+    (torch at bf16 on a CPU without bf16 arithmetic: minutes), timed once instead of every round)."""
+    prepared, unavailable, slow = {}, {}, {}
     for engine, precision in plan:
         key = (engine.name, precision)
         log(f"[{w.name}] preparing {engine.name} at {precision}")
         try:
             ready = engine.prepare(w, workdir, precision)
-            ready.run(w.inputs)  # warm-up (and inductor's compile)
+            seconds, output = _timed_call(ready, w.inputs)  # warm-up (and inductor's compile)
+            if seconds > defaults.BENCH_SLOW_CALL_SECONDS:  # slow, or a one-time cost: a second call tells
+                seconds, output = _timed_call(ready, w.inputs)
+                if seconds > defaults.BENCH_SLOW_CALL_SECONDS:
+                    log(f"[{w.name}] {engine.name} at {precision}: {seconds:.0f} s per call; timed once, not every round")
+                    slow[key] = (seconds * 1e3, output)
         except EngineUnavailable as exc:
             log(f"[{w.name}] {engine.name} at {precision}: {exc}")
             unavailable[key] = str(exc)
@@ -450,7 +464,13 @@ def _prepare_all(w: Workload, plan: list, workdir: Path, log) -> tuple[dict, dic
             unavailable[key] = f"failed: {type(exc).__name__}: {_first_line(exc)}"
         else:
             prepared[key] = ready
-    return prepared, unavailable
+    return prepared, unavailable, slow
+
+
+def _timed_call(ready: Prepared, inputs: dict) -> tuple[float, object]:
+    start = time.perf_counter()
+    output = ready.run(inputs)
+    return time.perf_counter() - start, output
 
 
 def _first_line(exc: Exception, limit: int = 200) -> str:
@@ -482,7 +502,8 @@ def _interleave(prepared: dict, inputs: dict, rounds: int, min_seconds: float = 
 
 
 def _measured_row(w: Workload, key: tuple, ready: Prepared, times: list, eager: list | None, flops: int,
-                  reference: np.ndarray, peak: float) -> Row:
+                  reference: np.ndarray, peak: float, output=None) -> Row:
+    """`output`: the engine's output on the workload's inputs where a call already made it."""
     median = statistics.median(times)
     gflops = flops / median / 1e6
     return Row(
@@ -490,7 +511,7 @@ def _measured_row(w: Workload, key: tuple, ready: Prepared, times: list, eager: 
         ratio_vs_eager=median / statistics.median(eager) if eager else None,
         gflops=gflops,
         peak_fraction=gflops / peak,
-        fidelity=compare(_as_numpy(ready.run(w.inputs)), reference),
+        fidelity=compare(_as_numpy(ready.run(w.inputs) if output is None else output), reference),
         note=ready.note,
         largest_kernel=_largest_kernel(ready, peak),
     )
@@ -605,7 +626,9 @@ def _size_note(peak: dict, key: str) -> str:
 
 
 def _rounds_note(rows: list[Row]) -> str:
-    rounds = {r.workload: r.rounds for r in rows if r.rounds}
+    rounds = {}
+    for r in filter(lambda r: r.rounds, rows):  # an engine timed once (too slow for rounds) does not set the count
+        rounds[r.workload] = max(rounds.get(r.workload, 0), r.rounds)
     return ", ".join(f"{w} {n}" for w, n in rounds.items()) or "none"
 
 

@@ -135,6 +135,11 @@ MAX_PANEL_K = 2560  # longest reduction one partial product walks (weight panel 
 # NEON (32 vector registers): up to 8 rows x 4 vectors, its default tile at most 24 accumulators
 # (with its vectors of weights and a broadcast row, within the 32 registers).
 MAX_TILE = {**{isa: (4, 5) for isa in AVX2}, **{isa: (8, 4) for isa in NEON}}
+# A weight one vector wide (8 columns on AVX2: a convolution to 8 channels) gives 4 rows only 4
+# accumulators, too few to hide FMA latency (2 pipes x 4-5 cycles): its tile may be up to 12 rows
+# high (float32 on a Zen 2, default tiles, one standalone run each: 16384 x 8 x 144 81 GFLOP/s at
+# 4 x 1 against 128-137 at 8 x 1; 4096 x 8 x 72 85 against 108-110; int8 16384 x 8 x 216 160 against 182-187).
+MAX_ONE_VECTOR_ROWS = {isa: 12 for isa in AVX2}
 MAX_DEFAULT_ACCUMULATORS = {**{isa: 12 for isa in AVX2}, **{isa: 24 for isa in NEON}}
 AMX_KT = {BF16: (32, 64, 128, 256, 512), INT8: (64, 128, 256, 512)}
 ROW_BLOCK_BYTES = 256 << 10  # the default block of activation rows a task's column panels share (L2)
@@ -198,8 +203,10 @@ def weight_dtype(isa: str) -> str:
     return "float32" if PRECISION[isa] == F32 else "bfloat16"
 
 
-def _max_tile(isa: str) -> tuple[int, int]:
-    return MAX_TILE.get(isa, (5, 3))
+def _max_tile(isa: str, vectors: int = 0) -> tuple[int, int]:
+    """(rows, vectors a row) bounds of the register tile, for a weight `vectors` vectors wide (0: any)."""
+    rows, most_vectors = MAX_TILE.get(isa, (5, 3))
+    return (MAX_ONE_VECTOR_ROWS.get(isa, rows) if vectors == 1 else rows), most_vectors
 
 
 def _amx_k_step(isa: str) -> int:
@@ -670,7 +677,7 @@ def register_intrinsics() -> None:
 def default_avx512_tile(rows: int, n: int, isa: str = AVX512) -> tuple[int, int]:
     """(MR rows, NV vectors) of the register tile: the most accumulators (<= 15; AVX2 12), then the
     fewest loads, then (AVX2) the most rows, else the fewest."""
-    max_rows, max_vectors = _max_tile(isa)
+    max_rows, max_vectors = _max_tile(isa, n // lanes(isa))
     limit = MAX_DEFAULT_ACCUMULATORS.get(isa, max_rows * max_vectors)
     pairs = [(mr, nv) for mr in _divisors(rows, 1, max_rows) for nv in _divisors(n // lanes(isa), 1, max_vectors)
              if mr * nv <= limit]
@@ -770,7 +777,7 @@ def _schedule_vector(sch, gemm, outer, rows, n_loop, k_loop, total_rows, n, kc, 
     AVX512-BF16 and VNNI, tasks in blocks of rows outside the column panels."""
     width = lanes(isa)
     if sample:
-        max_rows, max_vectors = _max_tile(isa)
+        max_rows, max_vectors = _max_tile(isa, n // width)
         mr = _sample(sch, _divisors(total_rows, 1, max_rows))
         nv = _sample(sch, _divisors(n // width, 1, max_vectors))
         mc = _sample(sch, row_block_sizes(total_rows, isa)) if _blocks_rows(isa) else None

@@ -36,5 +36,6 @@ BENCH_WORKLOADS = "tiny-transformer,tiny-vae-decoder,tiny-image-encoder"
 BENCH_ROUNDS = 15
 BENCH_MIN_SECONDS = 60.0  # each workload's rounds go on until they have taken this long ...
 BENCH_MAX_ROUNDS = 500  # ... up to this many
+BENCH_SLOW_CALL_SECONDS = 20.0  # an engine slower than this per call is timed once, not every round
 BENCH_PRECISION = "fp32"  # comma list of fp32, bf16, int8: every engine at each
 BENCH_OUT_DIR = "tools/results"

@@ -194,3 +194,27 @@ def test_precision_flag():
     args = parser.parse_args(["bench", "--precision", "bf16", "--quantize", "int8-weight"])
     with pytest.raises(InputError, match="add fp32 to --precision"):
         args.func(args)
+
+
+def test_an_engine_slower_than_the_limit_is_timed_once_not_every_round(monkeypatch):
+    """torch at bf16 on a CPU without bf16 arithmetic takes minutes a call (the VAE up-block on a
+    Zen 2): such an engine is called twice (the first call may be a compile) and timed by the second."""
+    from autotune.bench import harness
+    from autotune.support import defaults
+
+    calls = []
+
+    class Slow(TorchEager):
+        def prepare(self, w, workdir, precision):
+            ready = super().prepare(w, workdir, precision)
+            inner = ready.run
+            ready.run = lambda inputs: calls.append(1) or inner(inputs)
+            return ready
+
+    monkeypatch.setattr(defaults, "BENCH_SLOW_CALL_SECONDS", 0.0)  # every call is "slow"
+    rows, _ = harness.run_bench(["tiny-image-encoder"], [Slow()], rounds=3, log=lambda *a: None, min_seconds=0.0)
+    (row,) = rows
+    assert len(calls) == 2 and row.rounds == 1, (len(calls), row.rounds)
+    assert "one call timed" in row.note and row.median_ms > 0
+    assert row.fidelity["max_abs"] == 0.0  # its own float32 output, from the timed call, against the reference
+    assert "tiny-image-encoder 1" in harness._rounds_note(rows)

@@ -353,6 +353,34 @@ def test_every_sampled_register_tile_replays_and_computes_the_product(isa, reque
             _assert_close(out, ref)
 
 
+@pytest.mark.parametrize("isa", [gemm.AVX2_F32, gemm.AVX2_INT8])
+def test_one_vector_wide_weights_sample_tiles_up_to_twelve_rows(isa):
+    """A weight of 8 columns (one AVX2 vector) may take register tiles up to 12 rows high (4 rows
+    leave FMA latency-bound): the default takes 8 of 96 rows, and every sampled height replays and
+    computes the product."""
+    m, n, k = 96, 8, 72
+    assert gemm.default_avx512_tile(m, n, isa) == (12, 1) and gemm.default_avx512_tile(1560, 1536, isa) == (4, 3)
+    target = resolve_target("x86-avx2").tvm_target()
+    func = gemm.make_primfunc(m, n, k, isa).with_attr("global_symbol", "main")
+    sampled = s_tir.Schedule(tvm.IRModule({"main": func}), seed=1)
+    gemm.apply_schedule(sampled, sample=True)
+    trace = sampled.trace
+    rows = next(inst for inst in trace.insts if inst.kind.name == "SampleCategorical")
+    assert [int(v) for v in rows.attrs[0]] == [1, 2, 3, 4, 6, 8, 12]
+    if isa == gemm.AVX2_INT8:
+        a, b, ref = _avx2_int8_operands(m, n, k)
+    else:
+        a, b, ref = (x.astype(np.float32) for x in _operands(m, n, k))
+    for pick in range(len(rows.attrs[0])):
+        replayed = s_tir.Schedule(tvm.IRModule({"main": func}))
+        trace.with_decision(rows, pick, remove_postproc=True).apply_to_schedule(replayed, remove_postproc=True)
+        out = _run(tvm.compile(replayed.mod, target=target), a, b, (m, n))
+        if isa == gemm.AVX2_INT8:
+            np.testing.assert_array_equal(out, ref)
+        else:
+            _assert_close(out, ref)
+
+
 def test_engines_converting_weights_block_rows_when_there_are_few_panels():
     """A weight of one or two column panels is converted per block of rows (so that every core
     has a task), in blocks of at least MIN_CONVERTING_BLOCK rows; with enough panels, not."""
