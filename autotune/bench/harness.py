@@ -22,8 +22,8 @@ Each round times every (engine, precision) in a shuffled order, so drift and noi
 machine hit all alike: a call, repeated for at least `MIN_ROUND_MS` (sub-millisecond models get
 many calls: one preempted thread, a scheduler quantum of several ms, would otherwise be a round's
 whole figure), its median call the round's time. An engine slower than BENCH_SLOW_CALL_SECONDS per
-call (twice: the first call may be a compile) is timed by that second call alone, not every round. Rounds go on past `rounds` until the workload's
-rounds have taken `min_seconds`: a burst of other work on a shared machine lasts seconds, so on a
+call (twice: the first call may be a compile) is timed by that second call alone, not every round.
+Rounds go on past `rounds` until the workload's rounds have taken `min_seconds`: a burst of other work on a shared machine lasts seconds, so on a
 sub-millisecond model (a round of every engine in about a second) it would otherwise hit most of
 its few rounds. The median over rounds is reported with the ratio to torch eager at
 the same precision, GFLOP/s, the fraction of this machine's GEMM peak at the row's precision

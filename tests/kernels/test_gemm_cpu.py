@@ -63,6 +63,18 @@ def _run(lib, a, b, out_shape):
     return c.numpy()
 
 
+def _replay_every_pick(func, trace, decision, target, a, b, ref, exact):
+    """The trace replayed with each choice of one sampled decision: each must compute the product."""
+    for pick in range(len(decision.attrs[0])):
+        replayed = s_tir.Schedule(tvm.IRModule({"main": func}))
+        trace.with_decision(decision, pick, remove_postproc=True).apply_to_schedule(replayed, remove_postproc=True)
+        out = _run(tvm.compile(replayed.mod, target=target), a, b, ref.shape)
+        if exact:
+            np.testing.assert_array_equal(out, ref)
+        else:
+            _assert_close(out, ref)
+
+
 def _assert_close(out, ref):
     err = np.abs(out - ref).max() / np.abs(ref).max()
     assert err < RTOL, f"max error {err:.2e} relative to max |C|, tolerance {RTOL}"
@@ -371,14 +383,7 @@ def test_one_vector_wide_weights_sample_tiles_up_to_twelve_rows(isa):
         a, b, ref = _avx2_int8_operands(m, n, k)
     else:
         a, b, ref = (x.astype(np.float32) for x in _operands(m, n, k))
-    for pick in range(len(rows.attrs[0])):
-        replayed = s_tir.Schedule(tvm.IRModule({"main": func}))
-        trace.with_decision(rows, pick, remove_postproc=True).apply_to_schedule(replayed, remove_postproc=True)
-        out = _run(tvm.compile(replayed.mod, target=target), a, b, (m, n))
-        if isa == gemm.AVX2_INT8:
-            np.testing.assert_array_equal(out, ref)
-        else:
-            _assert_close(out, ref)
+    _replay_every_pick(func, trace, rows, target, a, b, ref, exact=isa == gemm.AVX2_INT8)
 
 
 def test_engines_converting_weights_block_rows_when_there_are_few_panels():
@@ -424,11 +429,4 @@ def test_every_sampled_amx_column_blocking_replays_and_computes_the_product(amx_
     (decision,) = [inst for inst in trace.insts if inst.kind.name == "SampleCategorical"]
     assert len(decision.attrs[0]) == 4  # 1, 2, 4 or 8 blocks of the 8
     a, b, ref = _int8_operands(m, n, k) if isa == gemm.AMX_INT8 else _operands(m, n, k, int8_weights=isa == gemm.AMX_W8)
-    for pick in range(len(decision.attrs[0])):
-        replayed = s_tir.Schedule(tvm.IRModule({"main": func}))
-        trace.with_decision(decision, pick, remove_postproc=True).apply_to_schedule(replayed, remove_postproc=True)
-        out = _run(tvm.compile(replayed.mod, target=target), a, b, (m, n))
-        if isa == gemm.AMX_INT8:
-            np.testing.assert_array_equal(out, ref)
-        else:
-            _assert_close(out, ref)
+    _replay_every_pick(func, trace, decision, target, a, b, ref, exact=isa == gemm.AMX_INT8)
