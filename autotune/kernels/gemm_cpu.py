@@ -77,6 +77,13 @@ converted per task: converting per block of rows cost the DiT block's int8-weigh
 there, rows are blocked only where the weight has too few column panels to give every core a
 task: `converting_row_block`.)
 
+On AVX2's FMA engines a convolution's GEMM may read its rows in place (`make_primfunc(...,
+rows_from=geometry)`, `reads_rows_in_place`): A[row, (tap, c)] = Xp[b, o * s + tap * d, .., c], the
+reduction written as (tap, k group of channels, element) so that a k pair is two consecutive
+channels of one tap, contiguous in the padded channels-last input Xp as in an im2col row. The same
+schedule and tiles; the broadcast A element is loaded from Xp instead of from a gathered row, so
+the im2col matrix (taps times the input) is never written or read.
+
 MetaSchedule: the gemm block carries a `schedule_rule` annotation naming the custom rule
 registered here; the rule's register-tile sizes (AVX-512) or tile counts (AMX) are sampled
 decisions, so tuning searches them like any task. `apply_schedule(sch)` is the default schedule
@@ -95,6 +102,8 @@ from tvm.script import tirx as T
 
 from autotune.support import tvm_compat
 from autotune.support.ir import FLOPS_ATTR, GEMM_ATTR
+
+from . import im2col
 
 # The names below are part of every recorded workload and trace: changing one orphans the shipped records.
 RULE_NAME = "autotune_gemm_bf16"  # MetaSchedule looks up s_tir.meta_schedule.cpu.<name> (both precisions)
@@ -126,6 +135,7 @@ AVX2 = (AVX2_INT8, AVX2_BF16, AVX2_W8, AVX2_F32)
 NEON = (NEON_SDOT, NEON_BFDOT, NEON_BFDOT_W8, NEON_F32, NEON_FMA_BF16, NEON_FMA_W8)  # 128-bit vectors: 4 x 32-bit lanes
 BF16_ARITHMETIC = (AMX, AVX512)  # bf16 engines that multiply bf16 itself (AVX2 widens it to float32)
 FMA = (AVX2_BF16, AVX2_W8, AVX2_F32, NEON_F32, NEON_FMA_BF16, NEON_FMA_W8)  # float32 FMA on widened (or, float32, re-laid) panels
+IMPLICIT_ISAS = (AVX2_BF16, AVX2_W8, AVX2_F32)  # engines whose convolutions read their rows in place (`reads_rows_in_place`)
 DTYPES = {BF16: ("bfloat16", "bfloat16", "float32"), INT8: ("uint8", "int8", "int32"), F32: ("float32",) * 3}  # A, B, accumulator
 PANEL_ISAS = (AVX512, VNNI)  # vector engines that read the weight re-laid in column panels (`_weight_in_column_panels`)
 MAX_PANEL_K = 2560  # longest reduction one partial product walks (weight panel stays in L2)
@@ -301,11 +311,15 @@ def _divisors(n: int, lo: int, hi: int) -> list[int]:
 # ---------------------------------------------------------------- the PrimFunc
 
 
-def make_primfunc(m: int, n: int, k: int, isa: str, batch: int = 0) -> tvm.tirx.PrimFunc:
+def make_primfunc(m: int, n: int, k: int, isa: str, batch: int = 0,
+                  rows_from: im2col.Geometry | None = None) -> tvm.tirx.PrimFunc:
     """A (m, k) @ Bp (k/g, n, g) -> C (m, n), unscheduled and annotated for MetaSchedule
     (`apply_schedule` schedules it). Batched activations come flattened to rows. With `batch`, that
     many independent products, each with its own weight: A (batch, m, k) @ Bp (batch, k/g, n, g)
-    -> C (batch, m, n) (the Winograd transform points' GEMMs)."""
+    -> C (batch, m, n) (the Winograd transform points' GEMMs). With `rows_from`, a convolution's
+    implicit GEMM: A's rows read in place from its padded channels-last input (`reads_rows_in_place`)."""
+    if rows_from is not None:
+        return _implicit_primfunc(m, n, k, isa, rows_from)
     parts = k_split(k, isa)
     kc = k // parts
     g = group(isa)
@@ -343,6 +357,38 @@ def make_primfunc(m: int, n: int, k: int, isa: str, batch: int = 0) -> tvm.tirx.
     # kernels' attributes as before batches: they are part of the workload hash the shipped records are filed under)
     func = func.with_attr(GEMM_ATTR, info).with_attr(FLOPS_ATTR, float(2 * max(batch, 1) * m * n * k))
     func = func.with_attr("op_pattern", 8)  # opaque: FuseOps leaves it whole
+    return _annotate(func)
+
+
+def reads_rows_in_place(isa: str | None, geometry: im2col.Geometry, n: int) -> bool:
+    """Whether `isa` computes the convolution `geometry` (to `n` columns) as an implicit GEMM, its rows
+    read in place from the padded input rather than gathered into an im2col matrix first: on the
+    FMA engines of AVX2 (see IMPLICIT_ISAS), where the whole reduction is one pass (no `k_split`),
+    the channels are whole k groups and the rows need no padding to whole register tiles."""
+    k = geometry.taps * geometry.channels
+    return (isa in IMPLICIT_ISAS and isa_for_shape(isa, geometry.rows, n, k) == isa and k_split(k, isa) == 1
+            and geometry.channels % group(isa) == 0 and padded_rows(isa, geometry.rows) == geometry.rows)
+
+
+def _implicit_primfunc(m: int, n: int, k: int, isa: str, geometry: im2col.Geometry) -> tvm.tirx.PrimFunc:
+    """C (m, n) = im2col(X) (m, k) @ B, im2col(X) read in place from Xp (the padded channels-last input):
+    the reduction is (tap, k group of channels, element of the group), so that a k group is
+    `group(isa)` consecutive channels of one tap, contiguous in Xp as in A's rows."""
+    if not reads_rows_in_place(isa, geometry, n) or (m, k) != (geometry.rows, geometry.taps * geometry.channels):
+        raise ValueError(f"gemm_cpu: no implicit {m}x{n}x{k} GEMM on {isa} for {geometry}")
+    g = group(isa)
+    X, read = geometry.reader(activation_dtype(isa))
+    Bp = te.placeholder((k // g, n, g), weight_dtype(isa), name="Bp")
+    B = te.compute((k // g, g, n), lambda kg, e, j: Bp[kg, j, e].astype("float32"), name="convert")  # (FMA engines)
+    groups = geometry.channels // g
+    tap = te.reduce_axis((0, geometry.taps), name="tap")
+    kg = te.reduce_axis((0, groups), name="kg")
+    e = te.reduce_axis((0, g), name="k")
+    C = te.compute((m, n), lambda i, j: te.sum(read(i, tap, kg * g + e) * B[tap * groups + kg, e, j], axis=[tap, kg, e]),
+                   name="gemm")
+    func = te.create_prim_func([X, Bp, C]).without_attr("global_symbol")
+    info = {"isa": isa, "rows": m, "n": n, "k": k, "parts": 1, "taps": geometry.taps}
+    func = func.with_attr(GEMM_ATTR, info).with_attr(FLOPS_ATTR, float(2 * m * n * k)).with_attr("op_pattern", 8)
     return _annotate(func)
 
 
@@ -742,8 +788,10 @@ def apply_schedule(sch, sample: bool = False, panels: bool = True) -> None:
     gemm = sch.get_sblock("gemm")
     loops = sch.get_loops(gemm)
     parts = info["parts"]
-    outer = list(loops[:-3])  # the partial product, the batch
-    rows, n_loop, k_loop = loops[-3:]
+    k_loops = 3 if "taps" in info else 1  # an implicit GEMM's (tap, k group, element) or k
+    outer = list(loops[:-2 - k_loops])  # the partial product, the batch
+    rows, n_loop = loops[-2 - k_loops:-k_loops]
+    k_loop = list(loops[-k_loops:]) if "taps" in info else loops[-1]
     kc = info["k"] // parts
     if panels and info["isa"] in PANEL_ISAS:
         _weight_in_column_panels(sch, gemm, info["isa"], batched="batch" in info)
@@ -793,8 +841,12 @@ def _schedule_vector(sch, gemm, outer, rows, n_loop, k_loop, total_rows, n, kc, 
         block, rows = sch.split(rows, [None, mc])
         outer = [*outer, block]
     mo, mi = sch.split(rows, [None, mr])
-    kp, kl = sch.split(k_loop, [None, group(isa)])
-    sch.reorder(*outer, no, mo, kp, mi, nvl, columns, kl)
+    if isinstance(k_loop, list):  # implicit: the taps and k groups outside the tile, a group's elements inside
+        *kp, kl = k_loop
+    else:
+        kp = sch.split(k_loop, [None, group(isa)])
+        kl = kp.pop()
+    sch.reorder(*outer, no, mo, *kp, mi, nvl, columns, kl)
     if _converts_weights(isa):
         task = sch.fuse(*outer, no)  # a column panel (and block of rows) per task: its tiles share the converted weights
         tile = mo
@@ -807,7 +859,7 @@ def _schedule_vector(sch, gemm, outer, rows, n_loop, k_loop, total_rows, n, kc, 
         sch.annotate(task, "pragma_import_llvm", imported_llvm(_dot_intrin(isa)))
     acc = sch.cache_write(gemm, 0, "global")  # the register tile: under 1 KiB, so on the stack
     sch.reverse_compute_at(acc, tile)
-    sch.decompose_reduction(gemm, kp)
+    sch.decompose_reduction(gemm, kp[0])
     sch.tensorize(columns, _dot_intrin(isa))
     sch.unroll(mi)
     sch.unroll(nvl)

@@ -19,11 +19,77 @@ to int8 with its own scale, as w8a8 quantizes a linear's tokens, the float rows 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import tvm
 from tvm import te
 
 from . import token_quant
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a convolution's im2col rows come from, read in place from its input by an implicit GEMM:
+
+        A[(b, o_1, ..), (t_1, .., c)] = Xp[b, o_1*s_1 + t_1*d_1, .., c]
+
+    Xp is the channels-last input padded (`pad_width`), so that no index needs a bound check."""
+
+    x_shape: tuple[int, ...]  # the unpadded channels-last input (N, *spatial, C)
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    pad_before: tuple[int, ...]
+    dilation: tuple[int, ...]
+    out_spatial: tuple[int, ...]
+
+    @property
+    def taps(self) -> int:
+        return math.prod(self.kernel)
+
+    @property
+    def channels(self) -> int:
+        return self.x_shape[-1]
+
+    @property
+    def rows(self) -> int:
+        return self.x_shape[0] * math.prod(self.out_spatial)
+
+    def pad_after(self) -> tuple[int, ...]:
+        """Padding after each spatial axis that the last output position's last tap reaches."""
+        return tuple(max(0, (o - 1) * s + (t - 1) * d + 1 - size - p) for o, s, t, d, size, p in
+                     zip(self.out_spatial, self.strides, self.kernel, self.dilation, self.x_shape[1:-1], self.pad_before))
+
+    def pad_width(self) -> list[int]:
+        """`relax.op.nn.pad`'s widths (before, after per axis) that make Xp from the input."""
+        widths = [0, 0]
+        for before, after in zip(self.pad_before, self.pad_after()):
+            widths += [before, after]
+        return widths + [0, 0]
+
+    def padded_shape(self) -> tuple[int, ...]:
+        n, *spatial, c = self.x_shape
+        return (n, *[size + b + a for size, b, a in zip(spatial, self.pad_before, self.pad_after())], c)
+
+    def reader(self, dtype: str):
+        """(Xp placeholder, read(row, tap, channel) -> Xp's value there): the implicit GEMM's A."""
+        Xp = te.placeholder(self.padded_shape(), dtype, name="X")
+
+        def read(row, tap, channel):
+            outs = _unravel(row, self.out_spatial)
+            batch = row // math.prod(self.out_spatial)
+            taps = _unravel(tap, self.kernel)
+            return Xp[(batch, *[o * s + t * d for o, t, s, d in zip(outs, taps, self.strides, self.dilation)], channel)]
+
+        return Xp, read
+
+
+def _unravel(index, extents: tuple[int, ...]) -> list:
+    """The row-major coordinates of a flat `index` within `extents` (the first taken modulo too)."""
+    coords = []
+    for extent in reversed(extents):
+        coords.append(index % extent)
+        index = index // extent
+    return coords[::-1]
 
 
 def output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int, dilation: int) -> int:

@@ -100,7 +100,7 @@ class MatrixEngineRewriter:
         padded = kernel.padded_rows(isa, rows)
         if padded != rows:
             flat = relax.op.nn.pad(flat, [0, padded - rows, 0, 0])
-        packed = relax.op.permute_dims(relax.op.reshape(w, [k // g, g, n]), [0, 2, 1])
+        packed = packed_weight(w, k, n, g)
         acc = "int32" if precision == kernel.INT8 else "float32"
         out = relax.call_tir(self._kernel(padded, n, k, isa), [flat, packed], relax.TensorType([padded, n], acc))
         if padded != rows:
@@ -144,6 +144,12 @@ def im2col_row_vars(main) -> set:
             elif isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get("relax.reshape")) and value.args[0] in gathered:
                 rows.add(binding.var)
     return rows
+
+
+def packed_weight(w, k: int, n: int, g: int) -> relax.Expr:
+    """The weight w (k, n) in the engines' layout, Bp[k // g, n, k % g] (weight-only work: lifted and
+    done at build time)."""
+    return relax.op.permute_dims(relax.op.reshape(w, [k // g, g, n]), [0, 2, 1])
 
 
 def big_enough_for_float32(x_shape, w_shape) -> bool:

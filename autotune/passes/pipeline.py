@@ -85,8 +85,8 @@ def prepare_model(imported: ImportedModel, preset, quantize_mode: str | None,
             quantized, moved = _onto_matrix_engines(quantized, target, int8_activations=int8_activations)
             if taken:
                 moved["winograd"] = taken
-                if "matrix_engine" not in moved:  # (else its weight packing precomputed the transforms too)
-                    quantized = precompute_weight_transforms(quantized)
+            if (taken or "convolutions_as_gemm" in moved) and "matrix_engine" not in moved:
+                quantized = precompute_weight_transforms(quantized)  # (else its weight packing precomputed them too)
             quantized, convs = convolutions_in_float32(quantized)
             info = {**info, **moved}
             if convs:

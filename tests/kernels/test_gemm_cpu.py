@@ -430,3 +430,76 @@ def test_every_sampled_amx_column_blocking_replays_and_computes_the_product(amx_
     assert len(decision.attrs[0]) == 4  # 1, 2, 4 or 8 blocks of the 8
     a, b, ref = _int8_operands(m, n, k) if isa == gemm.AMX_INT8 else _operands(m, n, k, int8_weights=isa == gemm.AMX_W8)
     _replay_every_pick(func, trace, decision, target, a, b, ref, exact=isa == gemm.AMX_INT8)
+
+
+def _gathered_rows(xp: np.ndarray, geometry) -> np.ndarray:
+    """numpy im2col of the padded input: one row per output position, taps by channels."""
+    n, *_, c = xp.shape
+    rows = []
+    for b in range(n):
+        for outs in itertools.product(*map(range, geometry.out_spatial)):
+            row = [xp[(b, *[o * s + t * d for o, t, s, d in zip(outs, taps, geometry.strides, geometry.dilation)])]
+                   for taps in itertools.product(*map(range, geometry.kernel))]
+            rows.append(np.concatenate(row))
+    return np.stack(rows).reshape(-1, geometry.taps * c)
+
+
+IMPLICIT_CASES = {  # (input N, *spatial, C), kernel, strides, padding before, dilation
+    "causal3d": ((1, 4, 6, 10, 8), (3, 3, 3), (1, 1, 1), (2, 1, 1), (1, 1, 1)),  # the VAE's: time padding in front only
+    "strided2d": ((2, 9, 12, 6), (3, 3), (2, 1), (1, 2), (1, 2)),  # strides, dilation, batch 2, 3 k pairs a tap
+    "conv1d": ((1, 30, 4), (5,), (1,), (2,), (1,)),
+}
+
+
+@pytest.mark.parametrize("case", list(IMPLICIT_CASES))
+@pytest.mark.parametrize("isa", gemm.IMPLICIT_ISAS)
+def test_implicit_convolution_gemm_matches_numpy_im2col(case, isa):
+    """A convolution's GEMM reading its rows in place from the zero-padded input equals the GEMM of
+    numpy's im2col rows (float32 summation order aside), for every engine that takes it (float32;
+    bf16 or int8 weights widened in the kernel), and every register-tile height tuning samples
+    replays and computes it."""
+    from autotune.kernels import im2col
+
+    x_shape, kernel, strides, pad, dilation = IMPLICIT_CASES[case]
+    out = tuple(im2col.output_size(size, t, s, p, p, d) for size, t, s, p, d in zip(x_shape[1:-1], kernel, strides, pad, dilation))
+    geometry = im2col.Geometry(x_shape, kernel, strides, pad, dilation, out)
+    m, n, k = geometry.rows, 16, geometry.taps * x_shape[-1]
+    assert gemm.reads_rows_in_place(isa, geometry, n)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(ml_dtypes.bfloat16).astype(np.float32)  # bf16 values: exact products
+    if isa == gemm.AVX2_W8:
+        b = rng.integers(-127, 128, (k, n), dtype=np.int8)
+    else:
+        b = rng.standard_normal((k, n)).astype(ml_dtypes.bfloat16 if isa == gemm.AVX2_BF16 else np.float32)
+    xp = np.pad(x, [(0, 0), *zip(geometry.pad_before, geometry.pad_after()), (0, 0)])
+    assert xp.shape == geometry.padded_shape()
+    ref = _gathered_rows(xp, geometry).astype(np.float64) @ b.astype(np.float64)
+    target = resolve_target("x86-avx2").tvm_target()
+    func = gemm.make_primfunc(m, n, k, isa, rows_from=geometry).with_attr("global_symbol", "main")
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    gemm.apply_schedule(sch)
+    lib = tvm.compile(sch.mod, target=target)
+    assert "vfmadd" in lib.mod.inspect_source("asm")
+    _assert_close(_run(lib, xp, b, (m, n)), ref)
+    sampled = s_tir.Schedule(tvm.IRModule({"main": func}), seed=1)
+    gemm.apply_schedule(sampled, sample=True)
+    rows = next(inst for inst in sampled.trace.insts if inst.kind.name == "SampleCategorical")
+    _replay_every_pick(func, sampled.trace, rows, target, xp, b, ref, exact=False)
+
+
+def test_only_the_avx2_fma_engines_read_rows_in_place_of_single_pass_reductions():
+    """Implicit GEMMs are for the AVX2 FMA engines (measured there), a reduction of one pass, whole k
+    pairs of channels and rows in whole register tiles; anything else gathers im2col rows."""
+    from autotune.kernels import im2col
+
+    def geometry(channels, out=(4, 64, 64), taps=(3, 3, 3)):
+        return im2col.Geometry((1, 6, *out[1:], channels), taps, (1, 1, 1), (2, 1, 1), (1, 1, 1), out)
+
+    assert gemm.reads_rows_in_place(gemm.AVX2_F32, geometry(8), 8)
+    assert not gemm.reads_rows_in_place(gemm.AVX512, geometry(8), 16)  # AVX512-BF16: not measured yet
+    assert not gemm.reads_rows_in_place(gemm.AVX2_INT8, geometry(8), 8)  # w8a8 quantizes its rows as it gathers them
+    assert not gemm.reads_rows_in_place(gemm.AVX2_F32, geometry(7), 8)  # a k pair would straddle two taps
+    assert not gemm.reads_rows_in_place(gemm.AVX2_F32, geometry(128), 8)  # 3456 long: split into partial products
+    assert not gemm.reads_rows_in_place(gemm.AVX2_F32, geometry(8, out=(1, 1, 7)), 8)  # 7 rows: padded to 8
+    with pytest.raises(ValueError, match="no implicit"):
+        gemm.make_primfunc(16384, 8, 216, gemm.AVX512, rows_from=geometry(8))
