@@ -740,11 +740,12 @@ def _blocks_rows(isa: str) -> bool:
     return isa in (AVX512, VNNI)
 
 
-def row_block_sizes(rows: int, isa: str) -> list[int]:
-    """Candidate rows per block: multiples of every register-tile height the rows allow (so that a
-    sampled tile height always divides a sampled block: the two are drawn independently) that divide
-    the rows, up to MAX_ROW_BLOCKS tiles of the tallest, and all the rows (no blocking)."""
-    unit = math.lcm(*_divisors(rows, 1, _max_tile(isa)[0]))
+def row_block_sizes(rows: int, isa: str, vectors: int = 0) -> list[int]:
+    """Candidate rows per block: multiples of every register-tile height the rows allow for a weight
+    `vectors` vectors wide (so that a sampled tile height always divides a sampled block: the two are
+    drawn independently; one vector wide, AVX2 tiles may be up to 12 rows high) that divide the
+    rows, up to MAX_ROW_BLOCKS tiles of the tallest of any width, and all the rows (no blocking)."""
+    unit = math.lcm(*_divisors(rows, 1, _max_tile(isa, vectors)[0]))
     top = MAX_ROW_BLOCKS * _max_tile(isa)[0]
     return sorted({unit * d for d in _divisors(rows // unit, 1, rows // unit) if unit * d <= top} | {rows})
 
@@ -758,18 +759,18 @@ def default_row_block(rows: int, n: int, kc: int, isa: str) -> int:
     if n >= rows:
         return rows
     row_bytes = kc * (1 if PRECISION[isa] == INT8 else 2)
-    sizes = row_block_sizes(rows, isa)
+    sizes = row_block_sizes(rows, isa, n // lanes(isa))
     fitting = [size for size in sizes if size * row_bytes <= ROW_BLOCK_BYTES]
     return max(fitting) if fitting else min(sizes)
 
 
-def converting_row_block(rows: int, panels: int, isa: str) -> int:
+def converting_row_block(rows: int, panels: int, isa: str, vectors: int = 0) -> int:
     """Rows per task on an engine that converts its weight panel per task (one panel per task, so
     a weight of one or two panels, e.g. a convolution with 16 output channels, kept one core
     busy): with fewer than MIN_TASKS panels, the largest candidate block (`row_block_sizes`) of
     at least MIN_CONVERTING_BLOCK rows that makes MIN_TASKS tasks, else the smallest such block,
-    each task converting its panel; all the rows otherwise."""
-    sizes = [size for size in row_block_sizes(rows, isa) if size >= MIN_CONVERTING_BLOCK]
+    each task converting its panel; all the rows otherwise. `vectors`: the weight's width in vectors."""
+    sizes = [size for size in row_block_sizes(rows, isa, vectors) if size >= MIN_CONVERTING_BLOCK]
     if panels >= MIN_TASKS or not sizes:
         return rows
     fitting = [size for size in sizes if size * MIN_TASKS <= rows * panels]
@@ -828,13 +829,13 @@ def _schedule_vector(sch, gemm, outer, rows, n_loop, k_loop, total_rows, n, kc, 
         max_rows, max_vectors = _max_tile(isa, n // width)
         mr = _sample(sch, _divisors(total_rows, 1, max_rows))
         nv = _sample(sch, _divisors(n // width, 1, max_vectors))
-        mc = _sample(sch, row_block_sizes(total_rows, isa)) if _blocks_rows(isa) else None
+        mc = _sample(sch, row_block_sizes(total_rows, isa, n // width)) if _blocks_rows(isa) else None
     else:
         mr, nv = default_avx512_tile(total_rows, n, isa)
         mc = default_row_block(total_rows, n, kc, isa) if _blocks_rows(isa) else None
     if _converts_weights(isa):  # sampled: blocks as for the widest tile (fewest panels), or none
         widest = max(_divisors(n // width, 1, _max_tile(isa)[1])) if sample else nv
-        block = converting_row_block(total_rows, n // (width * widest), isa)
+        block = converting_row_block(total_rows, n // (width * widest), isa, n // width)
         mc = None if block == total_rows else _sample(sch, [total_rows, block]) if sample else block
     no, nvl, columns = sch.split(n_loop, [None, nv, width])
     if mc is not None:

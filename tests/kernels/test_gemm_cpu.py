@@ -503,3 +503,23 @@ def test_only_the_avx2_fma_engines_read_rows_in_place_of_single_pass_reductions(
     assert not gemm.reads_rows_in_place(gemm.AVX2_F32, geometry(8, out=(1, 1, 7)), 8)  # 7 rows: padded to 8
     with pytest.raises(ValueError, match="no implicit"):
         gemm.make_primfunc(16384, 8, 216, gemm.AVX512, rows_from=geometry(8))
+
+
+@pytest.mark.parametrize("rows", [320, 5120, 20480])
+def test_one_vector_wide_weights_get_row_blocks_their_tall_tiles_divide(rows):
+    """A weight one AVX2 vector wide may take tiles up to 12 rows high, so its converting engines'
+    row blocks are multiples of every such height (a 10-row tile in a 64-row block was a split TVM
+    could not tensorize: such builds failed); the default schedule applies and, on the smallest,
+    computes the product."""
+    isa, k = gemm.AVX2_F32, 72
+    heights = gemm._divisors(rows, 1, gemm.MAX_ONE_VECTOR_ROWS[isa])
+    block = gemm.converting_row_block(rows, 1, isa, 1)
+    assert 10 in heights and all(block % h == 0 for h in heights) and rows // block > 1
+    func = gemm.make_primfunc(rows, 8, k, isa).with_attr("global_symbol", "main")
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    gemm.apply_schedule(sch)
+    if rows == 320:
+        rng = np.random.default_rng(0)
+        a, b = rng.standard_normal((rows, k), dtype=np.float32), rng.standard_normal((k, 8), dtype=np.float32)
+        lib = tvm.compile(sch.mod, target=resolve_target("x86-avx2").tvm_target())
+        _assert_close(_run(lib, a, b, (rows, 8)), a.astype(np.float64) @ b.astype(np.float64))

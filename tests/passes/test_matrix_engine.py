@@ -461,6 +461,40 @@ def test_bf16_convolutions_run_on_the_engine_and_match_torch(tmp_path, target, i
         assert compare(out, module(x).numpy())["cosine"] >= MIN_COSINE
 
 
+class ThreeChannelHead(torch.nn.Module):
+    """A VAE's output convolution: 3 channels, which no engine takes (under half a vector), with
+    enough arithmetic (3.5 MFLOP) that int8-weight quantizes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(16, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_int8_weight_convolutions_no_engine_takes_compute_in_float32(tmp_path):
+    """int8-weight's convolution that no engine takes runs TVM's generic kernel, which widens every
+    int8 weight load (the tiny VAE decoder's output convolution 5x slower than float32): a weight
+    that small ships widened to float32 (exact integers; the scale stays on the output), and the
+    build matches torch as int8-weight does (cosine >= MIN_COSINE)."""
+    from autotune.passes.matrix_engine import MAX_WIDENED_INT8_WEIGHTS
+
+    torch.manual_seed(0)
+    module, x = ThreeChannelHead().eval(), torch.randn(1, 16, 64, 64)
+    assert module.conv.weight.numel() <= MAX_WIDENED_INT8_WEIGHTS
+    prepared, info = prepare_model(from_torch(module, {"x": x}), resolve_target("x86-avx2"), "int8-weight")
+    assert info["conv_layers"] == 1 and info["convolutions_in_float32"] == 1
+    convs = [b.value for blk in prepared.mod["main"].body.blocks for b in blk.bindings
+             if isinstance(b.value, tvm.relax.Call) and b.value.op.name == "relax.nn.conv2d"]
+    assert [str(a.ty.dtype) for c in convs for a in c.args] == ["float32", "float32"]
+    report = build(from_torch(module, {"x": x}), "x86-avx2", tmp_path / "h",
+                   settings=BuildSettings(quantize="int8-weight", shipped_log=False))
+    out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float32)
+    with torch.no_grad():
+        assert compare(out, module(x).numpy())["cosine"] >= MIN_COSINE
+
+
 class Float32Layers(torch.nn.Module):
     """A 3x3 convolution (1024 x 288 x 64: 38 MFLOP), then per-position linears of 64 -> 128 (exactly
     gemm_cpu.MIN_F32_FLOPS) and 128 -> 24 (6 MFLOP: under it)."""
