@@ -19,6 +19,7 @@ matrix goes through memory; same arithmetic in the same order as the GEMM of im2
 Measured on a Zen 2 (2 threads, default tiles): 16384 x 8 x 216 (the tiny VAE decoder's largest)
 1.04 ms as im2col + GEMM, 0.44 ms implicit; 4096 x 16 x 432 0.52 -> 0.37 ms; the tiny VAE
 decoder's float32 build 0.82x.
+
 The matmul is then `matrix_engine.use_matrix_engine`'s to move onto AMX / AVX512-BF16 / AVX2 FMA,
 with its weight packed at build time (the weight reshape is weight-only work, lifted with the
 packing). TVM has no bf16 convolution schedule for CPUs (its generic kernel widens every load), so

@@ -43,11 +43,11 @@ def _clip_as_bounds(call: relax.Call, _matches) -> relax.Expr:
     if not isinstance(call, relax.Call):
         return call
     x, low, high = call.args
-    if not (isinstance(low, tvm.tirx.FloatImm) and isinstance(high, tvm.tirx.FloatImm)) or ir.tensor_dtype(x) is None:
-        return call  # (bounds given as tensors)
-    dtype, low, high = ir.tensor_dtype(x), float(low.value), float(high.value)
-    y = x if low == -math.inf else relax.op.maximum(x, relax.const(low, dtype))
-    return y if high == math.inf else relax.op.minimum(y, relax.const(high, dtype))
+    if not (isinstance(low, tvm.tirx.FloatImm) and isinstance(high, tvm.tirx.FloatImm)) or ir.tensor_dtype(x) != "float32":
+        return call  # (bounds given as tensors, or not float32: left as they are)
+    low, high = float(low.value), float(high.value)
+    y = x if low == -math.inf else relax.op.maximum(x, relax.const(low, "float32"))
+    return y if high == math.inf else relax.op.minimum(y, relax.const(high, "float32"))
 
 
 def _without_broadcast_to(func: relax.Function) -> relax.Function:
