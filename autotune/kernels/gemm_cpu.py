@@ -789,17 +789,17 @@ def apply_schedule(sch, sample: bool = False, panels: bool = True) -> None:
     gemm = sch.get_sblock("gemm")
     loops = sch.get_loops(gemm)
     parts = info["parts"]
-    k_loops = 3 if "taps" in info else 1  # an implicit GEMM's (tap, k group, element) or k
-    outer = list(loops[:-2 - k_loops])  # the partial product, the batch
-    rows, n_loop = loops[-2 - k_loops:-k_loops]
-    k_loop = list(loops[-k_loops:]) if "taps" in info else loops[-1]
+    reductions = 3 if "taps" in info else 1  # an implicit GEMM's (tap, k group, element), or k
+    outer = list(loops[:-2 - reductions])  # the partial product, the batch
+    rows, n_loop = loops[-2 - reductions:-reductions]
+    k_loops = list(loops[-reductions:])
     kc = info["k"] // parts
     if panels and info["isa"] in PANEL_ISAS:
         _weight_in_column_panels(sch, gemm, info["isa"], batched="batch" in info)
     if _is_amx(info["isa"]):
-        _schedule_amx(sch, gemm, outer, rows, n_loop, k_loop, info["n"], kc, info["isa"], sample)
+        _schedule_amx(sch, gemm, outer, rows, n_loop, k_loops[0], info["n"], kc, info["isa"], sample)  # (never implicit)
     else:
-        _schedule_vector(sch, gemm, outer, rows, n_loop, k_loop, info["rows"], info["n"], kc, info["isa"], sample)
+        _schedule_vector(sch, gemm, outer, rows, n_loop, k_loops, info["rows"], info["n"], kc, info["isa"], sample)
     if parts > 1:
         _schedule_ksum(sch)
 
@@ -821,7 +821,7 @@ def _weight_in_column_panels(sch, gemm, isa: str, batched: bool) -> None:
         sch.transform_layout(gemm, ("read", 1), lambda kg, j, e: (j // w, kg, j % w, e))
 
 
-def _schedule_vector(sch, gemm, outer, rows, n_loop, k_loop, total_rows, n, kc, isa, sample):
+def _schedule_vector(sch, gemm, outer, rows, n_loop, k_loops, total_rows, n, kc, isa, sample):
     """AVX-512 and AVX2: a register tile of MR rows x NV vectors kept across the reduction; on
     AVX512-BF16 and VNNI, tasks in blocks of rows outside the column panels."""
     width = lanes(isa)
@@ -842,11 +842,8 @@ def _schedule_vector(sch, gemm, outer, rows, n_loop, k_loop, total_rows, n, kc, 
         block, rows = sch.split(rows, [None, mc])
         outer = [*outer, block]
     mo, mi = sch.split(rows, [None, mr])
-    if isinstance(k_loop, list):  # implicit: the taps and k groups outside the tile, a group's elements inside
-        *kp, kl = k_loop
-    else:
-        kp = sch.split(k_loop, [None, group(isa)])
-        kl = kp.pop()
+    # k groups outside the tile, a group's elements inside (implicit: the taps and k groups outside)
+    *kp, kl = k_loops if len(k_loops) > 1 else sch.split(k_loops[0], [None, group(isa)])
     sch.reorder(*outer, no, mo, *kp, mi, nvl, columns, kl)
     if _converts_weights(isa):
         task = sch.fuse(*outer, no)  # a column panel (and block of rows) per task: its tiles share the converted weights

@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import tvm
+from conftest import im2col_rows
 from tvm import s_tir
 
 from autotune.kernels import gemm_cpu as gemm
@@ -432,18 +433,6 @@ def test_every_sampled_amx_column_blocking_replays_and_computes_the_product(amx_
     _replay_every_pick(func, trace, decision, target, a, b, ref, exact=isa == gemm.AMX_INT8)
 
 
-def _gathered_rows(xp: np.ndarray, geometry) -> np.ndarray:
-    """numpy im2col of the padded input: one row per output position, taps by channels."""
-    n, *_, c = xp.shape
-    rows = []
-    for b in range(n):
-        for outs in itertools.product(*map(range, geometry.out_spatial)):
-            row = [xp[(b, *[o * s + t * d for o, t, s, d in zip(outs, taps, geometry.strides, geometry.dilation)])]
-                   for taps in itertools.product(*map(range, geometry.kernel))]
-            rows.append(np.concatenate(row))
-    return np.stack(rows).reshape(-1, geometry.taps * c)
-
-
 IMPLICIT_CASES = {  # (input N, *spatial, C), kernel, strides, padding before, dilation
     "causal3d": ((1, 4, 6, 10, 8), (3, 3, 3), (1, 1, 1), (2, 1, 1), (1, 1, 1)),  # the VAE's: time padding in front only
     "strided2d": ((2, 9, 12, 6), (3, 3), (2, 1), (1, 2), (1, 2)),  # strides, dilation, batch 2, 3 k pairs a tap
@@ -473,7 +462,7 @@ def test_implicit_convolution_gemm_matches_numpy_im2col(case, isa):
         b = rng.standard_normal((k, n)).astype(ml_dtypes.bfloat16 if isa == gemm.AVX2_BF16 else np.float32)
     xp = np.pad(x, [(0, 0), *zip(geometry.pad_before, geometry.pad_after()), (0, 0)])
     assert xp.shape == geometry.padded_shape()
-    ref = _gathered_rows(xp, geometry).astype(np.float64) @ b.astype(np.float64)
+    ref = im2col_rows(x, kernel, strides, pad, dilation, out).reshape(m, k).astype(np.float64) @ b.astype(np.float64)
     target = resolve_target("x86-avx2").tvm_target()
     func = gemm.make_primfunc(m, n, k, isa, rows_from=geometry).with_attr("global_symbol", "main")
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
