@@ -77,7 +77,8 @@ converted per task: converting per block of rows cost the DiT block's int8-weigh
 there, rows are blocked only where the weight has too few column panels to give every core a
 task: `converting_row_block`.)
 
-On AVX2's FMA engines a convolution's GEMM may read its rows in place (`make_primfunc(...,
+On AVX2 (its FMA engines, and int16 multiply-add on activations quantized per sample, see
+passes/conv_gemm.py) a convolution's GEMM may read its rows in place (`make_primfunc(...,
 rows_from=geometry)`, `reads_rows_in_place`): A[row, (tap, c)] = Xp[b, o * s + tap * d, .., c], the
 reduction written as (tap, k group of channels, element) so that a k pair is two consecutive
 channels of one tap, contiguous in the padded channels-last input Xp as in an im2col row. The same
@@ -135,7 +136,7 @@ AVX2 = (AVX2_INT8, AVX2_BF16, AVX2_W8, AVX2_F32)
 NEON = (NEON_SDOT, NEON_BFDOT, NEON_BFDOT_W8, NEON_F32, NEON_FMA_BF16, NEON_FMA_W8)  # 128-bit vectors: 4 x 32-bit lanes
 BF16_ARITHMETIC = (AMX, AVX512)  # bf16 engines that multiply bf16 itself (AVX2 widens it to float32)
 FMA = (AVX2_BF16, AVX2_W8, AVX2_F32, NEON_F32, NEON_FMA_BF16, NEON_FMA_W8)  # float32 FMA on widened (or, float32, re-laid) panels
-IMPLICIT_ISAS = (AVX2_BF16, AVX2_W8, AVX2_F32)  # engines whose convolutions read their rows in place (`reads_rows_in_place`)
+IMPLICIT_ISAS = (AVX2_BF16, AVX2_W8, AVX2_F32, AVX2_INT8)  # engines whose convolutions read their rows in place (`reads_rows_in_place`)
 DTYPES = {BF16: ("bfloat16", "bfloat16", "float32"), INT8: ("uint8", "int8", "int32"), F32: ("float32",) * 3}  # A, B, accumulator
 PANEL_ISAS = (AVX512, VNNI)  # vector engines that read the weight re-laid in column panels (`_weight_in_column_panels`)
 MAX_PANEL_K = 2560  # longest reduction one partial product walks (weight panel stays in L2)
@@ -195,6 +196,13 @@ def activation_dtype(isa: str) -> str:
     if isa == NEON_SDOT:
         return "int8"
     return "int16" if isa == AVX2_INT8 else DTYPES[PRECISION[isa]][0]
+
+
+def int16_levels(k: int) -> int:
+    """The largest |value| int16 activations of a k-long reduction may hold on AVX2's int16 engine
+    (int8 weights, |w| <= 127) so that no int32 sum overflows: 32767 up to k = 516, 6,605 at
+    MAX_PANEL_K (a 12.7-bit grid at least, against int8's 7)."""
+    return min(32767, (2**31 - 1) // (127 * k))
 
 
 def _is_amx(isa: str) -> bool:
@@ -323,25 +331,13 @@ def make_primfunc(m: int, n: int, k: int, isa: str, batch: int = 0,
     parts = k_split(k, isa)
     kc = k // parts
     g = group(isa)
-    acc = DTYPES[PRECISION[isa]][2]
     lead = (batch,) if batch else ()
     A = te.placeholder((*lead, m, k), activation_dtype(isa), name="A")
     Bp = te.placeholder((*lead, k // g, n, g), weight_dtype(isa), name="Bp")
-    B = Bp
-    if isa in FMA:  # a float32 panel with the k pair split out, Bf[k // 2, k % 2, n]: FMA rows
-        def widened(*index):
-            *b, kg, e, j = index
-            return Bp[(*b, kg, j, e)].astype("float32")
-
-        B = te.compute((*lead, k // g, g, n), widened, name="convert")
-    elif _converts_weights(isa):
-        wide = activation_dtype(isa)  # bf16, or int16 on AVX2
-        B = te.compute(Bp.shape, lambda *index: Bp[index].astype(wide), name="convert")
+    multiply = _weight_product(Bp, isa)
 
     def product(b, i, j, kk):
-        if isa in FMA:
-            return A[(*b, i, kk)] * B[(*b, kk // g, kk % g, j)]
-        return A[(*b, i, kk)].astype(acc) * B[(*b, kk // g, j, kk % g)].astype(acc)
+        return multiply(A[(*b, i, kk)], b, kk // g, kk % g, j)
 
     if parts == 1:
         r = te.reduce_axis((0, k), name="k")
@@ -360,10 +356,31 @@ def make_primfunc(m: int, n: int, k: int, isa: str, batch: int = 0,
     return _annotate(func)
 
 
+def _weight_product(Bp: te.Tensor, isa: str):
+    """multiply(a, batch index, k group, element, column) -> a x B[k, column] in the accumulator's
+    dtype, B read from the packed weight Bp (*batch, k/g, n, g) as `isa` reads it: a float32 panel
+    with the k group split out (FMA engines: Bf[kg, e, n], rows of columns), the panel widened (int8
+    weights to bf16 or int16, in Bp's layout), or Bp itself."""
+    acc = DTYPES[PRECISION[isa]][2]
+    if isa in FMA:
+        def widened(*index):
+            *b, kg, e, j = index
+            return Bp[(*b, kg, j, e)].astype("float32")
+
+        *lead, groups, n, g = Bp.shape
+        B = te.compute((*lead, groups, g, n), widened, name="convert")
+        return lambda a, b, kg, e, j: a * B[(*b, kg, e, j)]
+    B = Bp
+    if _converts_weights(isa):
+        wide = activation_dtype(isa)  # bf16, or int16 on AVX2
+        B = te.compute(Bp.shape, lambda *index: Bp[index].astype(wide), name="convert")
+    return lambda a, b, kg, e, j: a.astype(acc) * B[(*b, kg, j, e)].astype(acc)
+
+
 def reads_rows_in_place(isa: str | None, geometry: im2col.Geometry, n: int) -> bool:
     """Whether `isa` computes the convolution `geometry` (to `n` columns) as an implicit GEMM, its rows
     read in place from the padded input rather than gathered into an im2col matrix first: on the
-    FMA engines of AVX2 (see IMPLICIT_ISAS), where the whole reduction is one pass (no `k_split`),
+    engines of AVX2 (see IMPLICIT_ISAS), where the whole reduction is one pass (no `k_split`),
     the channels are whole k groups and the rows need no padding to whole register tiles."""
     k = geometry.taps * geometry.channels
     return (isa in IMPLICIT_ISAS and isa_for_shape(isa, geometry.rows, n, k) == isa and k_split(k, isa) == 1
@@ -379,13 +396,13 @@ def _implicit_primfunc(m: int, n: int, k: int, isa: str, geometry: im2col.Geomet
     g = group(isa)
     X, read = geometry.reader(activation_dtype(isa))
     Bp = te.placeholder((k // g, n, g), weight_dtype(isa), name="Bp")
-    B = te.compute((k // g, g, n), lambda kg, e, j: Bp[kg, j, e].astype("float32"), name="convert")  # (FMA engines)
+    multiply = _weight_product(Bp, isa)
     groups = geometry.channels // g
     tap = te.reduce_axis((0, geometry.taps), name="tap")
     kg = te.reduce_axis((0, groups), name="kg")
     e = te.reduce_axis((0, g), name="k")
-    C = te.compute((m, n), lambda i, j: te.sum(read(i, tap, kg * g + e) * B[tap * groups + kg, e, j], axis=[tap, kg, e]),
-                   name="gemm")
+    C = te.compute((m, n), lambda i, j: te.sum(multiply(read(i, tap, kg * g + e), (), tap * groups + kg, e, j),
+                                               axis=[tap, kg, e]), name="gemm")
     func = te.create_prim_func([X, Bp, C]).without_attr("global_symbol")
     info = {"isa": isa, "rows": m, "n": n, "k": k, "parts": 1, "taps": geometry.taps}
     func = func.with_attr(GEMM_ATTR, info).with_attr(FLOPS_ATTR, float(2 * m * n * k)).with_attr("op_pattern", 8)

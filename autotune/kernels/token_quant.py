@@ -11,6 +11,9 @@ bit-identical to that form. `values` is the dtype the matmul's engine multiplies
 the engines that take unsigned activations x signed weights (the caller subtracts 128 x the
 weight's column sums from the int32 product), int16 for AVX2's int16 multiply-add, else int8.
 Marked opaque so that FuseOps keeps it whole.
+
+`make_sample_primfunc`: the same arithmetic with one row per sample of a convolution's input, on
+an int16 grid, written zero-padded (AVX2's w8a8 convolutions read in place, passes/conv_gemm.py).
 """
 
 from __future__ import annotations
@@ -46,21 +49,48 @@ def make_primfunc(shape: tuple[int, ...], in_dtype: str = "float32", smooth: boo
     return func.with_attr(ATTR, info).with_attr("op_pattern", 8)  # opaque: FuseOps leaves it whole
 
 
-def quantized_rows(value, lead: tuple[int, ...], row: tuple[int, ...], values: str) -> tuple[te.Tensor, te.Tensor]:
+def quantized_rows(value, lead: tuple[int, ...], row: tuple[int, ...], values: str,
+                   levels: float = INT8_MAX) -> tuple[te.Tensor, te.Tensor]:
     """The quantizer's stages over rows given by `value(*lead_index, *row_index)` (float32): XQ
-    (*lead, *row) in `values`, SX (*lead, 1). A row may have several axes (a convolution's
-    im2col row: taps by channels, kernels/im2col.py)."""
+    (*lead, *row) in `values`, SX (*lead, 1), each row's values on the grid -levels..levels. A row
+    may have several axes (a convolution's im2col row: taps by channels, kernels/im2col.py; a whole
+    sample: `make_sample_primfunc`)."""
     axes = [te.reduce_axis((0, e), name="k" if len(row) == 1 else f"k{i}") for i, e in enumerate(row)]
     amax = te.compute((*lead, 1), lambda *i: te.max(te.abs(value(*i[:-1], *axes)), axis=axes), name="amax")
-    SX = te.compute((*lead, 1), lambda *i: te.max(amax(*i), te.const(MIN_SCALE, "float32")) / te.const(INT8_MAX, "float32"),
+    SX = te.compute((*lead, 1), lambda *i: te.max(amax(*i), te.const(MIN_SCALE, "float32")) / te.const(levels, "float32"),
                     name="scale")
 
     def quantized(*i):
-        q = te.min(te.max(te.round(value(*i) / SX(*i[:len(lead)], 0)), te.const(-INT8_MAX, "float32")),
-                   te.const(INT8_MAX, "float32"))
+        q = te.min(te.max(te.round(value(*i) / SX(*i[:len(lead)], 0)), te.const(-levels, "float32")),
+                   te.const(levels, "float32"))
         return (q + te.const(128.0, "float32")).astype("uint8") if values == "uint8" else q.astype(values)
 
     return te.compute((*lead, *row), quantized, name="quantize"), SX
+
+
+def make_sample_primfunc(x_shape: tuple[int, ...], pad_width: list[int], levels: int) -> tvm.tirx.PrimFunc:
+    """w8a8's convolutions read in place on AVX2 (passes/conv_gemm.py): X (N, *spatial, C) float32 ->
+    XQ (N, *spatial padded by `pad_width` (relax.op.nn.pad's), C) int16 on the grid -levels..levels,
+    zero in the padding, SX (N, 1) float32: one scale per sample, X = XQ * SX. The same arithmetic
+    as a row of `make_primfunc`, with the padding written in the same pass."""
+    n, *spatial, c = x_shape
+    X = te.placeholder(tuple(x_shape), "float32", name="X")
+    XQ, SX = quantized_rows(lambda *i: X(*i), (n,), (*spatial, c), "int16", float(levels))
+    before, after = pad_width[0::2], pad_width[1::2]
+    padded = [size + b + a for size, b, a in zip(x_shape, before, after)]
+
+    def pad(*i):
+        inside = tvm.tirx.all(*[tvm.tirx.all(v >= b, v < b + size) for v, b, size in zip(i, before, x_shape)])
+        return tvm.tirx.if_then_else(inside, XQ(*[v - b for v, b in zip(i, before)]), tvm.tirx.const(0, "int16"))
+
+    XQp = te.compute(tuple(padded), pad, name="pad")
+    func = te.create_prim_func([X, XQp, SX]).without_attr("global_symbol")
+    info = {"shape": [int(s) for s in x_shape], "smooth": 0, "shifted": 0, "row_axes": len(x_shape) - 1, "padded": 1}
+    return func.with_attr(ATTR, info).with_attr("op_pattern", 8)
+
+
+def sample_kernel_name(x_shape: tuple[int, ...], pad_width: list[int], levels: int) -> str:
+    return f"sample_quant_i16_{'x'.join(map(str, x_shape))}_pad{'x'.join(map(str, pad_width))}_l{levels}"
 
 
 def kernel_name(shape: tuple[int, ...], in_dtype: str, smooth: bool, values: str) -> str:
@@ -91,6 +121,14 @@ def apply_schedule(sch, lanes: int = 8) -> None:
     lead, lane = loops[:len(shape) - row_axes], loops[-1]
     row = sch.fuse(*lead) if len(lead) > 1 else lead[0]
     sch.vectorize(lane)
+    if "padded" in info:  # one row per sample: its maximum in one pass, then the padded output in parallel
+        sch.reverse_compute_at(sch.get_sblock("amax"), row)
+        sch.compute_inline(sch.get_sblock("quantize"))
+        *outer, channels = sch.get_loops(sch.get_sblock("pad"))
+        _, vector = sch.split(channels, [None, width])
+        sch.vectorize(vector)
+        sch.parallel(sch.fuse(*outer[:2]))
+        return
     for name in ("amax", "scale", "quantize"):  # (outputs among them: consumers move to the row)
         sch.reverse_compute_at(sch.get_sblock(name), row)
     _, vector = sch.split(sch.get_loops(sch.get_sblock("quantize"))[-1], [None, width])

@@ -11,6 +11,8 @@ and float32 on AVX2-only CPUs and on ARM).
     the same int8-weight convolution under w8a8 (int8_activations), where the int8 engine takes it
       -> Aq, sA = im2col_quant(channels_last(x))   int8 rows (uint8 + 128, AVX2 int16, ARM SDOT int8), a scale per row
          y = (matmul(Aq, W, int32) [- 128 * column sums of W]) * sA
+      -> on AVX2, read in place: Xq, sX = sample_quant(channels_last(x))   int16, a scale per sample, padded
+         y = implicit_gemm(Xq, W, int32) * sX
 
 On AVX2's FMA engines (float32, bf16, int8 weights) a convolution whose reduction is one pass is
 an implicit GEMM instead (`gemm_cpu.reads_rows_in_place`): the kernel reads each row's taps in place
@@ -18,7 +20,10 @@ from the input zero-padded once (`relax.op.nn.pad`, at 1/taps of im2col's bytes)
 matrix goes through memory; same arithmetic in the same order as the GEMM of im2col rows.
 Measured on a Zen 2 (2 threads, default tiles): 16384 x 8 x 216 (the tiny VAE decoder's largest)
 1.04 ms as im2col + GEMM, 0.44 ms implicit; 4096 x 16 x 432 0.52 -> 0.37 ms; the tiny VAE
-decoder's float32 build 0.82x.
+decoder's float32 build 0.82x. So is w8a8's on AVX2's int16 engine, whose rows cannot keep a scale
+each (a row's taps are other rows' taps): its input is quantized once per sample to int16, as
+finely as exact int32 sums allow (`_implicit_int16_product`; the tiny VAE decoder's w8a8 build
+1.18x -> 0.87x its float32 build, cosine to float32 torch 0.9978 -> 0.9995).
 
 The matmul is then `matrix_engine.use_matrix_engine`'s to move onto AMX / AVX512-BF16 / AVX2 FMA,
 with its weight packed at build time (the weight reshape is weight-only work, lifted with the
@@ -95,6 +100,7 @@ class ConvGemmRewriter:
         self.quantized = 0  # of them, int8 x int8 (w8a8)
         self.padded = 0  # of them, with output channels padded to whole vectors
         self.in_place = 0  # of them, implicit GEMMs reading their rows in place (no im2col)
+        self.per_sample = 0  # of those, w8a8's on activations quantized to int16 per sample (AVX2)
         self.kernels: dict[tuple, relax.GlobalVar] = {}
         self.builder = relax.BlockBuilder(mod)
         self.weight_vars = ir.weight_only_vars(mod["main"])
@@ -180,6 +186,10 @@ class ConvGemmRewriter:
         elif values is None and gemm_cpu.reads_rows_in_place(engine, in_place, columns):
             self.in_place += 1
             y = self._implicit_product(channels_last, in_place, rhs, columns, engine)
+        elif values is not None and gemm_cpu.reads_rows_in_place(int8_isa, in_place, columns):
+            self.in_place += 1
+            self.per_sample += 1
+            y = self._implicit_int16_product(channels_last, in_place, rhs, columns, int8_isa)
         elif rows * row_bytes <= MAX_IM2COL_BYTES:
             y = self._gathered_product(channels_last, geometry, rhs, values)
         else:
@@ -209,18 +219,41 @@ class ConvGemmRewriter:
                                [relax.TensorType(shape, values), relax.TensorType([*lead, 1], "float32")])
         return self._int8_product(quant, rows, k, rhs, values)
 
-    def _implicit_product(self, x, geometry: im2col.Geometry, rhs, columns: int, isa: str) -> relax.Expr:
-        """x (channels-last) convolved with rhs (taps * C_in, columns) as one implicit GEMM on `isa`
-        (`gemm_cpu.reads_rows_in_place`): its rows read from x zero-padded, never gathered."""
+    def _implicit_product(self, x, geometry: im2col.Geometry, rhs, columns: int, isa: str,
+                          padded: bool = False) -> relax.Expr:
+        """x (channels-last; `padded`: padded already) convolved with rhs (taps * C_in, columns) as
+        one implicit GEMM on `isa` (`gemm_cpu.reads_rows_in_place`): its rows read from x zero-padded,
+        never gathered. float32, or int32 on the int8 engine."""
         k = geometry.taps * geometry.channels
         key = (geometry, columns, isa)
         if key not in self.kernels:
             func = gemm_cpu.make_primfunc(geometry.rows, columns, k, isa, rows_from=geometry)
             name = gemm_cpu.kernel_name(geometry.rows, columns, k, isa) + "_implicit_" + "x".join(map(str, geometry.x_shape))
             self.kernels[key] = self.builder.add_func(func, name)
-        padded = relax.op.nn.pad(x, geometry.pad_width()) if any(geometry.pad_width()) else x
+        if not padded and any(geometry.pad_width()):
+            x = relax.op.nn.pad(x, geometry.pad_width())
         packed = packed_weight(rhs, k, columns, gemm_cpu.group(isa))
-        return relax.call_tir(self.kernels[key], [padded, packed], relax.TensorType([geometry.rows, columns], "float32"))
+        out_dtype = gemm_cpu.DTYPES[gemm_cpu.PRECISION[isa]][2]
+        return relax.call_tir(self.kernels[key], [x, packed], relax.TensorType([geometry.rows, columns], out_dtype))
+
+    def _implicit_int16_product(self, x, geometry: im2col.Geometry, rhs, columns: int, isa: str) -> relax.Expr:
+        """w8a8 on AVX2's int16 engine, read in place: x quantized to int16 and zero-padded in one kernel
+        (`token_quant.make_sample_primfunc`), one scale per sample (per row cannot be: a row's taps are
+        other rows' taps too) on as fine a grid as the int32 sums allow (`gemm_cpu.int16_levels`),
+        the implicit int32 GEMM, rescaled."""
+        n, pad_width = geometry.x_shape[0], geometry.pad_width()
+        levels = gemm_cpu.int16_levels(geometry.taps * geometry.channels)
+        key = ("sample_quant", geometry.x_shape, tuple(pad_width), levels)
+        if key not in self.kernels:
+            self.kernels[key] = self.builder.add_func(token_quant.make_sample_primfunc(geometry.x_shape, pad_width, levels),
+                                                      token_quant.sample_kernel_name(geometry.x_shape, pad_width, levels))
+        xf = x if ir.tensor_dtype(x) == "float32" else relax.op.astype(x, "float32")
+        quant = relax.call_tir(self.kernels[key], [xf], [relax.TensorType(list(geometry.padded_shape()), "int16"),
+                                                        relax.TensorType([n, 1], "float32")])
+        acc = self._implicit_product(relax.TupleGetItem(quant, 0), geometry, rhs, columns, isa, padded=True)
+        y = relax.op.multiply(relax.op.reshape(relax.op.astype(acc, "float32"), [n, geometry.rows // n, columns]),
+                              relax.op.reshape(relax.TupleGetItem(quant, 1), [n, 1, 1]))
+        return relax.op.reshape(y, [geometry.rows, columns])
 
     def _rows_product(self, a_rows, rows: int, k: int, dtype: str, rhs, values: str | None) -> relax.Expr:
         """a_rows (rows, k) @ rhs (float32); with `values` (w8a8: the int8 engine's activation
@@ -363,10 +396,14 @@ def convolutions_as_gemm(imported: ImportedModel, target: tvm.target.Target,
     mod = rewriter.rewrite()
     log.info("matrix engine: %d convolutions as im2col GEMMs", rewriter.count)
     note = f"{rewriter.count} convolutions computed as GEMMs over im2col rows"
-    if rewriter.quantized:
-        note += f", {rewriter.quantized} of them on int8 rows quantized per output position as they are gathered (w8a8)"
+    if rewriter.quantized - rewriter.per_sample:
+        note += (f", {rewriter.quantized - rewriter.per_sample} of them on int8 rows quantized per output position as"
+                 " they are gathered (w8a8)")
     if rewriter.in_place:
         note += f", {rewriter.in_place} of them implicit GEMMs reading their rows in place from the padded input (no im2col)"
+    if rewriter.per_sample:
+        note += (f", {rewriter.per_sample} of those w8a8's: int16 activations quantized per sample (at least"
+                 f" {gemm_cpu.int16_levels(gemm_cpu.MAX_PANEL_K):,} levels each side) x int8 weights on AVX2's int16 multiply-add")
     if rewriter.chunked:
         note += f", {rewriter.chunked} of them in chunks of output rows (a whole im2col would exceed {MAX_IM2COL_BYTES / 2**20:g} MiB)"
     if unpadded:

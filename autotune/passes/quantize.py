@@ -41,6 +41,9 @@ Modes (`MODES`, each a small handler class in the style of gpt-fast's quantizati
                  engine takes their shape, they compute as int8 GEMMs over their im2col rows,
                  each row (an output position's receptive field) quantized with its own scale as
                  it is gathered (passes/conv_gemm.py), else on the bf16 engine as int8-weight's.
+                 On AVX2 (no int8 dot product: its engine multiplies int16), a convolution whose
+                 GEMM reads its rows in place quantizes its input per sample to int16 instead,
+                 on the finest grid int32 sums allow (at least +-6,605 levels).
     int8-weight and w8a8 keep float32 the layers small in both arithmetic and weight (SMALL_LAYER),
     where int8's extra kernels cost more than it saves; the notes say how many. (bf16 on a CPU: only
     where every layer is small, see above.)

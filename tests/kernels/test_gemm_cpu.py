@@ -444,9 +444,9 @@ IMPLICIT_CASES = {  # (input N, *spatial, C), kernel, strides, padding before, d
 @pytest.mark.parametrize("isa", gemm.IMPLICIT_ISAS)
 def test_implicit_convolution_gemm_matches_numpy_im2col(case, isa):
     """A convolution's GEMM reading its rows in place from the zero-padded input equals the GEMM of
-    numpy's im2col rows (float32 summation order aside), for every engine that takes it (float32;
-    bf16 or int8 weights widened in the kernel), and every register-tile height tuning samples
-    replays and computes it."""
+    numpy's im2col rows (float32 summation order aside; exactly in int32), for every engine that
+    takes it (float32; bf16 or int8 weights widened in the kernel; int16 activations x int8 weights),
+    and every register-tile height tuning samples replays and computes it."""
     from autotune.kernels import im2col
 
     x_shape, kernel, strides, pad, dilation = IMPLICIT_CASES[case]
@@ -456,7 +456,12 @@ def test_implicit_convolution_gemm_matches_numpy_im2col(case, isa):
     assert gemm.reads_rows_in_place(isa, geometry, n)
     rng = np.random.default_rng(0)
     x = rng.standard_normal(x_shape).astype(ml_dtypes.bfloat16).astype(np.float32)  # bf16 values: exact products
-    if isa == gemm.AVX2_W8:
+    if isa == gemm.AVX2_INT8:  # int16 activations (as many levels as the int32 sums allow), int8 weights: exact
+        levels = gemm.int16_levels(k)
+        x = rng.integers(-levels, levels + 1, x_shape).astype(np.int16)
+        x.flat[0] = levels  # the extremes, where an int32 sum would overflow first
+        x.flat[-1] = -levels
+    if isa in (gemm.AVX2_W8, gemm.AVX2_INT8):
         b = rng.integers(-127, 128, (k, n), dtype=np.int8)
     else:
         b = rng.standard_normal((k, n)).astype(ml_dtypes.bfloat16 if isa == gemm.AVX2_BF16 else np.float32)
@@ -468,16 +473,21 @@ def test_implicit_convolution_gemm_matches_numpy_im2col(case, isa):
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     gemm.apply_schedule(sch)
     lib = tvm.compile(sch.mod, target=target)
-    assert "vfmadd" in lib.mod.inspect_source("asm")
-    _assert_close(_run(lib, xp, b, (m, n)), ref)
+    exact = isa == gemm.AVX2_INT8
+    assert ("vpmaddwd" if exact else "vfmadd") in lib.mod.inspect_source("asm")
+    out = _run(lib, xp, b, (m, n))
+    if exact:
+        np.testing.assert_array_equal(out, ref)
+    else:
+        _assert_close(out, ref)
     sampled = s_tir.Schedule(tvm.IRModule({"main": func}), seed=1)
     gemm.apply_schedule(sampled, sample=True)
     rows = next(inst for inst in sampled.trace.insts if inst.kind.name == "SampleCategorical")
-    _replay_every_pick(func, sampled.trace, rows, target, xp, b, ref, exact=False)
+    _replay_every_pick(func, sampled.trace, rows, target, xp, b, ref, exact=exact)
 
 
-def test_only_the_avx2_fma_engines_read_rows_in_place_of_single_pass_reductions():
-    """Implicit GEMMs are for the AVX2 FMA engines (measured there), a reduction of one pass, whole k
+def test_only_the_avx2_engines_read_rows_in_place_of_single_pass_reductions():
+    """Implicit GEMMs are for the AVX2 engines (measured there), a reduction of one pass, whole k
     pairs of channels and rows in whole register tiles; anything else gathers im2col rows."""
     from autotune.kernels import im2col
 
@@ -486,7 +496,8 @@ def test_only_the_avx2_fma_engines_read_rows_in_place_of_single_pass_reductions(
 
     assert gemm.reads_rows_in_place(gemm.AVX2_F32, geometry(8), 8)
     assert not gemm.reads_rows_in_place(gemm.AVX512, geometry(8), 16)  # AVX512-BF16: not measured yet
-    assert not gemm.reads_rows_in_place(gemm.AVX2_INT8, geometry(8), 8)  # w8a8 quantizes its rows as it gathers them
+    assert gemm.reads_rows_in_place(gemm.AVX2_INT8, geometry(8), 8)  # int16 activations quantized per sample
+    assert not gemm.reads_rows_in_place(gemm.VNNI, geometry(8), 16)  # its rows quantized per row as gathered
     assert not gemm.reads_rows_in_place(gemm.AVX2_F32, geometry(7), 8)  # a k pair would straddle two taps
     assert not gemm.reads_rows_in_place(gemm.AVX2_F32, geometry(128), 8)  # 3456 long: split into partial products
     assert not gemm.reads_rows_in_place(gemm.AVX2_F32, geometry(8, out=(1, 1, 7)), 8)  # 7 rows: padded to 8

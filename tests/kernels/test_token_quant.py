@@ -142,3 +142,37 @@ def test_im2col_quantizer_design_space_compiles_and_is_exact():
     xq, sx = tvm.runtime.empty(rows.shape, values), tvm.runtime.empty((*rows.shape[:4], 1), "float32")
     lib["main"](tvm.runtime.tensor(x), xq, sx)
     np.testing.assert_array_equal(xq.numpy().reshape(180, -1), reference(rows.reshape(180, -1), None, values)[0])
+
+
+SAMPLE_CASES = [  # (x shape, relax pad widths, levels)
+    ((1, 5, 16, 12, 8), [0, 0, 2, 0, 1, 1, 1, 1, 0, 0], 32767),  # the VAE's causal 3x3x3: time padded in front only
+    ((2, 7, 9, 6), [0, 0, 1, 2, 0, 3, 0, 0], 6605),  # 2 samples, each its own scale; the coarsest grid (k 2560)
+]
+
+
+def sample_reference(x: np.ndarray, pad_width: list[int], levels: int):
+    """Each sample quantized with one scale to -levels..levels in float32, then zero-padded."""
+    axes = tuple(range(1, x.ndim))
+    scale = np.maximum(np.abs(x).max(axis=axes, keepdims=True), np.float32(1e-8)) / np.float32(levels)
+    q = np.clip(np.rint(x / scale), -levels, levels).astype(np.int16)
+    return np.pad(q, list(zip(pad_width[0::2], pad_width[1::2]))), scale.reshape(-1, 1)
+
+
+@pytest.mark.parametrize("x_shape, pad_width, levels", SAMPLE_CASES)
+@pytest.mark.parametrize("space", ["default", "design space"])
+def test_sample_quantizer_is_bit_exact_and_writes_the_padding(x_shape, pad_width, levels, space):
+    """AVX2's w8a8 convolutions read in place: their input quantized per sample to int16 and zero-padded
+    in one kernel equals numpy bit for bit, under the default schedule and a sample of what tuning searches."""
+    func = token_quant.make_sample_primfunc(x_shape, pad_width, levels)
+    if space == "default":
+        lib = tvm.compile(default_schedule(func.with_attr("global_symbol", "main"), TARGET).mod, target=TARGET)
+    else:
+        lib = design_space_sample(func)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(x_shape).astype(np.float32) * np.float32(10) ** rng.uniform(-2, 1, (x_shape[0],) + (1,) * (len(x_shape) - 1)).astype(np.float32)
+    want_q, want_s = sample_reference(x, pad_width, levels)
+    xq = tvm.runtime.tensor(np.full(want_q.shape, 99, np.int16))  # the padding must be written, not left
+    sx = tvm.runtime.empty((x_shape[0], 1), "float32")
+    lib["main"](tvm.runtime.tensor(x), xq, sx)
+    np.testing.assert_array_equal(sx.numpy(), want_s)
+    np.testing.assert_array_equal(xq.numpy(), want_q)

@@ -553,18 +553,27 @@ def _fake_quantized_linear(x: np.ndarray, linear: torch.nn.Linear) -> np.ndarray
     return (xq @ wq.T) * sx * sw + linear.bias.detach().double().numpy()
 
 
-def _fake_quantized_conv(x: np.ndarray, conv: torch.nn.Module) -> np.ndarray:
+def _fake_quantized_conv(x: np.ndarray, conv: torch.nn.Module, sample_levels: int | None = None) -> np.ndarray:
     """w8a8's convolution arithmetic: im2col rows (an output position's taps x channels) quantized
-    per row in float32 as the kernel does, per-output-channel int8 weights, products and rescale in
-    float64. x: (N, C, *spatial)."""
+    per row to int8 in float32 as the kernel does, or (`sample_levels`: AVX2's implicit GEMMs) each
+    sample of x quantized with one scale to -sample_levels..sample_levels; per-output-channel int8
+    weights; products and rescale in float64. x: (N, C, *spatial)."""
     w = conv.weight.detach().numpy()
     c_out, _, *taps = w.shape
     out = [(s + 2 * p - d * (t - 1) - 1) // st + 1
            for s, p, d, t, st in zip(x.shape[2:], conv.padding, conv.dilation, taps, conv.stride)]
-    rows = im2col_rows(np.moveaxis(x, 1, -1), taps, conv.stride, conv.padding, conv.dilation, out)
-    rows = rows.reshape(-1, math.prod(taps) * x.shape[1])
-    sx = np.maximum(np.abs(rows).max(-1, keepdims=True), np.float32(1e-8)) / np.float32(127)
-    xq = np.clip(np.rint(rows / sx), -127, 127)
+    if sample_levels is None:
+        rows = im2col_rows(np.moveaxis(x, 1, -1), taps, conv.stride, conv.padding, conv.dilation, out)
+        rows = rows.reshape(-1, math.prod(taps) * x.shape[1])
+        sx = np.maximum(np.abs(rows).max(-1, keepdims=True), np.float32(1e-8)) / np.float32(127)
+        xq = np.clip(np.rint(rows / sx), -127, 127)
+    else:
+        levels = np.float32(sample_levels)
+        scale = np.maximum(np.abs(x).max(axis=tuple(range(1, x.ndim)), keepdims=True), np.float32(1e-8)) / levels
+        quantized = np.clip(np.rint(x / scale), -levels, levels)
+        xq = im2col_rows(np.moveaxis(quantized, 1, -1), taps, conv.stride, conv.padding, conv.dilation, out)
+        xq = xq.reshape(-1, math.prod(taps) * x.shape[1])
+        sx = np.repeat(scale.reshape(-1, 1), math.prod(out), axis=0)  # each sample's scale on its rows
     wk = np.moveaxis(w, [0, 1], [-1, -2]).reshape(-1, c_out)  # (*taps, C_in, C_out): the rows' k order
     sw = (np.abs(wk).max(0) / np.float32(127)).astype(np.float32)
     wq = np.clip(np.rint(wk / sw), -127, 127)
@@ -572,50 +581,73 @@ def _fake_quantized_conv(x: np.ndarray, conv: torch.nn.Module) -> np.ndarray:
     return np.moveaxis(y.reshape(x.shape[0], *out, c_out), -1, 1)
 
 
-W8A8_CONV_ENGINES = [  # (build target, the int8 engine, the values its rows hold)
-    pytest.param("x86-avx512-vnni", gemm.VNNI, "u8", marks=pytest.mark.skipif(
-        "avx512_vnni" not in hardware.cpu_flags(), reason="CPU has no AVX512-VNNI to run the engine on")),
-    pytest.param("x86-avx2", gemm.AVX2_INT8, "i16"),
+_VNNI = pytest.mark.skipif("avx512_vnni" not in hardware.cpu_flags(), reason="CPU has no AVX512-VNNI to run the engine on")
+W8A8_CONV_ENGINES = [  # (build target, the int8 engine, the values it multiplies, how the activations are quantized)
+    pytest.param("x86-avx512-vnni", gemm.VNNI, "u8", "rows", marks=_VNNI),  # im2col rows, per row
+    pytest.param("x86-avx2", gemm.AVX2_INT8, "i16", "sample"),  # read in place, per sample to int16
 ]
 
 
-@pytest.mark.parametrize("target, isa, values", W8A8_CONV_ENGINES)
-def test_w8a8_convolution_runs_on_the_int8_engine_and_equals_the_fake_quantized_reference(tmp_path, target, isa, values):
-    """w8a8 on a convolution (3x3x3, dilated, padded): its im2col rows quantized as they are gathered,
-    an int8 GEMM, exact int32 products, so the artifact equals w8a8's arithmetic within 1e-6 of max
-    |y| (float32 rounding of the rescale)."""
+def _sample_levels(quantized: str, conv: torch.nn.Module) -> int | None:
+    return gemm.int16_levels(conv.weight[0].numel()) if quantized == "sample" else None
+
+
+def _assert_w8a8_kernels(names: list[str], isa: str, values: str, quantized: str) -> None:
+    """The convolution's activations quantized as `quantized` says: im2col rows gathered and quantized
+    per row, or the input quantized per sample and read in place by an implicit GEMM."""
+    if quantized == "rows":
+        assert any(n.startswith(f"im2col_quant_{values}_") for n in names), names
+    else:
+        assert any(n.startswith("sample_quant_i16_") for n in names), names
+        assert any(n.startswith(f"gemm_int8_{isa}_") and "_implicit_" in n for n in names), names
+        assert not any(n.startswith("im2col") for n in names), names
+
+
+@pytest.mark.parametrize("target, isa, values, quantized, x_shape", [
+    *[pytest.param(*p.values, (1, 8, 3, 6, 10), marks=p.marks, id=p.values[0]) for p in W8A8_CONV_ENGINES],
+    # 7 output positions, not a whole number of AVX2 register tiles: gathered, quantized per row
+    pytest.param("x86-avx2", gemm.AVX2_INT8, "i16", "rows", (1, 8, 1, 1, 7), id="x86-avx2-gathered"),
+])
+def test_w8a8_convolution_runs_on_the_int8_engine_and_equals_the_fake_quantized_reference(
+        tmp_path, target, isa, values, quantized, x_shape):
+    """w8a8 on a convolution (3x3x3, dilated, padded): its activations quantized as the engine takes
+    them, an int8 GEMM, exact int32 products, so the artifact equals w8a8's arithmetic within 1e-6 of
+    max |y| (float32 rounding of the rescale)."""
     torch.manual_seed(0)
-    module, x = Convolution3d().eval(), torch.randn(1, 8, 3, 6, 10)
+    module, x = Convolution3d().eval(), torch.randn(*x_shape)
     details: dict = {}
     report = build(from_torch(module, {"x": x}), target, tmp_path / "w", details=details,
                    settings=BuildSettings(quantize="w8a8", shipped_log=False))
     meta = json.loads(report.paths.metadata.read_text())
     assert meta["passes"][0]["conv_layers"] == 1 and meta["passes"][0]["convolutions_as_gemm"] == 1
     names = list(prim_funcs(details["scheduled"]))
-    assert any(n.startswith(f"im2col_quant_{values}_") for n in names), names
+    _assert_w8a8_kernels(names, isa, values, quantized)
     assert any(n.startswith(f"gemm_int8_{isa}_") for n in names) and not any("conv" in n for n in names), names
     out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float64)
-    ref = _fake_quantized_conv(x.numpy(), module.conv)
+    ref = _fake_quantized_conv(x.numpy(), module.conv, _sample_levels(quantized, module.conv))
     err = np.abs(out - ref).max() / np.abs(ref).max()
     assert err < 1e-6, f"max error {err:.2e} of max |y| against the fake-quantized reference"
 
 
-@pytest.mark.parametrize("target, isa, values", W8A8_CONV_ENGINES)
-def test_w8a8_strided_and_pointwise_convolutions_match_their_fake_quantized_references(tmp_path, target, isa, values):
-    """A strided 3x3 convolution (quantized im2col rows) into a 1x1 (its rows are the input: the
-    token quantizer), SiLU between: each layer's reference takes the previous one's float64
-    output, so a value rounding the other way in float32 may flip one int8 step: within 1e-4 of max |y|."""
+@pytest.mark.parametrize("target, isa, values, quantized", W8A8_CONV_ENGINES)
+def test_w8a8_strided_and_pointwise_convolutions_match_their_fake_quantized_references(
+        tmp_path, target, isa, values, quantized):
+    """A strided 3x3 convolution (batch 2: quantized per row, or per sample and read in place) into a
+    1x1 (its rows are the input: the token quantizer), SiLU between: each layer's reference takes the
+    previous one's float64 output, so a value rounding the other way in float32 may flip one step of
+    the grid: within 1e-4 of max |y|."""
     torch.manual_seed(0)
-    module, x = Convolutions2d().eval(), torch.randn(1, 8, 11, 13)
+    module, x = Convolutions2d().eval(), torch.randn(2, 8, 11, 13)
+    x[1] *= 8  # samples of different ranges: each keeps its own scale
     details: dict = {}
     report = build(from_torch(module, {"x": x}), target, tmp_path / "w", details=details,
                    settings=BuildSettings(quantize="w8a8", shipped_log=False))
     names = list(prim_funcs(details["scheduled"]))
-    assert any(n.startswith(f"im2col_quant_{values}_") for n in names), names
+    _assert_w8a8_kernels(names, isa, values, quantized)
     assert any(n.startswith(f"token_quant_{values}_") for n in names), names
     assert sum(n.startswith(f"gemm_int8_{isa}_") for n in names) == 2, names
     out = np.asarray(autotune.load(report.paths.library)(x.numpy()), dtype=np.float64)
-    hidden = _fake_quantized_conv(x.numpy(), module.strided)
+    hidden = _fake_quantized_conv(x.numpy(), module.strided, _sample_levels(quantized, module.strided))
     silu = (hidden / (1 + np.exp(-hidden))).astype(np.float32)
     ref = _fake_quantized_conv(silu, module.pointwise)
     err = np.abs(out - ref).max() / np.abs(ref).max()
