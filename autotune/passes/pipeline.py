@@ -142,9 +142,12 @@ def _prepare_float32(model: ImportedModel, target: tvm.target.Target, winograd: 
     as Winograd GEMMs (CPU), weight-only work precomputed."""
     model = drop_causal_padding_in(model)
     if target.kind.name == "llvm":
+        # the float32 engine's 3x3 convolutions (AVX2) as Winograd GEMMs on it, conv_gemm taking the rest;
+        # without a float32 engine (AVX-512), the 3x3 ones left as Winograd GEMMs of MetaSchedule's
+        model, on_engine = convolutions_as_winograd(model, target, engines=True) if winograd else (model, 0)
         model, moved = _onto_matrix_engines(model, target)
         model, taken = convolutions_as_winograd(model, target) if winograd else (model, 0)
-        if "matrix_engine" in moved and not taken:  # (its weight packing is precomputed with the transposes)
+        if "matrix_engine" in moved and not taken and not on_engine:  # (its weight packing is precomputed with the transposes)
             return model
     return precompute_weight_transforms(model)
 

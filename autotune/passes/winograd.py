@@ -5,7 +5,10 @@ in 16 GEMMs (gemm_cpu's batched kernel; F(4x4)'s transforms amplify bf16 roundin
 the int8 engine (VNNI, AMX-INT8), F(2x2, 3x3) on int8: the input transform quantizes V per
 (point, tile) row, U is quantized per (point, output channel) at build time, the output transform
 dequantizes the int32 product (F(4x4) on int8: 5x the error; F(2x2) ~1.2x the im2col w8a8's
-relative RMS error in a numpy model, 128 channels).
+relative RMS error in a numpy model, 128 channels). On AVX2 (no bf16 or int8 dot product) the
+engines' pass takes float32 and bf16 ones as F(4x4) on the float32 FMA engine (U float32: AVX2's
+bf16 engine multiplies float32 anyway) and int8-weight / w8a8 ones as F(2x2) on its int8-weight
+variant, from 64 channels each way (MIN_FMA_CHANNELS): the VAE up-block's float32 build 0.40x.
 
     conv(x, W)  (3x3 or kt x 3 x 3, unit strides and dilation, one group)
       -> V = winograd_input(channels_last(x))          (points, tiles, kt * C_in)   float32 / bf16
@@ -56,24 +59,33 @@ from .matrix_engine import engine_precision, unsigned_shift_correction
 log = logging.getLogger(__name__)
 
 MIN_CHANNELS = 32  # the tiny VAE decoder's 16-channel ones: no faster, 3x the build time (below)
+WINOGRAD_F32_ENGINES = (gemm_cpu.AVX2_F32,)  # float32 engines whose 3x3 convolutions are F(4x4) Winograd GEMMs
+# On AVX2's FMA engines: the tiny VAE decoder's 45 32-channel ones (8x8 to 16x16) ran no faster as
+# Winograd (1.00x, float32 and bf16; w8a8 1.03x: Zen 2, 7 rounds) at lower fidelity (int8-weight
+# cosine 0.99947 -> 0.99894); the VAE up-block's 384-channel ones 0.40x (float32)
+MIN_FMA_CHANNELS = 64
 
 
 class WinogradRewriter:
     """Rewrites one `main`; `count` says how many convolutions it took (of `seen`; `isas`: how many
     on each of the engines' GEMMs). `engines`: take the convolutions of the matrix engines' precisions (bf16,
     int8-weight: F(2x2) on the bf16 engine; with `int8_activations` (w8a8) on the int8 engine where
-    it takes them), else the float32 ones (F(4x4))."""
+    it takes them; on AVX2 float32 and bf16 F(4x4) on the float32 engine), else the float32 ones
+    (F(4x4), MetaSchedule's GEMM)."""
 
     def __init__(self, mod: tvm.IRModule, target: tvm.target.Target, engines: bool = False,
                  int8_activations: bool = False, dry_run: bool = False):
         self.mod = mod
         self.lanes = vector_lanes(target)
         engine = gemm_cpu.target_isa(target, gemm_cpu.BF16)
-        self.engine = engine if engines and engine in gemm_cpu.BF16_ARITHMETIC else None
+        self.engine = engine if engines and engine in (*gemm_cpu.BF16_ARITHMETIC, gemm_cpu.AVX2_BF16) else None
+        self.f32 = gemm_cpu.target_isa(target, gemm_cpu.F32) if engines else None  # float32 engine: F(4x4) on it
+        self.f32 = self.f32 if self.f32 in WINOGRAD_F32_ENGINES else None
         int8 = gemm_cpu.target_isa(target, gemm_cpu.INT8)  # (unsigned x signed engines: VNNI, AMX-INT8)
         unsigned = int8 is not None and gemm_cpu.activation_dtype(int8) == "uint8"
         self.int8 = int8 if engines and int8_activations and unsigned else None
         self.isas: collections.Counter = collections.Counter()  # the engines' convolutions, per GEMM ISA
+        self.tiles: collections.Counter = collections.Counter()  # the convolutions, per output tile (2: F(2x2), 4: F(4x4))
         self.engines = engines
         self.dry_run = dry_run
         self.seen = 0
@@ -97,7 +109,9 @@ class WinogradRewriter:
         a convolution this pass takes, else None."""
         x, w = call.args
         precision = engine_precision(call)
-        if w not in self.weight_vars or precision not in (("bfloat16", "int8-weight") if self.engines else ("float32",)):
+        taken = ("bfloat16", "int8-weight") if self.engine else ()
+        if w not in self.weight_vars or precision not in ((*taken, *(("float32",) if self.f32 else ()))
+                                                          if self.engines else ("float32",)):
             return None
         x_shape, y_shape = ir.static_shape(x.ty), ir.static_shape(call.ty)
         if x_shape is None or y_shape is None:
@@ -120,22 +134,33 @@ class WinogradRewriter:
         else:
             n, c_in, *spatial = x_shape
             out, c_out = y_shape[2:], y_shape[1]
-        tile = winograd.ENGINE_TILE if self.engines else winograd.TILE
-        if min(c_in, c_out) < MIN_CHANNELS or min(out[-2:]) < tile:
-            return None
         depth = (kernel[0] if dims == 3 else 1) * c_in
-        isa = None
-        if self.engines:  # w8a8's int8 engine, else the bf16 engine (int8 weights: its int8-weight variant)
-            int8_weights = precision == "int8-weight"
-            isa = gemm_cpu.isa_for_shape(self.int8, 1, c_out, depth) if int8_weights else None
-            bf16 = gemm_cpu.INT8_WEIGHTS.get(self.engine) if int8_weights else self.engine
-            isa = isa or gemm_cpu.isa_for_shape(bf16, 1, c_out, depth)
-            if isa is None:
-                return None
+        isa = self._engine(precision, c_out, depth) if self.engines else None
+        if self.engines and isa is None:
+            return None
+        # F(2x2) where U is bf16 or int8 (AMX / AVX-512 multiply bf16-rounded V and U: F(4x4)'s
+        # transforms amplify that rounding 7x; int8 U quantized again: F(4x4) took int8-weight's PSNR to
+        # float32 torch on the VAE up-block from 67.8 to 47.5 dB on AVX2); F(4x4) where U is float32
+        tile = winograd.TILE if isa is None or gemm_cpu.weight_dtype(isa) == "float32" else winograd.ENGINE_TILE
+        minimum = MIN_FMA_CHANNELS if isa in gemm_cpu.AVX2 else MIN_CHANNELS
+        if min(c_in, c_out) < minimum or min(out[-2:]) < tile:
+            return None
         pads = [int(v) for v in a.padding][:dims]  # the befores (the afters: zeros past the input's end)
         if dims == 2:
             spatial, pads, out, kernel = [1, *spatial], [0, *pads], [1, *out], [1, *kernel]
         return last, (n, *spatial, c_in), kernel[0], tuple(pads), tuple(out), c_out, tile, isa
+
+    def _engine(self, precision: str, c_out: int, depth: int) -> str | None:
+        """The GEMM's engine (gemm_cpu ISA) for a convolution of `precision`: w8a8's int8 engine, else
+        the bf16 engine (int8 weights: its int8-weight variant); float32 on the float32 engine, and
+        bf16 too where the bf16 engine is AVX2's FMA (which multiplies float32 anyway: with U in
+        float32 it is F(4x4) at the direct convolution's fidelity, the VAE up-block 0.83x F(2x2)'s time)."""
+        if precision == "float32" or (precision == "bfloat16" and self.engine in gemm_cpu.FMA and self.f32):
+            return gemm_cpu.isa_for_shape(self.f32, 1, c_out, depth)
+        int8_weights = precision == "int8-weight"
+        isa = gemm_cpu.isa_for_shape(self.int8, 1, c_out, depth) if int8_weights else None
+        bf16 = gemm_cpu.INT8_WEIGHTS.get(self.engine) if int8_weights else self.engine
+        return isa or gemm_cpu.isa_for_shape(bf16, 1, c_out, depth)
 
     def _winograd(self, call, last, x_shape, kt, pads, out, c_out, tile, isa) -> relax.Expr:
         x, w = call.args
@@ -166,19 +191,22 @@ class WinogradRewriter:
         m_type = relax.TensorType([points, rows, c_out], "int32" if quantized else "float32")
         if int8_weights:  # U quantized per (point, output channel), packed in gemm_cpu's layout
             u, u_scales, shift = _quantized_columns(u)
-            m = relax.call_tir(self._kernel("gemm", rows, depth, c_out, isa),
+            m = relax.call_tir(self._kernel("gemm", rows, depth, c_out, isa, points),
                                [v, _packed(u, points, depth, c_out, gemm_cpu.group(isa))], m_type)
             inputs = [m, row_scales, u_scales, shift] if quantized else [m, u_scales]
-        elif isa:  # bf16, gemm_cpu's packed layout (points, kt C_in / 2, C_out, 2)
-            packed = relax.op.astype(_packed(u, points, depth, c_out, gemm_cpu.group(isa)), "bfloat16")
-            inputs = [relax.call_tir(self._kernel("gemm", rows, depth, c_out, isa), [v, packed], m_type)]
+        elif isa:  # bf16 (float32 on the float32 engine), gemm_cpu's packed layout (points, kt C_in / 2, C_out, 2)
+            packed = _packed(u, points, depth, c_out, gemm_cpu.group(isa))
+            if gemm_cpu.weight_dtype(isa) != "float32":
+                packed = relax.op.astype(packed, gemm_cpu.weight_dtype(isa))
+            inputs = [relax.call_tir(self._kernel("gemm", rows, depth, c_out, isa, points), [v, packed], m_type)]
         else:  # packed in panels of w output channels, (36, C_out / w, kt C_in, w): the GEMM's layout
             w_ = winograd.panel_width(c_out, self.lanes)
             packed = relax.op.permute_dims(relax.op.reshape(u, [points, depth, c_out // w_, w_]), [0, 2, 1, 3])
-            inputs = [relax.call_tir(self._kernel("gemm", rows, depth, c_out, isa), [v, packed], m_type)]
+            inputs = [relax.call_tir(self._kernel("gemm", rows, depth, c_out, isa, points), [v, packed], m_type)]
         frames = out[0] if dims == 3 else None
         scales = "both" if quantized else "weight" if int8_weights else ""
         self.isas[isa] += isa is not None
+        self.tiles[tile] += 1
         y = relax.call_tir(self._kernel("output", (points, rows, c_out), (n, frames, *out[1:]), tile, scales), inputs,
                            relax.TensorType([n, *out[3 - dims:], c_out], "float32"))
         return y if last else relax.op.permute_dims(y, [0, dims + 1, *range(1, dims + 1)])
@@ -187,9 +215,8 @@ class WinogradRewriter:
         key = (which, *geometry)
         if key not in self.kernels:
             if which == "gemm":
-                rows, depth, c_out, isa = geometry
+                rows, depth, c_out, isa, points = geometry
                 if isa:
-                    points = winograd.points(winograd.ENGINE_TILE)
                     func = gemm_cpu.make_primfunc(rows, c_out, depth, isa, batch=points)
                     name = gemm_cpu.kernel_name(rows, c_out, depth, isa, batch=points)
                 else:
@@ -235,13 +262,14 @@ def convolutions_as_winograd(imported: ImportedModel, target: tvm.target.Target,
                              int8_activations: bool = False) -> tuple[ImportedModel, int]:
     """Rewrite the 3x3 convolutions this pass takes (module docstring) on a CPU target: the float32
     ones (run after conv_gemm, before the weight transforms are precomputed), or with `engines` the
-    bf16 and int8-weight ones on a CPU that multiplies bf16 (w8a8's, `int8_activations`, on the
-    int8 engine where it takes them) (run before conv_gemm, which takes the rest). Returns (model,
+    bf16 and int8-weight ones on a CPU that multiplies bf16 or has AVX2's FMA engine (w8a8's,
+    `int8_activations`, on the int8 engine where it takes them), and the float32 ones on AVX2's
+    float32 engine (run before conv_gemm, which takes the rest). Returns (model,
     how many)."""
     if target.kind.name != "llvm":
         return imported, 0
     dry = WinogradRewriter(imported.mod, target, engines, int8_activations, dry_run=True)
-    if engines and dry.engine is None and dry.int8 is None:
+    if engines and dry.engine is None and dry.int8 is None and dry.f32 is None:
         return imported, 0
     dry.rewrite()
     if not dry.count:
@@ -260,7 +288,10 @@ def convolutions_as_winograd(imported: ImportedModel, target: tvm.target.Target,
     log.info("winograd: %d convolutions", rewriter.count)
     if engines:
         on = ", ".join(f"{count} on {gemm_cpu.ENGINE_NAMES[isa]}" for isa, count in rewriter.isas.items())
-        note = f"{rewriter.count} 3x3 convolutions as Winograd F(2x2, 3x3): 16 GEMMs of 4/9 of the multiply-adds ({on})"
+        forms = {2: "F(2x2, 3x3): 16 GEMMs of 4/9 of the multiply-adds", 4: "F(4x4, 3x3): 36 GEMMs of 1/4 of the multiply-adds"}
+        note = (f"{rewriter.count} 3x3 convolutions as Winograd "
+                + ", ".join(f"{forms[tile]}" + (f" ({count})" if len(rewriter.tiles) > 1 else "")
+                            for tile, count in sorted(rewriter.tiles.items())) + f" ({on})")
         if any(gemm_cpu.PRECISION[isa] == gemm_cpu.INT8 for isa in rewriter.isas):
             note += "; their transformed inputs quantized per (point, tile) row on the int8 engine"
         if any(gemm_cpu.weight_dtype(isa) == "int8" for isa in rewriter.isas):
