@@ -79,8 +79,8 @@ class WinogradRewriter:
         self.lanes = vector_lanes(target)
         engine = gemm_cpu.target_isa(target, gemm_cpu.BF16)
         self.engine = engine if engines and engine in (*gemm_cpu.BF16_ARITHMETIC, gemm_cpu.AVX2_BF16) else None
-        self.f32 = gemm_cpu.target_isa(target, gemm_cpu.F32) if engines else None  # float32 engine: F(4x4) on it
-        self.f32 = self.f32 if self.f32 in WINOGRAD_F32_ENGINES else None
+        f32 = gemm_cpu.target_isa(target, gemm_cpu.F32)
+        self.f32 = f32 if engines and f32 in WINOGRAD_F32_ENGINES else None  # float32 engine: F(4x4) on it
         int8 = gemm_cpu.target_isa(target, gemm_cpu.INT8)  # (unsigned x signed engines: VNNI, AMX-INT8)
         unsigned = int8 is not None and gemm_cpu.activation_dtype(int8) == "uint8"
         self.int8 = int8 if engines and int8_activations and unsigned else None
@@ -290,7 +290,7 @@ def convolutions_as_winograd(imported: ImportedModel, target: tvm.target.Target,
         on = ", ".join(f"{count} on {gemm_cpu.ENGINE_NAMES[isa]}" for isa, count in rewriter.isas.items())
         forms = {2: "F(2x2, 3x3): 16 GEMMs of 4/9 of the multiply-adds", 4: "F(4x4, 3x3): 36 GEMMs of 1/4 of the multiply-adds"}
         note = (f"{rewriter.count} 3x3 convolutions as Winograd "
-                + ", ".join(f"{forms[tile]}" + (f" ({count})" if len(rewriter.tiles) > 1 else "")
+                + ", ".join(forms[tile] + (f" ({count})" if len(rewriter.tiles) > 1 else "")
                             for tile, count in sorted(rewriter.tiles.items())) + f" ({on})")
         if any(gemm_cpu.PRECISION[isa] == gemm_cpu.INT8 for isa in rewriter.isas):
             note += "; their transformed inputs quantized per (point, tile) row on the int8 engine"
