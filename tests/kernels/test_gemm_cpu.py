@@ -455,12 +455,10 @@ def test_implicit_convolution_gemm_matches_numpy_im2col(case, isa):
     m, n, k = geometry.rows, 16, geometry.taps * x_shape[-1]
     assert gemm.reads_rows_in_place(isa, geometry, n)
     rng = np.random.default_rng(0)
-    x = rng.standard_normal(x_shape).astype(ml_dtypes.bfloat16).astype(np.float32)  # bf16 values: exact products
-    if isa == gemm.AVX2_INT8:  # int16 activations (as many levels as the int32 sums allow), int8 weights: exact
-        levels = gemm.int16_levels(k)
-        x = rng.integers(-levels, levels + 1, x_shape).astype(np.int16)
-        x.flat[0] = levels  # the extremes, where an int32 sum would overflow first
-        x.flat[-1] = -levels
+    if isa == gemm.AVX2_INT8:  # int16 activations on the grid the int32 sums allow, int8 weights: exact
+        x = rng.integers(-gemm.int16_levels(k), gemm.int16_levels(k) + 1, x_shape).astype(np.int16)
+    else:
+        x = rng.standard_normal(x_shape).astype(ml_dtypes.bfloat16).astype(np.float32)  # bf16 values: exact products
     if isa in (gemm.AVX2_W8, gemm.AVX2_INT8):
         b = rng.integers(-127, 128, (k, n), dtype=np.int8)
     else:
@@ -478,6 +476,10 @@ def test_implicit_convolution_gemm_matches_numpy_im2col(case, isa):
     out = _run(lib, xp, b, (m, n))
     if exact:
         np.testing.assert_array_equal(out, ref)
+        # every product at the grid's extreme (padding included): the largest sum, still exact in int32
+        largest = np.full(xp.shape, gemm.int16_levels(k), np.int16)
+        np.testing.assert_array_equal(_run(lib, largest, np.full((k, n), -127, np.int8), (m, n)),
+                                      np.full((m, n), -127 * gemm.int16_levels(k) * k))
     else:
         _assert_close(out, ref)
     sampled = s_tir.Schedule(tvm.IRModule({"main": func}), seed=1)
