@@ -10,6 +10,7 @@ int8 and bf16 on its dot-product instructions (SDOT, BFDOT).
     int8 on ARM:   C[m, n] (int32)   = sum_k A[m, k] (int8)  * B[k, n] (int8)
     (ARM bf16 and int8 weights as x86's bf16 and int8 weights)
     float32 (AVX2 only): C[m, n] (float32) = sum_k A[m, k] (float32) * B[k, n] (float32)
+    int16 weights (AVX2): C[m, n] (float32) = sum_k A[m, k] (float32) * float32(B[k, n] (int16)) * S[n] (float32)
 
 B is a weight, shipped packed in the group-interleaved layout every engine reads,
 Bp[k // g, n, k % g] = B[k, n], with g = 4 bytes / element size (bf16 pairs, int8 quads): a row
@@ -42,7 +43,11 @@ Eight instruction sets, one PrimFunc:
     as AVX2 int8. Products of bf16 values are exact in float32: bf16 x bf16 -> float32 as above.
     The same kernel takes float32 x float32 on AVX2-only CPUs (`AVX2_F32`: the weight ships packed in
     float32 and the panel is only re-laid), whose float32 GEMMs MetaSchedule's fallback schedules
-    ran 3-15x slower.
+    ran 3-15x slower; and float32 x int16 weights with a scale per column (`AVX2_W16`: an
+    int8-weight convolution's Winograd-transformed weight, quantized again to int16 per (point,
+    output channel), passes/winograd.py), widened as int8 is and multiplied by its column's scale in
+    the same pass, so that the product comes out dequantized (the same multiply in the Winograd
+    output transform, 36 per output, took that kernel from 1.1 to 1.9 ms on the VAE up-block).
   * ARM SDOT (ARMv8.2 `+dotprod`: Neoverse N1 / V1, Cortex-A76 and later, Graviton 2 / 3): VNNI's
     scheme on 128-bit vectors, signed by signed (no shift): 4 columns x one k quad per instruction,
     a register tile of up to 8 rows x 4 vectors (at most 24 accumulators by default: NEON has 32
@@ -118,6 +123,7 @@ AVX2_INT8 = "avx2int16"  # AVX2 vpmaddwd: int16 activations x int8 weights widen
 AVX2_BF16 = "avx2fma"  # AVX2 FMA: bf16 activations x bf16 weights, both widened to float32
 AVX2_W8 = "avx2fmaw8"  # the same with int8 weights
 AVX2_F32 = "avx2fmaf32"  # the same with float32 activations and weights
+AVX2_W16 = "avx2fmaw16"  # the same with int16 weights and a scale per column (int8-weight convolutions' Winograd U)
 NEON_SDOT = "neonsdot"  # ARM dot product (ARMv8.2 +dotprod): int8 x int8 -> int32, 4 lanes
 NEON_BFDOT = "neonbfdot"  # ARM bf16 dot product (ARMv8.6 +bf16): bf16 pairs -> float32, 4 lanes
 NEON_BFDOT_W8 = "neonbfdotw8"  # the same with int8 weights
@@ -127,15 +133,16 @@ NEON_FMA_W8 = "neonfmaw8"  # the same with int8 weights
 BF16, INT8, F32 = "bfloat16", "int8", "float32"
 PRECISION = {
     AVX512: BF16, AMX: BF16, VNNI: INT8, AMX_INT8: INT8, AVX512_W8: BF16, AMX_W8: BF16, AVX2_INT8: INT8,
-    AVX2_BF16: BF16, AVX2_W8: BF16, AVX2_F32: F32, NEON_SDOT: INT8, NEON_BFDOT: BF16, NEON_BFDOT_W8: BF16,
+    AVX2_BF16: BF16, AVX2_W8: BF16, AVX2_F32: F32, AVX2_W16: F32, NEON_SDOT: INT8, NEON_BFDOT: BF16, NEON_BFDOT_W8: BF16,
     NEON_F32: F32, NEON_FMA_BF16: BF16, NEON_FMA_W8: BF16,
 }
 INT8_WEIGHTS = {AVX512: AVX512_W8, AMX: AMX_W8, AVX2_BF16: AVX2_W8, NEON_BFDOT: NEON_BFDOT_W8, NEON_FMA_BF16: NEON_FMA_W8}  # bf16 engine -> its int8-weight variant
 AMX_VECTOR = {AMX: AVX512, AMX_W8: AVX512_W8, AMX_INT8: VNNI}  # every AMX CPU has the vector engine too
-AVX2 = (AVX2_INT8, AVX2_BF16, AVX2_W8, AVX2_F32)
+AVX2 = (AVX2_INT8, AVX2_BF16, AVX2_W8, AVX2_F32, AVX2_W16)
 NEON = (NEON_SDOT, NEON_BFDOT, NEON_BFDOT_W8, NEON_F32, NEON_FMA_BF16, NEON_FMA_W8)  # 128-bit vectors: 4 x 32-bit lanes
 BF16_ARITHMETIC = (AMX, AVX512)  # bf16 engines that multiply bf16 itself (AVX2 widens it to float32)
-FMA = (AVX2_BF16, AVX2_W8, AVX2_F32, NEON_F32, NEON_FMA_BF16, NEON_FMA_W8)  # float32 FMA on widened (or, float32, re-laid) panels
+FMA = (AVX2_BF16, AVX2_W8, AVX2_F32, AVX2_W16, NEON_F32, NEON_FMA_BF16, NEON_FMA_W8)  # float32 FMA on widened (or, float32, re-laid) panels
+COLUMN_SCALED = (AVX2_W16,)  # engines whose weight comes with a float32 scale per column, S (*batch, n)
 IMPLICIT_ISAS = (AVX2_BF16, AVX2_W8, AVX2_F32, AVX2_INT8)  # engines whose convolutions read their rows in place (`reads_rows_in_place`)
 DTYPES = {BF16: ("bfloat16", "bfloat16", "float32"), INT8: ("uint8", "int8", "int32"), F32: ("float32",) * 3}  # A, B, accumulator
 PANEL_ISAS = (AVX512, VNNI)  # vector engines that read the weight re-laid in column panels (`_weight_in_column_panels`)
@@ -152,6 +159,13 @@ MAX_TILE = {**{isa: (4, 5) for isa in AVX2}, **{isa: (8, 4) for isa in NEON}}
 # 4 x 1 against 128-137 at 8 x 1; 4096 x 8 x 72 85 against 108-110; int8 16384 x 8 x 216 160 against 182-187).
 MAX_ONE_VECTOR_ROWS = {isa: 12 for isa in AVX2}
 MAX_DEFAULT_ACCUMULATORS = {**{isa: 12 for isa in AVX2}, **{isa: 24 for isa in NEON}}
+# The FMA engines' default tile also leaves a register for each weight vector of a k step and one for
+# the broadcast A element (AVX2 has 16): 3 x 4 needs 17 and spills (float32 on a Zen 2, standalone,
+# default schedule otherwise: 36 x 384 x 384 x 384 114 GFLOP/s at 3 x 4 against 172 at 4 x 3; 1560 x 8960
+# x 1536 122 at 3 x 4 against 178 at 2 x 5). So that their rows take 4 x 3, the FMA engines pad rows to
+# fours (`padded_rows`: 36 x 390 x 384 x 384 at 3 x 3 153 GFLOP/s, 392 rows at 4 x 3 172).
+VECTOR_REGISTERS = {**{isa: 16 for isa in AVX2}, **{isa: 32 for isa in NEON}}
+FMA_ROW_MULTIPLE = 4
 AMX_KT = {BF16: (32, 64, 128, 256, 512), INT8: (64, 128, 256, 512)}
 ROW_BLOCK_BYTES = 256 << 10  # the default block of activation rows a task's column panels share (L2)
 MAX_ROW_BLOCKS = 64  # sampled row blocks: at most this many register tiles high, or all rows (unblocked)
@@ -161,7 +175,7 @@ ENGINE_NAMES = {
     AVX512: "AVX512-BF16", AMX: "AMX-BF16", VNNI: "AVX512-VNNI", AMX_INT8: "AMX-INT8",
     AVX512_W8: "AVX512-BF16 (int8 weights)", AMX_W8: "AMX-BF16 (int8 weights)", AVX2_INT8: "AVX2 (int16 multiply-add)",
     AVX2_BF16: "AVX2 FMA (bf16 widened to float32)", AVX2_W8: "AVX2 FMA (int8 weights widened to float32)",
-    AVX2_F32: "AVX2 FMA (float32)", NEON_SDOT: "NEON dot product (SDOT)", NEON_BFDOT: "NEON bf16 dot product (BFDOT)",
+    AVX2_F32: "AVX2 FMA (float32)", AVX2_W16: "AVX2 FMA (int16 weights widened to float32)", NEON_SDOT: "NEON dot product (SDOT)", NEON_BFDOT: "NEON bf16 dot product (BFDOT)",
     NEON_BFDOT_W8: "NEON bf16 dot product (BFDOT, int8 weights)", NEON_F32: "NEON FMA (float32)",
     NEON_FMA_BF16: "NEON FMA (bf16 widened to float32)", NEON_FMA_W8: "NEON FMA (int8 weights widened to float32)",
 }
@@ -215,9 +229,11 @@ def _converts_weights(isa: str) -> bool:
 
 def weight_dtype(isa: str) -> str:
     """The dtype the packed weight ships in: int8 for the int8 engines and the int8-weight variants,
-    float32 for float32, else bf16."""
+    int16 for AVX2_W16, float32 for float32, else bf16."""
     if PRECISION[isa] == INT8 or isa in INT8_WEIGHTS.values():
         return "int8"
+    if isa == AVX2_W16:
+        return "int16"
     return "float32" if PRECISION[isa] == F32 else "bfloat16"
 
 
@@ -295,12 +311,19 @@ def padded_columns(isa: str | None, rows: int, n: int, k: int) -> int | None:
 
 def padded_rows(isa: str, rows: int) -> int:
     """Rows the kernel computes: AMX works on 32-row blocks; the vector engines need a register-tile
-    height of at least 3 that divides them (else pad to a multiple of 8)."""
+    height of at least 3 that divides them (else pad to a multiple of 8); AVX2's FMA engines rows
+    in fours (FMA_ROW_MULTIPLE: their fastest tile is 4 rows high)."""
     if _is_amx(isa):
         return -(-rows // 32) * 32
-    if max(_divisors(rows, 1, _max_tile(isa)[0])) >= 3:
-        return rows
-    return -(-rows // 8) * 8
+    padded = rows if _tile_heights_fit(isa, rows) else -(-rows // 8) * 8
+    if isa in FMA and isa in AVX2:
+        return -(-padded // FMA_ROW_MULTIPLE) * FMA_ROW_MULTIPLE
+    return padded
+
+
+def _tile_heights_fit(isa: str, rows: int) -> bool:
+    """Whether a register tile at least 3 rows high divides `rows` on the vector engine `isa`."""
+    return max(_divisors(rows, 1, _max_tile(isa)[0])) >= 3
 
 
 def k_split(k: int, isa: str) -> int:
@@ -334,7 +357,8 @@ def make_primfunc(m: int, n: int, k: int, isa: str, batch: int = 0,
     lead = (batch,) if batch else ()
     A = te.placeholder((*lead, m, k), activation_dtype(isa), name="A")
     Bp = te.placeholder((*lead, k // g, n, g), weight_dtype(isa), name="Bp")
-    multiply = _weight_product(Bp, isa)
+    S = te.placeholder((*lead, n), "float32", name="S") if isa in COLUMN_SCALED else None
+    multiply = _weight_product(Bp, isa, S)
 
     def product(b, i, j, kk):
         return multiply(A[(*b, i, kk)], b, kk // g, kk % g, j)
@@ -348,7 +372,7 @@ def make_primfunc(m: int, n: int, k: int, isa: str, batch: int = 0,
                        name="gemm")
         s = te.reduce_axis((0, parts), name="part")
         C = te.compute((*lead, m, n), lambda *bij: te.sum(P[(s, *bij)], axis=s), name="ksum")
-    func = te.create_prim_func([A, Bp, C]).without_attr("global_symbol")
+    func = te.create_prim_func([A, Bp, *([S] if S is not None else []), C]).without_attr("global_symbol")
     info = {"isa": isa, "rows": m, "n": n, "k": k, "parts": parts, **({"batch": batch} if batch else {})}  # (unbatched
     # kernels' attributes as before batches: they are part of the workload hash the shipped records are filed under)
     func = func.with_attr(GEMM_ATTR, info).with_attr(FLOPS_ATTR, float(2 * max(batch, 1) * m * n * k))
@@ -356,16 +380,18 @@ def make_primfunc(m: int, n: int, k: int, isa: str, batch: int = 0,
     return _annotate(func)
 
 
-def _weight_product(Bp: te.Tensor, isa: str):
+def _weight_product(Bp: te.Tensor, isa: str, scales: te.Tensor | None = None):
     """multiply(a, batch index, k group, element, column) -> a x B[k, column] in the accumulator's
     dtype, B read from the packed weight Bp (*batch, k/g, n, g) as `isa` reads it: a float32 panel
-    with the k group split out (FMA engines: Bf[kg, e, n], rows of columns), the panel widened (int8
-    weights to bf16 or int16, in Bp's layout), or Bp itself."""
+    with the k group split out (FMA engines: Bf[kg, e, n], rows of columns; times the column's scale
+    where `scales` (*batch, n) is given), the panel widened (int8 weights to bf16 or int16, in Bp's
+    layout), or Bp itself."""
     acc = DTYPES[PRECISION[isa]][2]
     if isa in FMA:
         def widened(*index):
             *b, kg, e, j = index
-            return Bp[(*b, kg, j, e)].astype("float32")
+            value = Bp[(*b, kg, j, e)].astype("float32")
+            return value if scales is None else value * scales[(*b, j)]
 
         *lead, groups, n, g = Bp.shape
         B = te.compute((*lead, groups, g, n), widened, name="convert")
@@ -384,7 +410,7 @@ def reads_rows_in_place(isa: str | None, geometry: im2col.Geometry, n: int) -> b
     the channels are whole k groups and the rows need no padding to whole register tiles."""
     k = geometry.taps * geometry.channels
     return (isa in IMPLICIT_ISAS and isa_for_shape(isa, geometry.rows, n, k) == isa and k_split(k, isa) == 1
-            and geometry.channels % group(isa) == 0 and padded_rows(isa, geometry.rows) == geometry.rows)
+            and geometry.channels % group(isa) == 0 and _tile_heights_fit(isa, geometry.rows))
 
 
 def _implicit_primfunc(m: int, n: int, k: int, isa: str, geometry: im2col.Geometry) -> tvm.tirx.PrimFunc:
@@ -410,9 +436,9 @@ def _implicit_primfunc(m: int, n: int, k: int, isa: str, geometry: im2col.Geomet
 
 
 def kernel_name(m: int, n: int, k: int, isa: str, batch: int = 0) -> str:
-    """gemm_bf16_ / gemm_w8_ (int8 weights on a bf16 engine) / gemm_int8_ / gemm_f32_ + ISA and shape
-    (batched: the batch first, `36x390x384x1152`)."""
-    kind = {INT8: "int8", F32: "f32"}.get(PRECISION[isa]) or ("w8" if weight_dtype(isa) == "int8" else "bf16")
+    """gemm_bf16_ / gemm_w8_ (int8 weights on a bf16 engine) / gemm_w16_ (int16 weights on the float32
+    engine) / gemm_int8_ / gemm_f32_ + ISA and shape (batched: the batch first, `36x390x384x1152`)."""
+    kind = "int8" if PRECISION[isa] == INT8 else {"int8": "w8", "int16": "w16", "float32": "f32"}.get(weight_dtype(isa), "bf16")
     return f"gemm_{kind}_{isa}_{f'{batch}x' if batch else ''}{m}x{n}x{k}"
 
 
@@ -738,12 +764,14 @@ def register_intrinsics() -> None:
 
 
 def default_avx512_tile(rows: int, n: int, isa: str = AVX512) -> tuple[int, int]:
-    """(MR rows, NV vectors) of the register tile: the most accumulators (<= 15; AVX2 12), then the
-    fewest loads, then (AVX2) the most rows, else the fewest."""
+    """(MR rows, NV vectors) of the register tile: the most accumulators (<= 15; AVX2 12; on the FMA
+    engines with a register left for each weight vector and the broadcast), then the fewest loads,
+    then (AVX2) the most rows, else the fewest."""
     max_rows, max_vectors = _max_tile(isa, n // lanes(isa))
     limit = MAX_DEFAULT_ACCUMULATORS.get(isa, max_rows * max_vectors)
+    registers = VECTOR_REGISTERS[isa] if isa in FMA else math.inf
     pairs = [(mr, nv) for mr in _divisors(rows, 1, max_rows) for nv in _divisors(n // lanes(isa), 1, max_vectors)
-             if mr * nv <= limit]
+             if mr * nv <= limit and mr * nv + nv + 1 <= registers]
     return max(pairs, key=lambda p: (p[0] * p[1], -(p[0] + p[1]), p[0] if isa in AVX2 else -p[0]))
 
 
@@ -948,7 +976,8 @@ def register_rule() -> None:
 
 
 def compile_standalone(m, n, k, isa, target, batch: int = 0, panels: bool = True, relaid: bool = False):
-    """The kernel alone, default schedule, compiled: `lib["main"](a, bp, c)`. For tests and benchmarks.
+    """The kernel alone, default schedule, compiled: `lib["main"](a, bp, c)` (COLUMN_SCALED ISAs:
+    `(a, bp, s, c)`). For tests and benchmarks.
     On the ISAs that read column panels the kernel re-lays `bp` itself on every call, unless `relaid`:
     then it takes `column_panels(bp, isa)`, as a built artifact's kernel does."""
     from tvm import s_tir

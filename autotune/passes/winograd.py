@@ -7,8 +7,9 @@ the int8 engine (VNNI, AMX-INT8), F(2x2, 3x3) on int8: the input transform quant
 dequantizes the int32 product (F(4x4) on int8: 5x the error; F(2x2) ~1.2x the im2col w8a8's
 relative RMS error in a numpy model, 128 channels). On AVX2 (no bf16 or int8 dot product) the
 engines' pass takes float32 and bf16 ones as F(4x4) on the float32 FMA engine (U float32: AVX2's
-bf16 engine multiplies float32 anyway) and int8-weight / w8a8 ones as F(2x2) on its int8-weight
-variant, from 64 channels each way (MIN_FMA_CHANNELS): the VAE up-block's float32 build 0.40x.
+bf16 engine multiplies float32 anyway) and int8-weight / w8a8 ones as F(4x4) on its int16-weight
+variant (U quantized again to int16, INT16_U_ENGINES), from 64 channels each way
+(MIN_FMA_CHANNELS): the VAE up-block's float32 build 0.32x (869 -> 278 ms on a Zen 2).
 
     conv(x, W)  (3x3 or kt x 3 x 3, unit strides and dilation, one group)
       -> V = winograd_input(channels_last(x))          (points, tiles, kt * C_in)   float32 / bf16
@@ -18,7 +19,8 @@ variant, from 64 channels each way (MIN_FMA_CHANNELS): the VAE up-block's float3
 An int8-weight convolution's U is computed from its int8 values and quantized again, to int8 per
 (point, output channel) (the bf16 engine's int8-weight kernel converts it in the kernel; the output
 transform applies its scales, the weight's per-channel scale still multiplies the output), so that
-its weight ships as 16/9 bytes per weight instead of 1 (bf16 U: 16/9 x 2). The float32 ones are taken
+its weight ships as 16/9 bytes per weight instead of 1 (bf16 U: 16/9 x 2; AVX2's int16 U in F(4x4):
+36/9 x 2, half the float32 build's U, whose scales its GEMM applies). The float32 ones are taken
 where the CPU's matrix engines do not take the convolution first (conv_gemm: float32 on ARM and AVX2-only
 CPUs), the engines' ones before conv_gemm, which takes what is left (1x1, strided, too few
 channels). Both channel counts must be at least MIN_CHANNELS and the output at least one tile. With 16 channels
@@ -64,13 +66,20 @@ WINOGRAD_F32_ENGINES = (gemm_cpu.AVX2_F32,)  # float32 engines whose 3x3 convolu
 # Winograd (1.00x, float32 and bf16; w8a8 1.03x: Zen 2, 7 rounds) at lower fidelity (int8-weight
 # cosine 0.99947 -> 0.99894); the VAE up-block's 384-channel ones 0.40x (float32)
 MIN_FMA_CHANNELS = 64
+# int8-weight (and w8a8, no int8 engine takes them there) on AVX2: F(4x4) with U quantized again to
+# int16 per (point, output channel), widened to float32 and scaled in the GEMM (gemm_cpu.AVX2_W16).
+# On the VAE up-block (Zen 2) against F(2x2) with int8 U: 1.48x -> 1.00x the float32 build's time,
+# PSNR to float32 torch 59.3 -> 67.7 dB (the im2col int8-weight build: 67.8); weights 14.8 -> 66.2 MiB
+# (float32 build: 131.6)
+INT16_U_ENGINES = {gemm_cpu.AVX2_F32: gemm_cpu.AVX2_W16}
+INT16_MAX = 32767
 
 
 class WinogradRewriter:
     """Rewrites one `main`; `count` says how many convolutions it took (of `seen`; `isas`: how many
     on each of the engines' GEMMs). `engines`: take the convolutions of the matrix engines' precisions (bf16,
     int8-weight: F(2x2) on the bf16 engine; with `int8_activations` (w8a8) on the int8 engine where
-    it takes them; on AVX2 float32 and bf16 F(4x4) on the float32 engine), else the float32 ones
+    it takes them; on AVX2 all four as F(4x4) on the float32 engine, int8 weights with U int16), else the float32 ones
     (F(4x4), MetaSchedule's GEMM)."""
 
     def __init__(self, mod: tvm.IRModule, target: tvm.target.Target, engines: bool = False,
@@ -140,8 +149,8 @@ class WinogradRewriter:
             return None
         # F(2x2) where U is bf16 or int8 (AMX / AVX-512 multiply bf16-rounded V and U: F(4x4)'s
         # transforms amplify that rounding 7x; int8 U quantized again: F(4x4) took int8-weight's PSNR to
-        # float32 torch on the VAE up-block from 67.8 to 47.5 dB on AVX2); F(4x4) where U is float32
-        tile = winograd.TILE if isa is None or gemm_cpu.weight_dtype(isa) == "float32" else winograd.ENGINE_TILE
+        # float32 torch on the VAE up-block from 67.8 to 47.5 dB on AVX2); F(4x4) where U is float32 or int16
+        tile = winograd.TILE if isa is None or gemm_cpu.weight_dtype(isa) in ("float32", "int16") else winograd.ENGINE_TILE
         minimum = MIN_FMA_CHANNELS if isa in gemm_cpu.AVX2 else MIN_CHANNELS
         if min(c_in, c_out) < minimum or min(out[-2:]) < tile:
             return None
@@ -154,11 +163,14 @@ class WinogradRewriter:
         """The GEMM's engine (gemm_cpu ISA) for a convolution of `precision`: w8a8's int8 engine, else
         the bf16 engine (int8 weights: its int8-weight variant); float32 on the float32 engine, and
         bf16 too where the bf16 engine is AVX2's FMA (which multiplies float32 anyway: with U in
-        float32 it is F(4x4) at the direct convolution's fidelity, the VAE up-block 0.83x F(2x2)'s time)."""
+        float32 it is F(4x4) at the direct convolution's fidelity, the VAE up-block 0.83x F(2x2)'s
+        time), int8 weights there on its int16-weight variant (INT16_U_ENGINES)."""
         if precision == "float32" or (precision == "bfloat16" and self.engine in gemm_cpu.FMA and self.f32):
             return gemm_cpu.isa_for_shape(self.f32, 1, c_out, depth)
         int8_weights = precision == "int8-weight"
         isa = gemm_cpu.isa_for_shape(self.int8, 1, c_out, depth) if int8_weights else None
+        if int8_weights and self.engine in gemm_cpu.FMA and self.f32:  # (int8 U: F(2x2), or F(4x4) at 47.5 dB)
+            return isa or gemm_cpu.isa_for_shape(INT16_U_ENGINES[self.f32], 1, c_out, depth)
         bf16 = gemm_cpu.INT8_WEIGHTS.get(self.engine) if int8_weights else self.engine
         return isa or gemm_cpu.isa_for_shape(bf16, 1, c_out, depth)
 
@@ -174,7 +186,9 @@ class WinogradRewriter:
         rows = gemm_cpu.padded_rows(isa, tiles) if isa else tiles
         points, depth = winograd.points(tile), kt * c_in
         quantized = isa is not None and gemm_cpu.PRECISION[isa] == gemm_cpu.INT8
-        int8_weights = isa is not None and gemm_cpu.weight_dtype(isa) == "int8"  # (w8a8's too)
+        u_dtype = gemm_cpu.weight_dtype(isa) if isa else "float32"
+        requantized = u_dtype in ("int8", "int16")  # int8-weight's U quantized again (w8a8's too)
+        column_scaled = isa in gemm_cpu.COLUMN_SCALED  # (the GEMM applies U's scales: M comes out dequantized)
         v_dtype = gemm_cpu.activation_dtype(isa) if isa else "float32"
         v_type = relax.TensorType([points, rows, kt, c_in], v_dtype)
         v = relax.call_tir(self._kernel("input", x_shape, kt, pads, out, tile, x_dtype, v_dtype, rows), [x],
@@ -189,11 +203,13 @@ class WinogradRewriter:
             taps = relax.op.astype(taps, "float32")
         u = relax.op.reshape(relax.op.matmul(relax.const(winograd.weight_matrix(tile)), taps), [points, depth, c_out])
         m_type = relax.TensorType([points, rows, c_out], "int32" if quantized else "float32")
-        if int8_weights:  # U quantized per (point, output channel), packed in gemm_cpu's layout
-            u, u_scales, shift = _quantized_columns(u)
+        if requantized:  # U quantized per (point, output channel), packed in gemm_cpu's layout
+            u, u_scales = _quantized_columns(u, u_dtype)
+            operands = [v, _packed(u, points, depth, c_out, gemm_cpu.group(isa))]
             m = relax.call_tir(self._kernel("gemm", rows, depth, c_out, isa, points),
-                               [v, _packed(u, points, depth, c_out, gemm_cpu.group(isa))], m_type)
-            inputs = [m, row_scales, u_scales, shift] if quantized else [m, u_scales]
+                               [*operands, u_scales] if column_scaled else operands, m_type)
+            inputs = ([m, row_scales, u_scales, unsigned_shift_correction(u, axis=1)] if quantized
+                      else [m] if column_scaled else [m, u_scales])
         elif isa:  # bf16 (float32 on the float32 engine), gemm_cpu's packed layout (points, kt C_in / 2, C_out, 2)
             packed = _packed(u, points, depth, c_out, gemm_cpu.group(isa))
             if gemm_cpu.weight_dtype(isa) != "float32":
@@ -204,7 +220,7 @@ class WinogradRewriter:
             packed = relax.op.permute_dims(relax.op.reshape(u, [points, depth, c_out // w_, w_]), [0, 2, 1, 3])
             inputs = [relax.call_tir(self._kernel("gemm", rows, depth, c_out, isa, points), [v, packed], m_type)]
         frames = out[0] if dims == 3 else None
-        scales = "both" if quantized else "weight" if int8_weights else ""
+        scales = "both" if quantized else "weight" if requantized and not column_scaled else ""
         self.isas[isa] += isa is not None
         self.tiles[tile] += 1
         y = relax.call_tir(self._kernel("output", (points, rows, c_out), (n, frames, *out[1:]), tile, scales), inputs,
@@ -246,16 +262,15 @@ def _packed(u: relax.Expr, points: int, depth: int, c_out: int, group: int) -> r
     return relax.op.permute_dims(relax.op.reshape(u, [points, depth // group, group, c_out]), [0, 1, 3, 2])
 
 
-def _quantized_columns(u: relax.Expr) -> tuple[relax.Expr, relax.Expr, relax.Expr]:
-    """U (points, depth, C_out) float32 -> (int8 U quantized per (point, output channel) as
-    token_quant quantizes a row, the scales (points, C_out), 128 x the int8 column sums (points,
-    C_out) int32: the uint8 shift of V taken back out of the product). Weight-only: build time."""
+def _quantized_columns(u: relax.Expr, dtype: str) -> tuple[relax.Expr, relax.Expr]:
+    """U (points, depth, C_out) float32 -> (U quantized to `dtype` (int8 or int16) per (point, output
+    channel) as token_quant quantizes a row, the scales (points, C_out)). Weight-only: build time."""
+    limit = token_quant.INT8_MAX if dtype == "int8" else INT16_MAX
     amax = relax.op.max(relax.op.abs(u), axis=[1], keepdims=True)
     scales = relax.op.divide(relax.op.maximum(amax, relax.const(token_quant.MIN_SCALE, "float32")),
-                             relax.const(token_quant.INT8_MAX, "float32"))
-    limit = token_quant.INT8_MAX
-    q = relax.op.astype(relax.op.clip(relax.op.round(relax.op.divide(u, scales)), -limit, limit), "int8")
-    return q, relax.op.squeeze(scales, [1]), unsigned_shift_correction(q, axis=1)
+                             relax.const(limit, "float32"))
+    q = relax.op.astype(relax.op.clip(relax.op.round(relax.op.divide(u, scales)), -limit, limit), dtype)
+    return q, relax.op.squeeze(scales, [1])
 
 
 def convolutions_as_winograd(imported: ImportedModel, target: tvm.target.Target, engines: bool = False,
@@ -294,8 +309,9 @@ def convolutions_as_winograd(imported: ImportedModel, target: tvm.target.Target,
                             for tile, count in sorted(rewriter.tiles.items())) + f" ({on})")
         if any(gemm_cpu.PRECISION[isa] == gemm_cpu.INT8 for isa in rewriter.isas):
             note += "; their transformed inputs quantized per (point, tile) row on the int8 engine"
-        if any(gemm_cpu.weight_dtype(isa) == "int8" for isa in rewriter.isas):
-            note += "; the transformed int8 weights quantized to int8 again, per (point, output channel)"
+        again = sorted({gemm_cpu.weight_dtype(isa) for isa in rewriter.isas} & {"int8", "int16"})
+        if again:
+            note += f"; the transformed int8 weights quantized to {' / '.join(again)} again, per (point, output channel)"
     else:
         note = f"{rewriter.count} 3x3 convolutions as Winograd F(4x4, 3x3): 36 GEMMs of a quarter of the multiply-adds"
     if unpadded and engines:  # (the pads merged for conv_gemm's convolutions too)

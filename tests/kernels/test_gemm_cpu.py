@@ -170,20 +170,28 @@ def test_avx2_fma_gemm_matches_numpy(m, n, k, isa):
         (gemm.AVX512, 8, 32, 5200),  # a reduction split into partial products
         (gemm.VNNI, 30, 32, 128),
         (gemm.AVX2_BF16, 17, 24, 38),
+        (gemm.AVX2_W16, 18, 24, 38),  # int16 weights (Winograd's U): rows padded to fours by callers, not here
         (gemm.AMX, 64, 64, 96),
     ],
 )
 def test_batched_gemm_multiplies_each_batch_by_its_own_weight(request, isa, m, n, k):
     """`batch` independent products, each with its own weight (the Winograd points' GEMMs), against
-    numpy per batch (int8: exactly; bf16: to float32 rounding)."""
+    numpy per batch (int8: exactly; bf16: to float32 rounding; float32 x int16 times a scale per
+    column: numpy in float64)."""
     batch = 3
-    if isa == gemm.AVX2_BF16:
+    if isa in gemm.AVX2:
         target = resolve_target("x86-avx2").tvm_target()
     else:
         fixture = {gemm.VNNI: "vnni_target", gemm.AMX: "amx_target"}.get(isa, "dpbf16_target")
         target = request.getfixturevalue(fixture)[0]
     if gemm.PRECISION[isa] == gemm.INT8:
         operands = [_int8_operands(m, n, k, seed) for seed in range(batch)]
+    elif isa == gemm.AVX2_W16:  # the full int16 range, float32 activations, a scale per (batch, column)
+        rng = np.random.default_rng(0)
+        scales = rng.uniform(1e-5, 1e-3, (batch, n)).astype(np.float32)
+        pairs = [(rng.standard_normal((m, k), dtype=np.float32), rng.integers(-32767, 32768, (k, n), dtype=np.int16))
+                 for _ in range(batch)]
+        operands = [(a, b, a.astype(np.float64) @ (b.astype(np.float64) * s)) for (a, b), s in zip(pairs, scales)]
     else:
         operands = [_operands(m, n, k, seed, int8_weights=isa == gemm.AVX512_W8) for seed in range(batch)]
     a = np.stack([op[0] for op in operands])
@@ -195,7 +203,8 @@ def test_batched_gemm_multiplies_each_batch_by_its_own_weight(request, isa, m, n
     dev = tvm.cpu()
     fill = (-1, "int32") if gemm.PRECISION[isa] == gemm.INT8 else (np.nan, "float32")
     c = tvm.runtime.tensor(np.full((batch, m, n), *fill), dev)
-    lib["main"](tvm.runtime.tensor(a, dev), tvm.runtime.tensor(packed, dev), c)
+    column_scales = [tvm.runtime.tensor(scales, dev)] if isa in gemm.COLUMN_SCALED else []
+    lib["main"](tvm.runtime.tensor(a, dev), tvm.runtime.tensor(packed, dev), *column_scales, c)
     if gemm.PRECISION[isa] == gemm.INT8:
         np.testing.assert_array_equal(c.numpy(), ref)
     else:
@@ -364,6 +373,23 @@ def test_every_sampled_register_tile_replays_and_computes_the_product(isa, reque
             np.testing.assert_array_equal(out, ref)
         else:
             _assert_close(out, ref)
+
+
+@pytest.mark.parametrize("isa", [gemm.AVX2_F32, gemm.AVX2_BF16, gemm.AVX2_W8, gemm.AVX2_W16])
+def test_avx2_fma_default_tiles_leave_registers_for_the_weight_row_and_the_broadcast(isa):
+    """AVX2 has 16 vector registers: an FMA tile of MR x NV accumulators also holds NV weight vectors
+    and a broadcast, so 3 x 4 (17) spills and is never the default (1.5x slower on a Zen 2); rows
+    come padded to fours so that the 4 x 3 tile fits them. The int16 engine keeps its measured 3 x 4."""
+    for rows in (390, 392, 1560, 6240, 96):
+        for n in (16, 24, 192, 384, 1536, 8960):
+            mr, nv = gemm.default_avx512_tile(rows, n, isa)
+            assert mr * nv + nv + 1 <= gemm.VECTOR_REGISTERS[isa] and rows % mr == 0 and (n // 8) % nv == 0
+    assert gemm.default_avx512_tile(1560, 8960, isa) == (2, 5)  # 1120 vectors: 3 does not divide them
+    assert gemm.default_avx512_tile(1560, 1536, isa) == (4, 3)
+    assert gemm.padded_rows(isa, 390) == 392 and gemm.default_avx512_tile(392, 384, isa) == (4, 3)
+    assert gemm.padded_rows(isa, 257) == 264  # (no tile height divides it: eights, as every vector engine)
+    assert gemm.default_avx512_tile(390, 384, isa) == (3, 3)  # (an implicit GEMM's rows are not padded)
+    assert gemm.default_avx512_tile(1560, 8960, gemm.AVX2_INT8) == (3, 4)
 
 
 @pytest.mark.parametrize("isa", [gemm.AVX2_F32, gemm.AVX2_INT8])
