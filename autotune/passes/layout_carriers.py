@@ -18,9 +18,6 @@ On the tiny VAE decoder this took its transposes from 406 to 195.
 
 from __future__ import annotations
 
-import math
-
-import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
@@ -40,14 +37,10 @@ def carry_layouts(func: relax.Function) -> relax.Function:
 
 
 def _clip_as_bounds(call: relax.Call, _matches) -> relax.Expr:
-    if not isinstance(call, relax.Call):
-        return call
-    x, low, high = call.args
-    if not (isinstance(low, tvm.tirx.FloatImm) and isinstance(high, tvm.tirx.FloatImm)) or ir.tensor_dtype(x) != "float32":
-        return call  # (bounds given as tensors, or not float32: left as they are)
-    low, high = float(low.value), float(high.value)
-    y = x if low == -math.inf else relax.op.maximum(x, relax.const(low, "float32"))
-    return y if high == math.inf else relax.op.minimum(y, relax.const(high, "float32"))
+    if not isinstance(call, relax.Call) or ir.tensor_dtype(call.args[0]) != "float32":
+        return call  # (not float32: left as it is)
+    bounded = ir.clip_as_min_max(call)
+    return call if bounded is None else bounded  # (bounds given as tensors: left as they are)
 
 
 def _without_broadcast_to(func: relax.Function) -> relax.Function:

@@ -588,20 +588,8 @@ class _ClipToMinMax(PyExprMutator):
         new = super().visit_call_(call)
         if not (isinstance(new, relax.Call) and new.op.same_as(_CLIP)):
             return new
-        dtype = ir.tensor_dtype(new.args[0])
-        bounds = []
-        for b in new.args[1:]:
-            value = getattr(b, "value", None)  # a scalar bound is a FloatImm/IntImm in TVM 0.27
-            if not isinstance(value, (int, float)) or isinstance(b.ty, relax.TensorType) or dtype is None:
-                return new
-            bounds.append(float(value))
-        y = new.args[0]
-        lo, hi = bounds
-        if lo != float("-inf"):
-            y = self.builder_.emit(relax.op.maximum(y, relax.const(lo, dtype)))
-        if hi != float("inf"):
-            y = relax.op.minimum(y, relax.const(hi, dtype))
-        return y
+        bounded = ir.clip_as_min_max(new, self.builder_.emit)
+        return new if bounded is None else bounded
 
 
 def _mixed_precision(imported: ImportedModel, half: str) -> tuple[ImportedModel, dict]:

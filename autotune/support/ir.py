@@ -57,6 +57,22 @@ def tensor_dtype(expr) -> str | None:
     return str(ty.dtype) if isinstance(ty, tvm.relax.TensorType) else None
 
 
+def clip_as_min_max(call, emit=lambda expr: expr):
+    """clip(x, low, high) with scalar bounds -> minimum(maximum(x, low), high) on tensor constants of
+    x's dtype (an infinite bound: no op), or None where a bound is not a scalar or x not a tensor.
+    `emit` binds the inner maximum (a mutator's `builder_.emit`). TVM's layout conversion has no rule
+    for clip, and its ToMixedPrecision fails on clip's PrimValue bounds; maximum / minimum pass both."""
+    x, *bounds = call.args
+    dtype = tensor_dtype(x)
+    values = [getattr(b, "value", None) for b in bounds]  # a scalar bound is a FloatImm / IntImm
+    if dtype is None or any(not isinstance(v, (int, float)) or isinstance(getattr(b, "ty", None), tvm.relax.TensorType)
+                            for v, b in zip(values, bounds)):
+        return None
+    low, high = map(float, values)
+    y = x if low == float("-inf") else emit(tvm.relax.op.maximum(x, tvm.relax.const(low, dtype)))
+    return y if high == float("inf") else tvm.relax.op.minimum(y, tvm.relax.const(high, dtype))
+
+
 def weight_only_vars(main) -> set:
     """`main`'s weight parameters and every binding computed from them (and constants) alone."""
     weights = set(main.params[num_input(main) :])
