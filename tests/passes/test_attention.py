@@ -233,6 +233,19 @@ def test_every_register_tiling_is_correct(knobs):
     assert max_abs_diff(run_kernel(lib, q, kt, v, 32), ref_attention(q, kt, v, scale)) < 1e-5
 
 
+def test_avx2_default_register_tiles_fit_its_sixteen_registers():
+    """On AVX2 a float32 register tile of R rows x V vectors also needs V registers for the other
+    operand and one for the broadcast: the default fits 16 (its P.V tile of 4 x 4 spilled and ran
+    at half the speed), keeps as many accumulators as a tile that fits can; AVX-512's are as before."""
+    for lq, lk, d in ((1560, 1560, 128), (1560, 257, 128), (48, 512, 16), (17, 17, 16), (257, 257, 64), (4096, 4096, 64)):
+        tiles = kc.choose_tiles(lq, lk, d, d, 8)
+        knobs = kc.default_knobs(tiles, d, d)
+        for rows, vecs in ((knobs.qk_rows, knobs.qk_vecs), (knobs.pv_rows, knobs.pv_vecs)):
+            assert rows * vecs + vecs + 1 <= kc.AVX2_REGISTERS and tiles.tq % rows == 0, (lq, lk, d, knobs)
+    assert kc.default_knobs(kc.choose_tiles(1560, 1560, 128, 128, 8), 128, 128) == kc.CpuKnobs(6, 2, 6, 2)
+    assert kc.default_knobs(kc.choose_tiles(1560, 1560, 128, 128, 16), 128, 128) == kc.CpuKnobs(6, 2, 4, 4)
+
+
 def test_metaschedule_design_space_is_the_custom_rule():
     """post-order-apply (what tuning and the fallback use) hands the kernel to our rule; the
     sampled tiles replay on the unchanged workload, pass the postprocessors and compute right."""
